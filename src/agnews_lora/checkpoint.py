@@ -1,0 +1,91 @@
+"""Run-folder files: atomic writes, adapter + head save/load, metrics log, training state."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder and rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp makes files private; run folders are shared artefacts
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, data: dict) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def replace_dir(build, dest: Path) -> None:
+    """Call build(tmp_dir) to fill a fresh folder, then swap it in for `dest` atomically."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp"))
+    try:
+        build(tmp)
+        os.chmod(tmp, 0o755)
+        old = dest.with_name(f".{dest.name}.old")
+        if dest.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_adapter(model, dest: Path, extra: dict | None = None) -> None:
+    """Save LoRA + head with peft (safetensors, loadable by PeftModel.from_pretrained)."""
+
+    def build(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if extra is not None:
+            atomic_write_json(tmp / "checkpoint.json", extra)
+
+    replace_dir(build, dest)
+
+
+def save_training_state(model, optimizer, scheduler, state: dict, dest: Path) -> None:
+    """The `last/` checkpoint for resuming: adapter + optimizer + scheduler + counters + RNG."""
+
+    def build(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": torch.get_rng_state()}, tmp / "optim.pt")
+        atomic_write_json(tmp / "state.json", state)
+
+    replace_dir(build, dest)
+
+
+def load_adapter_weights(model, src: Path) -> None:
+    """Load saved adapter + head weights into an existing peft model (same config)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(str(Path(src) / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, weights)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise RuntimeError(f"{src}: checkpoint has keys the model does not: {unexpected[:5]}")

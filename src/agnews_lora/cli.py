@@ -1,0 +1,141 @@
+"""`agnews-lora SUBCOMMAND`: parse arguments, call one function, print; nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from agnews_lora.config import ConfigError
+
+# Errors a user can fix: printed as one message, no traceback.
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError,)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from agnews_lora.data import DataError
+    from agnews_lora.hub import HubUnreachable
+    from agnews_lora.model import BudgetError
+
+    return USER_ERRORS + (DataError, HubUnreachable, BudgetError)
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML file overriding the defaults")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. lora.r=12 train.lr=3e-4")
+
+
+def cmd_train(args) -> None:
+    from agnews_lora.config import load_config
+    from agnews_lora.train import train
+
+    run_dir = train(load_config(args.config, args.overrides))
+    print(f"run folder: {run_dir}")
+    print((run_dir / "summary.json").read_text())
+
+
+def cmd_budget(args) -> None:
+    from agnews_lora.config import load_config
+    from agnews_lora.model import budget_breakdown, format_breakdown
+
+    cfg = load_config(args.config, args.overrides)
+    b = budget_breakdown(cfg)
+    if args.json:
+        print(json.dumps({**b.to_dict(), "max_trainable": cfg.budget.max_trainable,
+                          "fits": b.total <= cfg.budget.max_trainable}, indent=2))
+    else:
+        print(f"{cfg.model.name}: LoRA r={cfg.lora.r} on {','.join(cfg.lora.target_modules)} "
+              f"(layers {'all' if cfg.lora.layers is None else cfg.lora.layers}), head={cfg.model.head}")
+        print(format_breakdown(b, cfg.budget.max_trainable))
+    if b.total > cfg.budget.max_trainable:
+        sys.exit(1)
+
+
+def cmd_evaluate(args) -> None:
+    from agnews_lora.checkpoint import atomic_write_json
+    from agnews_lora.data import load_hub_split, read_files
+    from agnews_lora.evaluate import compute_metrics, format_metrics
+    from agnews_lora.predict import Classifier
+
+    clf = Classifier.load(args.run_dir, precision=args.precision)
+    if args.data:
+        split = read_files(args.data, clf.model.config.num_labels)
+    elif clf.cfg.data.test:
+        split = read_files(clf.cfg.data.test, clf.model.config.num_labels)
+    else:
+        split = load_hub_split(clf.cfg.data.hub_dataset, "test")
+    if split.labels is None:
+        raise ConfigError(f"evaluate: {split.source} has no labels; use `predict` for unlabelled data")
+    logits = clf.predict_logits(split.texts, batch_size=args.batch_size, progress=True)
+    m = compute_metrics(split.labels, logits.argmax(-1).tolist(), clf.label_names)
+    m["data"] = split.source
+    print(format_metrics(m, clf.label_names))
+    out = Path(args.output) if args.output else Path(args.run_dir) / "eval.json"
+    atomic_write_json(out, m)
+    print(f"saved {out}")
+
+
+def cmd_predict(args) -> None:
+    from agnews_lora.evaluate import compute_metrics
+    from agnews_lora.predict import Classifier, predict_file
+
+    clf = Classifier.load(args.run_dir, precision=args.precision)
+    split, preds = predict_file(clf, args.input, args.output, batch_size=args.batch_size)
+    print(f"wrote {len(preds):,} predictions to {args.output} ({clf.last_throughput:.1f} texts/s)")
+    if split.labels is not None:
+        print(f"accuracy {compute_metrics(split.labels, preds, clf.label_names)['accuracy']:.4f}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="agnews-lora", description="LoRA topic classification on AG News "
+                                     "under a hard trainable-parameter budget.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a LoRA classifier (refuses over-budget configs)")
+    _config_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("budget", help="trainable parameters per part and the budget verdict")
+    _config_args(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_budget)
+
+    for name, func, hlp in (("evaluate", cmd_evaluate, "metrics of a run on labelled data"),
+                            ("predict", cmd_predict, "write ID,Label predictions for a file")):
+        p = sub.add_parser(name, help=hlp)
+        p.add_argument("run_dir", help="run folder written by train")
+        p.add_argument("--batch-size", type=int, default=64)
+        p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+        if name == "evaluate":
+            p.add_argument("--data", nargs="+", help="labelled file(s); default: the run's test data")
+            p.add_argument("--output", help="metrics JSON (default RUN_DIR/eval.json)")
+        else:
+            p.add_argument("--input", nargs="+", required=True, help="CSV/JSONL/parquet/pickle file(s)")
+            p.add_argument("--output", required=True, help="CSV to write (ID,Label)")
+        p.set_defaults(func=func)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        args.func(args)
+    except _user_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""Typed configuration: dataclass defaults <- YAML file <- dotted ``key=value`` overrides.
+
+One dataclass tree is the single source of defaults. Unknown keys and values of the wrong
+type fail at load time with the key's dotted name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    hub_dataset: str = "fancyzhx/ag_news"  # used when `train` is empty
+    train: list[str] = field(default_factory=list)  # local files, concatenated
+    test: list[str] = field(default_factory=list)  # local files; empty + hub -> hub test split
+    val_size: int = 640  # rows carved (stratified, seeded) from train for validation
+    max_train_rows: int = 0  # 0 = all; otherwise a stratified, seeded subsample of train
+    max_length: int = 128
+    cache_dir: str = "~/.cache/agnews-lora"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "roberta-base"  # Hub id, local folder, or pkg:PACKAGE/path (a folder in a package)
+    init: Literal["pretrained", "random"] = "pretrained"
+    head: Literal["roberta", "linear"] = "roberta"
+    pooled_dropout: float = 0.1  # dropout on the pooled first token, before either head
+    num_labels: int = 4
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.1
+    target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
+    layers: list[int] | None = None  # encoder layers that get adapters; None = all
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    max_steps: int = 0  # optimizer steps; > 0 overrides epochs
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float = 1.0
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    seed: int = 42
+    eval_every: int = 0  # optimizer steps between evaluations; 0 = once per epoch
+    log_every: int = 10
+    resume: bool = False
+    cpu: bool = False  # force CPU even when an accelerator is present
+    progress: bool = True
+
+
+@dataclass
+class BudgetConfig:
+    max_trainable: int = 1_000_000
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = ""  # run folder of this tool, or a HF sequence-classification model
+    teacher_mode: Literal["finetuned", "frozen"] = "finetuned"
+    temperature: float = 2.0
+    alpha: float = 0.5  # weight of the KD term; 0 = plain cross-entropy
+    probe_steps: int = 200  # frozen mode: optimizer steps of the linear probe
+    probe_lr: float = 1e-3
+
+
+@dataclass
+class Config:
+    name: str = ""  # run name; default: derived from the time
+    out_dir: str = ""  # run folder; default runs/NAME
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Return `value` converted to `annotation`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        elif not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {annotation}")
+
+
+def _merge(obj: Any, updates: dict, prefix: str = "") -> None:
+    """Apply a nested dict of updates onto dataclass `obj` in place, checking keys and types."""
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in updates.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{dotted}' (known: {', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{dotted}: expected a mapping of its keys, got {value!r}")
+            _merge(current, value, prefix=f"{dotted}.")
+        else:
+            setattr(obj, key, _coerce(dotted, value, hints[key]))
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """Turn ``["lora.r=12", "train.lr=3e-4"]`` into a nested dict (values parsed as YAML)."""
+    nested: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. lora.r=12)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with an earlier one for '{part}'")
+        node[parts[-1]] = value
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build the resolved config.
+
+    Args:
+        path: optional YAML file whose keys override the dataclass defaults.
+        overrides: dotted ``key=value`` strings applied after the file.
+
+    Returns:
+        The validated Config.
+    """
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(loaded).__name__}")
+        _merge(cfg, loaded)
+    if overrides:
+        _merge(cfg, parse_overrides(overrides))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Check value ranges that types alone cannot express."""
+    checks = [
+        ("lora.r", cfg.lora.r >= 1, "must be >= 1"),
+        ("lora.dropout", 0 <= cfg.lora.dropout < 1, "must be in [0, 1)"),
+        ("lora.target_modules", bool(cfg.lora.target_modules), "must name at least one module"),
+        ("model.pooled_dropout", 0 <= cfg.model.pooled_dropout < 1, "must be in [0, 1)"),
+        ("model.num_labels", cfg.model.num_labels >= 2, "must be >= 2"),
+        ("data.val_size", cfg.data.val_size >= 0, "must be >= 0"),
+        ("data.max_length", cfg.data.max_length >= 8, "must be >= 8"),
+        ("train.batch_size", cfg.train.batch_size >= 1, "must be >= 1"),
+        ("train.grad_accum", cfg.train.grad_accum >= 1, "must be >= 1"),
+        ("train.lr", cfg.train.lr > 0, "must be > 0"),
+        ("train.warmup_ratio", 0 <= cfg.train.warmup_ratio < 1, "must be in [0, 1)"),
+        ("train.epochs", cfg.train.epochs >= 1 or cfg.train.max_steps > 0, "must be >= 1"),
+        ("distill.temperature", cfg.distill.temperature > 0, "must be > 0"),
+        ("distill.alpha", 0 <= cfg.distill.alpha <= 1, "must be in [0, 1]"),
+    ]
+    if cfg.lora.layers is not None:
+        checks.append(("lora.layers", all(i >= 0 for i in cfg.lora.layers), "layer indices must be >= 0"))
+    for key, ok, why in checks:
+        if not ok:
+            raise ConfigError(f"{key}={_value(cfg, key)!r} {why}")
+
+
+def _value(cfg: Config, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    from agnews_lora.checkpoint import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = Config()
+    _merge(cfg, data)
+    validate(cfg)
+    return cfg

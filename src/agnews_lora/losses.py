@@ -1,0 +1,34 @@
+"""Losses as pure functions: cross-entropy and temperature-scaled knowledge distillation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy in fp32 (logits may come out of bf16 autocast)."""
+    return F.cross_entropy(logits.float(), labels)
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                      temperature: float, alpha: float) -> torch.Tensor:
+    """alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y).
+
+    Args:
+        student_logits: [batch, classes].
+        teacher_logits: [batch, classes], no gradient.
+        labels: gold labels [batch].
+        temperature: T > 0; the T^2 factor keeps the KD gradients' scale independent of T.
+        alpha: weight of the KD term in [0, 1]; 0 is plain cross-entropy.
+
+    Returns:
+        The scalar loss (batch mean; KL summed over classes).
+    """
+    ce = cross_entropy(student_logits, labels)
+    if alpha == 0:
+        return ce
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float().detach() / temperature, dim=-1)
+    kl = F.kl_div(s, t, reduction="batchmean", log_target=True)
+    return alpha * temperature**2 * kl + (1 - alpha) * ce

