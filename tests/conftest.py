@@ -1,0 +1,65 @@
+"""Shared fixtures: a tiny RoBERTa with the real tokenizer, and small real AG News files.
+
+Nothing here downloads. Tests that need ../shared skip with a reason when it is absent.
+"""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+AG_NEWS = SHARED / "data" / "ag_news"
+ROBERTA_BASE = SHARED / "models" / "roberta-base"
+
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared (offline AG News + tokenizer) is absent")
+
+
+def _head_lines(src: Path, n: int) -> list[str]:
+    with gzip.open(src, "rt", encoding="utf-8") as fh:
+        return [next(fh) for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer, hidden-32 RoBERTa with random weights, saved with the real RoBERTa tokenizer."""
+    if not ROBERTA_BASE.is_dir():
+        pytest.skip("../shared/models/roberta-base (real tokenizer) is absent")
+    import torch
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    out = tmp_path_factory.mktemp("tiny-roberta")
+    config = RobertaConfig(vocab_size=50265, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=130, type_vocab_size=1,
+                           pad_token_id=1, bos_token_id=0, eos_token_id=2, num_labels=4)
+    torch.manual_seed(0)
+    RobertaForSequenceClassification(config).save_pretrained(out)
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        shutil.copy(ROBERTA_BASE / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ag_files(tmp_path_factory) -> dict[str, Path]:
+    """Small real AG News files in the original format: train (400 rows) and test (120 rows)."""
+    if not AG_NEWS.is_dir():
+        pytest.skip("../shared/data/ag_news is absent")
+    out = tmp_path_factory.mktemp("ag")
+    train = out / "train.csv"
+    train.write_text("".join(_head_lines(AG_NEWS / "train_partial.csv.gz", 400)), encoding="utf-8")
+    test = out / "test.csv"
+    test.write_text("".join(_head_lines(AG_NEWS / "test.csv.gz", 120)), encoding="utf-8")
+    return {"train": train, "test": test}
+
+
+@pytest.fixture
+def tiny_overrides(tiny_model_dir, ag_files, tmp_path) -> list[str]:
+    """Dotted overrides for a seconds-long training run on the tiny model and files."""
+    return [f"model.name={tiny_model_dir}", f"data.train={ag_files['train']}", f"data.test={ag_files['test']}",
+            "data.val_size=40", "data.max_length=64", f"data.cache_dir={tmp_path / 'cache'}",
+            "train.max_steps=6", "train.batch_size=8", "train.eval_every=3", "train.lr=1e-3",
+            "train.precision=fp32", "train.progress=false", "lora.r=4", f"out_dir={tmp_path / 'run'}"]
