@@ -40,6 +40,12 @@ def cmd_budget(args) -> None:
     from agnews_lora.model import budget_breakdown, format_breakdown
 
     cfg = load_config(args.config, args.overrides)
+    if args.plan:
+        from agnews_lora.plan import format_plan, plan_budget, plan_to_dicts
+
+        rows = plan_budget(cfg)
+        print(json.dumps(plan_to_dicts(rows), indent=2) if args.json else format_plan(rows, cfg))
+        return
     b = budget_breakdown(cfg)
     if args.json:
         print(json.dumps({**b.to_dict(), "max_trainable": cfg.budget.max_trainable,
@@ -87,6 +93,31 @@ def cmd_predict(args) -> None:
         print(f"accuracy {compute_metrics(split.labels, preds, clf.label_names)['accuracy']:.4f}")
 
 
+def cmd_report(args) -> None:
+    from agnews_lora.report import write_report
+
+    for run_dir in args.run_dirs:
+        print(f"wrote {write_report(run_dir)}")
+
+
+def cmd_compare(args) -> None:
+    from agnews_lora.report import compare_runs
+
+    table, plot = compare_runs(args.run_dirs, args.output)
+    print(table)
+    print(f"wrote {args.output} and {plot}")
+
+
+def cmd_sweep(args) -> None:
+    from agnews_lora.config import load_config
+    from agnews_lora.sweep import run_sweep
+
+    summary = run_sweep(load_config(args.config, args.overrides), trials=args.trials, storage=args.storage,
+                        study_name=args.study_name, heartbeat=args.heartbeat)
+    print(summary.read_text())
+    print(f"wrote {summary}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agnews-lora", description="LoRA topic classification on AG News "
                                      "under a hard trainable-parameter budget.")
@@ -99,7 +130,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("budget", help="trainable parameters per part and the budget verdict")
     _config_args(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--plan", action="store_true", help="largest rank within the budget for each common "
+                   "placement (all layers, and lora.layers when set) with either head")
     p.set_defaults(func=cmd_budget)
+
+    p = sub.add_parser("report", help="report.md + PNG plots for finished run folder(s)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="one table (and an accuracy-vs-parameters plot) for several runs")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--output", default="comparison.md", help="Markdown file; the PNG is written beside it")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("sweep", help="Optuna search over sweep.space; every trial checked against the budget")
+    _config_args(p)
+    p.add_argument("--trials", type=int, required=True,
+                   help="finished (complete or pruned) trials the study should hold, over all workers")
+    p.add_argument("--storage", help="SQLAlchemy URL shared by workers, e.g. postgresql://user:pw@host/db "
+                   "(default: sqlite in the sweep folder)")
+    p.add_argument("--study-name", help="default: the config's name, else 'sweep'")
+    p.add_argument("--heartbeat", type=int, default=60, help="seconds between heartbeats of a running trial; "
+                   "a trial silent for twice as long counts as dead (FAILED, re-queued)")
+    p.set_defaults(func=cmd_sweep)
 
     for name, func, hlp in (("evaluate", cmd_evaluate, "metrics of a run on labelled data"),
                             ("predict", cmd_predict, "write ID,Label predictions for a file")):

@@ -86,6 +86,18 @@ class DistillConfig:
 
 
 @dataclass
+class SweepConfig:
+    """`agnews-lora sweep`: dotted config key -> search spec, e.g. ``lora.r: {type: int, low: 4,
+    high: 16, step: 4}``, ``train.lr: {type: float, low: 1e-4, high: 1e-3, log: true}``,
+    ``lora.target_modules: {type: categorical, choices: [[query, value], [all]]}`` (see sweep.py)."""
+
+    space: dict[str, dict[str, Any]] = field(default_factory=dict)
+    metric: Literal["val_accuracy", "val_f1_macro", "val_f1_weighted", "val_loss"] = "val_accuracy"
+    direction: Literal["maximize", "minimize"] = "maximize"
+    seed: int | None = None  # sampler seed; leave unset when several workers share a study
+
+
+@dataclass
 class Config:
     name: str = ""  # run name; default: derived from the time
     out_dir: str = ""  # run folder; default runs/NAME
@@ -95,6 +107,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
@@ -121,6 +134,12 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         elif not isinstance(value, (list, tuple)):
             value = [value]
         return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(f"{key}.{k}", v, args[1]) for k, v in value.items()}
+    if annotation is Any:
+        return value
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -230,6 +249,8 @@ def validate(cfg: Config) -> None:
         ("train.epochs", cfg.train.epochs >= 1 or cfg.train.max_steps > 0, "must be >= 1"),
         ("distill.temperature", cfg.distill.temperature > 0, "must be > 0"),
         ("distill.alpha", 0 <= cfg.distill.alpha <= 1, "must be in [0, 1]"),
+        ("sweep.direction", (cfg.sweep.direction == "minimize") == (cfg.sweep.metric == "val_loss"),
+         f"does not suit sweep.metric={cfg.sweep.metric} (minimize val_loss, maximize the others)"),
     ]
     if cfg.lora.layers is not None:
         checks.append(("lora.layers", all(i >= 0 for i in cfg.lora.layers), "layer indices must be >= 0"))

@@ -295,6 +295,8 @@ def tokenize(texts: Sequence[str], tokenizer, max_length: int, cache_dir: str | 
     Returns:
         One int32 array of ids per text.
     """
+    if not texts:
+        return []
     path = None
     if cache_dir:
         key = f"{tokenizer_fingerprint(tokenizer)}-{max_length}-{texts_fingerprint(texts)}"

@@ -18,6 +18,7 @@ from agnews_lora.data import LABEL_NAMES, load_splits, make_loader, seed_everyth
 from agnews_lora.evaluate import compute_metrics
 from agnews_lora.losses import cross_entropy, distillation_loss
 from agnews_lora.model import budget_breakdown, build_model, check_budget, count_trainable, load_tokenizer
+from agnews_lora.report import write_report
 
 
 def run_dir_for(cfg: Config) -> Path:
@@ -166,6 +167,8 @@ def train(cfg: Config, teacher_logits: np.ndarray | None = None, extra_summary: 
     if extra_summary:
         summary.update(extra_summary)
     ckpt.atomic_write_json(run_dir / "summary.json", summary)
+    if ctx.accelerator.is_main_process:
+        write_report(run_dir)
     return run_dir
 
 

@@ -1,0 +1,411 @@
+"""Run folder -> report.md + PNG plots; several run folders -> one comparison table + plot.
+
+Reads only what `train` writes (config.yaml, metrics.jsonl, train_log.jsonl, summary.json,
+test_metrics.json), so a report can be rebuilt at any time without loading a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+
+from agnews_lora.checkpoint import atomic_write_text, read_jsonl
+from agnews_lora.config import Config, ConfigError, config_from_dict
+
+
+@dataclass
+class Run:
+    """Everything a finished run folder holds, parsed."""
+
+    path: Path
+    cfg: Config
+    evals: list[dict]  # metrics.jsonl: one record per evaluation
+    train_log: list[dict]  # train_log.jsonl: one record per logging window
+    summary: dict
+    test: dict | None  # test_metrics.json (best checkpoint on the labelled test split)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def best_eval(self) -> dict | None:
+        """The evaluation whose checkpoint is `best/` (the last one marked best)."""
+        marked = [e for e in self.evals if e.get("best")]
+        return marked[-1] if marked else None
+
+    @property
+    def label_names(self) -> list[str]:
+        if self.test and self.test.get("per_class"):
+            return list(self.test["per_class"])
+        from agnews_lora.data import LABEL_NAMES
+
+        n = self.cfg.model.num_labels
+        return list(LABEL_NAMES) if n == len(LABEL_NAMES) else [f"class {i}" for i in range(n)]
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Parse a run folder written by `train`.
+
+    Args:
+        run_dir: the folder (holds config.yaml and, once training finished, summary.json).
+
+    Returns:
+        The parsed Run; raises ConfigError naming the folder when it is not a finished run.
+    """
+    path = Path(run_dir)
+    for name in ("config.yaml", "summary.json"):
+        if not (path / name).is_file():
+            raise ConfigError(f"{path}: no {name}; pass a run folder whose training finished "
+                              "(train writes summary.json at the end)")
+    cfg = config_from_dict(yaml.safe_load((path / "config.yaml").read_text()) or {})
+    test_file = path / "test_metrics.json"
+    return Run(path=path, cfg=cfg, evals=read_jsonl(path / "metrics.jsonl"),
+               train_log=_dedupe_steps(read_jsonl(path / "train_log.jsonl")),
+               summary=json.loads((path / "summary.json").read_text()),
+               test=json.loads(test_file.read_text()) if test_file.is_file() else None)
+
+
+def _dedupe_steps(records: list[dict]) -> list[dict]:
+    # A resumed run logs again the steps after its last checkpoint: keep the latest record.
+    return sorted({r["step"]: r for r in records}.values(), key=lambda r: r["step"])
+
+
+# ---------------------------------------------------------------- tables
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[object]], align: str = "") -> str:
+    """A GitHub Markdown table; `align` is one letter per column (l/r), default all right."""
+    align = align or "l" + "r" * (len(headers) - 1)
+    rule = ["---:" if a == "r" else ":---" for a in align]
+    lines = ["| " + " | ".join(map(str, headers)) + " |", "| " + " | ".join(rule) + " |"]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _f4(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def train_loss_at_evals(run: Run) -> list[float | None]:
+    """Mean logged training loss over the steps since the previous evaluation, per evaluation."""
+    out, prev = [], 0
+    for e in run.evals:
+        window = [r["loss"] for r in run.train_log if prev < r["step"] <= e["step"]]
+        out.append(sum(window) / len(window) if window else None)
+        prev = e["step"]
+    return out
+
+
+def eval_table(run: Run) -> str:
+    """The paper's Table 1: one row per evaluation (training loss, validation loss and metrics)."""
+    rows = []
+    for e, loss in zip(run.evals, train_loss_at_evals(run)):
+        rows.append([e["epoch"], e["step"], _f4(loss), _f4(e.get("val_loss")), _f4(e.get("val_accuracy")),
+                     _f4(e.get("val_f1_macro")), _f4(e.get("val_precision_macro")),
+                     _f4(e.get("val_recall_macro")), "yes" if e.get("best") else ""])
+    return md_table(["Epoch", "Step", "Training loss", "Validation loss", "Accuracy", "F1 (macro)",
+                     "Precision (macro)", "Recall (macro)", "Best"], rows, align="rrrrrrrrl")
+
+
+def confusion_source(run: Run) -> tuple[str, list[list[int]]] | None:
+    """(which split, confusion matrix) of the best checkpoint: the test split when scored."""
+    if run.test is not None:
+        return "test", run.test["confusion"]
+    best = run.best_eval
+    if best is not None and "val_confusion" in best:
+        return "validation", best["val_confusion"]
+    return None
+
+
+def _confusion_table(names: list[str], matrix: list[list[int]]) -> str:
+    rows = [[f"**{n}**", *row, sum(row)] for n, row in zip(names, matrix)]
+    rows.append(["**predicted**", *(sum(col) for col in zip(*matrix)), sum(map(sum, matrix))])
+    return md_table(["gold \\ predicted", *names, "total"], rows)
+
+
+def _class_table(names: list[str], matrix: list[list[int]]) -> str:
+    gold = [sum(row) for row in matrix]
+    pred = [sum(col) for col in zip(*matrix)]
+    n = max(sum(gold), 1)
+    rows = [[n_, p, f"{p / n:.1%}", g, f"{g / n:.1%}"] for n_, p, g in zip(names, pred, gold)]
+    return md_table(["Class", "Predicted", "Predicted %", "Gold", "Gold %"], rows)
+
+
+def _per_class_table(test: dict) -> str:
+    rows = [[name, _f4(c["precision"]), _f4(c["recall"]), _f4(c["f1"]), c["support"]]
+            for name, c in test["per_class"].items()]
+    return md_table(["Class", "Precision", "Recall", "F1", "Support"], rows)
+
+
+def trainable_rows(run: Run) -> list[tuple[str, str, int]]:
+    """(part, module, parameters) for every trainable group, LoRA first, then the head."""
+    t = run.summary["trainable"]
+    rows = [("LoRA", k, v) for k, v in sorted(t["lora_by_module"].items())]
+    rows += [("head", k, v) for k, v in t["head_by_module"].items()]
+    rows += [("other", k, v) for k, v in t.get("other", {}).items()]
+    return rows
+
+
+def _trainable_table(run: Run) -> str:
+    t, budget = run.summary["trainable"], run.cfg.budget.max_trainable
+    rows = [[part, f"`{module}`", f"{n:,}", f"{n / t['total']:.1%}"] for part, module, n in trainable_rows(run)]
+    rows += [["**LoRA total**", "", f"{t['lora']:,}", f"{t['lora'] / t['total']:.1%}"],
+             ["**head total**", "", f"{t['head']:,}", f"{t['head'] / t['total']:.1%}"],
+             ["**total**", "", f"{t['total']:,}", f"{t['total'] / budget:.1%} of the {budget:,} budget"]]
+    return md_table(["Part", "Module", "Parameters", "Share"], rows, align="llrr")
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _save(fig, path: Path) -> None:
+    # Figure (not pyplot) needs no GUI backend and keeps no global state between runs.
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def _figure(width: float = 7.0, height: float = 4.0):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    return fig, fig.subplots()
+
+
+def _mark_epochs(ax, run: Run) -> None:
+    for e in run.evals:
+        if e.get("epoch_end"):
+            ax.axvline(e["step"], color="0.8", linestyle=":", linewidth=1)
+
+
+def plot_loss(run: Run, path: Path) -> None:
+    """Training loss per logged step and validation loss per evaluation, against the step."""
+    fig, ax = _figure()
+    ax.plot([r["step"] for r in run.train_log], [r["loss"] for r in run.train_log], label="training loss")
+    val = [e for e in run.evals if "val_loss" in e]
+    ax.plot([e["step"] for e in val], [e["val_loss"] for e in val], "o-", label="validation loss")
+    _mark_epochs(ax, run)
+    ax.set(xlabel="optimizer step (dotted: epoch ends)", ylabel="cross-entropy", title=f"Loss: {run.name}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+
+
+def plot_val_metrics(run: Run, path: Path) -> None:
+    """Validation accuracy and macro F1/precision/recall per evaluation."""
+    fig, ax = _figure()
+    val = [e for e in run.evals if "val_accuracy" in e]
+    steps = [e["step"] for e in val]
+    keys = (("val_accuracy", "accuracy"), ("val_f1_macro", "F1 (macro)"),
+            ("val_precision_macro", "precision (macro)"), ("val_recall_macro", "recall (macro)"))
+    for key, label in keys:
+        ax.plot(steps, [e[key] for e in val], "o-", label=label, markersize=4)
+    values = [e[key] for e in val for key, _ in keys]
+    pad = max(0.01, 0.15 * (max(values) - min(values)))  # zoom in: late epochs differ by tenths of a point
+    ax.set_ylim(max(0.0, min(values) - pad), min(1.0, max(values) + pad) + 0.005)
+    best = run.best_eval
+    if best is not None and "val_accuracy" in best:
+        ax.plot([best["step"]], [best["val_accuracy"]], "k*", markersize=12, label="best checkpoint")
+    _mark_epochs(ax, run)
+    ax.set(xlabel="optimizer step", ylabel="score", title=f"Validation metrics: {run.name}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    _save(fig, path)
+
+
+def plot_confusion(names: list[str], matrix: list[list[int]], split: str, path: Path) -> None:
+    """Counts in each cell; colour = share of the gold row, so classes of any size compare."""
+    import numpy as np
+
+    m = np.asarray(matrix, dtype=float)
+    share = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+    fig, ax = _figure(5.5, 4.8)
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            ax.text(j, i, f"{int(m[i, j])}", ha="center", va="center",
+                    color="white" if share[i, j] > 0.6 else "black")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set(xlabel="predicted", ylabel="gold", title=f"Confusion matrix ({split}, best checkpoint)")
+    fig.colorbar(image, ax=ax, label="share of gold class")
+    _save(fig, path)
+
+
+def plot_class_distribution(names: list[str], matrix: list[list[int]], split: str, path: Path) -> None:
+    """Predicted vs gold class counts (column and row sums of the confusion matrix)."""
+    import numpy as np
+
+    x = np.arange(len(names))
+    fig, ax = _figure(6, 3.8)
+    ax.bar(x - 0.2, [sum(col) for col in zip(*matrix)], width=0.4, label="predicted")
+    ax.bar(x + 0.2, [sum(row) for row in matrix], width=0.4, label="gold", alpha=0.6)
+    ax.set_xticks(x, names)
+    ax.set(ylabel="rows", title=f"Class distribution of {split} predictions")
+    ax.legend()
+    _save(fig, path)
+
+
+def plot_trainable(run: Run, path: Path) -> None:
+    """One stacked bar per part (LoRA, head), a segment per module, against the budget."""
+    fig, ax = _figure(7, 2.8)
+    lefts = {"LoRA": 0, "head": 0, "other": 0}
+    for part, module, n in trainable_rows(run):
+        ax.barh(part, n, left=lefts[part], edgecolor="white", label=f"{part}: {module} ({n:,})")
+        lefts[part] += n
+    budget, total = run.cfg.budget.max_trainable, run.summary["trainable"]["total"]
+    if total >= budget / 10:  # far below the budget the line would squash the bars to nothing
+        ax.axvline(budget, color="red", linestyle="--", label=f"budget {budget:,}")
+    ax.set(xlabel="trainable parameters", title=f"Trainable parameters: {total:,} of {budget:,}")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    _save(fig, path)
+
+
+# ---------------------------------------------------------------- report
+
+
+def _layers(cfg: Config) -> str:
+    return "all" if cfg.lora.layers is None else ",".join(map(str, cfg.lora.layers))
+
+
+def _precision(summary: dict) -> str:
+    # accelerate calls full precision "no" (no mixed precision)
+    return "fp32" if summary.get("precision") == "no" else str(summary.get("precision"))
+
+
+def _overview(run: Run) -> str:
+    cfg, s = run.cfg, run.summary
+    best = run.best_eval or {}
+    rows = [["model", f"`{cfg.model.name}` ({cfg.model.init})"], ["head", cfg.model.head],
+            ["LoRA", f"r={cfg.lora.r}, alpha={cfg.lora.alpha:g}, dropout={cfg.lora.dropout:g}, "
+                     f"modules={','.join(cfg.lora.target_modules)}, layers={_layers(cfg)}"],
+            ["training", f"{s['steps']} steps ({s['epochs_completed']} epochs completed), batch "
+                         f"{cfg.train.batch_size}x{cfg.train.grad_accum}, lr {cfg.train.lr:g} "
+                         f"({cfg.train.scheduler}), {_precision(s)} on {s['device']}"],
+            ["training time", f"{s['train_seconds']:.1f} s ({s['train_examples_per_s']:.1f} examples/s)"],
+            ["trainable parameters", f"{s['trainable']['total']:,} (LoRA {s['trainable']['lora']:,}, head "
+                                     f"{s['trainable']['head']:,}; budget {cfg.budget.max_trainable:,})"],
+            ["best validation accuracy", f"{_f4(s.get('best_val_accuracy'))} (step {s['best_step']})"]]
+    if "val_f1_macro" in best:
+        rows.append(["best validation F1 (macro)", _f4(best["val_f1_macro"])])
+    if run.test is not None:
+        rows.append(["test accuracy (best checkpoint)", f"{_f4(run.test['accuracy'])} on {run.test['n']:,} rows"])
+        rows.append(["test F1 (macro)", _f4(run.test["f1_macro"])])
+    return md_table(["", ""], rows, align="ll")
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write report.md and its PNG plots into the run folder.
+
+    Args:
+        run_dir: a finished run folder.
+
+    Returns:
+        The path of report.md.
+    """
+    run = load_run(run_dir)
+    names = run.label_names
+    parts = [f"# Run report: {run.name}", "", _overview(run), "",
+             "## Loss", "", "![loss](loss.png)", ""]
+    plot_loss(run, run.path / "loss.png")
+    if any("val_accuracy" in e for e in run.evals):
+        plot_val_metrics(run, run.path / "val_metrics.png")
+        parts += ["## Validation metrics per evaluation", "",
+                  "Training loss: mean of the logged losses since the previous evaluation.", "",
+                  eval_table(run), "", "![validation metrics](val_metrics.png)", ""]
+    source = confusion_source(run)
+    if source is not None:
+        split, matrix = source
+        plot_confusion(names, matrix, split, run.path / "confusion.png")
+        plot_class_distribution(names, matrix, split, run.path / "class_distribution.png")
+        parts += [f"## Confusion matrix ({split}, best checkpoint)", "", _confusion_table(names, matrix), "",
+                  "![confusion matrix](confusion.png)", ""]
+        if split == "test":
+            parts += ["## Test metrics per class", "", _per_class_table(run.test), ""]
+        parts += [f"## Class distribution of {split} predictions", "", _class_table(names, matrix), "",
+                  "![class distribution](class_distribution.png)", ""]
+    plot_trainable(run, run.path / "trainable.png")
+    parts += ["## Trainable parameters", "", _trainable_table(run), "", "![trainable parameters](trainable.png)", ""]
+    out = run.path / "report.md"
+    atomic_write_text(out, "\n".join(parts))
+    return out
+
+
+# ---------------------------------------------------------------- comparison
+
+
+def _short_model(name: str) -> str:
+    if name.startswith("pkg:"):
+        return name[4:].split("/")[0]
+    return Path(name).name or name
+
+
+def sort_key(run: Run) -> float:
+    """Test accuracy when the run scored a test split, else best validation accuracy."""
+    value = run.summary.get("test_accuracy")
+    if value is None:
+        value = run.summary.get("best_val_accuracy")
+    return -1.0 if value is None else value
+
+
+def compare_table(runs: Sequence[Run]) -> str:
+    """The paper's Table 2: one row per run, best first."""
+    rows = []
+    for run in sorted(runs, key=sort_key, reverse=True):
+        cfg, s = run.cfg, run.summary
+        rows.append([run.name, _short_model(cfg.model.name), cfg.model.head, cfg.lora.r, f"{cfg.lora.alpha:g}",
+                     ",".join(cfg.lora.target_modules), _layers(cfg), f"{cfg.train.lr:g}", s["steps"],
+                     f"{s['trainable']['total']:,}", _f4(s.get("best_val_accuracy")), _f4(s.get("test_accuracy")),
+                     f"{s['train_seconds']:.1f}"])
+    return md_table(["Run", "Model", "Head", "r", "alpha", "Modules", "Layers", "LR", "Steps", "Trainable",
+                     "Val acc", "Test acc", "Train s"], rows, align="lllrrllrrrrrr")
+
+
+def plot_accuracy_vs_params(runs: Sequence[Run], path: Path) -> None:
+    """Accuracy (test and validation) against trainable parameters; points named by run."""
+    fig, ax = _figure(7, 4.5)
+    has_test = any(r.summary.get("test_accuracy") is not None for r in runs)
+    for key, label, marker in (("test_accuracy", "test", "o"), ("best_val_accuracy", "validation", "s")):
+        pts = [(r.summary["trainable"]["total"], r.summary[key], r.name) for r in runs
+               if r.summary.get(key) is not None]
+        if not pts:
+            continue
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=f"{label} accuracy")
+        if key == ("test_accuracy" if has_test else "best_val_accuracy"):  # name each run once
+            for x, y, name in pts:
+                ax.annotate(name, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    for budget in sorted({r.cfg.budget.max_trainable for r in runs}):
+        ax.axvline(budget, color="red", linestyle="--", linewidth=1, label=f"budget {budget:,}")
+    ax.set(xlabel="trainable parameters", ylabel="accuracy", title="Accuracy vs trainable parameters")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def compare_runs(run_dirs: Sequence[str | Path], output: str | Path) -> tuple[str, Path]:
+    """Write the comparison table to `output` and the accuracy-vs-parameters PNG beside it.
+
+    Args:
+        run_dirs: finished run folders.
+        output: the Markdown file to write; the plot is OUTPUT_STEM.png next to it.
+
+    Returns:
+        (the Markdown table, the plot's path).
+    """
+    if not run_dirs:
+        raise ConfigError("compare: pass at least one run folder")
+    runs = [load_run(d) for d in run_dirs]
+    output = Path(output)
+    plot = output.with_suffix(".png")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    plot_accuracy_vs_params(runs, plot)
+    table = compare_table(runs)
+    atomic_write_text(output, f"# Run comparison\n\nSorted by test accuracy (validation when a run has no test "
+                              f"score).\n\n{table}\n\n![accuracy vs trainable parameters]({plot.name})\n")
+    return table, plot

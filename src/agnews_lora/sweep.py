@@ -1,0 +1,317 @@
+"""Hyper-parameter sweeps with Optuna: each trial is a normal run folder, checked against the budget.
+
+The search space is the config's `sweep.space`: dotted config key -> spec, one of
+    {type: int, low: 4, high: 32, step: 4}            (optional: step, log)
+    {type: float, low: 1.0e-4, high: 1.0e-3, log: true} (optional: step, log)
+    {type: categorical, choices: [[query, value], [all]]}  (choices may be lists or null)
+Storage defaults to SQLite in the sweep folder; a PostgreSQL URL lets workers on several
+machines share one study. Trials carry a heartbeat: when a worker dies, the next worker that
+starts a trial marks the dead one FAILED and re-queues its parameters (resuming its run folder).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agnews_lora.checkpoint import atomic_write_text, read_jsonl
+from agnews_lora.config import Config, ConfigError, config_from_dict, to_dict
+
+MAX_RETRIES = 2  # a trial whose worker keeps dying is re-queued at most this often
+_RESERVED = ("out_dir", "name", "sweep.", "train.resume")
+
+
+@dataclass
+class Param:
+    """One dimension of the search space."""
+
+    key: str  # dotted config key
+    kind: str  # int | float | categorical
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    log: bool = False
+    choices: dict[str, Any] | None = None  # label shown to Optuna -> config value
+
+    def suggest(self, trial) -> Any:
+        """The value for this trial (a categorical label is mapped back to its config value)."""
+        if self.kind == "int":
+            return trial.suggest_int(self.key, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        if self.kind == "float":
+            return trial.suggest_float(self.key, self.low, self.high, step=self.step, log=self.log)
+        return self.choices[trial.suggest_categorical(self.key, list(self.choices))]
+
+
+def _label(choice: Any) -> Any:
+    # Optuna stores categorical choices as scalars; lists (module sets, layer sets) get a JSON label.
+    return choice if isinstance(choice, (str, int, float, bool)) else json.dumps(choice)
+
+
+def parse_space(cfg: Config) -> list[Param]:
+    """Check `sweep.space` and turn it into Params; every bound and choice is tried on the config.
+
+    Args:
+        cfg: the sweep's base config.
+
+    Returns:
+        The Params, in file order.
+    """
+    if not cfg.sweep.space:
+        raise ConfigError("sweep.space is empty: give dotted config keys with a spec, e.g. "
+                          "sweep: {space: {lora.r: {type: int, low: 4, high: 16, step: 4}}}")
+    params = []
+    for key, spec in cfg.sweep.space.items():
+        where = f"sweep.space.{key}"
+        if key.startswith(_RESERVED):
+            raise ConfigError(f"{where}: this key is set by the sweep itself and cannot be searched")
+        kind = spec.get("type")
+        if kind in ("int", "float"):
+            extra = set(spec) - {"type", "low", "high", "step", "log"}
+            if (extra or "low" not in spec or "high" not in spec or not spec["low"] <= spec["high"]
+                    or (spec.get("log") and spec.get("step"))):
+                raise ConfigError(f"{where}: {kind} needs low <= high and optionally step or log (not both), "
+                                  f"got {spec}")
+            param = Param(key, kind, low=spec["low"], high=spec["high"], step=spec.get("step"),
+                          log=bool(spec.get("log", False)))
+            values = [param.low, param.high]
+        elif kind == "categorical":
+            choices = spec.get("choices")
+            if not isinstance(choices, list) or not choices or set(spec) != {"type", "choices"}:
+                raise ConfigError(f"{where}: categorical needs a non-empty list `choices`, got {spec}")
+            labels = {_label(c): c for c in choices}
+            if len(labels) != len(choices):
+                raise ConfigError(f"{where}: choices repeat a value: {choices}")
+            param, values = Param(key, kind, choices=labels), choices
+        else:
+            raise ConfigError(f"{where}: type must be int, float or categorical, got {kind!r}")
+        for value in values:
+            try:
+                apply_values(cfg, {key: value})
+            except ConfigError as err:
+                raise ConfigError(f"{where}: value {value!r} does not fit the config: {err}") from None
+        params.append(param)
+    return params
+
+
+def apply_values(base: Config, values: dict[str, Any]) -> Config:
+    """A new validated Config: `base` with each dotted key set to its value."""
+    data = to_dict(base)
+    for dotted, value in values.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"unknown config key '{dotted}'")
+            node = node[part]
+        if leaf not in node:
+            raise ConfigError(f"unknown config key '{dotted}'")
+        node[leaf] = value
+    return config_from_dict(data)
+
+
+# ---------------------------------------------------------------- study
+
+
+def sweep_dir_for(cfg: Config, study_name: str) -> Path:
+    """The sweep folder: out_dir when the config sets one, else runs/STUDY_NAME."""
+    return Path(cfg.out_dir).expanduser() if cfg.out_dir else Path("runs") / study_name
+
+
+def mask_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # an unparsable URL: show it as given so the user sees the typo
+        return url
+
+
+def with_driver(url: str) -> str:
+    """`postgresql://...` -> `postgresql+psycopg://...`: the driver this package installs (psycopg 3),
+    whatever SQLAlchemy's default for the bare scheme is."""
+    return "postgresql+psycopg://" + url[len("postgresql://"):] if url.startswith("postgresql://") else url
+
+
+def open_study(url: str, study_name: str, cfg: Config, heartbeat: int):
+    """Create the study, or join it when another worker already did.
+
+    Args:
+        url: SQLAlchemy URL (sqlite:///PATH, postgresql://USER@HOST:PORT/DB, ...).
+        study_name: shared by every worker of the sweep.
+        cfg: supplies sweep.direction and sweep.seed.
+        heartbeat: seconds between a running trial's heartbeats; a trial silent for twice as
+            long is marked FAILED (and re-queued) by the next worker that starts a trial.
+
+    Returns:
+        The optuna Study.
+    """
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, ProgrammingError
+
+    last: Exception | None = None
+    for attempt in range(8):
+        try:
+            storage = RDBStorage(with_driver(url), heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+                                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES))
+            return optuna.create_study(storage=storage, study_name=study_name, direction=cfg.sweep.direction,
+                                       sampler=optuna.samplers.TPESampler(seed=cfg.sweep.seed), load_if_exists=True)
+        except (IntegrityError, ProgrammingError, optuna.exceptions.DuplicatedStudyError) as err:
+            # Workers creating the tables or the study at the same moment: one wins, the rest load it.
+            last = err
+            time.sleep(0.2 + random.random() * 0.3 * (attempt + 1))
+        except (ArgumentError, OperationalError, ImportError) as err:
+            raise ConfigError(f"--storage {mask_url(url)}: cannot open the study database: "
+                              f"{str(err).splitlines()[0]} (check host, port, user, password and database)") from None
+    raise RuntimeError(f"could not create or load study {study_name!r} in {mask_url(url)}") from last
+
+
+def best_value(run_dir: Path, metric: str, direction: str) -> float:
+    """The best `metric` over a run's evaluations (max or min as `direction` says)."""
+    values = [e[metric] for e in read_jsonl(run_dir / "metrics.jsonl") if metric in e]
+    if not values:
+        raise RuntimeError(f"{run_dir}/metrics.jsonl holds no {metric}")
+    return max(values) if direction == "maximize" else min(values)
+
+
+class Objective:
+    """One trial: sample, check the budget (prune without training), train, score on validation."""
+
+    def __init__(self, base: Config, params: list[Param], sweep_dir: Path):
+        self.base, self.params, self.sweep_dir = base, params, sweep_dir
+
+    def __call__(self, trial) -> float:
+        import optuna
+        from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+        from agnews_lora.model import budget_breakdown
+        from agnews_lora.train import train
+
+        values = {p.key: p.suggest(trial) for p in self.params}
+        frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+        original = RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
+        # A re-queued trial continues the dead worker's run folder from its last checkpoint.
+        folder = f"trial-{trial.number if original is None else original:03d}"
+        cfg = apply_values(self.base, {**values, "out_dir": str(self.sweep_dir / folder),
+                                       "name": f"{trial.study.study_name}-{folder}",
+                                       "train.resume": original is not None})
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        trial.set_user_attr("run_dir", folder)
+        trainable = budget_breakdown(cfg).total
+        trial.set_user_attr("trainable", trainable)
+        if trainable > cfg.budget.max_trainable:
+            reason = f"over budget: {trainable:,} > {cfg.budget.max_trainable:,} trainable parameters"
+            trial.set_user_attr("pruned", reason)
+            raise optuna.TrialPruned(reason)
+        run_dir = train(cfg)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        for key in ("test_accuracy", "train_seconds"):
+            trial.set_user_attr(key, summary.get(key))
+        return best_value(run_dir, metric=cfg.sweep.metric, direction=cfg.sweep.direction)
+
+
+def run_sweep(cfg: Config, trials: int, storage: str | None = None, study_name: str | None = None,
+              heartbeat: int = 60) -> Path:
+    """Run trials until the study holds `trials` finished (complete or pruned) ones.
+
+    Args:
+        cfg: the base config with `sweep.space`.
+        trials: target for the whole study, shared by every worker; rerun with more to extend.
+        storage: SQLAlchemy URL; default sqlite in the sweep folder.
+        study_name: default cfg.name, else "sweep".
+        heartbeat: seconds between heartbeats of a running trial.
+
+    Returns:
+        The sweep summary (sweep.md) in the sweep folder.
+    """
+    import optuna
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+
+    params = parse_space(cfg)
+    if cfg.data.val_size < 1:
+        raise ConfigError("data.val_size=0: a sweep scores trials on validation rows; set data.val_size > 0")
+    if trials < 1 or heartbeat < 1:
+        raise ConfigError(f"--trials {trials} --heartbeat {heartbeat}: both must be >= 1")
+    study_name = study_name or cfg.name or "sweep"
+    sweep_dir = sweep_dir_for(cfg, study_name)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    url = storage or f"sqlite:///{(sweep_dir / 'study.db').resolve()}"
+    with warnings.catch_warnings():  # heartbeats and retries are marked experimental in Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study = open_study(url, study_name=study_name, cfg=cfg, heartbeat=heartbeat)
+        counted = (TrialState.COMPLETE, TrialState.PRUNED)
+        left = trials - len(study.get_trials(deepcopy=False, states=counted))
+        if left > 0:
+            # torch errors (out of memory, ...) fail one trial; config and data errors stop the sweep.
+            study.optimize(Objective(cfg, params, sweep_dir), n_trials=left, catch=(RuntimeError,),
+                           callbacks=[MaxTrialsCallback(trials, states=counted)], gc_after_trial=True)
+        optuna.storages.fail_stale_trials(study)  # trials whose worker died while this one ran
+        return write_sweep_summary(study, sweep_dir=sweep_dir, url=url, metric=cfg.sweep.metric)
+
+
+def format_params(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def _trial_rows(study) -> list[list[Any]]:
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    all_trials = study.get_trials(deepcopy=False)
+    retried = {RetryHeartbeatStaleTrialCallback.retried_trial_number(t): t.number for t in all_trials}
+    rows = []
+    for t in all_trials:
+        note = t.user_attrs.get("pruned", "")
+        if t.state.name == "FAIL":
+            note = f"retried as trial {retried[t.number]}" if t.number in retried else "failed"
+        params = format_params(t.params)
+        value = "-" if t.value is None else f"{t.value:.4f}"
+        trainable = t.user_attrs.get("trainable")
+        rows.append([t.number, t.state.name, value, "-" if trainable is None else f"{trainable:,}", params,
+                     t.user_attrs.get("run_dir", ""), note])
+    return rows
+
+
+def write_sweep_summary(study, sweep_dir: Path, url: str, metric: str) -> Path:
+    """sweep.md (best trial, every trial, comparison of the finished runs) and best_trial.json.
+
+    Args:
+        study: the optuna Study.
+        sweep_dir: the sweep folder holding the trial run folders.
+        url: the storage URL (shown without its password).
+        metric: the objective's name.
+
+    Returns:
+        The path of sweep.md.
+    """
+    from agnews_lora.checkpoint import atomic_write_json
+    from agnews_lora.report import compare_runs, md_table
+
+    parts = [f"# Sweep {study.study_name}", "",
+             f"Objective: {study.direction.name.lower()} {metric} (best over each run's evaluations). "
+             f"Storage: `{mask_url(url)}`.", ""]
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    if complete:
+        best = study.best_trial
+        atomic_write_json(sweep_dir / "best_trial.json",
+                          {**best.user_attrs, "number": best.number, "value": best.value, "params": best.params,
+                           "run_dir": str(sweep_dir / best.user_attrs["run_dir"])})
+        parts += [f"**Best trial: {best.number}**, {metric} {best.value:.4f}, run folder "
+                  f"`{best.user_attrs['run_dir']}`: {format_params(best.params)}", ""]
+    parts += ["## Trials", "", md_table(["Trial", "State", metric, "Trainable", "Parameters", "Run", "Note"],
+                                        _trial_rows(study), align="rlrrlll"), ""]
+    finished = [sweep_dir / t.user_attrs["run_dir"] for t in complete]
+    finished = [d for d in finished if (d / "summary.json").is_file()]  # other workers' folders may be elsewhere
+    if finished:
+        table, plot = compare_runs(finished, sweep_dir / "comparison.md")
+        parts += ["## Comparison of the finished trials", "", table, "", f"![accuracy vs parameters]({plot.name})", ""]
+    out = sweep_dir / "sweep.md"
+    atomic_write_text(out, "\n".join(parts))
+    return out
