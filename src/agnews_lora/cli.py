@@ -16,9 +16,10 @@ USER_ERRORS: tuple[type[Exception], ...] = (ConfigError,)
 def _user_errors() -> tuple[type[Exception], ...]:
     from agnews_lora.data import DataError
     from agnews_lora.hub import HubUnreachable
+    from agnews_lora.export import ParityError
     from agnews_lora.model import BudgetError
 
-    return USER_ERRORS + (DataError, HubUnreachable, BudgetError)
+    return USER_ERRORS + (DataError, HubUnreachable, BudgetError, ParityError)
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -31,6 +32,18 @@ def cmd_train(args) -> None:
     from agnews_lora.train import train
 
     run_dir = train(load_config(args.config, args.overrides))
+    print(f"run folder: {run_dir}")
+    print((run_dir / "summary.json").read_text())
+
+
+def cmd_distill(args) -> None:
+    from agnews_lora.config import load_config
+    from agnews_lora.distill import distill
+
+    cfg = load_config(args.config, args.overrides)
+    if args.teacher:
+        cfg.distill.teacher = args.teacher  # set directly: a path is not parsed as YAML
+    run_dir = distill(cfg)
     print(f"run folder: {run_dir}")
     print((run_dir / "summary.json").read_text())
 
@@ -64,11 +77,11 @@ def cmd_evaluate(args) -> None:
     from agnews_lora.evaluate import compute_metrics, format_metrics
     from agnews_lora.predict import Classifier
 
-    clf = Classifier.load(args.run_dir, precision=args.precision)
+    clf = Classifier.load(args.run_dir, precision=args.precision, threads=args.threads)
     if args.data:
-        split = read_files(args.data, clf.model.config.num_labels)
+        split = read_files(args.data, clf.num_labels)
     elif clf.cfg.data.test:
-        split = read_files(clf.cfg.data.test, clf.model.config.num_labels)
+        split = read_files(clf.cfg.data.test, clf.num_labels)
     else:
         split = load_hub_split(clf.cfg.data.hub_dataset, "test")
     if split.labels is None:
@@ -77,6 +90,12 @@ def cmd_evaluate(args) -> None:
     m = compute_metrics(split.labels, logits.argmax(-1).tolist(), clf.label_names)
     m["data"] = split.source
     print(format_metrics(m, clf.label_names))
+    print(f"{clf.last_throughput:.1f} texts/s ({clf.info.get('format')}, {clf.precision})")
+    if (Path(args.run_dir) / "teacher.json").is_file() and not args.no_teacher:
+        from agnews_lora.distill import evaluate_teacher, format_teacher_vs_student
+
+        m["teacher"] = evaluate_teacher(args.run_dir, split, batch_size=args.batch_size, precision=args.precision)
+        print(format_teacher_vs_student(m["teacher"], m, args.run_dir))
     out = Path(args.output) if args.output else Path(args.run_dir) / "eval.json"
     atomic_write_json(out, m)
     print(f"saved {out}")
@@ -86,11 +105,28 @@ def cmd_predict(args) -> None:
     from agnews_lora.evaluate import compute_metrics
     from agnews_lora.predict import Classifier, predict_file
 
-    clf = Classifier.load(args.run_dir, precision=args.precision)
+    clf = Classifier.load(args.run_dir, precision=args.precision, threads=args.threads)
     split, preds = predict_file(clf, args.input, args.output, batch_size=args.batch_size)
     print(f"wrote {len(preds):,} predictions to {args.output} ({clf.last_throughput:.1f} texts/s)")
     if split.labels is not None:
         print(f"accuracy {compute_metrics(split.labels, preds, clf.label_names)['accuracy']:.4f}")
+
+
+def cmd_export(args) -> None:
+    from agnews_lora.export import export, format_parity
+
+    out = export(args.run_dir, args.format, output=args.output, quantize=args.quantize,
+                 checkpoint=args.checkpoint, parity_rows=args.parity_rows)
+    print(format_parity(out))
+    print(f"exported to {out}")
+
+
+def cmd_serve(args) -> None:
+    from agnews_lora.serve import Limits, serve
+
+    limits = Limits(max_texts=args.max_texts, max_chars=args.max_chars, max_body_bytes=args.max_body_bytes)
+    serve(args.model_dir, host=args.host, port=args.port, limits=limits, precision=args.precision,
+          threads=args.threads, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
 
 
 def cmd_report(args) -> None:
@@ -127,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("distill", help="train a student from a teacher's soft labels (cached teacher logits)")
+    _config_args(p)
+    p.add_argument("--teacher", help="run folder of agnews-lora, or a Hugging Face sequence-classification "
+                   "model folder/id (default: distill.teacher)")
+    p.set_defaults(func=cmd_distill)
+
     p = sub.add_parser("budget", help="trainable parameters per part and the budget verdict")
     _config_args(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -157,17 +199,45 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, hlp in (("evaluate", cmd_evaluate, "metrics of a run on labelled data"),
                             ("predict", cmd_predict, "write ID,Label predictions for a file")):
         p = sub.add_parser(name, help=hlp)
-        p.add_argument("run_dir", help="run folder written by train")
+        p.add_argument("run_dir", help="run folder written by train, or a folder written by export")
         p.add_argument("--batch-size", type=int, default=64)
         p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+        p.add_argument("--threads", type=int, help="CPU threads (default: one per physical core)")
         if name == "evaluate":
             p.add_argument("--data", nargs="+", help="labelled file(s); default: the run's test data")
             p.add_argument("--output", help="metrics JSON (default RUN_DIR/eval.json)")
+            p.add_argument("--no-teacher", action="store_true", help="distilled runs: skip scoring the teacher")
         else:
             p.add_argument("--input", nargs="+", required=True, help="CSV/JSONL/parquet/pickle file(s)")
             p.add_argument("--output", required=True, help="CSV to write (ID,Label)")
         p.set_defaults(func=func)
+    _export_and_serve_args(sub)
     return parser
+
+
+def _export_and_serve_args(sub) -> None:
+    p = sub.add_parser("export", help="merged transformers folder or ONNX (fp32/int8), parity-checked")
+    p.add_argument("run_dir", help="run folder written by train")
+    p.add_argument("--format", required=True, choices=["merged", "onnx"])
+    p.add_argument("--quantize", choices=["int8"], help="ONNX only: dynamic int8 quantization")
+    p.add_argument("--output", help="folder to write (default RUN_DIR/export/FORMAT[-int8])")
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.add_argument("--parity-rows", type=int, default=1000, help="rows of the run's test data the export "
+                   "is checked on (besides a few built-in texts)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="HTTP service: POST /predict, GET /health, GET /info")
+    p.add_argument("model_dir", help="run folder, or a folder written by export")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--threads", type=int, help="CPU threads (default: one per physical core)")
+    p.add_argument("--max-texts", type=int, default=64, help="texts per request")
+    p.add_argument("--max-chars", type=int, default=10_000, help="characters per text")
+    p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="request body size")
+    p.add_argument("--max-batch", type=int, default=64, help="most texts per micro-batched model call")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="micro-batching window")
+    p.set_defaults(func=cmd_serve)
 
 
 def _quiet_libraries() -> None:

@@ -94,6 +94,8 @@ def _check_text(path: Path, row: int, text: object) -> str:
 
 def _read_csv(path: Path, num_labels: int) -> Split:
     rows = list(csv.reader(_open_text(path)))
+    while rows and not rows[-1]:  # blank lines at the end, as editors and spreadsheets leave them
+        rows.pop()
     if not rows:
         raise DataError(f"{path}: the file is empty")
     header = [h.strip().lower() for h in rows[0]]
@@ -368,7 +370,9 @@ class LengthGroupedSampler(torch.utils.data.Sampler[list[int]]):
         return iter(self.batches())
 
     def __len__(self) -> int:
-        return -(-len(self.lengths) // self.batch_size) if not self.shuffle else len(self.batches())
+        # Chunks are whole multiples of batch_size, so shuffling never adds a partial batch; the
+        # loop asks for this every step, so it must not rebuild the batches.
+        return -(-len(self.lengths) // self.batch_size)
 
 
 def make_collate(pad_id: int):

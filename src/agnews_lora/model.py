@@ -184,13 +184,17 @@ def build_model(cfg: Config, device: str | torch.device = "cpu", with_lora: bool
 def add_lora(model: nn.Module, cfg: Config, modules_to_save: list[str]) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
-    pattern = lora_target_regex(model.config.model_type, cfg.lora.target_modules, cfg.lora.layers,
-                                model.config.num_hidden_layers)
-    if not any(re.fullmatch(pattern, n) for n, m in model.named_modules() if isinstance(m, nn.Linear)):
-        example = next(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layer.0." in n)
-        raise ConfigError(f"lora.target_modules={cfg.lora.target_modules} matches no Linear layer of "
-                          f"{model.config.model_type}; use query,key,value,attn_out,ffn_in,ffn_out,dense "
-                          f"or a path such as '{example.split('.layer.0.')[1]}'")
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    regex = lambda modules: lora_target_regex(model.config.model_type, modules, cfg.lora.layers,  # noqa: E731
+                                              model.config.num_hidden_layers)
+    # Checked name by name: one typo among several names would otherwise be dropped silently.
+    unmatched = [m for m in cfg.lora.target_modules if not any(re.fullmatch(regex([m]), n) for n in linears)]
+    if unmatched:
+        example = next(n for n in linears if ".layer.0." in n)
+        raise ConfigError(f"lora.target_modules={cfg.lora.target_modules}: {', '.join(unmatched)} matches no "
+                          f"Linear layer of {model.config.model_type}; use query,key,value,attn_out,ffn_in,"
+                          f"ffn_out,dense or a path such as '{example.split('.layer.0.')[1]}'")
+    pattern = regex(cfg.lora.target_modules)
     lora = LoraConfig(task_type="SEQ_CLS", r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
                       lora_dropout=cfg.lora.dropout, target_modules=pattern,
                       modules_to_save=modules_to_save)

@@ -1,8 +1,14 @@
-"""Classifier: load a run once, predict texts fast; files in -> `ID,Label` CSV out."""
+"""Classifier: load a model once, predict texts fast; files in -> `ID,Label` CSV out.
+
+One Classifier serves three kinds of folder behind one `predict_logits`: a run folder written
+by `train` (the adapter is merged into the weights in memory), a merged folder and an ONNX
+folder written by `export` (see export.py).
+"""
 
 from __future__ import annotations
 
 import csv
+import json
 import time
 from pathlib import Path
 from typing import Sequence
@@ -11,8 +17,11 @@ import numpy as np
 import torch
 
 from agnews_lora.config import Config, ConfigError, config_from_dict
-from agnews_lora.data import LABEL_NAMES, Split, clean_text, make_collate, read_files, tokenize
+from agnews_lora.data import LABEL_NAMES, Split, clean_text, read_files, tokenize
 from agnews_lora.train import resolve_precision
+
+EXPORT_META = "agnews_lora.json"  # written by export beside every exported model
+ONNX_FILE = "model.onnx"
 
 
 def load_run_config(run_dir: str | Path) -> Config:
@@ -24,66 +33,164 @@ def load_run_config(run_dir: str | Path) -> Config:
     return config_from_dict(yaml.safe_load(path.read_text()))
 
 
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("agnews-lora")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
+
+def folder_kind(path: str | Path) -> str:
+    """'run', 'merged' or 'onnx': what `Classifier.load` will find in the folder.
+
+    Raises:
+        ConfigError: the folder is none of them.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"{path}: no such folder; pass a run folder (train) or an exported folder (export)")
+    if (path / EXPORT_META).is_file():
+        return json.loads((path / EXPORT_META).read_text())["format"]
+    if (path / "config.yaml").is_file():
+        return "run"
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return "merged"  # any transformers sequence-classification folder
+    raise ConfigError(f"{path}: not a run folder (config.yaml), an exported folder ({EXPORT_META}) or a "
+                      "transformers model folder (config.json + *.safetensors)")
+
+
+def pad_batch(ids: Sequence[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad token id arrays into (input_ids, attention_mask), int64, without a per-row loop."""
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    mask = np.arange(lengths.max()) < lengths[:, None]
+    input_ids = np.full(mask.shape, pad_id, dtype=np.int64)
+    input_ids[mask] = np.concatenate(ids)  # row-major order matches the concatenation
+    return input_ids, mask.astype(np.int64)
+
+
+def _label_names(config) -> list[str]:
+    if config.num_labels == len(LABEL_NAMES):
+        return list(LABEL_NAMES)
+    return [config.id2label[i] for i in range(config.num_labels)]
+
+
+class OnnxModel:
+    """An exported ONNX classifier run by ONNX Runtime on CPU; `config` is the transformers config."""
+
+    def __init__(self, path: str | Path, config, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.config = config
+
+    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        return self.session.run(["logits"], {"input_ids": input_ids, "attention_mask": attention_mask})[0]
+
+
 class Classifier:
-    """A trained run, loaded once, for prediction.
+    """A trained model, loaded once, for prediction.
 
     Example:
-        clf = Classifier.load("runs/minilm")
+        clf = Classifier.load("runs/minilm")          # or an exported merged/ONNX folder
         clf.predict(["Stocks rally as oil falls", "Federer wins in Paris"])  # -> [2, 1]
     """
 
-    def __init__(self, model, tokenizer, cfg: Config, precision: str = "auto"):
-        self.model = model.eval()
+    def __init__(self, model, tokenizer, cfg: Config, precision: str = "auto", info: dict | None = None):
+        """Args:
+            model: a torch sequence-classification model (output `.logits`) or an OnnxModel.
+            tokenizer: its tokenizer.
+            cfg: the run's config (data.max_length is used).
+            precision: "auto" (bf16 autocast where the hardware has it), "bf16" or "fp32";
+                ignored for ONNX, which computes as exported (fp32, or int8 when quantized).
+            info: what the model is (source, format, trainable parameters), for `serve`'s /info.
+        """
+        self.onnx = isinstance(model, OnnxModel)
+        self.model = model if self.onnx else model.eval()
         self.tokenizer = tokenizer
         self.cfg = cfg
-        self.device = next(model.parameters()).device
-        self.precision = resolve_precision(precision, cpu=self.device.type == "cpu")
-        self.label_names = [model.config.id2label[i] for i in range(model.config.num_labels)] \
-            if model.config.num_labels != len(LABEL_NAMES) else list(LABEL_NAMES)
+        self.device = torch.device("cpu") if self.onnx else next(model.parameters()).device
+        self.info = info or {}
+        self.precision = (self.info.get("quantize") or "fp32") if self.onnx else \
+            resolve_precision(precision, cpu=self.device.type == "cpu")
+        self.label_names = _label_names(model.config)
+        self.num_labels = model.config.num_labels
         self.last_throughput = 0.0
 
     @classmethod
-    def load(cls, run_dir: str | Path, checkpoint: str = "best", device: str = "cpu",
-             precision: str = "auto") -> "Classifier":
-        """Load `run_dir/checkpoint` with plain peft on the backbone the run names.
+    def load(cls, path: str | Path, checkpoint: str = "best", device: str = "cpu", precision: str = "auto",
+             threads: int | None = None, merge: bool = True) -> "Classifier":
+        """Load a run folder, a merged folder or an ONNX folder (see `folder_kind`).
 
         Args:
-            run_dir: a run folder written by `train`.
-            checkpoint: "best" (default) or "last".
-            device: torch device.
+            path: the folder.
+            checkpoint: run folders only: "best" (default) or "last".
+            device: torch device (ONNX folders run on CPU).
             precision: "auto" (bf16 where the hardware has it), "bf16" or "fp32".
+            threads: CPU threads for torch / ONNX Runtime; None keeps the library default
+                (one per physical core).
+            merge: run folders only: merge the adapter into the weights (same logits, faster);
+                False keeps the peft model (export compares against it).
+
+        Returns:
+            The Classifier.
         """
-        from peft import PeftModel
+        if threads:
+            torch.set_num_threads(threads)
+        kind = folder_kind(path)
+        if kind == "onnx":
+            return _load_onnx(Path(path), threads)
+        if kind == "merged":
+            model, tokenizer, cfg, info = _load_merged(Path(path), device)
+        else:
+            model, tokenizer, cfg, info = _load_run(Path(path), checkpoint, device, merge)
+        clf = cls(model, tokenizer, cfg, precision=precision, info=info)
+        if clf.precision == "bf16" and not hasattr(model, "peft_config"):
+            from agnews_lora.speed import cast_frozen_linears
 
-        from agnews_lora.model import build_model, load_tokenizer
+            # Bit-identical under autocast, without casting every weight on every batch.
+            cast_frozen_linears(model.requires_grad_(False), torch.bfloat16)
+        return clf
 
-        cfg = load_run_config(run_dir)
-        adapter = Path(run_dir) / checkpoint
-        if not (adapter / "adapter_model.safetensors").is_file():
-            raise ConfigError(f"{adapter}: no adapter_model.safetensors; did training finish an evaluation?")
-        base = build_model(cfg, device=device, with_lora=False)
-        model = PeftModel.from_pretrained(base, str(adapter))
-        return cls(model, load_tokenizer(cfg.model.name), cfg, precision=precision)
+    def _logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        if self.onnx:
+            return self.model.logits(input_ids, attention_mask)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            logits = self.model(input_ids=torch.from_numpy(input_ids).to(self.device),
+                                attention_mask=torch.from_numpy(attention_mask).to(self.device)).logits
+        return logits.float().cpu().numpy()
 
     @torch.inference_mode()
     def predict_logits(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
-        """Logits [n, classes] in input order; batches are formed from length-sorted texts."""
+        """Logits [n, classes] in input order.
+
+        Texts are cleaned and tokenized in one call, then batched longest first, so each batch
+        pads to nearly its own length.
+
+        Args:
+            texts: raw texts.
+            batch_size: texts per model call.
+            progress: show a progress bar.
+
+        Returns:
+            float32 logits; `last_throughput` is set to texts/s (tokenizing included).
+        """
         from tqdm.auto import tqdm
 
-        cleaned = [clean_text(t) for t in texts]
-        ids = tokenize(cleaned, self.tokenizer, self.cfg.data.max_length, cache_dir=None)
-        order = np.argsort([-len(x) for x in ids], kind="stable")
-        out = np.zeros((len(ids), self.model.config.num_labels), dtype=np.float32)
-        collate = make_collate(self.tokenizer.pad_token_id)
-        use_bf16 = self.precision == "bf16"
         start = time.perf_counter()
-        for s in tqdm(range(0, len(order), batch_size), disable=not progress, desc="predict"):
-            rows = order[s : s + batch_size]
-            batch = collate([(ids[i], -100, i) for i in rows])
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                logits = self.model(input_ids=batch["input_ids"].to(self.device),
-                                    attention_mask=batch["attention_mask"].to(self.device)).logits
-            out[rows] = logits.float().cpu().numpy()
+        ids = tokenize([clean_text(t) for t in texts], self.tokenizer, self.cfg.data.max_length, cache_dir=None)
+        order = np.argsort(-np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids)), kind="stable")
+        out = np.zeros((len(ids), self.num_labels), dtype=np.float32)
+        with tqdm(total=len(ids), disable=not progress, desc="predict", unit="text", dynamic_ncols=True) as bar:
+            for s in range(0, len(order), batch_size):
+                rows = order[s : s + batch_size]
+                out[rows] = self._logits(*pad_batch([ids[i] for i in rows], self.tokenizer.pad_token_id))
+                bar.update(len(rows))
         self.last_throughput = len(ids) / max(time.perf_counter() - start, 1e-9)
         return out
 
@@ -92,7 +199,63 @@ class Classifier:
         return self.predict_logits(texts, batch_size).argmax(-1).tolist()
 
     def predict_proba(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """Class probabilities [n, classes] (softmax of the logits)."""
         return torch.softmax(torch.from_numpy(self.predict_logits(texts, batch_size)), -1).numpy()
+
+
+def _run_trainable(run_dir: Path, cfg: Config) -> int:
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        return int(json.loads(summary.read_text())["trainable"]["total"])
+    from agnews_lora.model import budget_breakdown
+
+    return budget_breakdown(cfg).total
+
+
+def _load_run(run_dir: Path, checkpoint: str, device: str, merge: bool):
+    from peft import PeftModel
+
+    from agnews_lora.model import build_model, load_tokenizer
+
+    cfg = load_run_config(run_dir)
+    adapter = run_dir / checkpoint
+    if not (adapter / "adapter_model.safetensors").is_file():
+        raise ConfigError(f"{adapter}: no adapter_model.safetensors; did training finish an evaluation?")
+    model = PeftModel.from_pretrained(build_model(cfg, device=device, with_lora=False), str(adapter))
+    if merge:
+        model = model.merge_and_unload()
+    info = {"source": str(run_dir), "format": "run", "checkpoint": checkpoint, "model": cfg.model.name,
+            "head": cfg.model.head, "trainable": _run_trainable(run_dir, cfg)}
+    return model, load_tokenizer(cfg.model.name), cfg, info
+
+
+def _exported_config(folder: Path) -> tuple[Config, dict]:
+    """The run's config and export metadata saved beside an exported model (defaults if absent)."""
+    meta = json.loads((folder / EXPORT_META).read_text()) if (folder / EXPORT_META).is_file() else {}
+    cfg = load_run_config(folder) if (folder / "config.yaml").is_file() else Config()
+    if "max_length" in meta:
+        cfg.data.max_length = int(meta["max_length"])
+    info = {"source": str(folder), "format": meta.get("format", "merged"), "model": meta.get("model", str(folder)),
+            "head": meta.get("head"), "trainable": meta.get("trainable"), "quantize": meta.get("quantize")}
+    return cfg, info
+
+
+def _load_merged(folder: Path, device: str):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    cfg, info = _exported_config(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder).to(device)
+    return model, AutoTokenizer.from_pretrained(folder), cfg, info
+
+
+def _load_onnx(folder: Path, threads: int | None) -> Classifier:
+    from transformers import AutoConfig, AutoTokenizer
+
+    if not (folder / ONNX_FILE).is_file():
+        raise ConfigError(f"{folder}: no {ONNX_FILE}; export it again with `agnews-lora export RUN --format onnx`")
+    cfg, info = _exported_config(folder)
+    model = OnnxModel(folder / ONNX_FILE, AutoConfig.from_pretrained(folder), threads=threads)
+    return Classifier(model, AutoTokenizer.from_pretrained(folder), cfg, info=info)
 
 
 def write_predictions(preds: Sequence[int], output: str | Path) -> None:
@@ -110,7 +273,7 @@ def write_predictions(preds: Sequence[int], output: str | Path) -> None:
 def predict_file(clf: Classifier, inputs: Sequence[str], output: str | Path, batch_size: int = 64,
                  progress: bool = True) -> tuple[Split, list[int]]:
     """Predict every row of the input file(s) and write `ID,Label` to `output`."""
-    split = read_files(inputs, num_labels=clf.model.config.num_labels)
+    split = read_files(inputs, num_labels=clf.num_labels)
     preds = clf.predict_logits(split.texts, batch_size=batch_size, progress=progress).argmax(-1).tolist()
     write_predictions(preds, output)
     return split, preds

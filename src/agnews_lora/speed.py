@@ -1,0 +1,157 @@
+"""Training speed-ups that keep the recipe: fast CPU dropout, frozen weights stored in the
+autocast dtype, and optional regional torch.compile.
+
+Dropout. torch's CPU dropout draws its mask with a serial `bernoulli_` (one Mersenne-Twister
+draw and a float compare per element: ~5.5 ms per 16x64x768 activation on this machine, whatever
+the thread count). A LoRA step on a frozen encoder runs about five dropouts per layer
+(embeddings, attention probabilities, attention output, FFN output, each LoRA input), so on CPU
+the masks cost more time than the matrix products. Here each 64-bit draw makes the masks of four
+elements (keep when a 16-bit slice is at or above round(p * 65536) - 32768): ~3x faster per
+dropout, ~1.4x per roberta-base step. The keep probability is 1 - round(p * 65536) / 65536 (p
+rounded to 1/65536) and survivors are scaled by its inverse, so the layer stays unbiased. On
+other devices the stock (fused) dropout runs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+ATTN_IMPLEMENTATION = "sdpa_fast_dropout"
+_LEVELS = 1 << 16
+
+
+def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Inverted dropout of `x` with drop probability `p` (rounded to 1/65536), autograd-safe.
+
+    Args:
+        x: any tensor (CPU is where this pays).
+        p: drop probability in [0, 1].
+
+    Returns:
+        x * mask / keep_probability, a new tensor.
+    """
+    dropped = round(p * _LEVELS)
+    if dropped == 0:
+        return x
+    if dropped >= _LEVELS:
+        return x * 0.0
+    n = x.numel()
+    # One 64-bit draw feeds four elements (the excluded top value biases p by < 2**-48).
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), 2**63 - 1)
+    bits = bits.view(torch.int16)[:n].view(x.shape)
+    # bool -> float casts are slow on CPU; the uint8 view of the same bytes casts 5x faster.
+    keep = (bits >= dropped - _LEVELS // 2).view(torch.uint8).to(x.dtype)
+    return x * keep.mul_(_LEVELS / (_LEVELS - dropped))
+
+
+class FastDropout(nn.Dropout):
+    """nn.Dropout with `fast_dropout` on CPU in training mode; stock dropout elsewhere."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.device.type == "cpu":
+            return fast_dropout(x, self.p)
+        return super().forward(x)
+
+
+def sdpa_fast_dropout_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                                scaling: float | None = None, **kwargs):
+    """transformers attention function: SDPA, except CPU training with attention dropout.
+
+    There SDPA itself falls back to its unfused math path with a serial `bernoulli_`; this
+    runs the same math with `fast_dropout`. Signature and return as transformers'
+    `sdpa_attention_forward` ([batch, seq, heads, head_dim], None).
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if not (dropout > 0 and query.device.type == "cpu") or kwargs.get("position_bias") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    out = torch.matmul(fast_dropout(probs, dropout), value)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_fast_dropout(model: nn.Module) -> int:
+    """Swap every nn.Dropout of `model` for FastDropout (same p), and route SDPA attention
+    through `sdpa_fast_dropout_attention`, in place.
+
+    Args:
+        model: a transformers (or peft-wrapped) model.
+
+    Returns:
+        The number of dropout modules swapped.
+    """
+    swapped = 0
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Dropout:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, FastDropout(module.p).train(module.training))
+            swapped += 1
+    _route_attention(model)
+    return swapped
+
+
+def _route_attention(model: nn.Module) -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, sdpa_fast_dropout_attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "_attn_implementation", None) == "sdpa" and hasattr(module, "set_attn_implementation"):
+            module.set_attn_implementation(ATTN_IMPLEMENTATION)
+
+
+def cast_frozen_linears(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store the weights of frozen nn.Linear layers in `dtype`, in place.
+
+    Under autocast every Linear casts its weight to the autocast dtype on each call; storing
+    frozen ones in that dtype gives bit-identical results without the per-step casts (and
+    halves their memory). Trainable weights (LoRA, head) stay fp32: they are the master copy
+    the optimizer updates. Embeddings and LayerNorms are left alone (autocast does not cast them).
+
+    Args:
+        model: the model to change.
+        dtype: the autocast dtype (torch.bfloat16 or torch.float16).
+
+    Returns:
+        The number of layers cast.
+    """
+    cast = 0
+    for module in model.modules():
+        if type(module) is nn.Linear and not any(p.requires_grad for p in module.parameters()):
+            module.to(dtype)
+            cast += 1
+    return cast
+
+
+def compile_layers(model: nn.Module, backend: str = "inductor") -> int:
+    """Regional torch.compile: compile each encoder layer in place, with dynamic shapes.
+
+    The layers share one compiled graph (plus variants, e.g. for the first layer, whose input
+    needs no gradient), so compiling takes far less than compiling the whole model, and the
+    in-place `Module.compile` keeps parameter names, so checkpoints do not change.
+
+    Args:
+        model: a transformers (or peft-wrapped) encoder model.
+        backend: the torch.compile backend.
+
+    Returns:
+        The number of layers compiled.
+    """
+    import re
+
+    layers = [m for name, m in model.named_modules() if re.search(r"encoder\.layer\.\d+$", name)]
+    for layer in layers:
+        layer.compile(dynamic=True, backend=backend)
+    return len(layers)

@@ -1,0 +1,194 @@
+"""The HTTP service in-process: predictions, limits, wrong types, micro-batching, a real socket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pickle
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from agnews_lora.cli import build_parser
+from agnews_lora.config import ConfigError, load_config
+from agnews_lora.data import read_files
+from agnews_lora.predict import Classifier
+from agnews_lora.serve import Limits, MicroBatcher, create_app
+from agnews_lora.train import train
+
+LIMITS = Limits(max_texts=8, max_chars=1000, max_body_bytes=6000)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_model_dir, ag_files) -> Path:
+    out = tmp_path_factory.mktemp("serve")
+    return train(load_config(overrides=[
+        f"model.name={tiny_model_dir}", f"data.train={ag_files['train']}", f"data.test={ag_files['test']}",
+        "data.val_size=40", "data.max_length=64", f"data.cache_dir={out / 'cache'}", "train.max_steps=6",
+        "train.batch_size=8", "train.eval_every=3", "train.lr=1e-3", "train.precision=fp32",
+        "train.progress=false", "lora.r=4", f"out_dir={out / 'run'}"]))
+
+
+@pytest.fixture(scope="module")
+def clf(run) -> Classifier:
+    return Classifier.load(run, precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def texts(ag_files) -> list[str]:
+    return read_files([ag_files["test"]]).texts
+
+
+@pytest.fixture
+def app(clf):
+    return create_app(clf, limits=LIMITS, max_batch=64, max_wait_ms=50)
+
+
+@pytest.fixture
+def client(app):
+    with TestClient(app) as c:
+        yield c
+
+
+def test_predict_returns_labels_names_and_probabilities(client, clf, texts):
+    r = client.post("/predict", json={"texts": texts[:5]})
+    assert r.status_code == 200
+    body = r.json()
+    expected = clf.predict_proba(texts[:5])
+    assert body["labels"] == expected.argmax(-1).tolist()
+    assert body["names"] == [clf.label_names[i] for i in body["labels"]]
+    assert body["label_names"] == ["World", "Sports", "Business", "Sci/Tech"]
+    np.testing.assert_allclose(body["probabilities"], expected, atol=1e-5)
+    np.testing.assert_allclose(np.sum(body["probabilities"], axis=1), 1.0, atol=1e-4)
+
+
+def test_health_and_info(client, run):
+    client.post("/predict", json={"texts": ["Stocks rally"]})
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["requests"] == 1 and health["model_calls"] == 1
+    info = client.get("/info").json()
+    summary = json.loads((run / "summary.json").read_text())
+    assert info["trainable"] == summary["trainable"]["total"] > 0
+    assert info["labels"] == ["World", "Sports", "Business", "Sci/Tech"]
+    assert info["format"] == "run" and info["source"] == str(run) and info["backend"] == "torch"
+    assert info["version"] and info["limits"] == {"max_texts": 8, "max_chars": 1000, "max_body_bytes": 6000}
+
+
+@pytest.mark.parametrize("body,message", [
+    ({"texts": ["a"] * 9}, "9 texts in one request; the limit is 8 (serve --max-texts)"),
+    ({"texts": ["ok", "x" * 1001]}, "texts[1] has 1,001 characters; the limit is 1,000 (serve --max-chars)"),
+])
+def test_request_limits_give_413_with_the_limit_named(client, body, message):
+    r = client.post("/predict", json=body)
+    assert r.status_code == 413 and message in r.json()["detail"]
+
+
+def test_body_size_limit_declared_and_streamed(client):
+    big = json.dumps({"texts": ["y" * 900] * 7}).encode()  # within the text limits, over the body limit
+    r = client.post("/predict", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "the limit is 6,000 (serve --max-body-bytes)" in r.json()["detail"]
+
+    def chunks():  # no Content-Length: the limit must hold while reading
+        for _ in range(70):
+            yield b" " * 100
+
+    r = client.post("/predict", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "at least 6,1" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("body", [{"texts": [1, 2]}, {"texts": "one text"}, {"texts": [["nested"]]}, {},
+                                  {"text": ["typo"]}, {"texts": ["a"], "extra": 1}, {"texts": None}])
+def test_wrong_types_give_422(client, body):
+    r = client.post("/predict", json=body)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][0] == "body"
+
+
+def test_empty_list_gives_422_naming_the_minimum(client):
+    r = client.post("/predict", json={"texts": []})
+    assert r.status_code == 422
+    assert "at least 1 item" in r.json()["detail"][0]["msg"] and r.json()["detail"][0]["loc"] == ["body", "texts"]
+
+
+def test_non_json_bodies_are_rejected_never_unpickled(client):
+    payload = pickle.dumps({"texts": ["a"]})
+    for headers in ({"content-type": "application/octet-stream"}, {"content-type": "application/json"}):
+        r = client.post("/predict", content=payload, headers=headers)
+        assert r.status_code == 422
+    assert client.get("/health").json()["model_calls"] == 0
+
+
+def test_twenty_parallel_requests_are_micro_batched_and_all_correct(app, clf, texts):
+    expected = clf.predict(texts[:20])
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as ac:
+            responses = await asyncio.gather(*(ac.post("/predict", json={"texts": [t]}) for t in texts[:20]))
+            return responses, (await ac.get("/health")).json()
+
+    responses, health = asyncio.run(go())
+    assert [r.status_code for r in responses] == [200] * 20
+    assert [r.json()["labels"][0] for r in responses] == expected
+    assert health["requests"] == 20 and health["texts"] == 20
+    assert health["model_calls"] < 20 and health["largest_batch"] > 1  # requests shared model calls
+
+
+def test_micro_batcher_keeps_max_batch_and_survives_a_failing_call():
+    calls: list[list[str]] = []
+
+    def predict(batch: list[str]) -> np.ndarray:
+        calls.append(batch)
+        if "boom" in batch:
+            raise RuntimeError("model failed")
+        return np.array([[float(len(t))] for t in batch])
+
+    async def go():
+        batcher = MicroBatcher(predict, max_batch=5, max_wait_ms=30)
+        results = await asyncio.gather(*(batcher.submit([f"t{i}", f"tt{i}"]) for i in range(6)))
+        with pytest.raises(RuntimeError, match="model failed"):
+            await batcher.submit(["boom"])
+        after = await batcher.submit(["abc"])
+        await batcher.close()
+        return results, after
+
+    results, after = asyncio.run(go())
+    assert [r[:, 0].tolist() for r in results] == [[2.0, 3.0]] * 6  # each request gets its own rows back
+    assert max(len(c) for c in calls) <= 5 and after.tolist() == [[3.0]]
+
+
+def test_limits_and_batching_settings_are_checked():
+    with pytest.raises(ConfigError, match="--max-texts 0: must be >= 1"):
+        Limits(max_texts=0)
+    with pytest.raises(ConfigError, match="--max-batch 0"):
+        MicroBatcher(lambda t: t, max_batch=0)
+
+
+def test_serve_binds_localhost_by_default():
+    args = build_parser().parse_args(["serve", "some/folder"])
+    assert (args.host, args.port, args.max_texts) == ("127.0.0.1", 8000, 64)
+
+
+def test_real_http_server_on_localhost(app, clf, texts):
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 30
+        while not server.started and time.time() < deadline:
+            time.sleep(0.05)
+        r = httpx.post(f"http://127.0.0.1:{port}/predict", json={"texts": texts[:3]}, timeout=30)
+        assert r.status_code == 200 and r.json()["labels"] == clf.predict(texts[:3])
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
