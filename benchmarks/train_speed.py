@@ -319,7 +319,7 @@ def parent_main(args) -> None:
     repeats = _per_model(args.repeats, models, DEFAULT_REPEATS, "repeats")
     if not ROWS_SOURCE.is_file():
         raise SystemExit(f"{ROWS_SOURCE} is missing: the benchmark reads the shared AG News rows")
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="agnews-speed-") as tmp:
         rows_file = _write_rows(args.rows, Path(tmp) / "rows.csv")
         peaks = [_spawn(["--child", "peak"], timeout=600)]
@@ -338,8 +338,8 @@ def parent_main(args) -> None:
                           f"{r['peak_rss_mib']:.0f} MiB", flush=True)
         peaks.append(_spawn(["--child", "peak"], timeout=600))
     peak = {k: max(p[k]["gflops"] for p in peaks) for k in ("bf16", "fp32")}
-    table = render(results, peak=peak, steps=steps, batch_size=args.batch_size, rows=args.rows,
-                   wall=time.perf_counter() - started)
+    table = render(results, peak=peak, batch_size=args.batch_size, rows=args.rows,
+                   wall=time.perf_counter() - started, load=(load_before, os.getloadavg()[0]))
     print(table)
     if args.output:
         Path(args.output).write_text(table + "\n", encoding="utf-8")
@@ -350,12 +350,15 @@ def _median(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
-def render(results: dict, peak: dict, steps: dict, batch_size: int, rows: int, wall: float) -> str:
+def render(results: dict, peak: dict, batch_size: int, rows: int, wall: float,
+           load: tuple[float, float]) -> str:
     """The Markdown report: one row per model and variant, then the ratios."""
     lines = [f"Machine: {machine()}. Matmul peak (best square torch.matmul): bf16 {peak['bf16']:,.0f} GFLOP/s, "
              f"fp32 {peak['fp32']:,.0f} GFLOP/s.",
              f"Batch {batch_size}, {rows:,} AG News rows; timed: optimizer steps 2..S+1 (S below). Medians over "
-             f"repeats (per-repeat examples/s in brackets). Whole benchmark: {wall / 60:.1f} min.", "",
+             f"repeats (per-repeat examples/s in brackets). Whole benchmark: {wall / 60:.1f} min; 1-minute load "
+             f"average {load[0]:.1f} before, {load[1]:.1f} after ({os.cpu_count()} cores: figures taken under other "
+             "load are not comparable).", "",
              "| model | variant | precision | S | examples/s | real tokens/s | padding efficiency | peak RSS MiB "
              "| model GFLOP/s | % of matmul peak |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -19,7 +19,7 @@ from agnews_lora.cli import build_parser
 from agnews_lora.config import ConfigError, load_config
 from agnews_lora.data import read_files
 from agnews_lora.predict import Classifier
-from agnews_lora.serve import Limits, MicroBatcher, create_app
+from agnews_lora.serve import BodySizeLimit, Limits, MicroBatcher, create_app
 from agnews_lora.train import train
 
 LIMITS = Limits(max_texts=8, max_chars=1000, max_body_bytes=6000)
@@ -99,7 +99,28 @@ def test_body_size_limit_declared_and_streamed(client):
             yield b" " * 100
 
     r = client.post("/predict", content=chunks(), headers={"content-type": "application/json"})
-    assert r.status_code == 413 and "at least 6,1" in r.json()["detail"]
+    assert r.status_code == 413 and "the limit is 6,000" in r.json()["detail"]
+
+
+def test_body_size_limit_stops_reading_a_long_stream():
+    """At the ASGI level: 100-byte chunks without Content-Length; the app behind never runs."""
+    received, sent = [], []
+
+    async def receive():
+        received.append(1)
+        return {"type": "http.request", "body": b"x" * 100, "more_body": True}  # endless
+
+    async def send(message):
+        sent.append(message)
+
+    async def app(scope, receive, send):
+        raise AssertionError("the app must not see an oversized body")
+
+    scope = {"type": "http", "method": "POST", "path": "/predict", "headers": [], "query_string": b""}
+    asyncio.run(BodySizeLimit(app, max_bytes=250)(scope, receive, send))
+    assert sent[0]["status"] == 413 and len(received) == 3
+    assert json.loads(sent[1]["body"])["detail"] == ("request body has at least 300 bytes; the limit is 250 "
+                                                     "(serve --max-body-bytes)")
 
 
 @pytest.mark.parametrize("body", [{"texts": [1, 2]}, {"texts": "one text"}, {"texts": [["nested"]]}, {},
@@ -117,9 +138,12 @@ def test_empty_list_gives_422_naming_the_minimum(client):
 
 def test_non_json_bodies_are_rejected_never_unpickled(client):
     payload = pickle.dumps({"texts": ["a"]})
-    for headers in ({"content-type": "application/octet-stream"}, {"content-type": "application/json"}):
-        r = client.post("/predict", content=payload, headers=headers)
-        assert r.status_code == 422
+    for kind in ("application/octet-stream", "application/python-pickle", "text/plain"):
+        r = client.post("/predict", content=payload, headers={"content-type": kind})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body"]
+        assert "send a JSON object" in r.json()["detail"][0]["msg"]
+    r = client.post("/predict", content=payload, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "error parsing the body" in r.json()["detail"]  # not UTF-8 JSON
     assert client.get("/health").json()["model_calls"] == 0
 
 

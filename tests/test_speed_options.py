@@ -4,7 +4,6 @@ training log carries the counters the speed benchmark reads."""
 
 from __future__ import annotations
 
-import functools
 import json
 
 import numpy as np

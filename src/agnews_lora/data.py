@@ -400,7 +400,10 @@ def make_loader(ids: list[np.ndarray], labels: list[int] | None, batch_size: int
     """A DataLoader of length-grouped, dynamically padded batches."""
     dataset = TokenizedDataset(ids, labels)
     sampler = LengthGroupedSampler(dataset.lengths, batch_size, shuffle=shuffle, seed=seed)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=make_collate(pad_id))
+    # Each pass over a DataLoader draws a seed from its generator; with the global one, every
+    # evaluation and every resume would shift the training run's dropout masks.
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=make_collate(pad_id),
+                                       generator=torch.Generator().manual_seed(seed))
 
 
 def seed_everything(seed: int) -> None:

@@ -106,7 +106,8 @@ class Classifier:
             model: a torch sequence-classification model (output `.logits`) or an OnnxModel.
             tokenizer: its tokenizer.
             cfg: the run's config (data.max_length is used).
-            precision: "auto" (bf16 autocast where the hardware has it), "bf16" or "fp32";
+            precision: "auto" (the run's train.precision when it is fp32 or bf16, else bf16
+                autocast where the hardware has it), "bf16" or "fp32";
                 ignored for ONNX, which computes as exported (fp32, or int8 when quantized).
             info: what the model is (source, format, trainable parameters), for `serve`'s /info.
         """
@@ -117,7 +118,7 @@ class Classifier:
         self.device = torch.device("cpu") if self.onnx else next(model.parameters()).device
         self.info = info or {}
         self.precision = (self.info.get("quantize") or "fp32") if self.onnx else \
-            resolve_precision(precision, cpu=self.device.type == "cpu")
+            resolve_precision(_run_precision(precision, cfg), cpu=self.device.type == "cpu")
         self.label_names = _label_names(model.config)
         self.num_labels = model.config.num_labels
         self.last_throughput = 0.0
@@ -131,7 +132,8 @@ class Classifier:
             path: the folder.
             checkpoint: run folders only: "best" (default) or "last".
             device: torch device (ONNX folders run on CPU).
-            precision: "auto" (bf16 where the hardware has it), "bf16" or "fp32".
+            precision: "auto" (the run's train.precision when it is fp32 or bf16, else bf16 where
+                the hardware has it), "bf16" or "fp32".
             threads: CPU threads for torch / ONNX Runtime; None keeps the library default
                 (one per physical core).
             merge: run folders only: merge the adapter into the weights (same logits, faster);
@@ -201,6 +203,14 @@ class Classifier:
     def predict_proba(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Class probabilities [n, classes] (softmax of the logits)."""
         return torch.softmax(torch.from_numpy(self.predict_logits(texts, batch_size)), -1).numpy()
+
+
+def _run_precision(precision: str, cfg: Config) -> str:
+    # A run trained (and scored on its test split) in fp32 keeps fp32: `evaluate` then reproduces
+    # test_metrics.json instead of differing by bf16 rounding near ties.
+    if precision == "auto" and cfg.train.precision in ("fp32", "bf16"):
+        return cfg.train.precision
+    return precision
 
 
 def _run_trainable(run_dir: Path, cfg: Config) -> int:

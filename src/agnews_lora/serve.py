@@ -16,6 +16,8 @@ from typing import Annotated, Callable
 
 import numpy as np
 from fastapi import FastAPI, HTTPException
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
@@ -164,7 +166,7 @@ class BodySizeLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._reject(scope, receive, send, int(declared))
+            return await self._reject(scope, receive, send, f"{int(declared):,}")
         chunks, size = [], 0
         while True:  # read the body here (bounded), so a chunked upload cannot grow past the limit
             message = await receive()
@@ -172,8 +174,8 @@ class BodySizeLimit:
                 return None
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
-            if size > self.max_bytes:
-                return await self._reject(scope, receive, send, size)
+            if size > self.max_bytes:  # stop reading: the rest of the body is never buffered
+                return await self._reject(scope, receive, send, f"at least {size:,}")
             if not message.get("more_body"):
                 break
         replayed = False
@@ -187,9 +189,8 @@ class BodySizeLimit:
 
         return await self.app(scope, replay, send)
 
-    async def _reject(self, scope, receive, send, size: int) -> None:
-        detail = (f"request body has {'at least ' if size > self.max_bytes else ''}{size:,} bytes; the limit is "
-                  f"{self.max_bytes:,} (serve --max-body-bytes)")
+    async def _reject(self, scope, receive, send, size: str) -> None:
+        detail = f"request body has {size} bytes; the limit is {self.max_bytes:,} (serve --max-body-bytes)"
         await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
 
 
@@ -219,6 +220,7 @@ def create_app(clf: Classifier, limits: Limits | None = None, max_batch: int = 6
     app = FastAPI(title="agnews-lora", version=package_version(), lifespan=lifespan,
                   description="AG News topic classification (World, Sports, Business, Sci/Tech)")
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
+    app.add_exception_handler(RequestValidationError, validation_error)
     app.state.batcher = batcher
 
     @app.post("/predict", response_model=PredictResponse)
@@ -240,6 +242,17 @@ def create_app(clf: Classifier, limits: Limits | None = None, max_batch: int = 6
                 "version": package_version(), "limits": asdict(limits),
                 "batching": {"max_batch": max_batch, "max_wait_ms": max_wait_ms}}
     return app
+
+
+async def validation_error(request, exc: RequestValidationError) -> JSONResponse:
+    """422 with pydantic's errors. A body that is not UTF-8 (e.g. a pickle) is echoed decoded with
+    replacement characters: FastAPI's own handler fails to encode it and answers 500."""
+    errors = [{**e, "input": e["input"].decode("utf-8", "replace")} if isinstance(e.get("input"), bytes) else e
+              for e in exc.errors()]
+    for e in errors:
+        if tuple(e["loc"]) == ("body",):  # the body as a whole is not a JSON object
+            e["msg"] += '; send a JSON object {"texts": [...]} with Content-Type: application/json'
+    return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
 
 
 def check_limits(texts: list[str], limits: Limits) -> None:

@@ -158,6 +158,8 @@ def train(cfg: Config, teacher_logits: np.ndarray | None = None, extra_summary: 
     prog = Progress()
     if resuming:
         prog = _restore(run_dir / "last", accelerator.unwrap_model(model), optimizer, scheduler)
+        if accelerator.is_main_process:
+            _drop_records_after(run_dir, prog.step)
         accelerator.print(f"resuming {run_dir} at step {prog.step}/{total_steps}")
 
     teacher = None if teacher_logits is None else torch.from_numpy(teacher_logits).to(accelerator.device)
@@ -199,13 +201,26 @@ def _prepare_run_dir(run_dir: Path, cfg: Config) -> bool:
             if old.get(section) != to_dict(cfg)[section]:
                 raise ConfigError(f"train.resume: {section}.* differs from the run in {run_dir}; "
                                   "resume with the same settings or choose another out_dir")
+        save_config(cfg, run_dir / "config.yaml")  # the run goes on under these train.* settings
         return True
     if (run_dir / "metrics.jsonl").exists() or last.exists():
         raise ConfigError(f"out_dir: {run_dir} already holds a run; pass train.resume=true to continue "
                           "it, or choose another out_dir/name")
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "train_log.jsonl").unlink(missing_ok=True)  # from a start that never reached a checkpoint
     save_config(cfg, run_dir / "config.yaml")
     return False
+
+
+def _drop_records_after(run_dir: Path, step: int) -> None:
+    """Forget the log lines an interrupted run wrote after its last checkpoint: they are redone."""
+    import json
+
+    for name in ("metrics.jsonl", "train_log.jsonl"):
+        records = ckpt.read_jsonl(run_dir / name)
+        kept = [r for r in records if r["step"] <= step]
+        if len(kept) < len(records):
+            ckpt.atomic_write_text(run_dir / name, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def _restore(last: Path, model, optimizer, scheduler) -> Progress:
