@@ -24,16 +24,14 @@ def _head_lines(src: Path, n: int) -> list[str]:
         return [next(fh) for _ in range(n)]
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A 2-layer, hidden-32 RoBERTa with random weights, saved with the real RoBERTa tokenizer."""
+def make_tiny_roberta(out: Path, num_layers: int = 2) -> Path:
+    """Save a hidden-32 RoBERTa with random (seeded) weights and the real RoBERTa tokenizer to `out`."""
     if not ROBERTA_BASE.is_dir():
         pytest.skip("../shared/models/roberta-base (real tokenizer) is absent")
     import torch
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
-    out = tmp_path_factory.mktemp("tiny-roberta")
-    config = RobertaConfig(vocab_size=50265, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+    config = RobertaConfig(vocab_size=50265, hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=2,
                            intermediate_size=64, max_position_embeddings=130, type_vocab_size=1,
                            pad_token_id=1, bos_token_id=0, eos_token_id=2, num_labels=4)
     torch.manual_seed(0)
@@ -41,6 +39,20 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
         shutil.copy(ROBERTA_BASE / name, out / name)
     return out
+
+
+def tiny_run_overrides(model_dir: Path, files: dict, cache: Path, out: Path) -> list[str]:
+    """Dotted overrides for a seconds-long training run on a tiny model and the small files."""
+    return [f"model.name={model_dir}", f"data.train={files['train']}", f"data.test={files['test']}",
+            "data.val_size=40", "data.max_length=64", f"data.cache_dir={cache}",
+            "train.max_steps=6", "train.batch_size=8", "train.eval_every=3", "train.lr=1e-3",
+            "train.precision=fp32", "train.progress=false", "lora.r=4", f"out_dir={out}"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer, hidden-32 RoBERTa with random weights, saved with the real RoBERTa tokenizer."""
+    return make_tiny_roberta(tmp_path_factory.mktemp("tiny-roberta"))
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +71,4 @@ def ag_files(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture
 def tiny_overrides(tiny_model_dir, ag_files, tmp_path) -> list[str]:
     """Dotted overrides for a seconds-long training run on the tiny model and files."""
-    return [f"model.name={tiny_model_dir}", f"data.train={ag_files['train']}", f"data.test={ag_files['test']}",
-            "data.val_size=40", "data.max_length=64", f"data.cache_dir={tmp_path / 'cache'}",
-            "train.max_steps=6", "train.batch_size=8", "train.eval_every=3", "train.lr=1e-3",
-            "train.precision=fp32", "train.progress=false", "lora.r=4", f"out_dir={tmp_path / 'run'}"]
+    return tiny_run_overrides(tiny_model_dir, ag_files, tmp_path / "cache", tmp_path / "run")

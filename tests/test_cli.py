@@ -20,6 +20,7 @@ import yaml
 from agnews_lora.checkpoint import read_jsonl
 from agnews_lora.cli import main
 from agnews_lora.data import read_file
+from conftest import tiny_run_overrides
 
 CLI = Path(sys.executable).parent / "agnews-lora"  # the console script pip installed beside python
 METRIC_KEYS = [f"val_{m}_{avg}" for m in ("precision", "recall", "f1") for avg in ("weighted", "macro")]
@@ -42,10 +43,7 @@ def run_subprocess(args: list[str]) -> subprocess.CompletedProcess:
 
 
 def train_overrides(tiny_model_dir, ag_files, out: Path) -> list[str]:
-    return [f"model.name={tiny_model_dir}", f"data.train={ag_files['train']}", f"data.test={ag_files['test']}",
-            "data.val_size=40", "data.max_length=64", f"data.cache_dir={out.parent / 'cache'}",
-            "train.max_steps=6", "train.batch_size=8", "train.eval_every=3", "train.lr=1e-3",
-            "train.precision=fp32", "train.progress=false", "lora.r=4", f"out_dir={out}"]
+    return tiny_run_overrides(tiny_model_dir, ag_files, out.parent / "cache", out)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from agnews_lora.losses import distillation_loss
 from agnews_lora.model import budget_breakdown
 from agnews_lora.predict import Classifier
 from agnews_lora.train import train
+from conftest import tiny_run_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,11 +97,7 @@ def test_teacher_logits_get_no_gradient():
 
 
 def _tiny(model_dir: Path, files: dict, root: Path) -> list[str]:
-    """Overrides for a seconds-long run, as tests/conftest.py's tiny_overrides, under `root`."""
-    return [f"model.name={model_dir}", f"data.train={files['train']}", f"data.test={files['test']}",
-            "data.val_size=40", "data.max_length=64", f"data.cache_dir={root / 'cache'}",
-            "train.max_steps=6", "train.batch_size=8", "train.eval_every=3", "train.lr=1e-3",
-            "train.precision=fp32", "train.progress=false", "lora.r=4", f"out_dir={root / 'run'}"]
+    return tiny_run_overrides(model_dir, files, root / "cache", root / "run")
 
 
 @pytest.fixture(scope="module")

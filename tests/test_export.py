@@ -21,17 +21,13 @@ from agnews_lora.export import (EXPORT_META, MIN_LABEL_AGREEMENT, SAMPLE_TEXTS, 
                                 check_parity, export)
 from agnews_lora.predict import Classifier, folder_kind, pad_batch
 from agnews_lora.train import train
+from conftest import tiny_run_overrides
 
 PARITY_ROWS = 60
 
 
 def _tiny_run(out: Path, model_dir: Path, ag_files: dict, *extra: str) -> Path:
-    """The settings of conftest's tiny_overrides, for a module-scoped run."""
-    return train(load_config(overrides=[
-        f"model.name={model_dir}", f"data.train={ag_files['train']}", f"data.test={ag_files['test']}",
-        "data.val_size=40", "data.max_length=64", f"data.cache_dir={out / 'cache'}", "train.max_steps=6",
-        "train.batch_size=8", "train.eval_every=3", "train.lr=1e-3", "train.precision=fp32",
-        "train.progress=false", "lora.r=4", f"out_dir={out / 'run'}", *extra]))
+    return train(load_config(overrides=[*tiny_run_overrides(model_dir, ag_files, out / "cache", out / "run"), *extra]))
 
 
 @pytest.fixture(scope="module")

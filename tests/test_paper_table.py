@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import make_tiny_roberta
 
 ROOT = Path(__file__).resolve().parents[1]
-ROBERTA_BASE = ROOT.parent / "shared" / "models" / "roberta-base"
 
 
 def _load_script():
@@ -43,20 +43,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny12_dir(tmp_path_factory) -> Path:
     """conftest's tiny RoBERTa with 12 layers, so the targeted row's layers 0,1,5,10,11 exist."""
-    if not ROBERTA_BASE.is_dir():
-        pytest.skip("../shared/models/roberta-base (real tokenizer) is absent")
-    import torch
-    from transformers import RobertaConfig, RobertaForSequenceClassification
-
-    out = tmp_path_factory.mktemp("tiny12")
-    config = RobertaConfig(vocab_size=50265, hidden_size=32, num_hidden_layers=12, num_attention_heads=2,
-                           intermediate_size=64, max_position_embeddings=130, type_vocab_size=1,
-                           pad_token_id=1, bos_token_id=0, eos_token_id=2, num_labels=4)
-    torch.manual_seed(0)
-    RobertaForSequenceClassification(config).save_pretrained(out)
-    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
-        shutil.copy(ROBERTA_BASE / name, out / name)
-    return out
+    return make_tiny_roberta(tmp_path_factory.mktemp("tiny12"), num_layers=12)
 
 
 @pytest.fixture(scope="module")

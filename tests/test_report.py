@@ -12,16 +12,14 @@ from agnews_lora.cli import main
 from agnews_lora.config import ConfigError, load_config
 from agnews_lora.report import compare_runs, load_run, write_report
 from agnews_lora.train import train
+from conftest import tiny_run_overrides
 
 PLOTS = ("loss.png", "val_metrics.png", "confusion.png", "class_distribution.png", "trainable.png")
 
 
 def _overrides(model_dir, files, cache, out) -> list[str]:
-    # tests/conftest.py's tiny_overrides, logging every step so the loss curve has points
-    return [f"model.name={model_dir}", f"data.train={files['train']}", f"data.test={files['test']}",
-            "data.val_size=40", "data.max_length=64", f"data.cache_dir={cache}", "train.max_steps=6",
-            "train.batch_size=8", "train.eval_every=3", "train.log_every=1", "train.lr=1e-3",
-            "train.precision=fp32", "train.progress=false", f"out_dir={out}"]
+    # log every step so the loss curve has points
+    return tiny_run_overrides(model_dir, files, cache, out) + ["train.log_every=1"]
 
 
 @pytest.fixture(scope="module")
