@@ -375,19 +375,23 @@ class LengthGroupedSampler(torch.utils.data.Sampler[list[int]]):
         return -(-len(self.lengths) // self.batch_size)
 
 
+def pad_batch(ids: Sequence[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad token id arrays into (input_ids, attention_mask), int64, without a per-row loop."""
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    mask = np.arange(lengths.max()) < lengths[:, None]
+    input_ids = np.full(mask.shape, pad_id, dtype=np.int64)
+    input_ids[mask] = np.concatenate(ids)  # row-major order matches the concatenation
+    return input_ids, mask.astype(np.int64)
+
+
 def make_collate(pad_id: int):
     """Collate (ids, label, index) items into a dynamically padded batch."""
 
     def collate(items):
-        longest = max(len(x[0]) for x in items)
-        input_ids = torch.full((len(items), longest), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(items), longest), dtype=torch.long)
-        for row, (ids, _, _) in enumerate(items):
-            input_ids[row, : len(ids)] = torch.from_numpy(ids.astype(np.int64))
-            mask[row, : len(ids)] = 1
+        input_ids, mask = pad_batch([x[0] for x in items], pad_id)
         return {
-            "input_ids": input_ids,
-            "attention_mask": mask,
+            "input_ids": torch.from_numpy(input_ids),
+            "attention_mask": torch.from_numpy(mask),
             "labels": torch.tensor([x[1] for x in items], dtype=torch.long),
             "index": torch.tensor([x[2] for x in items], dtype=torch.long),
         }

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from agnews_lora.config import Config, ConfigError, config_from_dict
-from agnews_lora.data import LABEL_NAMES, Split, clean_text, read_files, tokenize
+from agnews_lora.data import LABEL_NAMES, Split, clean_text, pad_batch, read_files, tokenize
 from agnews_lora.train import resolve_precision
 
 EXPORT_META = "agnews_lora.json"  # written by export beside every exported model
@@ -59,15 +59,6 @@ def folder_kind(path: str | Path) -> str:
         return "merged"  # any transformers sequence-classification folder
     raise ConfigError(f"{path}: not a run folder (config.yaml), an exported folder ({EXPORT_META}) or a "
                       "transformers model folder (config.json + *.safetensors)")
-
-
-def pad_batch(ids: Sequence[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad token id arrays into (input_ids, attention_mask), int64, without a per-row loop."""
-    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-    mask = np.arange(lengths.max()) < lengths[:, None]
-    input_ids = np.full(mask.shape, pad_id, dtype=np.int64)
-    input_ids[mask] = np.concatenate(ids)  # row-major order matches the concatenation
-    return input_ids, mask.astype(np.int64)
 
 
 def _label_names(config) -> list[str]:
