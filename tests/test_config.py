@@ -48,6 +48,11 @@ def test_yaml_file_overrides_defaults_and_dotted_overrides_the_file(tmp_path):
     ("model.head=linear", "model.head", "linear"),
     ("budget.max_trainable=500000", "budget.max_trainable", 500_000),
     ("out_dir=runs/x", "out_dir", "runs/x"),
+    # string keys take the text as written, digits are decimal (YAML 1.1 would give octal 8, 1000.0, True)
+    ("name=010", "name", "010"),
+    ("out_dir=1e3", "out_dir", "1e3"),
+    ("model.name=yes", "model.name", "yes"),
+    ("lora.r=012", "lora.r", 12),
 ])
 def test_dotted_override_types(override, key, expected):
     cfg = load_config(overrides=[override])

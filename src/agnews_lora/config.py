@@ -7,6 +7,7 @@ type fail at load time with the key's dotted name.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -170,6 +171,24 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     raise ConfigError(f"{key}: unsupported type {annotation}")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Override:
+    """A command-line value: YAML-parsed, with its text kept for string-typed keys (name=010 stays "010")."""
+
+    parsed: Any
+    raw: str
+
+
+def _wants_text(annotation: Any) -> bool:
+    """True for str, Optional[str] and string Literals: a CLI value for them is taken verbatim."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return str in args
+    if typing.get_origin(annotation) is Literal:
+        return all(isinstance(a, str) for a in args)
+    return annotation is str
+
+
 def _merge(obj: Any, updates: dict, prefix: str = "") -> None:
     """Apply a nested dict of updates onto dataclass `obj` in place, checking keys and types."""
     hints = typing.get_type_hints(type(obj))
@@ -179,6 +198,10 @@ def _merge(obj: Any, updates: dict, prefix: str = "") -> None:
         if key not in names:
             raise ConfigError(f"unknown config key '{dotted}' (known: {', '.join(sorted(names))})")
         current = getattr(obj, key)
+        if isinstance(value, _Override):
+            keep_text = value.parsed is not None and _wants_text(hints[key]) and not dataclasses.is_dataclass(current)
+            decimal = re.fullmatch(r"[-+]?\d+", value.raw.strip())
+            value = value.raw.strip() if keep_text else int(value.raw) if decimal else value.parsed
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{dotted}: expected a mapping of its keys, got {value!r}")
@@ -188,7 +211,12 @@ def _merge(obj: Any, updates: dict, prefix: str = "") -> None:
 
 
 def parse_overrides(overrides: list[str]) -> dict:
-    """Turn ``["lora.r=12", "train.lr=3e-4"]`` into a nested dict (values parsed as YAML)."""
+    """Turn ``["lora.r=12", "train.lr=3e-4"]`` into a nested dict.
+
+    Values are parsed as YAML (numbers, booleans, lists, null), except that a key typed as a string
+    gets the text as written (``name=010`` is "010", not YAML's octal 8; ``out_dir=1e3`` is "1e3"), and
+    digits are decimal (``lora.r=012`` is 12).
+    """
     nested: dict = {}
     for item in overrides:
         if "=" not in item:
@@ -204,7 +232,7 @@ def parse_overrides(overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{item}' conflicts with an earlier one for '{part}'")
-        node[parts[-1]] = value
+        node[parts[-1]] = value if isinstance(value, (dict, list)) else _Override(value, raw)
     return nested
 
 
