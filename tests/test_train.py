@@ -13,7 +13,8 @@ import yaml
 from safetensors.torch import load_file
 
 from agnews_lora import train as train_mod
-from agnews_lora.checkpoint import read_jsonl, replace_dir
+from agnews_lora import checkpoint as ckpt
+from agnews_lora.checkpoint import read_jsonl, recover_swap, replace_dir
 from agnews_lora.config import ConfigError, load_config
 from agnews_lora.data import read_file
 
@@ -135,6 +136,39 @@ def test_replace_dir_swaps_whole_folders(tmp_path):
     replace_dir(lambda tmp: (tmp / "b.txt").write_text("two"), dest)
     assert sorted(p.name for p in dest.iterdir()) == ["b.txt"]  # replaced, not merged
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]  # no .tmp or .old folders
+
+
+def test_crash_between_the_two_renames_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    dest = tmp_path / "last"
+    replace_dir(lambda tmp: (tmp / "a.txt").write_text("step 3"), dest)
+    real_replace = ckpt.os.replace
+
+    def crash_on_second_rename(src, dst):
+        if Path(src).name.startswith(".last.tmp"):  # dest is already moved aside to .last.old
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(ckpt.os, "replace", crash_on_second_rename)
+        with pytest.raises(KeyboardInterrupt):
+            replace_dir(lambda tmp: (tmp / "a.txt").write_text("step 6"), dest)
+    assert not dest.exists() and (tmp_path / ".last.old" / "a.txt").read_text() == "step 3"
+    assert recover_swap(dest) == dest and (dest / "a.txt").read_text() == "step 3"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+    replace_dir(lambda tmp: (tmp / "a.txt").write_text("step 6"), dest)  # the next save works as usual
+    assert (dest / "a.txt").read_text() == "step 6"
+
+
+def test_resume_finds_a_checkpoint_left_aside_by_a_crash(make_cfg, reference_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    (run / "summary.json").unlink()
+    (run / "last").rename(run / ".last.old")  # as if the crash hit between the renames
+    train_mod.train(make_cfg(run, "train.resume=true"))
+    assert (run / "last" / "state.json").is_file() and not (run / ".last.old").exists()
+    assert json.loads((run / "summary.json").read_text())["steps"] == 6
 
 
 def test_fresh_start_after_a_crash_before_any_checkpoint(make_cfg, tmp_path, monkeypatch):

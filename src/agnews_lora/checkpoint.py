@@ -38,9 +38,27 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def replace_dir(build, dest: Path) -> None:
-    """Call build(tmp_dir) to fill a fresh folder, then swap it in for `dest` atomically."""
+def recover_swap(dest: Path) -> Path:
+    """Finish a swap that a crash cut between its two renames (`dest` moved aside to `.dest.old`,
+    the new folder not yet in place): put the previous checkpoint back. Returns the folder to read:
+    `dest`, or `.dest.old` itself where the run folder is read-only."""
     dest = Path(dest)
+    old = dest.with_name(f".{dest.name}.old")
+    if not dest.exists() and old.is_dir():
+        try:
+            os.replace(old, dest)
+        except OSError:
+            return old
+    return dest
+
+
+def replace_dir(build, dest: Path) -> None:
+    """Call build(tmp_dir) to fill a fresh folder, then swap it in for `dest`.
+
+    The swap is two renames (dest -> .dest.old, tmp -> dest); a crash between them leaves the
+    previous checkpoint as .dest.old, which `recover_swap` (called by every reader) restores.
+    """
+    dest = recover_swap(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp"))
     try:
@@ -72,8 +90,11 @@ def save_training_state(model, optimizer, scheduler, state: dict, dest: Path) ->
 
     def build(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": torch.get_rng_state()}, tmp / "optim.pt")
+        rng = {"rng": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda_rng"] = torch.cuda.get_rng_state_all()
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **rng},
+                   tmp / "optim.pt")
         atomic_write_json(tmp / "state.json", state)
 
     replace_dir(build, dest)

@@ -165,7 +165,7 @@ def _run_teacher(path: Path, mode: str, num_labels: int) -> TeacherSpec:
     from agnews_lora.predict import load_run_config
 
     tcfg = load_run_config(path)
-    adapter = path / "best" / "adapter_model.safetensors"
+    adapter = ckpt.recover_swap(path / "best") / "adapter_model.safetensors"
     if not adapter.is_file():
         raise ConfigError(f"distill.teacher: {adapter} is missing; did the teacher run finish an evaluation?")
     from agnews_lora.hub import HubUnreachable

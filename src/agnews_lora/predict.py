@@ -218,8 +218,10 @@ def _load_run(run_dir: Path, checkpoint: str, device: str, merge: bool):
 
     from agnews_lora.model import build_model, load_tokenizer
 
+    from agnews_lora.checkpoint import recover_swap
+
     cfg = load_run_config(run_dir)
-    adapter = run_dir / checkpoint
+    adapter = recover_swap(run_dir / checkpoint)
     if not (adapter / "adapter_model.safetensors").is_file():
         raise ConfigError(f"{adapter}: no adapter_model.safetensors; did training finish an evaluation?")
     model = PeftModel.from_pretrained(build_model(cfg, device=device, with_lora=False), str(adapter))

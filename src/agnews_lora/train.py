@@ -191,7 +191,8 @@ def speed_up(model, cfg: Config, accelerator) -> None:
 
 def _prepare_run_dir(run_dir: Path, cfg: Config) -> bool:
     """Create the run folder; return True when resuming from its `last/` checkpoint."""
-    last = run_dir / "last"
+    last = ckpt.recover_swap(run_dir / "last")
+    ckpt.recover_swap(run_dir / "best")
     if cfg.train.resume and last.is_dir():
         saved = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
         import yaml
@@ -231,6 +232,13 @@ def _restore(last: Path, model, optimizer, scheduler) -> Progress:
     optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
     torch.set_rng_state(extra["rng"])
+    if "cuda_rng" in extra and torch.cuda.is_available():
+        states = extra["cuda_rng"]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+        else:  # another GPU count: seed each device's stream from the saved ones
+            for i in range(torch.cuda.device_count()):
+                torch.cuda.set_rng_state(states[i % len(states)], i)
     return Progress(**json.loads((last / "state.json").read_text()))
 
 
