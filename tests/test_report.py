@@ -118,7 +118,8 @@ def test_compare_table_sorted_with_each_runs_numbers(runs, tmp_path, capsys):
         assert row[1:5] == [Path(cfg.model.name).name, cfg.model.head, str(cfg.lora.r), f"{cfg.lora.alpha:g}"]
         assert row[9:12] == [f"{s['trainable']['total']:,}", f"{s['best_val_accuracy']:.4f}",
                              f"{s['test_accuracy']:.4f}"]
-        assert row[12] == f"{s['train_seconds']:.1f}"
+        assert row[12:15] == [{"no": "fp32"}.get(s["precision"], s["precision"]), str(cfg.train.seed),
+                              f"{s['train_seconds']:.1f}"]
         assert "|".join(row) in printed.replace(" | ", "|")
     order = [line.split("|")[1].strip() for line in md.splitlines() if line.startswith(("| qv-r4", "| all-r2"))]
     expected = sorted(summaries, key=lambda n: summaries[n]["test_accuracy"], reverse=True)

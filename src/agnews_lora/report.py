@@ -362,9 +362,9 @@ def compare_table(runs: Sequence[Run]) -> str:
         rows.append([run.name, _short_model(cfg.model.name), cfg.model.head, cfg.lora.r, f"{cfg.lora.alpha:g}",
                      ",".join(cfg.lora.target_modules), _layers(cfg), f"{cfg.train.lr:g}", s["steps"],
                      f"{s['trainable']['total']:,}", _f4(s.get("best_val_accuracy")), _f4(s.get("test_accuracy")),
-                     f"{s['train_seconds']:.1f}"])
+                     _precision(s), cfg.train.seed, f"{s['train_seconds']:.1f}"])
     return md_table(["Run", "Model", "Head", "r", "alpha", "Modules", "Layers", "LR", "Steps", "Trainable",
-                     "Val acc", "Test acc", "Train s"], rows, align="lllrrllrrrrrr")
+                     "Val acc", "Test acc", "Precision", "Seed", "Train s"], rows, align="lllrrllrrrrrlrr")
 
 
 def plot_accuracy_vs_params(runs: Sequence[Run], path: Path) -> None:
