@@ -216,9 +216,8 @@ def _run_trainable(run_dir: Path, cfg: Config) -> int:
 def _load_run(run_dir: Path, checkpoint: str, device: str, merge: bool):
     from peft import PeftModel
 
-    from agnews_lora.model import build_model, load_tokenizer
-
     from agnews_lora.checkpoint import recover_swap
+    from agnews_lora.model import build_model, load_tokenizer
 
     cfg = load_run_config(run_dir)
     adapter = recover_swap(run_dir / checkpoint)
