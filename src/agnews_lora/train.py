@@ -232,13 +232,9 @@ def _restore(last: Path, model, optimizer, scheduler) -> Progress:
     optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
     torch.set_rng_state(extra["rng"])
-    if "cuda_rng" in extra and torch.cuda.is_available():
-        states = extra["cuda_rng"]
-        if len(states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(states)
-        else:  # another GPU count: seed each device's stream from the saved ones
-            for i in range(torch.cuda.device_count()):
-                torch.cuda.set_rng_state(states[i % len(states)], i)
+    # GPU dropout streams continue where they stopped when the run resumes on as many GPUs
+    if len(extra.get("cuda_rng", [])) == torch.cuda.device_count() > 0:
+        torch.cuda.set_rng_state_all(extra["cuda_rng"])
     return Progress(**json.loads((last / "state.json").read_text()))
 
 
