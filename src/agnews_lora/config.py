@@ -29,6 +29,9 @@ class DataConfig:
     val_size: int = 640  # rows carved (stratified, seeded) from train for validation
     max_train_rows: int = 0  # 0 = all; otherwise a stratified, seeded subsample of train
     max_length: int = 128
+    # Batches pad up to a multiple of this many tokens (1 = to the longest row). 8 suits GPU
+    # tensor cores and torch.compile (fewer shapes); on CPU it only adds padding (measured: -5%).
+    pad_to_multiple_of: int = 1
     cache_dir: str = "~/.cache/agnews-lora"
 
 
@@ -274,6 +277,7 @@ def validate(cfg: Config) -> None:
         ("model.num_labels", cfg.model.num_labels >= 2, "must be >= 2"),
         ("data.val_size", cfg.data.val_size >= 0, "must be >= 0"),
         ("data.max_length", cfg.data.max_length >= 8, "must be >= 8"),
+        ("data.pad_to_multiple_of", cfg.data.pad_to_multiple_of >= 1, "must be >= 1 (1 = no rounding)"),
         ("train.batch_size", cfg.train.batch_size >= 1, "must be >= 1"),
         ("train.grad_accum", cfg.train.grad_accum >= 1, "must be >= 1"),
         ("train.lr", cfg.train.lr > 0, "must be > 0"),

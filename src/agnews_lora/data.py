@@ -334,7 +334,8 @@ class TokenizedDataset(torch.utils.data.Dataset):
 
 
 class LengthGroupedSampler(torch.utils.data.Sampler[list[int]]):
-    """Batches of similar length: shuffle, sort within mega-chunks, shuffle the batches.
+    """Batches of similar length: shuffle, sort within mega-chunks, shuffle the batches, then
+    swap the batch holding the longest row to the front.
 
     Deterministic per (seed, epoch), so a resumed run sees the same batches.
     """
@@ -364,6 +365,10 @@ class LengthGroupedSampler(torch.utils.data.Sampler[list[int]]):
             chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
             out += [chunk[i : i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size)]
         order = rng.permutation(len(out))
+        # The batch holding the longest row goes first (as transformers' sampler does): memory
+        # peaks at step 1, so a batch size that does not fit fails at once, not hours in.
+        longest = int(np.argmax([self.lengths[out[i]].max() for i in order]))
+        order[[0, longest]] = order[[longest, 0]]
         return [out[i] for i in order]
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -375,20 +380,25 @@ class LengthGroupedSampler(torch.utils.data.Sampler[list[int]]):
         return -(-len(self.lengths) // self.batch_size)
 
 
-def pad_batch(ids: Sequence[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad token id arrays into (input_ids, attention_mask), int64, without a per-row loop."""
+def pad_batch(ids: Sequence[np.ndarray], pad_id: int, multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad token id arrays into (input_ids, attention_mask), int64, without a per-row loop.
+
+    The width is the longest row rounded up to a multiple of `multiple`.
+    """
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-    mask = np.arange(lengths.max()) < lengths[:, None]
+    width = -(-int(lengths.max()) // multiple) * multiple
+    mask = np.arange(width) < lengths[:, None]
     input_ids = np.full(mask.shape, pad_id, dtype=np.int64)
     input_ids[mask] = np.concatenate(ids)  # row-major order matches the concatenation
     return input_ids, mask.astype(np.int64)
 
 
-def make_collate(pad_id: int):
-    """Collate (ids, label, index) items into a dynamically padded batch."""
+def make_collate(pad_id: int, multiple: int = 1):
+    """Collate (ids, label, index) items into a dynamically padded batch (width: a multiple of
+    `multiple`)."""
 
     def collate(items):
-        input_ids, mask = pad_batch([x[0] for x in items], pad_id)
+        input_ids, mask = pad_batch([x[0] for x in items], pad_id, multiple)
         return {
             "input_ids": torch.from_numpy(input_ids),
             "attention_mask": torch.from_numpy(mask),
@@ -400,13 +410,13 @@ def make_collate(pad_id: int):
 
 
 def make_loader(ids: list[np.ndarray], labels: list[int] | None, batch_size: int, pad_id: int,
-                shuffle: bool, seed: int = 0) -> torch.utils.data.DataLoader:
+                shuffle: bool, seed: int = 0, pad_to_multiple_of: int = 1) -> torch.utils.data.DataLoader:
     """A DataLoader of length-grouped, dynamically padded batches."""
     dataset = TokenizedDataset(ids, labels)
     sampler = LengthGroupedSampler(dataset.lengths, batch_size, shuffle=shuffle, seed=seed)
     # Each pass over a DataLoader draws a seed from its generator; with the global one, every
     # evaluation and every resume would shift the training run's dropout masks.
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=make_collate(pad_id),
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=make_collate(pad_id, pad_to_multiple_of),
                                        generator=torch.Generator().manual_seed(seed))
 
 

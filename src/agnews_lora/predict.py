@@ -182,7 +182,8 @@ class Classifier:
         with tqdm(total=len(ids), disable=not progress, desc="predict", unit="text", dynamic_ncols=True) as bar:
             for s in range(0, len(order), batch_size):
                 rows = order[s : s + batch_size]
-                out[rows] = self._logits(*pad_batch([ids[i] for i in rows], self.tokenizer.pad_token_id))
+                out[rows] = self._logits(*pad_batch([ids[i] for i in rows], self.tokenizer.pad_token_id,
+                                                     self.cfg.data.pad_to_multiple_of))
                 bar.update(len(rows))
         self.last_throughput = len(ids) / max(time.perf_counter() - start, 1e-9)
         return out

@@ -146,9 +146,11 @@ def train(cfg: Config, teacher_logits: np.ndarray | None = None, extra_summary: 
     speed_up(model, cfg, accelerator)
     optimizer = make_optimizer(model, cfg)
     pad = tokenizer.pad_token_id
+    multiple = cfg.data.pad_to_multiple_of
     train_loader = make_loader(train_ids, train_split.labels, cfg.train.batch_size, pad, shuffle=True,
-                               seed=cfg.train.seed)
-    val_loader = make_loader(val_ids, val_split.labels, cfg.train.eval_batch_size, pad, shuffle=False)
+                               seed=cfg.train.seed, pad_to_multiple_of=multiple)
+    val_loader = make_loader(val_ids, val_split.labels, cfg.train.eval_batch_size, pad, shuffle=False,
+                             pad_to_multiple_of=multiple)
     sampler = train_loader.batch_sampler
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
 
@@ -373,7 +375,8 @@ def _finish(ctx: _LoopContext, prog: Progress, breakdown, tokenizer, test_split)
     if test_split is not None and test_split.labels is not None:
         ids = tokenize(test_split.texts, tokenizer, cfg.data.max_length, cfg.data.cache_dir)
         loader = acc.prepare(make_loader(ids, test_split.labels, cfg.train.eval_batch_size,
-                                         tokenizer.pad_token_id, shuffle=False))
+                                         tokenizer.pad_token_id, shuffle=False,
+                                         pad_to_multiple_of=cfg.data.pad_to_multiple_of))
         m = evaluate_split(model, loader, acc, test_split.labels)
         m["data"] = test_split.source
         if acc.is_main_process:
