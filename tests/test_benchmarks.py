@@ -1,0 +1,65 @@
+"""The training-speed benchmark's own arithmetic: the batches it rebuilds for the FLOP count,
+the FLOP formula, the dense-matmul ceiling and the report's ratios (no timing is asserted)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from conftest import ROOT, needs_shared, tiny_run_overrides
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("train_speed", ROOT / "benchmarks" / "train_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@needs_shared
+def test_rebuilt_batches_match_what_train_logged_in_each_epoch(bench, tiny_model_dir, ag_files, tmp_path):
+    from agnews_lora.checkpoint import read_jsonl
+    from agnews_lora.config import load_config
+    from agnews_lora.train import train
+
+    # 400 rows - 40 validation = 360 = 45 batches of 8: two epochs in 90 steps.
+    cfg = load_config(overrides=tiny_run_overrides(tiny_model_dir, ag_files, tmp_path / "cache", tmp_path / "runs")
+                      + ["train.max_steps=90", "train.eval_every=0", "train.log_every=1", "data.pad_to_multiple_of=8"])
+    log = read_jsonl(train(cfg) / "train_log.jsonl")
+    assert [r["step"] for r in log] == list(range(1, 91))
+    epoch1 = bench.rebuilt_batches(cfg, epoch=1, logged_tokens=log[89]["tokens"] - log[44]["tokens"])
+    assert len(epoch1) == 45 and sum(b[0] for b in epoch1) == 360
+    assert all(b[2] % 8 == 0 and b[2] // b[0] % 8 == 0 and b[1] <= b[2] for b in epoch1)  # padded to 8
+    # gpu_speed.sh's use: a window of the first epoch
+    window = bench.rebuilt_batches(cfg, start=10, stop=30, logged_tokens=log[29]["tokens"] - log[9]["tokens"])
+    assert len(window) == 20
+    with pytest.raises(RuntimeError, match="loop logged"):
+        bench.rebuilt_batches(cfg, epoch=0, logged_tokens=log[89]["tokens"] - log[44]["tokens"] + 1)
+
+
+def test_model_flops_formula(bench):
+    shape = {"n_params": 1000, "hidden": 8, "layers": 2, "intermediate": 32}
+    # 4 N T + 12 H layers sum(L^2): 4*1000*10 + 12*8*2*(36+16)
+    assert bench.model_flops(shape, tokens=10, sum_sq_len=52) == 40_000 + 9_984
+
+
+def test_ceiling_times_the_dense_products(bench):
+    out = bench.run_ceiling({"hidden": 16, "intermediate": 64, "layers": 2}, [(2, 8), (2, 4)], "fp32")
+    assert out["seconds"] > 0
+
+
+def test_report_ratios_and_ceiling(bench):
+    def run(ex_s, tok_s, gflops, precision="fp32"):
+        return {"examples_per_s": ex_s, "tokens_per_s": tok_s, "tokens": 90, "padded_tokens": 100,
+                "peak_rss_mib": 100.0, "gflops": gflops, "seconds": 2.0, "steps": 4, "precision": precision}
+    results = {"minilm": {"a": [run(1.0, 10.0, 5.0)], "a'": [run(10.0, 100.0, 50.0)],
+                          "b": [run(25.0, 250.0, 100.0, "bf16")]}}
+    text = bench.render(results, peak={"bf16": 400.0, "fp32": 100.0}, ceilings={"minilm": 1.0}, batch_size=16,
+                        rows=4000, wall=60.0, load=(0.0, 0.0))
+    assert "| minilm | b/a | 25.0x | 25.0x |" in text
+    assert "| minilm | b/a' | 2.5x | 2.5x |" in text
+    assert "| 25% of bf16 |" in text  # 100 of the 400 GFLOP/s bf16 peak
+    # ceiling: (b)'s 100 GFLOP/s x 2 s of FLOPs in the 1 s the dense products alone took
+    assert "| minilm | 100 | 200 | 50% | 50% |" in text
