@@ -83,7 +83,7 @@ VARIANTS = {
     "a'": "careful: Trainer, dynamic padding + group_by_length, fp32",
     "b": "agnews-lora train",
 }
-DEFAULT_STEPS = {"minilm": 16, "roberta-base": 8}
+DEFAULT_STEPS = {"minilm": 12, "roberta-base": 6}
 DEFAULT_REPEATS = {"minilm": 3, "roberta-base": 3}
 ROWS_SOURCE = SHARED / "data" / "ag_news" / "train_partial.csv.gz"
 
