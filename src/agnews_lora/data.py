@@ -367,8 +367,9 @@ class LengthGroupedSampler(torch.utils.data.Sampler[list[int]]):
         order = rng.permutation(len(out))
         # The batch holding the longest row goes first (as transformers' sampler does): memory
         # peaks at step 1, so a batch size that does not fit fails at once, not hours in.
-        longest = int(np.argmax([self.lengths[out[i]].max() for i in order]))
-        order[[0, longest]] = order[[longest, 0]]
+        if out:
+            longest = int(np.argmax([self.lengths[out[i]].max() for i in order]))
+            order[[0, longest]] = order[[longest, 0]]
         return [out[i] for i in order]
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -416,7 +417,8 @@ def make_loader(ids: list[np.ndarray], labels: list[int] | None, batch_size: int
     sampler = LengthGroupedSampler(dataset.lengths, batch_size, shuffle=shuffle, seed=seed)
     # Each pass over a DataLoader draws a seed from its generator; with the global one, every
     # evaluation and every resume would shift the training run's dropout masks.
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=make_collate(pad_id, pad_to_multiple_of),
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
+                                       collate_fn=make_collate(pad_id, pad_to_multiple_of),
                                        generator=torch.Generator().manual_seed(seed))
 
 
