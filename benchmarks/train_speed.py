@@ -36,11 +36,11 @@ records the cumulative training seconds, examples and real tokens after every st
 Figures per variant: examples/s, real (non-pad) tokens/s, padding efficiency (real tokens /
 padded tokens), peak memory (the process's RSS high-water mark, VmHWM; on CUDA also
 torch.cuda.max_memory_allocated), and achieved model FLOP/s as a fraction of this machine's
-measured matmul peak (best of several large square torch.matmul, bf16 and fp32, measured in this same
-run before, between and after the models). Because small matrices cannot reach that peak, the report also gives a ceiling at (b)'s own
-shapes: the time the frozen dense layers' matrix products alone take (forward and input-gradient,
-one weight per layer, at the padded batch sizes of (b)'s timed steps, bf16, after one warm-up
-pass), with nothing else in the step - no attention, LoRA, norms, dropout, optimizer or Python.
+measured matmul peak (best of several large square torch.matmul, bf16 and fp32, measured in
+this same run before, between and after the models). Because small matrices cannot reach that
+peak, the report also gives a ceiling at (b)'s own shapes: the time the frozen dense layers'
+matrix products alone take (forward and input-gradient, one weight per layer, at the padded
+batch sizes of (b)'s timed steps, bf16, after one warm-up pass), with nothing else in the step - no attention, LoRA, norms, dropout, optimizer or Python.
 
 Model FLOPs count real tokens only:
     FLOPs = 4 * N * T  +  12 * H * layers * sum(L_i^2)
@@ -270,8 +270,8 @@ def run_trainer(variant: str, model: str, rows_file: str, steps: int, batch_size
         train_sampling_strategy="group_by_length" if variant == "a'" else "random",
         logging_steps=10_000, save_strategy="no", eval_strategy="no", report_to="none",
         disable_tqdm=True, dataloader_num_workers=0, label_names=["labels"], use_cpu=not torch.cuda.is_available())
-    trainer = _at_scale_trainer()(model=net, args=args, train_dataset=ds, data_collator=collate, processing_class=tokenizer,
-                      callbacks=[StepTimes()])
+    trainer = _at_scale_trainer()(model=net, args=args, train_dataset=ds, data_collator=collate,
+                                  processing_class=tokenizer, callbacks=[StepTimes()])
     trainer.train()
     if len(stamps) != 2 * steps:
         raise RuntimeError(f"expected {2 * steps} optimizer steps, the Trainer ran {len(stamps)}")
