@@ -24,7 +24,7 @@ them alike, and the report gives medians over the repeats.
 What is timed: the second epoch (steps S+1..2S), from the end of step S to the end of step 2S,
 data loading included; model loading, tokenization, the first epoch and anything after the last
 step are not. The first epoch is the warm-up: on CPU, bf16 matrix products run oneDNN kernels
-that are compiled for each new shape (the first call of a shape is 2-5x slower), and a real run
+that are compiled for each new shape (the first call of a shape was 2-9x slower here), and a real run
 (7,500 steps per epoch on 120k rows, at most 128 batch widths) meets almost every shape again and
 again. The second epoch repeats the first one's batch shapes, so it measures that steady state,
 for every variant alike. (a') and (b) sort all S batches of an epoch by length together (at most
@@ -40,7 +40,8 @@ measured matmul peak (best of several large square torch.matmul, bf16 and fp32, 
 this same run before, between and after the models). Because small matrices cannot reach that
 peak, the report also gives a ceiling at (b)'s own shapes: the time the frozen dense layers'
 matrix products alone take (forward and input-gradient, one weight per layer, at the padded
-batch sizes of (b)'s timed steps, bf16, after one warm-up pass), with nothing else in the step - no attention, LoRA, norms, dropout, optimizer or Python.
+batch sizes of (b)'s timed steps, bf16, after one warm-up pass), with nothing else in the
+step - no attention, LoRA, norms, dropout, optimizer or Python.
 
 Model FLOPs count real tokens only:
     FLOPs = 4 * N * T  +  12 * H * layers * sum(L_i^2)
@@ -232,7 +233,6 @@ def run_trainer(variant: str, model: str, rows_file: str, steps: int, batch_size
     cfg = _config(model, rows_file, steps, batch_size, out_dir)
     tokenizer = load_tokenizer(cfg.model.name)
     rows, _, _ = load_splits(cfg.data, seed=cfg.train.seed)
-    ds = datasets.Dataset.from_dict({"text": rows.texts, "label": rows.labels})
     if variant == "a":  # the course: pad inside map, to the longest row of each 1,000-row group
         full, _, _ = load_splits(dataclasses.replace(cfg.data, train=[full_rows_file]), seed=cfg.train.seed)
         if full.texts[: len(rows)] != rows.texts:
@@ -241,6 +241,7 @@ def run_trainer(variant: str, model: str, rows_file: str, steps: int, batch_size
         ds = ds.map(lambda b: tokenizer(b["text"], truncation=True, padding=True), batched=True)
         ds = ds.select(range(len(rows)))
     else:
+        ds = datasets.Dataset.from_dict({"text": rows.texts, "label": rows.labels})
         ds = ds.map(lambda b: tokenizer(b["text"], truncation=True, max_length=128), batched=True)
     net = build_model(cfg)
     shape = _shape(net)
@@ -346,7 +347,7 @@ def child_main(args) -> None:
     if args.child == "peak":
         result = run_peak()
     elif args.child == "ceiling":
-        spec = json.loads(Path(args.rows_file).read_text())
+        spec = json.loads(Path(args.spec_file).read_text())
         result = run_ceiling(spec["shape"], spec["batch_shapes"], spec["precision"])
     elif args.child == "b":
         result = run_ours(args.model, args.rows_file, args.steps, args.batch_size, args.work_dir)
@@ -414,8 +415,8 @@ def parent_main(args) -> None:
         print(f"matmul peak: {peaks[0]}", flush=True)
         results: dict = {m: {v: [] for v in VARIANTS} for m in models}
         ceilings: dict = {}
-        for k, model in enumerate(models):
-            if k:  # the peak again between models: the host's speed drifts
+        for index, model in enumerate(models):
+            if index:  # the peak again between models: the host's speed drifts
                 peaks.append(_spawn(["--child", "peak"], timeout=600))
             n_rows = steps[model] * args.batch_size  # epochs of S steps
             if n_rows > args.rows:
@@ -437,7 +438,7 @@ def parent_main(args) -> None:
             spec = Path(tmp) / f"ceiling-{model}.json"
             spec.write_text(json.dumps({"shape": {k: b[k] for k in ("hidden", "intermediate", "layers")},
                                         "batch_shapes": b["batch_shapes"], "precision": b["precision"]}))
-            ceilings[model] = _spawn(["--child", "ceiling", "--rows-file", str(spec)], timeout=1200)["seconds"]
+            ceilings[model] = _spawn(["--child", "ceiling", "--spec-file", str(spec)], timeout=1200)["seconds"]
             print(f"{model}: dense matmuls alone at (b)'s shapes: {ceilings[model]:.1f} s", flush=True)
         peaks.append(_spawn(["--child", "peak"], timeout=600))
     peak = {k: max(p[k]["gflops"] for p in peaks) for k in ("bf16", "fp32")}
@@ -505,8 +506,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    p.add_argument("--steps", type=int, nargs="+", help="timed optimizer steps S per model (one value, or one "
-                   f"per model; default {DEFAULT_STEPS}): steps per epoch; 2 epochs run, the first is a warm-up")
+    p.add_argument("--steps", type=int, nargs="+", help="optimizer steps per epoch S, one value or one per model "
+                   f"(default {DEFAULT_STEPS}); two epochs run, the second is timed")
     p.add_argument("--repeats", type=int, nargs="+", help=f"alternating repeats of (a') and (b) per model (default "
                    f"{DEFAULT_REPEATS}): the host's speed drifts by tens of percent from minute to minute")
     p.add_argument("--course-repeats", type=int, default=1, help="repeats of the slow (a), in the first repeats "
@@ -519,6 +520,7 @@ def main() -> None:
     p.add_argument("--model", choices=list(MODELS), help=argparse.SUPPRESS)
     p.add_argument("--rows-file", help=argparse.SUPPRESS)
     p.add_argument("--full-rows-file", help=argparse.SUPPRESS)
+    p.add_argument("--spec-file", help=argparse.SUPPRESS)
     p.add_argument("--work-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
