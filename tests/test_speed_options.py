@@ -36,6 +36,16 @@ def test_fast_dropout_is_unbiased_bernoulli_dropout():
     assert z.shape == (4, 5, 6) and z.dtype == torch.bfloat16 and set(z.unique().tolist()) <= {0.0, 2.0}
 
 
+def test_fast_dropout_masks_follow_torch_seed():
+    x = torch.ones(64, 33)
+    torch.manual_seed(3)
+    a = speed.fast_dropout(x, 0.3)
+    torch.manual_seed(3)
+    b = speed.fast_dropout(x, 0.3)
+    c = speed.fast_dropout(x, 0.3)  # the generator moved on: a new mask
+    assert torch.equal(a, b) and not torch.equal(b, c)
+
+
 @pytest.mark.parametrize("mask_kind", ["bool", "float", "none"])
 def test_fast_dropout_attention_matches_sdpa_without_drops(mask_kind):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -89,6 +99,42 @@ def test_cast_frozen_linears_is_bit_identical_under_autocast(tiny_model_dir):
     ids = torch.randint(3, 1000, (2, 9))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(cast(input_ids=ids).logits, ref(input_ids=ids).logits)
+
+
+def test_cast_inputs_once_keeps_forward_and_casts_each_shared_input_once(tiny_model_dir):
+    cfg = _tiny_cfg(tiny_model_dir, "lora.target_modules=[query,value,dense]")
+    ref, hooked = build_model(cfg).eval(), build_model(cfg).eval()
+    torch.manual_seed(0)
+    for param in ref.parameters():
+        if param.requires_grad:  # LoRA B starts at zero: make the adapters count
+            param.data.normal_(0, 0.05)
+    hooked.load_state_dict(ref.state_dict())
+    for m in (ref, hooked):
+        speed.cast_frozen_linears(m, torch.bfloat16)
+    # 2 attention blocks + LoRA on query, value and the 3 dense layers of each of the 2 layers
+    assert speed.cast_inputs_once(hooked) == 2 + 2 * 5
+    seen = []
+    attention = hooked.base_model.model.roberta.encoder.layer[0].attention.self
+    for proj in (attention.query.base_layer, attention.key, attention.query.lora_A["default"]):
+        proj.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+    ids = torch.randint(3, 1000, (2, 9))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = hooked(input_ids=ids).logits, ref(input_ids=ids).logits
+    assert seen == [torch.bfloat16] * 3  # one cast upstream, none in peft or autocast
+    assert torch.equal(got, want)  # the same casts autocast makes, made once
+    plain, fp32 = build_model(cfg).eval(), build_model(cfg).eval()
+    plain.load_state_dict(fp32.state_dict())
+    speed.cast_inputs_once(fp32)
+    with torch.no_grad():  # outside autocast the hooks step aside
+        assert torch.equal(fp32(input_ids=ids).logits, plain(input_ids=ids).logits)
+    # Gradients: the shared input's three gradients are summed in bf16: close, not identical.
+    grads = []
+    for m in (ref, hooked):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            m(input_ids=ids).logits.float().square().sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.requires_grad]))
+    # measured: max difference 1e-5 of the largest gradient
+    assert torch.allclose(grads[0], grads[1], rtol=1e-2, atol=1e-3 * grads[0].abs().max().item())
 
 
 def test_compile_layers_keeps_names_and_outputs(tiny_model_dir):
