@@ -137,6 +137,33 @@ def test_cast_inputs_once_keeps_forward_and_casts_each_shared_input_once(tiny_mo
     assert torch.allclose(grads[0], grads[1], rtol=1e-2, atol=1e-3 * grads[0].abs().max().item())
 
 
+def test_first_token_last_layer_keeps_logits_and_trains(tiny_model_dir):
+    cfg = _tiny_cfg(tiny_model_dir)
+    ref, fast = build_model(cfg).eval(), build_model(cfg).eval()
+    fast.load_state_dict(ref.state_dict())
+    keys = list(fast.state_dict())
+    assert speed.first_token_last_layer(fast)
+    assert list(fast.state_dict()) == keys
+    ids = torch.randint(3, 1000, (3, 11))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0  # padding must still be masked out of the keys
+    encoder = lambda m: m.base_model.model.roberta  # noqa: E731
+    with torch.no_grad():
+        assert encoder(fast)(input_ids=ids, attention_mask=mask).last_hidden_state.shape == (3, 1, 32)
+        want = ref(input_ids=ids, attention_mask=mask).logits
+        assert torch.allclose(fast(input_ids=ids, attention_mask=mask).logits, want, atol=1e-6)
+        for m in (ref, fast):  # also on the fast-dropout attention path and under autocast
+            speed.use_fast_dropout(m)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.allclose(fast(input_ids=ids, attention_mask=mask).logits,
+                                  ref(input_ids=ids, attention_mask=mask).logits, atol=1e-2)
+    fast.train()
+    fast(input_ids=ids, attention_mask=mask).logits.sum().backward()
+    lora = [p for n, p in fast.named_parameters() if "lora_" in n and ".layer.1." in n]
+    assert lora and all(p.grad is not None for p in lora)
+    assert not speed.first_token_last_layer(nn.Sequential(nn.Linear(2, 2)))  # nothing to change
+
+
 def test_compile_layers_keeps_names_and_outputs(tiny_model_dir):
     cfg = _tiny_cfg(tiny_model_dir)
     ref, compiled = build_model(cfg).eval(), build_model(cfg).eval()

@@ -1,5 +1,6 @@
 """Training speed-ups that keep the recipe: fast CPU dropout, frozen weights stored in the
-autocast dtype, one cast per shared input, and optional regional torch.compile.
+autocast dtype, one cast per shared input, a last layer computed for the first token only, and
+optional regional torch.compile.
 
 Dropout. torch's CPU dropout draws its mask with a serial `bernoulli_` (one Mersenne-Twister
 draw and a float compare per element: ~5.5 ms per 16x64x768 activation on this machine, whatever
@@ -195,6 +196,62 @@ def cast_inputs_once(model: nn.Module) -> int:
             module.register_forward_pre_hook(_cast_first_input, with_kwargs=True)
             hooked += 1
     return hooked
+
+
+def _first_token_layer_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+    """A BERT/RoBERTa encoder layer's forward for the first token only: keys and values from
+    every token, the query, attention output, FFN and norms for token 0. Returns [batch, 1, hidden]."""
+    attention, sa = self.attention, self.attention.self
+    dtype = _autocast_dtype(hidden_states)
+    x = hidden_states if dtype is None else hidden_states.to(dtype)  # one cast for q, k and v
+    batch, length = x.shape[:2]
+    heads = (batch, length, -1, sa.attention_head_size)
+    query = sa.query(x[:, :1]).view(batch, 1, -1, sa.attention_head_size).transpose(1, 2)
+    key = sa.key(x).view(heads).transpose(1, 2)
+    value = sa.value(x).view(heads).transpose(1, 2)
+    if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-2] != 1:
+        attention_mask = attention_mask[:, :, :1]
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    interface = ALL_ATTENTION_FUNCTIONS[sa.config._attn_implementation]
+    context, _ = interface(sa, query, key, value, attention_mask, dropout=sa.dropout.p if sa.training else 0.0,
+                           scaling=sa.scaling)
+    first = attention.output(context.reshape(batch, 1, -1).contiguous(), hidden_states[:, :1])
+    return self.output(self.intermediate(first), first)
+
+
+def first_token_last_layer(model: nn.Module) -> bool:
+    """Make the last encoder layer compute the first token's output only, in place.
+
+    Every head here reads only the first token (<s>/[CLS]) of the last layer, so that layer needs
+    the keys and values of all tokens but the query, attention output, feed-forward and norms of
+    token 0 alone: on roberta-base that skips ~7% of a step's matrix products (1/6 of MiniLM-L6's),
+    forward and backward, with the same logits (up to rounding: [batch, 1] products instead of
+    rows of [batch, length] ones). The model's last hidden state becomes [batch, 1, hidden].
+    Parameter names do not change. Only for BERT/RoBERTa-style layers (attention.self with
+    query/key/value, attention.output, intermediate, output) of an encoder using transformers'
+    attention interface; anything else is left as it is.
+
+    Args:
+        model: a transformers (or peft-wrapped) encoder classifier.
+
+    Returns:
+        True when the last layer was changed.
+    """
+    import re
+    import types
+
+    layers = [m for name, m in model.named_modules() if re.search(r"encoder\.layer\.\d+$", name)]
+    if not layers:
+        return False
+    last = layers[-1]
+    sa = getattr(getattr(last, "attention", None), "self", None)
+    needed = ("query", "key", "value", "attention_head_size", "scaling", "dropout", "config")
+    if (sa is None or not all(hasattr(sa, n) for n in needed) or getattr(last, "is_decoder", False)
+            or not all(hasattr(last, n) for n in ("intermediate", "output"))):
+        return False
+    last.forward = types.MethodType(_first_token_layer_forward, last)
+    return True
 
 
 def compile_layers(model: nn.Module, backend: str = "inductor") -> int:

@@ -19,7 +19,8 @@ from agnews_lora.evaluate import compute_metrics
 from agnews_lora.losses import cross_entropy, distillation_loss
 from agnews_lora.model import budget_breakdown, build_model, check_budget, count_trainable, load_tokenizer
 from agnews_lora.report import write_report
-from agnews_lora.speed import cast_frozen_linears, cast_inputs_once, compile_layers, use_fast_dropout
+from agnews_lora.speed import (cast_frozen_linears, cast_inputs_once, compile_layers, first_token_last_layer,
+                               use_fast_dropout)
 
 
 def run_dir_for(cfg: Config) -> Path:
@@ -181,9 +182,11 @@ def train(cfg: Config, teacher_logits: np.ndarray | None = None, extra_summary: 
 
 def speed_up(model, cfg: Config, accelerator) -> None:
     """Same recipe, less time (see speed.py): fast CPU dropout, frozen Linear weights stored in
-    the autocast dtype (bit-identical under autocast), on CPU one cast per shared input,
-    optional regional torch.compile."""
+    the autocast dtype (bit-identical under autocast), on CPU one cast per shared input, the
+    last layer computed for the first token only (all the head reads), optional regional
+    torch.compile."""
     cpu = accelerator.device.type == "cpu"
+    first_token_last_layer(model)
     if cfg.train.fast_dropout and cpu:
         use_fast_dropout(model)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
