@@ -13,7 +13,8 @@ epochs of S steps over S x batch rows: the first rows of a 4,000-row AG News sam
        `group_by_length=True`; sorted 50 batches at a time, as transformers does on any data
        set of 3,200+ rows), fp32.
   (b)  agnews-lora's `train` (precision auto: bf16 autocast where the CPU has it, fp32 master
-       weights; length-grouped batches; fast CPU dropout; frozen weights in bf16).
+       weights; length-grouped batches; fast CPU dropout; frozen weights in bf16; one cast per
+       shared input; the last layer for the first token only).
 
 All three train the same model from `agnews_lora.model.build_model` (same LoRA config: r=8,
 alpha 16, dropout 0.1 on query+value, RoBERTa-style head, the tool's defaults), with the same
