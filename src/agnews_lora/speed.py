@@ -24,6 +24,8 @@ the shared input are summed in bf16 before the one cast back.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 from torch import nn
@@ -198,6 +200,11 @@ def cast_inputs_once(model: nn.Module) -> int:
     return hooked
 
 
+def _encoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The encoder's layers in order (modules named ...encoder.layer.<i>)."""
+    return [m for name, m in model.named_modules() if re.search(r"encoder\.layer\.\d+$", name)]
+
+
 def _first_token_layer_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
     """A BERT/RoBERTa encoder layer's forward for the first token only: keys and values from
     every token, the query, attention output, FFN and norms for token 0. Returns [batch, 1, hidden]."""
@@ -238,10 +245,9 @@ def first_token_last_layer(model: nn.Module) -> bool:
     Returns:
         True when the last layer was changed.
     """
-    import re
     import types
 
-    layers = [m for name, m in model.named_modules() if re.search(r"encoder\.layer\.\d+$", name)]
+    layers = _encoder_layers(model)
     if not layers:
         return False
     last = layers[-1]
@@ -268,9 +274,7 @@ def compile_layers(model: nn.Module, backend: str = "inductor") -> int:
     Returns:
         The number of layers compiled.
     """
-    import re
-
-    layers = [m for name, m in model.named_modules() if re.search(r"encoder\.layer\.\d+$", name)]
+    layers = _encoder_layers(model)
     for layer in layers:
         layer.compile(dynamic=True, backend=backend)
     return len(layers)
