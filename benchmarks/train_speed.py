@@ -485,8 +485,8 @@ def render(results: dict, peak: dict, ceilings: dict, batch_size: int, rows: int
         b = by_variant["b"]
         for base in ("a", "a'"):
             if b and by_variant[base]:
-                ratios.append(f"| {model} | b/{base} | {_median(b, 'examples_per_s') / _median(by_variant[base], 'examples_per_s'):.1f}x "
-                              f"| {_median(b, 'tokens_per_s') / _median(by_variant[base], 'tokens_per_s'):.1f}x |")
+                ratio = lambda key: _median(b, key) / _median(by_variant[base], key)  # noqa: E731
+                ratios.append(f"| {model} | b/{base} | {ratio('examples_per_s'):.1f}x | {ratio('tokens_per_s'):.1f}x |")
     lines += ["", "| model | ratio | examples/s | real tokens/s |", "|---|---|---|---|", *ratios]
     if ceilings:
         lines += ["", "Ceiling at (b)'s shapes: model FLOPs of (b)'s timed steps over the time the frozen dense "
