@@ -40,7 +40,7 @@ torch.cuda.max_memory_allocated), and achieved model FLOP/s as a fraction of thi
 measured matmul peak (best of several large square torch.matmul, bf16 and fp32, measured in
 this same run before, between and after the models). Because small matrices cannot reach that
 peak, the report also gives a ceiling at (b)'s own shapes: the time the frozen dense layers'
-matrix products alone take (forward and input-gradient, one weight per layer, at the padded
+matrix products alone take (forward and input-gradient, each layer with its own weights, at the padded
 batch sizes of (b)'s timed steps, bf16, after one warm-up pass), with nothing else in the
 step - no attention, LoRA, norms, dropout, optimizer or Python.
 
@@ -315,7 +315,7 @@ def rebuilt_batches(cfg, logged_tokens: int, epoch: int = 0, start: int = 0,
     """
     import numpy as np
 
-    from agnews_lora.data import LengthGroupedSampler, load_splits, tokenize
+    from agnews_lora.data import LengthGroupedSampler, load_splits, padded_width, tokenize
     from agnews_lora.model import load_tokenizer
 
     rows, _, _ = load_splits(cfg.data, seed=cfg.train.seed)
@@ -324,7 +324,7 @@ def rebuilt_batches(cfg, logged_tokens: int, epoch: int = 0, start: int = 0,
     sampler = LengthGroupedSampler(lengths, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed)
     sampler.set_epoch(epoch)
     multiple = cfg.data.pad_to_multiple_of
-    out = [(len(b), int(lengths[b].sum()), len(b) * -(-int(lengths[b].max()) // multiple) * multiple,
+    out = [(len(b), int(lengths[b].sum()), len(b) * padded_width(int(lengths[b].max()), multiple),
             int((lengths[b] ** 2).sum())) for b in sampler.batches()[start:stop]]
     if sum(t[1] for t in out) != logged_tokens:
         raise RuntimeError(f"rebuilt batches hold {sum(t[1] for t in out)} tokens, the loop logged {logged_tokens}")

@@ -45,9 +45,22 @@ def test_model_flops_formula(bench):
     assert bench.model_flops(shape, tokens=10, sum_sq_len=52) == 40_000 + 9_984
 
 
-def test_ceiling_times_the_dense_products(bench):
+def test_ceiling_times_the_dense_products(bench, monkeypatch):
+    import torch
+
+    calls = []
+    linear, matmul = torch.nn.functional.linear, torch.matmul
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w: calls.append(("fwd", *x.shape, *w.shape))
+                        or linear(x, w))
+    monkeypatch.setattr(torch, "matmul", lambda g, w: calls.append(("grad", *g.shape, *w.shape)) or matmul(g, w))
     out = bench.run_ceiling({"hidden": 16, "intermediate": 64, "layers": 2}, [(2, 8), (2, 4)], "fp32")
     assert out["seconds"] > 0
+    # per pass (a warm-up and two timed): 2 batch shapes x 2 layers x 6 dense layers x (forward, input grad)
+    assert len(calls) == 3 * 2 * 2 * 6 * 2
+    per_layer = {(kind, o, k) for kind, m, _, o, k in calls if m == 16}  # rows x width = 2 x 8
+    assert per_layer == {("fwd", 16, 16), ("fwd", 64, 16), ("fwd", 16, 64),
+                         ("grad", 16, 16), ("grad", 64, 16), ("grad", 16, 64)}
+    assert {m for _, m, *_ in calls} == {16, 8}
 
 
 def test_report_ratios_and_ceiling(bench):

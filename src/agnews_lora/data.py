@@ -381,13 +381,18 @@ class LengthGroupedSampler(torch.utils.data.Sampler[list[int]]):
         return -(-len(self.lengths) // self.batch_size)
 
 
+def padded_width(longest: int, multiple: int = 1) -> int:
+    """A batch's width: its longest row rounded up to a multiple of `multiple`."""
+    return -(-longest // multiple) * multiple
+
+
 def pad_batch(ids: Sequence[np.ndarray], pad_id: int, multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Right-pad token id arrays into (input_ids, attention_mask), int64, without a per-row loop.
 
     The width is the longest row rounded up to a multiple of `multiple`.
     """
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-    width = -(-int(lengths.max()) // multiple) * multiple
+    width = padded_width(int(lengths.max()), multiple)
     mask = np.arange(width) < lengths[:, None]
     input_ids = np.full(mask.shape, pad_id, dtype=np.int64)
     input_ids[mask] = np.concatenate(ids)  # row-major order matches the concatenation
