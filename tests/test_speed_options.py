@@ -148,10 +148,14 @@ def test_first_token_last_layer_keeps_logits_and_trains(tiny_model_dir):
     mask = torch.ones_like(ids)
     mask[1, 5:] = 0  # padding must still be masked out of the keys
     encoder = lambda m: m.base_model.model.roberta  # noqa: E731
+    seen = []  # a strided [batch, 1, hidden] query input made matmul copy the weight per row
+    encoder(fast).encoder.layer[-1].attention.self.query.register_forward_pre_hook(
+        lambda module, args: seen.append((args[0].shape, args[0].is_contiguous())))
     with torch.no_grad():
         assert encoder(fast)(input_ids=ids, attention_mask=mask).last_hidden_state.shape == (3, 1, 32)
         want = ref(input_ids=ids, attention_mask=mask).logits
         assert torch.allclose(fast(input_ids=ids, attention_mask=mask).logits, want, atol=1e-6)
+        assert seen[0] == ((3, 1, 32), True)
         for m in (ref, fast):  # also on the fast-dropout attention path and under autocast
             speed.use_fast_dropout(m)
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -213,7 +213,8 @@ def _first_token_layer_forward(self, hidden_states, attention_mask=None, *args, 
     x = hidden_states if dtype is None else hidden_states.to(dtype)  # one cast for q, k and v
     batch, length = x.shape[:2]
     heads = (batch, length, -1, sa.attention_head_size)
-    query = sa.query(x[:, :1]).view(batch, 1, -1, sa.attention_head_size).transpose(1, 2)
+    # contiguous: a strided [batch, 1, hidden] input makes matmul expand the weight per row (bmm)
+    query = sa.query(x[:, :1].contiguous()).view(batch, 1, -1, sa.attention_head_size).transpose(1, 2)
     key = sa.key(x).view(heads).transpose(1, 2)
     value = sa.value(x).view(heads).transpose(1, 2)
     if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-2] != 1:
