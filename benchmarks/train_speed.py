@@ -361,9 +361,9 @@ def child_main(args) -> None:
 # ---------------------------------------------------------------- parent
 
 
-def _spawn(argv: list[str], timeout: float) -> dict:
+def _spawn(argv: list[str], timeout: float, script: str = __file__) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
-    proc = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, env=env,
+    proc = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, env=env,
                           timeout=timeout, cwd=ROOT)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:

@@ -1,9 +1,11 @@
-"""The training-speed benchmark's own arithmetic: the batches it rebuilds for the FLOP count,
-the FLOP formula, the dense-matmul ceiling and the report's ratios (no timing is asserted)."""
+"""The speed benchmarks' own arithmetic: the batches train_speed rebuilds for the FLOP count,
+the FLOP formula, the dense-matmul ceiling and the report's ratios; kernel_cache's timing
+window and report; the kernel-cache setting itself (no timing is asserted)."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 
@@ -76,3 +78,48 @@ def test_report_ratios_and_ceiling(bench):
     assert "| 25% of bf16 |" in text  # 100 of the 400 GFLOP/s bf16 peak
     # ceiling: (b)'s 100 GFLOP/s x 2 s of FLOPs in the 1 s the dense products alone took
     assert "| minilm | 100 | 200 | 50% | 50% |" in text
+
+
+@pytest.fixture(scope="module")
+def cache_bench():
+    spec = importlib.util.spec_from_file_location("kernel_cache", ROOT / "benchmarks" / "kernel_cache.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_import_raises_the_onednn_kernel_cache_unless_set(tmp_path):
+    import subprocess
+    import sys
+
+    show = "import os, agnews_lora; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    run = lambda e: subprocess.run([sys.executable, "-c", show], env=e, capture_output=True, text=True,  # noqa: E731
+                                   check=True).stdout.strip()
+    assert run(env) == "16384"
+    assert run(env | {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "2048"}) == "2048"  # the user's value wins
+
+
+@needs_shared
+def test_kernel_cache_child_times_the_second_half(cache_bench, tiny_model_dir, ag_files, tmp_path, monkeypatch):
+    from agnews_lora.checkpoint import read_jsonl
+
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "1024")
+    out = cache_bench.run_child([f"model.name={tiny_model_dir}", "train.precision=fp32", "lora.r=4"],
+                                str(ag_files["train"]), steps=10, batch_size=8, out_dir=str(tmp_path))
+    log = read_jsonl(next(tmp_path.rglob("train_log.jsonl")))
+    assert out["capacity"] == 1024 and out["steps"] == 10 and 1 <= out["widths"] <= 10
+    steady = (log[9]["examples"] - log[4]["examples"]) / (log[9]["train_seconds"] - log[4]["train_seconds"])
+    assert out["steady"]["examples_per_s"] == pytest.approx(steady)
+    assert out["all"]["examples_per_s"] == pytest.approx(80 / log[9]["train_seconds"])
+
+
+def test_kernel_cache_report(cache_bench):
+    def run(cap, ex_s):
+        rate = {"examples_per_s": ex_s, "tokens_per_s": 10 * ex_s, "seconds": 1.0}
+        return {"capacity": cap, "steps": 600, "widths": 79, "steady": rate, "all": rate, "peak_rss_mib": 100.0}
+    results = {"minilm": [run(1024, 60.0), run(16384, 75.0), run(16384, 81.0), run(1024, 64.0)]}
+    text = cache_bench.render(results, ours=16384, batch_size=16, wall=60.0)
+    assert "| minilm | oneDNN default (1,024) | 600 | 79 | 62.0 [60.0, 64.0] |" in text
+    assert "| minilm | agnews-lora (16,384) | 600 | 79 | 78.0 [75.0, 81.0] |" in text
+    assert "minilm: 1.26x steady-state examples/s" in text
