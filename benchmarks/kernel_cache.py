@@ -1,8 +1,8 @@
 """oneDNN kernel cache: agnews-lora's training loop with oneDNN's default cache vs the tool's.
 
 On CPU, bf16 matrix products run oneDNN kernels built for each shape and kept in a cache of
-1,024 kernels by default. A training run meets some 25 kernel shapes per batch width and, over
-AG News, 70-120 widths, so that cache thrashes; `import agnews_lora` raises the capacity
+1,024 kernels by default. A training run meets about 26 kernel shapes per batch width and, over
+AG News, 65-100 widths, so that cache thrashes; `import agnews_lora` raises the capacity
 (`agnews_lora.ONEDNN_KERNEL_CACHE`) unless the environment sets one. train_speed.py cannot see
 this: its timed epoch repeats a dozen batch widths, which fit in either cache.
 

@@ -88,7 +88,7 @@ def cache_bench():
     return module
 
 
-def test_import_raises_the_onednn_kernel_cache_unless_set(tmp_path):
+def test_import_raises_the_onednn_kernel_cache_unless_set():
     import subprocess
     import sys
 
