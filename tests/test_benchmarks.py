@@ -12,12 +12,16 @@ import pytest
 from conftest import ROOT, needs_shared, tiny_run_overrides
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("train_speed", ROOT / "benchmarks" / "train_speed.py")
+def _load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _load_benchmark("train_speed")
 
 
 @needs_shared
@@ -82,10 +86,7 @@ def test_report_ratios_and_ceiling(bench):
 
 @pytest.fixture(scope="module")
 def cache_bench():
-    spec = importlib.util.spec_from_file_location("kernel_cache", ROOT / "benchmarks" / "kernel_cache.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load_benchmark("kernel_cache")
 
 
 def test_import_raises_the_onednn_kernel_cache_unless_set():
