@@ -376,7 +376,10 @@ def _write_rows(n: int, dest: Path) -> Path:
     import gzip
 
     with gzip.open(ROWS_SOURCE, "rt", encoding="utf-8") as src:
-        dest.write_text("".join(next(src) for _ in range(n)), encoding="utf-8")
+        lines = [line for line, _ in zip(src, range(n))]
+    if len(lines) < n:
+        raise SystemExit(f"{ROWS_SOURCE} has {len(lines):,} rows, {n:,} asked for: use fewer steps or rows")
+    dest.write_text("".join(lines), encoding="utf-8")
     return dest
 
 

@@ -124,3 +124,10 @@ def test_kernel_cache_report(cache_bench):
     assert "| minilm | oneDNN default (1,024) | 600 | 79 | 62.0 [60.0, 64.0] |" in text
     assert "| minilm | agnews-lora (16,384) | 600 | 79 | 78.0 [75.0, 81.0] |" in text
     assert "minilm: 1.26x steady-state examples/s" in text
+
+
+@needs_shared
+def test_rows_file_takes_the_first_rows_and_refuses_more_than_there_are(bench, tmp_path):
+    assert len(bench._write_rows(5, tmp_path / "rows.csv").read_text(encoding="utf-8").splitlines()) == 5
+    with pytest.raises(SystemExit, match="20,000 asked for: use fewer steps or rows"):
+        bench._write_rows(20_000, tmp_path / "more.csv")
