@@ -105,9 +105,16 @@ def cmd_predict(args) -> None:
     from agnews_lora.evaluate import compute_metrics
     from agnews_lora.predict import Classifier, predict_file
 
+    from agnews_lora.predict import parse_prior, probabilities_path
+
     clf = Classifier.load(args.run_dir, precision=args.precision, threads=args.threads)
-    split, preds = predict_file(clf, args.input, args.output, batch_size=args.batch_size)
+    if args.prior is not None:
+        parse_prior(args.prior, clf.num_labels)  # a bad value fails before any prediction
+    split, preds = predict_file(clf, args.input, args.output, batch_size=args.batch_size, prior=args.prior,
+                                probs=args.probs)
     print(f"wrote {len(preds):,} predictions to {args.output} ({clf.last_throughput:.1f} texts/s)")
+    if args.probs:
+        print(f"wrote probabilities (temperature {clf.temperature:.3f}) to {probabilities_path(args.output)}")
     if split.labels is not None:
         print(f"accuracy {compute_metrics(split.labels, preds, clf.label_names)['accuracy']:.4f}")
 
@@ -126,7 +133,7 @@ def cmd_serve(args) -> None:
 
     limits = Limits(max_texts=args.max_texts, max_chars=args.max_chars, max_body_bytes=args.max_body_bytes)
     serve(args.model_dir, host=args.host, port=args.port, limits=limits, precision=args.precision,
-          threads=args.threads, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+          threads=args.threads, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, prior=args.prior)
 
 
 def cmd_report(args) -> None:
@@ -210,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--input", nargs="+", required=True, help="CSV/JSONL/parquet/pickle file(s)")
             p.add_argument("--output", required=True, help="CSV to write (ID,Label)")
+            p.add_argument("--probs", action="store_true", help="also write OUTPUT_STEM.probs.csv: ID and one "
+                           "probability per class (softmax at the run's temperature fitted on validation)")
+            p.add_argument("--prior", help="correct predictions to another class prior: 'em' (re-estimated on the "
+                           "input rows, Saerens et al. 2002), 'uniform', or shares per class, e.g. 0.2,0.3,0.2,0.3")
         p.set_defaults(func=func)
     _export_and_serve_args(sub)
     return parser
@@ -237,6 +248,8 @@ def _export_and_serve_args(sub) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="request body size")
     p.add_argument("--max-batch", type=int, default=64, help="most texts per micro-batched model call")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="micro-batching window")
+    p.add_argument("--prior", help="correct probabilities to this class prior: 'uniform' or shares per class "
+                   "(e.g. 0.2,0.3,0.2,0.3); default: the training prior")
     p.set_defaults(func=cmd_serve)
 
 

@@ -95,7 +95,7 @@ class TrainConfig:
 class SelfTrainConfig:
     """A further round on the training rows plus pseudo-labelled `data.unlabelled` texts."""
 
-    threshold: float = 0.9  # keep texts whose temperature-scaled top probability is >= this
+    threshold: float = 0.9  # keep texts whose temperature-scaled top probability is above this
     steps: int = 0  # optimizer steps of the further round; 0 = a quarter of the first round
     lr: float = 0.0  # peak learning rate of the further round; 0 = train.lr / 2
     balance: bool = True  # at most as many pseudo-labelled texts per class as the rarest class has
