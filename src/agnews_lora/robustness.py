@@ -180,6 +180,11 @@ def _length_stats(lengths: np.ndarray) -> dict:
             "mean": float(lengths.mean())}
 
 
+def _counts(values: np.ndarray, edges: np.ndarray) -> list[int]:
+    # Clipped into the range, so the last length bin holds the longest 1% instead of losing it.
+    return np.histogram(np.clip(values, edges[0], edges[-1]), bins=edges)[0].tolist()
+
+
 def _histograms(after: np.ndarray, before: np.ndarray, reference: np.ndarray, lengths: np.ndarray,
                 train_lengths: np.ndarray) -> dict:
     """Edges and counts behind the confidence, entropy and length plots."""
@@ -187,13 +192,13 @@ def _histograms(after: np.ndarray, before: np.ndarray, reference: np.ndarray, le
     conf_edges, ent_edges = np.linspace(1 / k, 1, HIST_BINS + 1), np.linspace(0, np.log(k), HIST_BINS + 1)
     top = max(np.percentile(lengths, 99), np.percentile(train_lengths, 99))
     len_edges = np.linspace(0, max(top, 2), 31)
-    count = lambda x, edges: np.histogram(np.clip(x, edges[0], edges[-1]), bins=edges)[0].tolist()  # noqa: E731
-    return {"confidence": {"edges": conf_edges.tolist(), "before": count(before.max(-1), conf_edges),
-                           "after": count(after.max(-1), conf_edges), "reference": count(reference.max(-1), conf_edges)},
-            "entropy": {"edges": ent_edges.tolist(), "after": count(entropy(after), ent_edges),
-                        "reference": count(entropy(reference), ent_edges)},
-            "length_words": {"edges": len_edges.tolist(), "unlabelled": count(lengths, len_edges),
-                             "train": count(train_lengths, len_edges)}}
+    return {"confidence": {"edges": conf_edges.tolist(), "before": _counts(before.max(-1), conf_edges),
+                           "after": _counts(after.max(-1), conf_edges),
+                           "reference": _counts(reference.max(-1), conf_edges)},
+            "entropy": {"edges": ent_edges.tolist(), "after": _counts(entropy(after), ent_edges),
+                        "reference": _counts(entropy(reference), ent_edges)},
+            "length_words": {"edges": len_edges.tolist(), "unlabelled": _counts(lengths, len_edges),
+                             "train": _counts(train_lengths, len_edges)}}
 
 
 def unlabelled_section(split: Split, logits: np.ndarray, reference_logits: np.ndarray, train: Split,
@@ -333,7 +338,7 @@ def _calibration_md(cal: dict) -> list[str]:
 
     fit = (f"fitted on the run's {cal['fit_rows']:,} validation rows" if cal["fit_rows"]
            else "the run has no validation rows, so T = 1")
-    rows = [[f"before (T = 1)", _f4(cal["before"]["ece"]), _f4(cal["before"]["nll"]), _f4(cal["before"]["accuracy"])],
+    rows = [["before (T = 1)", _f4(cal["before"]["ece"]), _f4(cal["before"]["nll"]), _f4(cal["before"]["accuracy"])],
             [f"after (T = {cal['temperature']:.4f})", _f4(cal["after"]["ece"]), _f4(cal["after"]["nll"]),
              _f4(cal["after"]["accuracy"])]]
     return ["## Calibration", "", f"On the {cal['n']:,} clean labelled rows; temperature {fit} (NLL minimised). "
@@ -427,9 +432,8 @@ def robustness_report(run_dir: str | Path, data: Sequence[str] | None = None, un
     inputs = load_inputs(load_run_config(run_dir), data=data, unlabelled=unlabelled, max_rows=max_rows, seed=seed)
     clf = Classifier.load(run_dir, precision=precision)
     logits, variants = score(clf, inputs, specs, seed=seed, batch_size=batch_size, progress=progress)
-    result = build_result(clf, inputs, logits, variants, specs=specs, max_rows=max_rows, seed=seed,
-                          low_confidence=low_confidence)
-    result["run"] = str(run_dir)
+    result = build_result(run_dir, clf=clf, inputs=inputs, logits=logits, variants=variants, specs=specs,
+                          max_rows=max_rows, seed=seed, low_confidence=low_confidence)
     folder = Path(output) if output else Path(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     write_plots(result, folder)
@@ -438,11 +442,11 @@ def robustness_report(run_dir: str | Path, data: Sequence[str] | None = None, un
     return folder / "robustness.md"
 
 
-def build_result(clf, inputs: Inputs, logits: dict, variants: list[list[str]], specs: Sequence[Spec],
-                 max_rows: int, seed: int, low_confidence: float) -> dict:
+def build_result(run_dir: str | Path, clf, inputs: Inputs, logits: dict, variants: list[list[str]],
+                 specs: Sequence[Spec], max_rows: int, seed: int, low_confidence: float) -> dict:
     """The JSON document: every number of the report."""
     labels, names = inputs.labelled.labels, clf.label_names
-    result = {"checkpoint": "best", "precision": clf.precision, "label_names": list(names),
+    result = {"run": str(run_dir), "checkpoint": "best", "precision": clf.precision, "label_names": list(names),
               "data": {"source": inputs.labelled.source, "rows": len(inputs.labelled),
                        "rows_in_file": inputs.rows_in_file, "max_rows": max_rows, "seed": seed},
               **shift_section(labels, logits, inputs.labelled.texts, variants, specs, names),
