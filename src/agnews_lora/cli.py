@@ -151,6 +151,29 @@ def cmd_compare(args) -> None:
     print(f"wrote {args.output} and {plot}")
 
 
+def cmd_robustness(args) -> None:
+    from agnews_lora.robustness import perturbation_table, robustness_report
+
+    if args.max_rows < 0:
+        raise ConfigError(f"--max-rows must be >= 0 (0 = all rows), got {args.max_rows}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    specs = [s for s in args.perturbations.split(",") if s.strip()] if args.perturbations is not None else None
+    md = robustness_report(args.run_dir, data=args.data, unlabelled=args.unlabelled, output=args.output,
+                           max_rows=args.max_rows, seed=args.seed, batch_size=args.batch_size,
+                           precision=args.precision, perturbations=specs, progress=True)
+    result = json.loads(md.with_suffix(".json").read_text())
+    print(perturbation_table(result))
+    cal = result["calibration"]
+    print(f"calibration: T={cal['temperature']:.4f}; ECE {cal['before']['ece']:.4f} -> {cal['after']['ece']:.4f}, "
+          f"NLL {cal['before']['nll']:.4f} -> {cal['after']['nll']:.4f}")
+    if result["unlabelled"] is not None:
+        u = result["unlabelled"]
+        print(f"unlabelled: {u['n']:,} rows, mean confidence {u['mean_confidence']:.4f}, "
+              f"{u['low_confidence_share']:.1%} below {u['threshold']:g}")
+    print(f"wrote {md} and {md.with_suffix('.json').name} (+ PNGs beside it)")
+
+
 def cmd_sweep(args) -> None:
     from agnews_lora.config import load_config
     from agnews_lora.sweep import run_sweep
@@ -192,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="comparison.md", help="Markdown file; the PNG is written beside it")
     p.set_defaults(func=cmd_compare)
 
+    _robustness_args(sub)
+
     p = sub.add_parser("sweep", help="Optuna search over sweep.space; every trial checked against the budget")
     _config_args(p)
     p.add_argument("--trials", type=int, required=True,
@@ -224,6 +249,24 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
     _export_and_serve_args(sub)
     return parser
+
+
+def _robustness_args(sub) -> None:
+    p = sub.add_parser("robustness", help="shift report: accuracy under perturbations, calibration, signs "
+                       "of shift on an unlabelled file (robustness.md + .json + PNGs)")
+    p.add_argument("run_dir", help="run folder written by train")
+    p.add_argument("--data", nargs="+", help="labelled file(s); default: the run's test data")
+    p.add_argument("--unlabelled", nargs="+", help="file(s) to look for shift in, e.g. the hidden test file "
+                   "(labels in them are ignored)")
+    p.add_argument("--output", help="folder for robustness.md, robustness.json and the PNGs (default RUN_DIR)")
+    p.add_argument("--max-rows", type=int, default=0, help="stratified, seeded subset of the labelled rows; "
+                   "the suite scores 9x this many texts (default 0 = all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subset and of the perturbations")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--perturbations", help="comma-separated NAME or NAME:VALUE replacing the fixed suite, "
+                   "e.g. typos:0.1,lowercase")
+    p.set_defaults(func=cmd_robustness)
 
 
 def _export_and_serve_args(sub) -> None:

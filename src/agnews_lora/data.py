@@ -254,13 +254,28 @@ def split_train_val(full: Split, val_size: int, seed: int) -> tuple[Split, Split
         return full, Split([], [], full.source)
     if val_size >= len(full):
         raise DataError(f"data.val_size={val_size} must be smaller than the {len(full)} training rows")
+    train_idx, val_idx = stratified_indices(full.labels, size=val_size, seed=seed)
+    return full.subset(train_idx), full.subset(val_idx)
+
+
+def stratified_indices(labels: Sequence[int], size: int, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded split of row indices into (the rest, `size` rows), stratified by label where every
+    class has two rows or more.
+
+    Args:
+        labels: one label per row.
+        size: rows to draw, 0 < size < len(labels).
+        seed: the random state.
+
+    Returns:
+        Both index lists, each sorted.
+    """
     from sklearn.model_selection import train_test_split
 
-    idx = np.arange(len(full))
-    counts = np.bincount(full.labels)
-    stratify = full.labels if counts[counts > 0].min() >= 2 and val_size >= len(counts) else None
-    train_idx, val_idx = train_test_split(idx, test_size=val_size, random_state=seed, stratify=stratify)
-    return full.subset(sorted(train_idx)), full.subset(sorted(val_idx))
+    counts = np.bincount(labels)
+    stratify = labels if counts[counts > 0].min() >= 2 and size >= len(counts) else None
+    rest, drawn = train_test_split(np.arange(len(labels)), test_size=size, random_state=seed, stratify=stratify)
+    return sorted(rest.tolist()), sorted(drawn.tolist())
 
 
 # ---------------------------------------------------------------- tokenization

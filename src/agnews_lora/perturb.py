@@ -36,7 +36,9 @@ _NEIGHBOURS = _keyboard_neighbours()
 _NAMES = ["Velmora", "Kestrin", "Daxton", "Oriel", "Thandeka", "Zorvath", "Marisol", "Quenby",
           "Ilyasov", "Brannock", "Sefton", "Nakamura-Holt", "Averon", "Castellane", "Juniper",
           "Okonkwo", "Rasmussen", "Tivoli", "Wexford", "Yarrowby"]
-_NUMBER = re.compile(r"\d")
+# AG News keeps HTML escapes such as `#39;` (an apostrophe) and `&#36;`: they are characters, not
+# numbers, and changing their digits would corrupt the text instead of replacing a number.
+_NUMBER = re.compile(r"&?#\d+;|\d")
 
 
 def typos(text: str, rng: random.Random, rate: float) -> str:
@@ -96,10 +98,11 @@ def truncate_words(text: str, rng: random.Random, words: float) -> str:
 
 
 def replace_entities(text: str, rng: random.Random, rate: float) -> str:
-    """Replace names and numbers: every digit by a random digit, and each capitalized word that
-    does not start a sentence (a cheap stand-in for a name) by an invented name with
-    probability `rate`, the same name for every occurrence within the text."""
-    text = _NUMBER.sub(lambda _: str(rng.randrange(10)), text)
+    """Replace names and numbers: every digit (outside HTML escapes such as `#39;`) by a random
+    digit, and each capitalized word that does not start a sentence (a cheap stand-in for a
+    name) by an invented name with probability `rate`, the same name for every occurrence
+    within the text."""
+    text = _NUMBER.sub(lambda m: m.group() if len(m.group()) > 1 else str(rng.randrange(10)), text)
     words, mapping = text.split(), {}
     for i, w in enumerate(words):
         core = w.strip(".,;:!?\"'()")
