@@ -17,11 +17,12 @@ USER_ERRORS: tuple[type[Exception], ...] = (ConfigError,)
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from agnews_lora.data import DataError
-    from agnews_lora.hub import HubUnreachable
     from agnews_lora.export import ParityError
+    from agnews_lora.extras import MissingExtra
+    from agnews_lora.hub import HubUnreachable
     from agnews_lora.model import BudgetError
 
-    return USER_ERRORS + (DataError, HubUnreachable, BudgetError, ParityError)
+    return USER_ERRORS + (DataError, HubUnreachable, BudgetError, ParityError, MissingExtra)
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:

@@ -71,6 +71,9 @@ class OnnxModel:
     """An exported ONNX classifier run by ONNX Runtime on CPU; `config` is the transformers config."""
 
     def __init__(self, path: str | Path, config, threads: int | None = None):
+        from agnews_lora.extras import require
+
+        require("onnx", "running an ONNX model")
         import onnxruntime as ort
 
         options = ort.SessionOptions()

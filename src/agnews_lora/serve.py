@@ -15,14 +15,18 @@ from dataclasses import asdict, dataclass, field
 from typing import Annotated, Callable
 
 import numpy as np
-from fastapi import FastAPI, HTTPException
-from fastapi.encoders import jsonable_encoder
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
-from agnews_lora.config import ConfigError
-from agnews_lora.predict import Classifier, package_version
+from agnews_lora.extras import require
+
+require("serve", "agnews_lora.serve (the HTTP service)")  # before the imports below fail less clearly
+from fastapi import FastAPI, HTTPException  # noqa: E402
+from fastapi.encoders import jsonable_encoder  # noqa: E402
+from fastapi.exceptions import RequestValidationError  # noqa: E402
+from fastapi.responses import JSONResponse  # noqa: E402
+from pydantic import BaseModel, ConfigDict, Field, StrictStr  # noqa: E402
+
+from agnews_lora.config import ConfigError  # noqa: E402
+from agnews_lora.predict import Classifier, package_version  # noqa: E402
 
 
 class PredictRequest(BaseModel):

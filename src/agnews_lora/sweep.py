@@ -232,6 +232,11 @@ def run_sweep(cfg: Config, trials: int, storage: str | None = None, study_name: 
     Returns:
         The sweep summary (sweep.md) in the sweep folder.
     """
+    from agnews_lora.extras import require
+
+    require("sweep", "run_sweep (Optuna trials)")
+    if storage and storage.startswith("postgresql"):
+        require("postgres", f"the study storage {mask_url(storage)}")
     import optuna
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
