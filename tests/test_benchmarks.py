@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import pytest
 
@@ -13,6 +14,9 @@ from conftest import ROOT, needs_shared, tiny_run_overrides
 
 
 def _load_benchmark(name: str):
+    # As when the script runs: its folder is on sys.path, for the scripts' shared `common` module.
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -89,14 +93,19 @@ def cache_bench():
     return _load_benchmark("kernel_cache")
 
 
-def test_import_raises_the_onednn_kernel_cache_unless_set():
+def test_the_cli_raises_the_onednn_kernel_cache_unless_set(tmp_path):
     import subprocess
     import sys
 
-    show = "import os, agnews_lora; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    # The CLI (an entry point) sets it before a command runs a model; `train` sets it from
+    # train.kernel_cache; importing the package sets nothing (tests/test_no_side_effects.py).
+    show = ("import os, sys; from agnews_lora.cli import main\n"
+            "try:\n    main(['predict', sys.argv[1], '--input', 'x.csv', '--output', 'y.csv'])\n"
+            "except SystemExit:\n    pass\n"
+            "print(os.environ.get('ONEDNN_PRIMITIVE_CACHE_CAPACITY'))")
     env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
-    run = lambda e: subprocess.run([sys.executable, "-c", show], env=e, capture_output=True, text=True,  # noqa: E731
-                                   check=True).stdout.strip()
+    run = lambda e: subprocess.run([sys.executable, "-c", show, str(tmp_path / "missing")], env=e,  # noqa: E731
+                                   capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
     assert run(env) == "16384"
     assert run(env | {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "2048"}) == "2048"  # the user's value wins
 
@@ -128,6 +137,19 @@ def test_kernel_cache_report(cache_bench):
 
 @needs_shared
 def test_rows_file_takes_the_first_rows_and_refuses_more_than_there_are(bench, tmp_path):
-    assert len(bench._write_rows(5, tmp_path / "rows.csv").read_text(encoding="utf-8").splitlines()) == 5
+    common = _load_benchmark("common")
+    assert len(common.write_rows(5, tmp_path / "rows.csv").read_text(encoding="utf-8").splitlines()) == 5
     with pytest.raises(SystemExit, match="20,000 asked for: use fewer steps or rows"):
-        bench._write_rows(20_000, tmp_path / "more.csv")
+        common.write_rows(20_000, tmp_path / "more.csv")
+
+
+def test_both_speed_benchmarks_take_models_the_same_way():
+    import argparse
+
+    common = _load_benchmark("common")
+    for argv in (["--models", "minilm", "roberta-base"], ["--models", "minilm,roberta-base"]):
+        parser = argparse.ArgumentParser()
+        common.add_models_option(parser, default=["minilm"])
+        assert common.model_list(parser.parse_args(argv).models) == ["minilm", "roberta-base"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--models", "minilm,gpt2"])

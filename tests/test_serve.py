@@ -187,10 +187,22 @@ def test_micro_batcher_keeps_max_batch_and_survives_a_failing_call():
 
 
 def test_limits_and_batching_settings_are_checked():
-    with pytest.raises(ConfigError, match="--max-texts 0: must be >= 1"):
+    # The library names its own arguments; only the CLI speaks of flags.
+    with pytest.raises(ConfigError, match="Limits.max_texts=0: must be >= 1") as err:
         Limits(max_texts=0)
-    with pytest.raises(ConfigError, match="--max-batch 0"):
+    assert "--" not in str(err.value)
+    with pytest.raises(ConfigError, match="max_batch=0") as err:
         MicroBatcher(lambda t: t, max_batch=0)
+    assert "--" not in str(err.value)
+    for flag in ("--max-texts", "--max-batch"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", "some/folder", flag, "0"])
+
+
+def test_serve_flags_are_checked_by_the_cli(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "some/folder", "--max-wait-ms", "-1"])
+    assert "--max-wait-ms: must be >= 0" in capsys.readouterr().err
 
 
 def test_serve_binds_localhost_by_default():

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from agnews_lora.config import ConfigError
@@ -15,16 +17,35 @@ USER_ERRORS: tuple[type[Exception], ...] = (ConfigError,)
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from agnews_lora.data import DataError
-    from agnews_lora.hub import HubUnreachable
     from agnews_lora.export import ParityError
+    from agnews_lora.extras import MissingExtra
+    from agnews_lora.hub import HubUnreachable
     from agnews_lora.model import BudgetError
 
-    return USER_ERRORS + (DataError, HubUnreachable, BudgetError, ParityError)
+    return USER_ERRORS + (DataError, HubUnreachable, BudgetError, ParityError, MissingExtra)
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="YAML file overriding the defaults")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. lora.r=12 train.lr=3e-4")
+
+
+def _at_least(minimum: float, kind=int):
+    """An argparse type: a number >= minimum, else an error naming the flag (argparse adds it)."""
+    def parse(text: str):
+        value = kind(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}")
+        return value
+    return parse
+
+
+def _use_threads(threads: int | None) -> None:
+    # torch's thread count is process-wide: the command sets it, not the library.
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def cmd_train(args) -> None:
@@ -43,6 +64,7 @@ def cmd_distill(args) -> None:
     cfg = load_config(args.config, args.overrides)
     if args.teacher:
         cfg.distill.teacher = args.teacher  # set directly: a path is not parsed as YAML
+    _kernel_cache(cfg.train.kernel_cache)  # the teacher's logits run before train() would set it
     run_dir = distill(cfg)
     print(f"run folder: {run_dir}")
     print((run_dir / "summary.json").read_text())
@@ -72,33 +94,21 @@ def cmd_budget(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from agnews_lora.checkpoint import atomic_write_json
-    from agnews_lora.data import load_hub_split, read_files
-    from agnews_lora.evaluate import compute_metrics, format_metrics
-    from agnews_lora.predict import Classifier
+    from agnews_lora.evaluate import format_metrics
+    from agnews_lora.scoring import evaluate_folder
 
-    clf = Classifier.load(args.run_dir, precision=args.precision, threads=args.threads)
-    if args.data:
-        split = read_files(args.data, clf.num_labels)
-    elif clf.cfg.data.test:
-        split = read_files(clf.cfg.data.test, clf.num_labels)
-    else:
-        split = load_hub_split(clf.cfg.data.hub_dataset, "test")
-    if split.labels is None:
-        raise ConfigError(f"evaluate: {split.source} has no labels; use `predict` for unlabelled data")
-    logits = clf.predict_logits(split.texts, batch_size=args.batch_size, progress=True)
-    m = compute_metrics(split.labels, logits.argmax(-1).tolist(), clf.label_names)
-    m["data"] = split.source
+    _use_threads(args.threads)
+    result = evaluate_folder(args.run_dir, data=args.data, output=args.output, batch_size=args.batch_size,
+                             precision=args.precision, teacher=not args.no_teacher, progress=True,
+                             threads=args.threads)
+    clf, m = result.classifier, result.metrics
     print(format_metrics(m, clf.label_names))
     print(f"{clf.last_throughput:.1f} texts/s ({clf.info.get('format')}, {clf.precision})")
-    if (Path(args.run_dir) / "teacher.json").is_file() and not args.no_teacher:
-        from agnews_lora.distill import evaluate_teacher, format_teacher_vs_student
+    if "teacher" in m:
+        from agnews_lora.distill import format_teacher_vs_student
 
-        m["teacher"] = evaluate_teacher(args.run_dir, split, batch_size=args.batch_size, precision=args.precision)
         print(format_teacher_vs_student(m["teacher"], m, args.run_dir))
-    out = Path(args.output) if args.output else Path(args.run_dir) / "eval.json"
-    atomic_write_json(out, m)
-    print(f"saved {out}")
+    print(f"saved {result.output}")
 
 
 def cmd_predict(args) -> None:
@@ -107,6 +117,7 @@ def cmd_predict(args) -> None:
 
     from agnews_lora.predict import parse_prior, probabilities_path
 
+    _use_threads(args.threads)
     clf = Classifier.load(args.run_dir, precision=args.precision, threads=args.threads)
     if args.prior is not None:
         parse_prior(args.prior, clf.num_labels)  # a bad value fails before any prediction
@@ -286,34 +297,60 @@ def _export_and_serve_args(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--threads", type=int, help="CPU threads (default: one per physical core)")
-    p.add_argument("--max-texts", type=int, default=64, help="texts per request")
-    p.add_argument("--max-chars", type=int, default=10_000, help="characters per text")
-    p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="request body size")
-    p.add_argument("--max-batch", type=int, default=64, help="most texts per micro-batched model call")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="micro-batching window")
+    p.add_argument("--max-texts", type=_at_least(1), default=64, help="texts per request")
+    p.add_argument("--max-chars", type=_at_least(1), default=10_000, help="characters per text")
+    p.add_argument("--max-body-bytes", type=_at_least(1), default=1_000_000, help="request body size")
+    p.add_argument("--max-batch", type=_at_least(1), default=64, help="most texts per micro-batched model call")
+    p.add_argument("--max-wait-ms", type=_at_least(0, float), default=5.0, help="micro-batching window")
     p.add_argument("--prior", help="correct probabilities to this class prior: 'uniform' or shares per class "
                    "(e.g. 0.2,0.3,0.2,0.3); default: the training prior")
     p.set_defaults(func=cmd_serve)
 
 
-def _quiet_libraries() -> None:
-    import warnings
+def _kernel_cache(capacity: int) -> None:
+    from agnews_lora.speed import set_kernel_cache
 
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    set_kernel_cache(capacity)
+
+
+@contextlib.contextmanager
+def _quiet_libraries():
+    """For one command: no FutureWarnings (the libraries' deprecation notes are not the user's
+    to act on) and transformers' errors only, no progress bars; all restored afterwards."""
     from transformers.utils import logging
 
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            logging.set_verbosity(verbosity)
+            if bars:
+                logging.enable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The `agnews-lora` entry point: run one subcommand; a user error prints one line, exit 2.
+
+    Process-wide settings are made here, for the command's process, not on import: the larger
+    oneDNN kernel cache for every command that runs a model (train and sweep set it through
+    `train.kernel_cache` instead, so that the flag decides), the thread count of --threads, and
+    quieter libraries for the command's duration.
+    """
+    from agnews_lora.config import TrainConfig
+
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
-    try:
-        args.func(args)
-    except _user_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    if args.command in ("evaluate", "predict", "serve", "export"):
+        _kernel_cache(TrainConfig().kernel_cache)
+    with _quiet_libraries():
+        try:
+            args.func(args)
+        except _user_errors() as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
 
 
 if __name__ == "__main__":

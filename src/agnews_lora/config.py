@@ -80,7 +80,12 @@ class TrainConfig:
     resume: bool = False
     cpu: bool = False  # force CPU even when an accelerator is present
     progress: bool = True
+    # Speed patches (speed.py; each recorded in the run folder's speed_patches.json, applied or not and why)
     fast_dropout: bool = True  # CPU: dropout masks from 16-bit draws, ~3x faster (speed.py); false = torch's
+    cast_frozen_linears: bool = True  # autocast: frozen Linear weights stored in its dtype (bit-identical)
+    cast_inputs_once: bool = True  # CPU autocast: one cast per shared input instead of one per projection
+    first_token_last_layer: bool = True  # the last layer computes token 0 only (BERT/RoBERTa-style layers)
+    kernel_cache: int = 16384  # CPU: oneDNN kernel cache capacity (unless set in the environment); 0 = default
     compile: bool = False  # torch.compile each encoder layer (dynamic shapes); slower on small CPUs
     label_smoothing: float = 0.0  # cross-entropy against (1 - e) * one-hot + e / classes
     # Weight averaging of the trainable weights: exponential moving average with this decay

@@ -242,12 +242,10 @@ def _device(cpu: bool = False) -> str:
 
 
 def _effective_precision(precision: str, device: str) -> str:
-    """What Classifier computes in: bf16 autocast or fp32 (part of the cache key)."""
-    from agnews_lora.train import resolve_precision
+    """What Classifier computes in (part of the cache key): `precision.resolve_precision`."""
+    from agnews_lora.precision import resolve_precision
 
-    if precision == "fp32":
-        return "fp32"
-    return "bf16" if resolve_precision("auto", cpu=device == "cpu") == "bf16" else "fp32"
+    return resolve_precision(precision, device)
 
 
 def load_teacher_encoder(spec: TeacherSpec, device: str, precision: str):
@@ -256,7 +254,7 @@ def load_teacher_encoder(spec: TeacherSpec, device: str, precision: str):
     Args:
         spec: the resolved teacher.
         device: torch device.
-        precision: "bf16" or "fp32".
+        precision: a resolved precision ("bf16", "fp16" or "fp32").
 
     Returns:
         A Classifier whose predict_logits gives logits [n, classes] or features [n, hidden].

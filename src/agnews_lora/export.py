@@ -106,6 +106,10 @@ def export(run_dir: str | Path, fmt: str, output: str | Path | None = None, quan
 
 
 def _check_options(run_dir: str | Path, fmt: str, quantize: str | None, parity_rows: int) -> None:
+    if fmt == "onnx":
+        from agnews_lora.extras import require
+
+        require("onnx", "exporting to ONNX")
     if fmt not in FORMATS:
         raise ConfigError(f"export --format {fmt!r}: use one of {', '.join(FORMATS)}")
     if quantize is not None and (fmt != "onnx" or quantize not in QUANTIZE):

@@ -7,8 +7,12 @@ import socket
 from urllib.parse import urlparse
 
 
-class HubUnreachable(RuntimeError):
-    """The Hub is needed for a download but cannot be reached."""
+class HubUnreachable(Exception):
+    """The Hub is needed for a download but cannot be reached.
+
+    Not a RuntimeError: callers that retry failed work on RuntimeError (a sweep's trials) must
+    stop here, since every further attempt would fail the same way.
+    """
 
 
 def _offline_env() -> bool:

@@ -18,7 +18,7 @@ import torch
 
 from agnews_lora.config import Config, ConfigError, config_from_dict
 from agnews_lora.data import LABEL_NAMES, Split, clean_text, pad_batch, read_files, tokenize
-from agnews_lora.train import resolve_precision
+from agnews_lora.precision import autocast_dtype, resolve_precision
 
 EXPORT_META = "agnews_lora.json"  # written by export beside every exported model
 ONNX_FILE = "model.onnx"
@@ -71,6 +71,9 @@ class OnnxModel:
     """An exported ONNX classifier run by ONNX Runtime on CPU; `config` is the transformers config."""
 
     def __init__(self, path: str | Path, config, threads: int | None = None):
+        from agnews_lora.extras import require
+
+        require("onnx", "running an ONNX model")
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -97,8 +100,8 @@ class Classifier:
             model: a torch sequence-classification model (output `.logits`) or an OnnxModel.
             tokenizer: its tokenizer.
             cfg: the run's config (data.max_length is used).
-            precision: "auto" (the run's train.precision when it is fp32 or bf16, else bf16
-                autocast where the hardware has it), "bf16" or "fp32";
+            precision: "auto" (the run's train.precision when it is fp32 or bf16, else what
+                `precision.resolve_precision` picks for the device), "bf16", "fp16" or "fp32";
                 ignored for ONNX, which computes as exported (fp32, or int8 when quantized).
             info: what the model is (source, format, trainable parameters), for `serve`'s /info.
         """
@@ -109,7 +112,7 @@ class Classifier:
         self.device = torch.device("cpu") if self.onnx else next(model.parameters()).device
         self.info = info or {}
         self.precision = (self.info.get("quantize") or "fp32") if self.onnx else \
-            resolve_precision(_run_precision(precision, cfg), cpu=self.device.type == "cpu")
+            resolve_precision(precision, self.device, run_precision=cfg.train.precision)
         self.label_names = _label_names(model.config)
         self.num_labels = model.config.num_labels
         # Fitted on the run's validation rows by train; 1.0 (raw softmax) for models without it.
@@ -127,18 +130,17 @@ class Classifier:
             path: the folder.
             checkpoint: run folders only: "best" (default) or "last".
             device: torch device (ONNX folders run on CPU).
-            precision: "auto" (the run's train.precision when it is fp32 or bf16, else bf16 where
-                the hardware has it), "bf16" or "fp32".
-            threads: CPU threads for torch / ONNX Runtime; None keeps the library default
-                (one per physical core).
+            precision: "auto" (the run's train.precision when it is fp32 or bf16, else what
+                `precision.resolve_precision` picks for the device), "bf16", "fp16" or "fp32".
+            threads: ONNX folders: intra-op threads of the ONNX Runtime session (None: its
+                default). torch's thread count is process-wide, so the caller sets it
+                (`torch.set_num_threads`; the CLI's --threads does).
             merge: run folders only: merge the adapter into the weights (same logits, faster);
                 False keeps the peft model (export compares against it).
 
         Returns:
             The Classifier.
         """
-        if threads:
-            torch.set_num_threads(threads)
         kind = folder_kind(path)
         if kind == "onnx":
             return _load_onnx(Path(path), threads)
@@ -147,17 +149,19 @@ class Classifier:
         else:
             model, tokenizer, cfg, info = _load_run(Path(path), checkpoint, device, merge)
         clf = cls(model, tokenizer, cfg, precision=precision, info=info)
-        if clf.precision == "bf16" and not hasattr(model, "peft_config"):
+        dtype = autocast_dtype(clf.precision)
+        if dtype is not None and not hasattr(model, "peft_config"):
             from agnews_lora.speed import cast_frozen_linears
 
             # Bit-identical under autocast, without casting every weight on every batch.
-            cast_frozen_linears(model.requires_grad_(False), torch.bfloat16)
+            cast_frozen_linears(model.requires_grad_(False), dtype)
         return clf
 
     def _logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         if self.onnx:
             return self.model.logits(input_ids, attention_mask)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        dtype = autocast_dtype(self.precision)
+        with torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             logits = self.model(input_ids=torch.from_numpy(input_ids).to(self.device),
                                 attention_mask=torch.from_numpy(attention_mask).to(self.device)).logits
         return logits.float().cpu().numpy()
@@ -244,14 +248,6 @@ def parse_prior(prior: str | Sequence[float], num_labels: int) -> np.ndarray:
         raise ConfigError(f"prior {prior!r}: use 'uniform', 'em', or {num_labels} non-negative shares "
                           "separated by commas (e.g. 0.25,0.25,0.25,0.25)")
     return values
-
-
-def _run_precision(precision: str, cfg: Config) -> str:
-    # A run trained (and scored on its test split) in fp32 keeps fp32: `evaluate` then reproduces
-    # test_metrics.json instead of differing by bf16 rounding near ties.
-    if precision == "auto" and cfg.train.precision in ("fp32", "bf16"):
-        return cfg.train.precision
-    return precision
 
 
 def _run_trainable(run_dir: Path, cfg: Config) -> int:

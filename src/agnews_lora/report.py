@@ -275,8 +275,9 @@ def _layers(cfg: Config) -> str:
 
 
 def _precision(summary: dict) -> str:
-    # accelerate calls full precision "no" (no mixed precision)
-    return "fp32" if summary.get("precision") == "no" else str(summary.get("precision"))
+    from agnews_lora.precision import display_name
+
+    return display_name(summary.get("precision"))
 
 
 def _overview(run: Run) -> str:

@@ -15,14 +15,18 @@ from dataclasses import asdict, dataclass, field
 from typing import Annotated, Callable
 
 import numpy as np
-from fastapi import FastAPI, HTTPException
-from fastapi.encoders import jsonable_encoder
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
-from agnews_lora.config import ConfigError
-from agnews_lora.predict import Classifier, package_version, parse_prior
+from agnews_lora.extras import require
+
+require("serve", "agnews_lora.serve (the HTTP service)")  # before the imports below fail less clearly
+from fastapi import FastAPI, HTTPException  # noqa: E402
+from fastapi.encoders import jsonable_encoder  # noqa: E402
+from fastapi.exceptions import RequestValidationError  # noqa: E402
+from fastapi.responses import JSONResponse  # noqa: E402
+from pydantic import BaseModel, ConfigDict, Field, StrictStr  # noqa: E402
+
+from agnews_lora.config import ConfigError  # noqa: E402
+from agnews_lora.predict import Classifier, package_version, parse_prior  # noqa: E402
 
 
 class PredictRequest(BaseModel):
@@ -48,7 +52,7 @@ class Limits:
     def __post_init__(self) -> None:
         for key, value in asdict(self).items():
             if value < 1:
-                raise ConfigError(f"serve --{key.replace('_', '-')} {value}: must be >= 1")
+                raise ConfigError(f"Limits.{key}={value}: must be >= 1")
 
 
 @dataclass
@@ -80,7 +84,7 @@ class MicroBatcher:
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_wait_ms < 0:
-            raise ConfigError(f"serve: --max-batch {self.max_batch} must be >= 1 and --max-wait-ms "
+            raise ConfigError(f"MicroBatcher: max_batch={self.max_batch} must be >= 1 and max_wait_ms="
                               f"{self.max_wait_ms} >= 0")
         self._queue: asyncio.Queue[_Pending] | None = None
         self._worker: asyncio.Task | None = None
@@ -287,13 +291,17 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, limits: Lim
         port: TCP port.
         limits: per-request limits.
         precision: torch models: "auto", "bf16" or "fp32".
-        threads: CPU threads for the model (None: one per physical core).
+        threads: CPU threads for the model (None: one per physical core). torch's count is
+            process-wide; `serve` owns the process until interrupted, so it sets it here.
         max_batch: most texts per micro-batched model call.
         max_wait_ms: micro-batching window.
         prior: see `create_app`.
     """
+    import torch
     import uvicorn
 
+    if threads:
+        torch.set_num_threads(threads)
     clf = Classifier.load(model_dir, precision=precision, threads=threads)
     app = create_app(clf, limits=limits, max_batch=max_batch, max_wait_ms=max_wait_ms, prior=prior)
     print(f"serving {model_dir} ({clf.info.get('format')}, {clf.precision}) on http://{host}:{port} "

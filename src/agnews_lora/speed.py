@@ -1,6 +1,11 @@
 """Training speed-ups that keep the recipe: fast CPU dropout, frozen weights stored in the
-autocast dtype, one cast per shared input, a last layer computed for the first token only, and
-optional regional torch.compile.
+autocast dtype, one cast per shared input, a last layer computed for the first token only, a
+larger oneDNN kernel cache, and optional regional torch.compile.
+
+Each is a named patch behind its own `train.*` flag; `train.speed_up` applies them and records
+in the run folder (speed_patches.json) which were applied and why any was not. Each has a
+logits-parity test against the unpatched model on RoBERTa, BERT and MPNet, with SDPA and eager
+attention (tests/test_speed_patches.py).
 
 Dropout. torch's CPU dropout draws its mask with a serial `bernoulli_` (one Mersenne-Twister
 draw and a float compare per element: ~5.5 ms per 16x64x768 activation on this machine, whatever
@@ -24,7 +29,12 @@ the shared input are summed in bf16 before the one cast back.
 
 from __future__ import annotations
 
+import functools
+import os
 import re
+import sys
+import types
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,6 +42,22 @@ from torch import nn
 
 ATTN_IMPLEMENTATION = "sdpa_fast_dropout"
 _LEVELS = 1 << 16
+KERNEL_CACHE_VAR = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+
+
+@dataclass(frozen=True)
+class PatchResult:
+    """What one speed patch did: applied or not, and what it changed or why it changed nothing."""
+
+    name: str
+    applied: bool
+    detail: str = ""
+
+    def __bool__(self) -> bool:
+        return self.applied
+
+    def to_dict(self) -> dict:
+        return {"patch": self.name, "applied": self.applied, "detail": self.detail}
 
 
 def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -123,6 +149,9 @@ def _route_attention(model: nn.Module) -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+    # transformers' public hook for a custom attention function is a named entry in its
+    # process-wide registry. Registering a name changes no model: only those switched to it
+    # below (the ones this patch is applied to) use it.
     AttentionInterface.register(ATTN_IMPLEMENTATION, sdpa_fast_dropout_attention)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
     for module in model.modules():
@@ -172,11 +201,31 @@ def _cast_first_input(module, args, kwargs):
     return None if dtype is None else (args, {**kwargs, "hidden_states": kwargs["hidden_states"].to(dtype)})
 
 
+def _disable_peft_input_casting(model: nn.Module) -> None:
+    """During each forward of `model`, peft's LoRA layers take their input as it comes
+    (`peft.helpers.disable_input_dtype_casting`, entered by a pre-hook, left by a hook that also
+    runs when the forward raises)."""
+    from peft.helpers import disable_input_dtype_casting
+
+    active = []
+
+    def enter(module, args):
+        active.append(disable_input_dtype_casting(model))
+        active[-1].__enter__()
+
+    def leave(module, args, output):
+        active.pop().__exit__(None, None, None)
+
+    model.register_forward_pre_hook(enter)
+    model.register_forward_hook(leave, always_call=True)
+
+
 def cast_inputs_once(model: nn.Module) -> int:
     """Under autocast, cast the input of each attention block (the module holding the
     query/key/value or q/k/v projections) and of each LoRA layer to the autocast dtype once,
-    in place: forward pre-hooks that do nothing outside autocast or on non-fp32 inputs. LoRA
-    layers also stop peft's cast of their input to the adapter's fp32 (autocast casts it anyway).
+    in place: forward pre-hooks that do nothing outside autocast or on non-fp32 inputs. During
+    the model's forward, LoRA layers also skip peft's cast of their input to the adapter's fp32
+    (autocast casts it anyway), through peft's `disable_input_dtype_casting`.
 
     The residual paths keep their fp32 inputs: the hooks change only what the projections see.
 
@@ -191,12 +240,11 @@ def cast_inputs_once(model: nn.Module) -> int:
     hooked = 0
     for module in model.modules():
         children = {name for name, _ in module.named_children()}
-        is_lora = isinstance(module, LoraLayer)
-        if is_lora:
-            module.cast_input_dtype_enabled = False
-        if is_lora or any(names <= children for names in _QKV_NAMES):
+        if isinstance(module, LoraLayer) or any(names <= children for names in _QKV_NAMES):
             module.register_forward_pre_hook(_cast_first_input, with_kwargs=True)
             hooked += 1
+    if hooked:
+        _disable_peft_input_casting(model)
     return hooked
 
 
@@ -205,9 +253,10 @@ def _encoder_layers(model: nn.Module) -> list[nn.Module]:
     return [m for name, m in model.named_modules() if re.search(r"encoder\.layer\.\d+$", name)]
 
 
-def _first_token_layer_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+def _first_token_layer_forward(self, hidden_states, attention_mask=None, *args, eager_attention=None, **kwargs):
     """A BERT/RoBERTa encoder layer's forward for the first token only: keys and values from
-    every token, the query, attention output, FFN and norms for token 0. Returns [batch, 1, hidden]."""
+    every token, the query, attention output, FFN and norms for token 0. Returns [batch, 1, hidden].
+    `eager_attention` is the layer's own modeling module's eager attention function."""
     attention, sa = self.attention, self.attention.self
     dtype = _autocast_dtype(hidden_states)
     x = hidden_states if dtype is None else hidden_states.to(dtype)  # one cast for q, k and v
@@ -221,14 +270,15 @@ def _first_token_layer_forward(self, hidden_states, attention_mask=None, *args, 
         attention_mask = attention_mask[:, :, :1]
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    interface = ALL_ATTENTION_FUNCTIONS[sa.config._attn_implementation]
+    # As transformers' own layers look it up: "eager" is not in the registry but the default.
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(sa.config._attn_implementation, eager_attention)
     context, _ = interface(sa, query, key, value, attention_mask, dropout=sa.dropout.p if sa.training else 0.0,
                            scaling=sa.scaling)
     first = attention.output(context.reshape(batch, 1, -1).contiguous(), hidden_states[:, :1])
     return self.output(self.intermediate(first), first)
 
 
-def first_token_last_layer(model: nn.Module) -> bool:
+def first_token_last_layer(model: nn.Module) -> PatchResult:
     """Make the last encoder layer compute the first token's output only, in place.
 
     Every head here reads only the first token (<s>/[CLS]) of the last layer, so that layer needs
@@ -236,29 +286,65 @@ def first_token_last_layer(model: nn.Module) -> bool:
     token 0 alone: on roberta-base that skips ~7% of a step's matrix products (~14% of MiniLM-L6's),
     forward and backward, with the same logits (up to rounding: [batch, 1] products instead of
     rows of [batch, length] ones). The model's last hidden state becomes [batch, 1, hidden].
-    Parameter names do not change. Only for BERT/RoBERTa-style layers (attention.self with
-    query/key/value, attention.output, intermediate, output) of an encoder using transformers'
-    attention interface; anything else is left as it is.
+    Parameter names do not change. transformers has no hook for a layer's forward, so the last
+    layer's `forward` is replaced: only for BERT/RoBERTa-style layers (attention.self with
+    query/key/value, attention.output, intermediate, output) whose modeling module defines
+    `eager_attention_forward` (transformers' attention interface); anything else (MPNet's
+    relative-position attention, decoders) is left as it is, with the reason in the result.
 
     Args:
         model: a transformers (or peft-wrapped) encoder classifier.
 
     Returns:
-        True when the last layer was changed.
+        A PatchResult, true when the last layer was changed.
     """
-    import types
-
+    name = "first_token_last_layer"
     layers = _encoder_layers(model)
     if not layers:
-        return False
+        return PatchResult(name, False, "no encoder layers (modules named ...encoder.layer.<i>)")
     last = layers[-1]
     sa = getattr(getattr(last, "attention", None), "self", None)
     needed = ("query", "key", "value", "attention_head_size", "scaling", "dropout", "config")
-    if (sa is None or not all(hasattr(sa, n) for n in needed) or getattr(last, "is_decoder", False)
+    if (sa is None or not all(hasattr(sa, n) for n in needed)
             or not all(hasattr(last, n) for n in ("intermediate", "output"))):
-        return False
-    last.forward = types.MethodType(_first_token_layer_forward, last)
-    return True
+        return PatchResult(name, False, f"the last layer ({type(last).__name__}) is not a BERT/RoBERTa-style "
+                                        "layer (attention.self.query/key/value, intermediate, output)")
+    if getattr(last, "is_decoder", False):
+        return PatchResult(name, False, "the model is a decoder: every token's output is needed")
+    eager = getattr(sys.modules.get(type(sa).__module__), "eager_attention_forward", None)
+    if eager is None:
+        return PatchResult(name, False, f"{type(sa).__module__} has no eager_attention_forward "
+                                        "(not on transformers' attention interface)")
+    last.forward = types.MethodType(functools.partial(_first_token_layer_forward, eager_attention=eager), last)
+    return PatchResult(name, True, f"layer {len(layers) - 1} ({type(last).__name__}, "
+                                   f"{sa.config._attn_implementation} attention)")
+
+
+def set_kernel_cache(capacity: int) -> PatchResult:
+    """Raise oneDNN's kernel cache to `capacity` kernels for this process, unless already set.
+
+    bf16 matrix products on CPU run oneDNN kernels built for each shape (2-6 ms per build on the
+    2-core dev machine, against 0.1-2 ms per call), kept in a cache of 1,024 by default. A training
+    run meets about 26 kernel shapes per batch width and, on AG News, 65-100 widths: the default
+    cache thrashes and kernels are rebuilt step after step (benchmarks/kernel_cache.py: 1.25x).
+    oneDNN reads ONEDNN_PRIMITIVE_CACHE_CAPACITY once, when the process builds its first kernel,
+    so this is process-wide and works only before the first bf16 product; entry points call it
+    (`train`, the CLI), never an import. A value already in the environment wins.
+
+    Args:
+        capacity: kernels to keep; 0 leaves oneDNN's default.
+
+    Returns:
+        A PatchResult saying whether the capacity is now set, and to what.
+    """
+    name = "kernel_cache"
+    given = os.environ.get(KERNEL_CACHE_VAR)
+    if capacity == 0:
+        return PatchResult(name, False, "train.kernel_cache=0: oneDNN's default")
+    if given is not None and given != str(capacity):
+        return PatchResult(name, False, f"{KERNEL_CACHE_VAR}={given} was already set in the environment (it wins)")
+    os.environ[KERNEL_CACHE_VAR] = str(capacity)
+    return PatchResult(name, True, f"{KERNEL_CACHE_VAR}={capacity}")
 
 
 def compile_layers(model: nn.Module, backend: str = "inductor") -> int:

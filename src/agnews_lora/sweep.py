@@ -192,7 +192,7 @@ class Objective:
         from optuna.storages import RetryHeartbeatStaleTrialCallback
 
         from agnews_lora.model import budget_breakdown
-        from agnews_lora.train import train
+        from agnews_lora.train import reset_accelerator_state, train
 
         values = {p.key: p.suggest(trial) for p in self.params}
         frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
@@ -210,6 +210,7 @@ class Objective:
             reason = f"over budget: {trainable:,} > {cfg.budget.max_trainable:,} trainable parameters"
             trial.set_user_attr("pruned", reason)
             raise optuna.TrialPruned(reason)
+        reset_accelerator_state()  # trials run one after another in this process; each sets its own precision
         run_dir = train(cfg)
         summary = json.loads((run_dir / "summary.json").read_text())
         for key in ("test_accuracy", "train_seconds"):
@@ -231,6 +232,11 @@ def run_sweep(cfg: Config, trials: int, storage: str | None = None, study_name: 
     Returns:
         The sweep summary (sweep.md) in the sweep folder.
     """
+    from agnews_lora.extras import require
+
+    require("sweep", "run_sweep (Optuna trials)")
+    if storage and storage.startswith("postgresql"):
+        require("postgres", f"the study storage {mask_url(storage)}")
     import optuna
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -22,9 +21,12 @@ from agnews_lora.evaluate import compute_metrics
 from agnews_lora.losses import cross_entropy, distillation_loss
 from agnews_lora.model import budget_breakdown, build_model, check_budget, count_trainable, load_tokenizer
 from agnews_lora.perturb import SUITE, augment_texts, parse_specs, perturb_texts
+from agnews_lora.precision import accelerate_name, autocast_dtype, resolve_precision
 from agnews_lora.report import write_report
-from agnews_lora.speed import (cast_frozen_linears, cast_inputs_once, compile_layers, first_token_last_layer,
-                               use_fast_dropout)
+from agnews_lora.speed import (ATTN_IMPLEMENTATION, PatchResult, cast_frozen_linears, cast_inputs_once, compile_layers,
+                               first_token_last_layer, set_kernel_cache, use_fast_dropout)
+
+PATCHES_FILE = "speed_patches.json"  # which speed patches a run applied, and why any was not
 
 
 def run_dir_for(cfg: Config) -> Path:
@@ -34,29 +36,36 @@ def run_dir_for(cfg: Config) -> Path:
     return Path("runs") / name
 
 
-def resolve_precision(precision: str, cpu: bool = False) -> str:
-    """'auto' -> bf16 where the hardware computes it natively, else fp16 on CUDA, else fp32."""
-    if precision != "auto":
-        return precision
-    if torch.cuda.is_available() and not cpu:
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "no"
-    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "no"
-
-
 def make_accelerator(cfg: Config):
+    """The Accelerator for `cfg`: precision from `precision.resolve_precision`, gradient accumulation.
+
+    accelerate keeps one state per process and refuses a second Accelerator with another
+    precision; a process that trains several times calls `reset_accelerator_state` between runs.
+    """
     from accelerate import Accelerator
+
+    device = "cuda" if torch.cuda.is_available() and not cfg.train.cpu else "cpu"
+    precision = resolve_precision(cfg.train.precision, device)
+    try:
+        return Accelerator(mixed_precision=accelerate_name(precision),
+                           gradient_accumulation_steps=cfg.train.grad_accum, cpu=cfg.train.cpu)
+    except ValueError as err:
+        if "already been initialized" not in str(err):
+            raise
+        raise RuntimeError(f"{err} This process trained before with other settings: call "
+                           "agnews_lora.train.reset_accelerator_state() between runs") from err
+
+
+def reset_accelerator_state() -> None:
+    """Forget accelerate's per-process precision settings, so that the next `train` may use another.
+
+    For processes that train several times (sweeps, tests). The device and any process group
+    (accelerate's PartialState) are kept. accelerate has no public call for this; its own tests
+    use the same `_reset_state`.
+    """
     from accelerate.state import AcceleratorState
 
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        # One process may train several times (tests, sweeps): let each run pick its precision.
-        AcceleratorState._reset_state(reset_partial_state=False)
-    precision = resolve_precision(cfg.train.precision, cfg.train.cpu)
-    return Accelerator(mixed_precision="no" if precision in ("fp32", "no") else precision,
-                       gradient_accumulation_steps=cfg.train.grad_accum, cpu=cfg.train.cpu)
+    AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def make_optimizer(model, cfg: Config) -> torch.optim.Optimizer:
@@ -153,8 +162,10 @@ def train(cfg: Config, teacher_logits: np.ndarray | None = None, extra_summary: 
     train_ids, val_ids = tok(train_split), tok(val_split)
 
     model = build_model(cfg, device=accelerator.device)
-    assert count_trainable(model).total == breakdown.total
-    speed_up(model, cfg, accelerator)
+    if count_trainable(model).total != breakdown.total:
+        raise RuntimeError(f"the built model has {count_trainable(model).total:,} trainable parameters, the "
+                           f"budget check counted {breakdown.total:,}: build_model and budget_breakdown disagree")
+    record_patches(run_dir, speed_up(model, cfg, accelerator), accelerator)
     optimizer = make_optimizer(model, cfg)
     pad = tokenizer.pad_token_id
     multiple = cfg.data.pad_to_multiple_of
@@ -200,22 +211,61 @@ def train(cfg: Config, teacher_logits: np.ndarray | None = None, extra_summary: 
     return run_dir
 
 
-def speed_up(model, cfg: Config, accelerator) -> None:
-    """Same recipe, less time (see speed.py): fast CPU dropout, frozen Linear weights stored in
-    the autocast dtype (bit-identical under autocast), on CPU one cast per shared input, the
-    last layer computed for the first token only (all the head reads), optional regional
-    torch.compile."""
-    cpu = accelerator.device.type == "cpu"
-    first_token_last_layer(model)
-    if cfg.train.fast_dropout and cpu:
-        use_fast_dropout(model)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
-    if dtype is not None:
-        cast_frozen_linears(model, dtype)
-        if cpu:
-            cast_inputs_once(model)
-    if cfg.train.compile:
-        compile_layers(model)
+def speed_up(model, cfg: Config, accelerator) -> list[PatchResult]:
+    """Same recipe, less time: apply the speed patches (speed.py) that `cfg.train` switches on.
+
+    Args:
+        model: the model `build_model` returned, before `accelerator.prepare`.
+        cfg: the run's config (train.kernel_cache, first_token_last_layer, fast_dropout,
+            cast_frozen_linears, cast_inputs_once, compile).
+        accelerator: the run's Accelerator (its device and mixed precision).
+
+    Returns:
+        One PatchResult per patch, in the order applied: what it changed, or why it did not
+        apply (its flag is off, or the device, precision or architecture does not allow it).
+    """
+    t, cpu = cfg.train, accelerator.device.type == "cpu"
+    dtype = autocast_dtype(resolve_precision(accelerator.mixed_precision, accelerator.device))
+    off = lambda name, why: PatchResult(name, False, why)  # noqa: E731
+    flag_off = lambda name: off(name, f"train.{name}=false")  # noqa: E731
+    results = [set_kernel_cache(t.kernel_cache) if cpu else off("kernel_cache", "not a CPU run")]
+    results.append(first_token_last_layer(model) if t.first_token_last_layer else flag_off("first_token_last_layer"))
+    if not t.fast_dropout:
+        results.append(flag_off("fast_dropout"))
+    else:
+        results.append(_fast_dropout(model) if cpu else off("fast_dropout", "not a CPU run: torch's fused dropout"))
+    if not t.cast_frozen_linears:
+        results.append(flag_off("cast_frozen_linears"))
+    else:
+        results.append(_counted("cast_frozen_linears", cast_frozen_linears(model, dtype), "frozen Linear layers")
+                       if dtype else off("cast_frozen_linears", "no autocast (fp32)"))
+    if not t.cast_inputs_once:
+        results.append(flag_off("cast_inputs_once"))
+    else:
+        results.append(_counted("cast_inputs_once", cast_inputs_once(model), "attention blocks and LoRA layers")
+                       if dtype and cpu else off("cast_inputs_once", "only under CPU autocast"))
+    results.append(_counted("compile", compile_layers(model), "encoder layers") if t.compile else flag_off("compile"))
+    for r in results:
+        if not r.applied and not r.detail.endswith("=false"):
+            accelerator.print(f"speed patch {r.name} not applied: {r.detail}")
+    return results
+
+
+def _counted(name: str, count: int, what: str) -> PatchResult:
+    return PatchResult(name, count > 0, f"{count} {what}" if count else f"no {what} in the model")
+
+
+def _fast_dropout(model) -> PatchResult:
+    swapped = use_fast_dropout(model)
+    impl = getattr(model.config, "_attn_implementation", None)
+    note = "" if impl == ATTN_IMPLEMENTATION else f"; {impl} attention keeps torch's attention-probability dropout"
+    return PatchResult("fast_dropout", swapped > 0, f"{swapped} dropout modules, {impl} attention{note}")
+
+
+def record_patches(run_dir: Path, patches: list[PatchResult], accelerator) -> None:
+    """Write what `speed_up` did to RUN_DIR/speed_patches.json (main process)."""
+    if accelerator.is_main_process:
+        ckpt.atomic_write_json(run_dir / PATCHES_FILE, {"patches": [p.to_dict() for p in patches]})
 
 
 def _prepare_run_dir(run_dir: Path, cfg: Config) -> bool:
