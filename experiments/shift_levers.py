@@ -102,10 +102,7 @@ def score_run(run: Path, hidden: tuple, prior_arms: bool, unlabelled_report: boo
     from agnews_lora.calibration import em_prior, softmax
     from agnews_lora.predict import Classifier
 
-    extra = ["--unlabelled", str(HIDDEN)] if unlabelled_report else []
-    subprocess.run([sys.executable, "-m", "agnews_lora.cli", "robustness", str(run), "--max-rows", str(max_rows), *extra],
-                   check=True, cwd=ROOT)
-    robust = json.loads((run / "robustness.json").read_text())
+    robust = _robustness(run, unlabelled_report, max_rows)
     summary = json.loads((run / "summary.json").read_text())
     test = json.loads((run / "test_metrics.json").read_text())
     texts, dev, ag = hidden
@@ -127,13 +124,26 @@ def score_run(run: Path, hidden: tuple, prior_arms: bool, unlabelled_report: boo
     return scores
 
 
+def _robustness(run: Path, unlabelled_report: bool, max_rows: int) -> dict:
+    """robustness.json of the run, made by `agnews-lora robustness` unless one with these settings exists."""
+    path = run / "robustness.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old["data"]["max_rows"] == max_rows and (old["unlabelled"] is not None) == unlabelled_report:
+            return old
+    extra = ["--unlabelled", str(HIDDEN)] if unlabelled_report else []
+    subprocess.run([sys.executable, "-m", "agnews_lora.cli", "robustness", str(run), "--max-rows", str(max_rows),
+                    *extra], check=True, cwd=ROOT)
+    return json.loads(path.read_text())
+
+
 def _hidden_figures(probs: np.ndarray, dev: dict, ag: dict) -> dict:
     pred = probs.argmax(-1)
     gen_rows = np.array(sorted(set(range(len(pred))) - set(ag)))
     dev_rows, ag_rows = np.array(sorted(dev)), np.array(sorted(ag))
     return {"dev_accuracy": float((pred[dev_rows] == np.array([dev[i] for i in dev_rows])).mean()),
             "ag_half_accuracy": float((pred[ag_rows] == np.array([ag[i] for i in ag_rows])).mean()),
-            "gen_share": np.bincount(pred[gen_rows], minlength=4).astype(float) / len(gen_rows),
+            "gen_share": (np.bincount(pred[gen_rows], minlength=4) / len(gen_rows)).tolist(),
             "gen_confidence": float(probs[gen_rows].max(-1).mean()),
             "ag_confidence": float(probs[ag_rows].max(-1).mean())}
 
@@ -180,7 +190,7 @@ def main() -> None:
     for arm in arms:
         if not (out / arm / "summary.json").is_file():
             continue
-        scores = score_run(out / arm, hidden, prior_arms=arm == "plain", unlabelled_report=args.stage == "final",
+        scores = score_run(out / arm, hidden, prior_arms=arm in ("plain", "combined"), unlabelled_report=args.stage == "final",
                            max_rows=stage["suite_rows"])
         rows += [(arm + suffix, v) for suffix, v in scores["variants"].items()]
     doc = ROOT / "docs" / f"shift_levers_{args.stage}.md"
