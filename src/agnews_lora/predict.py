@@ -8,7 +8,6 @@ folder written by `export` (see export.py).
 from __future__ import annotations
 
 import csv
-import json
 import time
 from pathlib import Path
 from typing import Sequence
@@ -16,21 +15,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from agnews_lora.config import Config, ConfigError, config_from_dict
-from agnews_lora.data import LABEL_NAMES, Split, clean_text, pad_batch, read_files, tokenize
-from agnews_lora.train import resolve_precision
+from agnews_lora import runs
+from agnews_lora.config import Config, ConfigError
+from agnews_lora.data import Split, clean_text, pad_batch, read_files, tokenize
+from agnews_lora.runs import EXPORT_META, ONNX_FILE, folder_kind  # noqa: F401  (re-exported: export, tests)
+from agnews_lora.train import resolve_precision  # moves with the precision work (issue 16, items 3-6)
 
-EXPORT_META = "agnews_lora.json"  # written by export beside every exported model
-ONNX_FILE = "model.onnx"
-
-
-def load_run_config(run_dir: str | Path) -> Config:
-    import yaml
-
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"{run_dir}: not a run folder (no config.yaml); pass the folder `train` wrote")
-    return config_from_dict(yaml.safe_load(path.read_text()))
+load_run_config = runs.read_config  # the old name, kept for callers outside the package
 
 
 def package_version() -> str:
@@ -40,31 +31,6 @@ def package_version() -> str:
         return version("agnews-lora")
     except PackageNotFoundError:  # running from a source tree that was never installed
         return "unknown"
-
-
-def folder_kind(path: str | Path) -> str:
-    """'run', 'merged' or 'onnx': what `Classifier.load` will find in the folder.
-
-    Raises:
-        ConfigError: the folder is none of them.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise ConfigError(f"{path}: no such folder; pass a run folder (train) or an exported folder (export)")
-    if (path / EXPORT_META).is_file():
-        return json.loads((path / EXPORT_META).read_text())["format"]
-    if (path / "config.yaml").is_file():
-        return "run"
-    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
-        return "merged"  # any transformers sequence-classification folder
-    raise ConfigError(f"{path}: not a run folder (config.yaml), an exported folder ({EXPORT_META}) or a "
-                      "transformers model folder (config.json + *.safetensors)")
-
-
-def _label_names(config) -> list[str]:
-    if config.num_labels == len(LABEL_NAMES):
-        return list(LABEL_NAMES)
-    return [config.id2label[i] for i in range(config.num_labels)]
 
 
 class OnnxModel:
@@ -109,8 +75,8 @@ class Classifier:
         self.device = torch.device("cpu") if self.onnx else next(model.parameters()).device
         self.info = info or {}
         self.precision = (self.info.get("quantize") or "fp32") if self.onnx else \
-            resolve_precision(_run_precision(precision, cfg), cpu=self.device.type == "cpu")
-        self.label_names = _label_names(model.config)
+            resolve_precision(runs.run_precision(precision, cfg), cpu=self.device.type == "cpu")
+        self.label_names = runs.label_names(model.config.num_labels, getattr(model.config, "id2label", None))
         self.num_labels = model.config.num_labels
         self.last_throughput = 0.0
 
@@ -197,18 +163,10 @@ class Classifier:
         return torch.softmax(torch.from_numpy(self.predict_logits(texts, batch_size)), -1).numpy()
 
 
-def _run_precision(precision: str, cfg: Config) -> str:
-    # A run trained (and scored on its test split) in fp32 keeps fp32: `evaluate` then reproduces
-    # test_metrics.json instead of differing by bf16 rounding near ties.
-    if precision == "auto" and cfg.train.precision in ("fp32", "bf16"):
-        return cfg.train.precision
-    return precision
-
-
 def _run_trainable(run_dir: Path, cfg: Config) -> int:
-    summary = run_dir / "summary.json"
-    if summary.is_file():
-        return int(json.loads(summary.read_text())["trainable"]["total"])
+    summary = runs.read_summary(run_dir)
+    if summary and isinstance(summary.get("trainable"), dict) and "total" in summary["trainable"]:
+        return int(summary["trainable"]["total"])
     from agnews_lora.model import budget_breakdown
 
     return budget_breakdown(cfg).total
@@ -217,14 +175,17 @@ def _run_trainable(run_dir: Path, cfg: Config) -> int:
 def _load_run(run_dir: Path, checkpoint: str, device: str, merge: bool):
     from peft import PeftModel
 
-    from agnews_lora.checkpoint import recover_swap
     from agnews_lora.model import build_model, load_tokenizer
 
-    cfg = load_run_config(run_dir)
-    adapter = recover_swap(run_dir / checkpoint)
-    if not (adapter / "adapter_model.safetensors").is_file():
-        raise ConfigError(f"{adapter}: no adapter_model.safetensors; did training finish an evaluation?")
-    model = PeftModel.from_pretrained(build_model(cfg, device=device, with_lora=False), str(adapter))
+    cfg = runs.read_config(run_dir)
+    adapter = runs.checkpoint_dir(run_dir, checkpoint)  # never moves files: the trainer may be mid-swap
+    try:
+        model = PeftModel.from_pretrained(build_model(cfg, device=device, with_lora=False), str(adapter))
+    except (OSError, ValueError, RuntimeError) as err:  # a truncated adapter (SafetensorError), bad json
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{adapter}: the run is damaged ({type(err).__name__}: {str(err)[:200]}); "
+                          "restore the checkpoint or train again") from None
     if merge:
         model = model.merge_and_unload()
     info = {"source": str(run_dir), "format": "run", "checkpoint": checkpoint, "model": cfg.model.name,
@@ -233,11 +194,8 @@ def _load_run(run_dir: Path, checkpoint: str, device: str, merge: bool):
 
 
 def _exported_config(folder: Path) -> tuple[Config, dict]:
-    """The run's config and export metadata saved beside an exported model (defaults if absent)."""
-    meta = json.loads((folder / EXPORT_META).read_text()) if (folder / EXPORT_META).is_file() else {}
-    cfg = load_run_config(folder) if (folder / "config.yaml").is_file() else Config()
-    if "max_length" in meta:
-        cfg.data.max_length = int(meta["max_length"])
+    """The run's config and what `serve`'s /info shows of an exported model."""
+    cfg, meta = runs.exported_config(folder)
     info = {"source": str(folder), "format": meta.get("format", "merged"), "model": meta.get("model", str(folder)),
             "head": meta.get("head"), "trainable": meta.get("trainable"), "quantize": meta.get("quantize")}
     return cfg, info
