@@ -18,7 +18,8 @@ from agnews_lora.config import Config, ConfigError
 from agnews_lora.data import load_splits, make_loader, seed_everything, tokenize
 from agnews_lora.evaluate import compute_metrics
 from agnews_lora.losses import cross_entropy, distillation_loss
-from agnews_lora.model import budget_breakdown, build_model, check_budget, count_trainable, load_tokenizer
+from agnews_lora.model import (budget_breakdown, build_model, check_budget, check_max_length, count_trainable,
+                               load_tokenizer)
 from agnews_lora.report import write_report
 from agnews_lora.speed import (cast_frozen_linears, cast_inputs_once, compile_layers, first_token_last_layer,
                                use_fast_dropout)
@@ -131,6 +132,7 @@ def train(cfg: Config, teacher_logits: np.ndarray | None = None, extra_summary: 
     run_dir = run_dir_for(cfg)
     breakdown = budget_breakdown(cfg)
     check_budget(breakdown, cfg.budget.max_trainable)  # before any folder, data or weights are touched
+    check_max_length(cfg)
     with runs.writer_lock(run_dir):  # one writer per run folder; released however train ends
         return _train(cfg, run_dir, breakdown, teacher_logits, extra_summary)
 
