@@ -99,6 +99,8 @@ class Classifier:
         Returns:
             The Classifier.
         """
+        if threads is not None and threads < 1:
+            raise ConfigError(f"threads={threads}: must be >= 1 (None: one per physical core)")
         if threads:
             torch.set_num_threads(threads)
         kind = folder_kind(path)
@@ -141,6 +143,8 @@ class Classifier:
         """
         from tqdm.auto import tqdm
 
+        if batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size}: must be >= 1")
         start = time.perf_counter()
         ids = tokenize([clean_text(t) for t in texts], self.tokenizer, self.cfg.data.max_length, cache_dir=None)
         order = np.argsort(-np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids)), kind="stable")
@@ -231,9 +235,39 @@ def write_predictions(preds: Sequence[int], output: str | Path) -> None:
     atomic_write_text(Path(output), buf.getvalue())
 
 
+def check_output(output: str | Path, inputs: Sequence[str | Path] = (), allowed_in: str | Path | None = None) -> None:
+    """Refuse, before any work, an output file that would destroy data or could not be written.
+
+    Args:
+        output: the file to write.
+        inputs: the input files (an output equal to one of them is refused).
+        allowed_in: a run or model folder the output may lie in (evaluate's default RUN/eval.json).
+
+    Raises:
+        ConfigError: the output is an input, a folder, inside a run or model folder, or not writable.
+    """
+    import os
+
+    out = Path(output).expanduser()
+    if out.is_dir():
+        raise ConfigError(f"output {out}: is a folder; name the file to write")
+    resolved = out.resolve()
+    for item in inputs:
+        if Path(item).expanduser().resolve() == resolved:
+            raise ConfigError(f"output {out}: is also an input file; write the output elsewhere")
+    folder = runs.is_inside_model_folder(resolved)
+    if folder is not None and (allowed_in is None or folder != Path(allowed_in).resolve()):
+        raise ConfigError(f"output {out}: lies inside the run or model folder {folder}; writing there could "
+                          "break it; write the output elsewhere")
+    parent = next(p for p in resolved.parents if p.exists())  # the folder that will hold it (made if missing)
+    if (out.exists() and not os.access(out, os.W_OK)) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"output {out}: cannot write there (permission denied); choose another path")
+
+
 def predict_file(clf: Classifier, inputs: Sequence[str], output: str | Path, batch_size: int = 64,
                  progress: bool = True) -> tuple[Split, list[int]]:
-    """Predict every row of the input file(s) and write `ID,Label` to `output`."""
+    """Predict every row of the input file(s) and write `ID,Label` to `output` (checked first)."""
+    check_output(output, inputs)
     split = read_files(inputs, num_labels=clf.num_labels)
     preds = clf.predict_logits(split.texts, batch_size=batch_size, progress=progress).argmax(-1).tolist()
     write_predictions(preds, output)
