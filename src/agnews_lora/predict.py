@@ -247,6 +247,7 @@ def check_output(output: str | Path, inputs: Sequence[str | Path] = (), allowed_
         ConfigError: the output is an input, a folder, inside a run or model folder, or not writable.
     """
     import os
+    import tempfile
 
     out = Path(output).expanduser()
     if out.is_dir():
@@ -260,8 +261,14 @@ def check_output(output: str | Path, inputs: Sequence[str | Path] = (), allowed_
         raise ConfigError(f"output {out}: lies inside the run or model folder {folder}; writing there could "
                           "break it; write the output elsewhere")
     parent = next(p for p in resolved.parents if p.exists())  # the folder that will hold it (made if missing)
-    if (out.exists() and not os.access(out, os.W_OK)) or not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"output {out}: cannot write there (permission denied); choose another path")
+    try:  # a real probe: permission bits say nothing for root or on a read-only mount
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".agnews-lora-probe.")
+        os.close(fd)
+        os.unlink(probe)
+        if out.exists() and not os.access(out, os.W_OK):
+            raise PermissionError(f"{out} is read-only")
+    except OSError as err:
+        raise ConfigError(f"output {out}: cannot write there ({err.strerror or err}); choose another path") from None
 
 
 def predict_file(clf: Classifier, inputs: Sequence[str], output: str | Path, batch_size: int = 64,
