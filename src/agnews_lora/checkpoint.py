@@ -107,11 +107,16 @@ def save_adapter(model, dest: Path, extra: dict | None = None) -> None:
     replace_dir(build, dest)
 
 
-def save_training_state(model, optimizer, scheduler, state: dict, dest: Path) -> None:
-    """The `last/` checkpoint for resuming: adapter + optimizer + scheduler + counters + RNG."""
+def save_training_state(model, optimizer, scheduler, state: dict, dest: Path,
+                        tensors: dict[str, dict] | None = None) -> None:
+    """The `last/` checkpoint for resuming: adapter + optimizer + scheduler + counters + RNG,
+    and `NAME.safetensors` for each entry of `tensors` (e.g. the weight average)."""
+    from safetensors.torch import save_file
 
     def build(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
+        for name, tensor_dict in (tensors or {}).items():
+            save_file(tensor_dict, str(tmp / f"{name}.safetensors"))
         rng = {"rng": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng["cuda_rng"] = torch.cuda.get_rng_state_all()

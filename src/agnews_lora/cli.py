@@ -130,10 +130,17 @@ def cmd_predict(args) -> None:
     from agnews_lora.evaluate import compute_metrics
     from agnews_lora.predict import Classifier, check_output, predict_file
 
+    from agnews_lora.predict import parse_prior, probabilities_path
+
     check_output(args.output, inputs=args.input)  # before the model loads, not after every prediction
     clf = Classifier.load(args.run_dir, precision=args.precision, threads=args.threads)
-    split, preds = predict_file(clf, args.input, args.output, batch_size=args.batch_size)
+    if args.prior is not None:
+        parse_prior(args.prior, clf.num_labels)  # a bad value fails before any prediction
+    split, preds = predict_file(clf, args.input, args.output, batch_size=args.batch_size, prior=args.prior,
+                                probs=args.probs)
     print(f"wrote {len(preds):,} predictions to {args.output} ({clf.last_throughput:.1f} texts/s)")
+    if args.probs:
+        print(f"wrote probabilities (temperature {clf.temperature:.3f}) to {probabilities_path(args.output)}")
     if split.labels is not None:
         print(f"accuracy {compute_metrics(split.labels, preds, clf.label_names)['accuracy']:.4f}")
 
@@ -152,7 +159,8 @@ def cmd_serve(args) -> None:
 
     limits = Limits(max_texts=args.max_texts, max_chars=args.max_chars, max_body_bytes=args.max_body_bytes)
     serve(args.model_dir, host=args.host, port=args.port, limits=limits, precision=args.precision,
-          threads=args.threads, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, docs=not args.no_docs)
+          threads=args.threads, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, prior=args.prior,
+          docs=not args.no_docs)
 
 
 def cmd_report(args) -> None:
@@ -239,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "texts or numpy arrays (anything else is refused, never run)")
             p.add_argument("--output", required=True, help="CSV to write (ID,Label); never an input file "
                            "or a path inside a run or model folder")
+            p.add_argument("--probs", action="store_true", help="also write OUTPUT_STEM.probs.csv: ID and one "
+                           "probability per class (softmax at the run's temperature fitted on validation)")
+            p.add_argument("--prior", help="correct predictions to another class prior: 'em' (re-estimated on the "
+                           "input rows, Saerens et al. 2002), 'uniform', or shares per class, e.g. 0.2,0.3,0.2,0.3")
         p.set_defaults(func=func)
     _export_and_serve_args(sub)
     return parser
@@ -268,6 +280,8 @@ def _export_and_serve_args(sub) -> None:
     p.add_argument("--max-wait-ms", type=at_least(0.0, float), default=5.0, help="micro-batching window")
     p.add_argument("--no-docs", action="store_true", help="do not serve the interactive API docs "
                    "(/docs, /redoc, /openapi.json; served by default)")
+    p.add_argument("--prior", help="correct probabilities to this class prior: 'uniform' or shares per class "
+                   "(e.g. 0.2,0.3,0.2,0.3); default: the training prior")
     p.set_defaults(func=cmd_serve)
 
 

@@ -33,6 +33,14 @@ class DataConfig:
     # tensor cores and torch.compile (fewer shapes); on CPU it only adds padding (measured: -5%).
     pad_to_multiple_of: int = 1
     cache_dir: str = "~/.cache/agnews-lora"
+    # Training-time augmentation (perturb.py): each epoch, this share of the training rows is
+    # replaced by one of these perturbations (`name` or `name:value`, e.g. typos:0.05).
+    # Validation and test rows are never perturbed.
+    augment: list[str] = field(default_factory=list)
+    augment_prob: float = 0.5
+    # Self-training: unlabelled texts (files) pseudo-labelled by the trained model for a further
+    # round (see SelfTrainConfig); empty = off. Their labels, if any, are never read.
+    unlabelled: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -74,6 +82,24 @@ class TrainConfig:
     progress: bool = True
     fast_dropout: bool = True  # CPU: dropout masks from 16-bit draws, ~3x faster (speed.py); false = torch's
     compile: bool = False  # torch.compile each encoder layer (dynamic shapes); slower on small CPUs
+    label_smoothing: float = 0.0  # cross-entropy against (1 - e) * one-hot + e / classes
+    # Weight averaging of the trainable weights: exponential moving average with this decay
+    # (0 = off, e.g. 0.999); evaluation, best/ and the test score use the averaged weights.
+    ema: float = 0.0
+    # Which evaluation's checkpoint becomes best/: validation accuracy on the clean rows, or on
+    # the validation rows under the robustness suite's perturbations (mean over the suite).
+    select: Literal["val_accuracy", "perturbed_val_accuracy"] = "val_accuracy"
+
+
+@dataclass
+class SelfTrainConfig:
+    """A further round on the training rows plus pseudo-labelled `data.unlabelled` texts."""
+
+    threshold: float = 0.9  # keep texts whose temperature-scaled top probability is above this
+    steps: int = 0  # optimizer steps of the further round; 0 = a quarter of the first round
+    lr: float = 0.0  # peak learning rate of the further round; 0 = train.lr / 2
+    balance: bool = True  # at most as many pseudo-labelled texts per class as the rarest class has
+    train_ratio: float = 1.0  # training rows drawn (seeded) per pseudo-labelled text for the round
 
 
 @dataclass
@@ -111,6 +137,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    self_train: SelfTrainConfig = field(default_factory=SelfTrainConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
@@ -295,6 +322,17 @@ def validate(cfg: Config) -> None:
         ("train.lr", cfg.train.lr > 0, "must be > 0"),
         ("train.warmup_ratio", 0 <= cfg.train.warmup_ratio < 1, "must be in [0, 1)"),
         ("train.epochs", cfg.train.epochs >= 1 or cfg.train.max_steps > 0, "must be >= 1"),
+        ("data.augment_prob", 0 <= cfg.data.augment_prob <= 1, "must be in [0, 1]"),
+        ("train.label_smoothing", 0 <= cfg.train.label_smoothing < 1, "must be in [0, 1)"),
+        ("train.ema", 0 <= cfg.train.ema < 1, "must be in [0, 1) (0 = off, e.g. 0.999)"),
+        ("train.select", cfg.train.select == "val_accuracy" or cfg.data.val_size > 0,
+         "needs validation rows (data.val_size > 0)"),
+        ("self_train.threshold", 0 <= cfg.self_train.threshold <= 1, "must be in [0, 1]"),
+        ("self_train.steps", cfg.self_train.steps >= 0, "must be >= 0 (0 = a quarter of the first round)"),
+        ("self_train.lr", cfg.self_train.lr >= 0, "must be >= 0 (0 = train.lr / 2)"),
+        ("self_train.train_ratio", cfg.self_train.train_ratio >= 0, "must be >= 0"),
+        ("data.unlabelled", not (cfg.data.unlabelled and cfg.distill.teacher),
+         "cannot be combined with distillation (the teacher has no logits for pseudo-labelled rows)"),
         ("distill.temperature", cfg.distill.temperature > 0, "must be > 0"),
         ("distill.alpha", 0 <= cfg.distill.alpha <= 1, "must be in [0, 1]"),
         ("distill.probe_steps", cfg.distill.probe_steps >= 1, "must be >= 1"),
@@ -309,6 +347,12 @@ def validate(cfg: Config) -> None:
     for key, ok, why in checks:
         if not ok:
             raise ConfigError(f"{key}={_value(cfg, key)!r} {why}")
+    from agnews_lora.perturb import parse_specs
+
+    try:
+        parse_specs(cfg.data.augment, key="data.augment")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _value(cfg: Config, dotted: str) -> Any:

@@ -147,6 +147,7 @@ def export_metadata(reference: Classifier, fmt: str, quantize: str | None, run_d
     meta = {"format": fmt, "quantize": quantize, "labels": reference.label_names,
             "max_length": reference.cfg.data.max_length, "model": reference.cfg.model.name,
             "head": reference.cfg.model.head, "trainable": reference.info.get("trainable"),
+            "temperature": reference.temperature, "class_prior": reference.class_prior.tolist(),
             "source_run": str(Path(run_dir).resolve()), "checkpoint": checkpoint,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "agnews_lora": package_version(), "torch": torch.__version__, "transformers": transformers.__version__}

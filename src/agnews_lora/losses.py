@@ -6,13 +6,14 @@ import torch
 import torch.nn.functional as F
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy in fp32 (logits may come out of bf16 autocast)."""
-    return F.cross_entropy(logits.float(), labels)
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy in fp32 (logits may come out of bf16 autocast), against
+    (1 - label_smoothing) * one-hot + label_smoothing / classes."""
+    return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                      temperature: float, alpha: float) -> torch.Tensor:
+                      temperature: float, alpha: float, label_smoothing: float = 0.0) -> torch.Tensor:
     """alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y).
 
     Args:
@@ -21,11 +22,12 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         labels: gold labels [batch].
         temperature: T > 0; the T^2 factor keeps the KD gradients' scale independent of T.
         alpha: weight of the KD term in [0, 1]; 0 is plain cross-entropy.
+        label_smoothing: for the cross-entropy term.
 
     Returns:
         The scalar loss (batch mean; KL summed over classes).
     """
-    ce = cross_entropy(student_logits, labels)
+    ce = cross_entropy(student_logits, labels, label_smoothing)
     if alpha == 0:
         return ce
     s = F.log_softmax(student_logits.float() / temperature, dim=-1)

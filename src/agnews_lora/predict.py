@@ -78,6 +78,10 @@ class Classifier:
             resolve_precision(runs.run_precision(precision, cfg), cpu=self.device.type == "cpu")
         self.label_names = runs.label_names(model.config.num_labels, getattr(model.config, "id2label", None))
         self.num_labels = model.config.num_labels
+        # Fitted on the run's validation rows by train; 1.0 (raw softmax) for models without it.
+        self.temperature = float(self.info.get("temperature") or 1.0)
+        prior = self.info.get("class_prior")
+        self.class_prior = np.asarray(prior if prior else np.full(self.num_labels, 1 / self.num_labels))
         self.last_throughput = 0.0
 
     @classmethod
@@ -158,13 +162,58 @@ class Classifier:
         self.last_throughput = len(ids) / max(time.perf_counter() - start, 1e-9)
         return out
 
-    def predict(self, texts: Sequence[str], batch_size: int = 64) -> list[int]:
-        """Predicted label ids (0 World, 1 Sports, 2 Business, 3 Sci/Tech)."""
-        return self.predict_logits(texts, batch_size).argmax(-1).tolist()
+    def predict(self, texts: Sequence[str], batch_size: int = 64, prior: str | Sequence[float] | None = None) -> list[int]:
+        """Predicted label ids (0 World, 1 Sports, 2 Business, 3 Sci/Tech); `prior` as in
+        `probabilities`."""
+        if prior is None:
+            return self.predict_logits(texts, batch_size).argmax(-1).tolist()
+        return self.predict_proba(texts, batch_size, prior=prior).argmax(-1).tolist()
 
-    def predict_proba(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        """Class probabilities [n, classes] (softmax of the logits)."""
-        return torch.softmax(torch.from_numpy(self.predict_logits(texts, batch_size)), -1).numpy()
+    def predict_proba(self, texts: Sequence[str], batch_size: int = 64, temperature: float | None = None,
+                      prior: str | Sequence[float] | None = None) -> np.ndarray:
+        """Class probabilities [n, classes]: softmax(logits / temperature), see `probabilities`."""
+        return self.probabilities(self.predict_logits(texts, batch_size), temperature=temperature, prior=prior)
+
+    def probabilities(self, logits: np.ndarray, temperature: float | None = None,
+                      prior: str | Sequence[float] | None = None) -> np.ndarray:
+        """Probabilities from logits: temperature-scaled, optionally corrected to another class prior.
+
+        Args:
+            logits: [n, classes].
+            temperature: None = the run's own (fitted on its validation rows at the end of
+                training; 1.0 for models without one); 1.0 = the raw softmax.
+            prior: None (the training prior, unchanged); "uniform"; "em" (re-estimate the prior
+                of these rows by EM, Saerens et al. 2002: use it on a whole unlabelled batch);
+                or one share per class (normalized).
+
+        Returns:
+            float32 [n, classes], rows summing to 1.
+        """
+        from agnews_lora.calibration import adjust_to_prior, em_prior, softmax
+
+        probs = softmax(logits, self.temperature if temperature is None else temperature)
+        if prior is None:
+            return probs.astype(np.float32)
+        if isinstance(prior, str) and prior == "em":
+            return em_prior(probs, self.class_prior)[0].astype(np.float32)
+        target = np.full(self.num_labels, 1.0) if isinstance(prior, str) and prior == "uniform" else \
+            parse_prior(prior, self.num_labels)
+        return adjust_to_prior(probs, self.class_prior, target / target.sum()).astype(np.float32)
+
+
+def parse_prior(prior: str | Sequence[float], num_labels: int) -> np.ndarray:
+    """"uniform", "em", or one non-negative share per class (a sequence or "0.2,0.3,..."):
+    checked, as an array (None for "em"); raises ConfigError naming the value."""
+    if isinstance(prior, str) and prior in ("uniform", "em"):
+        return None if prior == "em" else np.full(num_labels, 1.0 / num_labels)
+    try:
+        values = np.asarray([float(v) for v in (prior.split(",") if isinstance(prior, str) else prior)])
+    except (TypeError, ValueError):
+        values = np.zeros(0)
+    if len(values) != num_labels or (values < 0).any() or values.sum() <= 0:
+        raise ConfigError(f"prior {prior!r}: use 'uniform', 'em', or {num_labels} non-negative shares "
+                          "separated by commas (e.g. 0.25,0.25,0.25,0.25)")
+    return values
 
 
 def _run_trainable(run_dir: Path, cfg: Config) -> int:
@@ -174,6 +223,14 @@ def _run_trainable(run_dir: Path, cfg: Config) -> int:
     from agnews_lora.model import budget_breakdown
 
     return budget_breakdown(cfg).total
+
+
+def _run_calibration(run_dir: Path) -> dict:
+    """The temperature and training class prior train saved in summary.json (absent: {})."""
+    data = runs.read_summary(run_dir)
+    if not data:
+        return {}
+    return {"temperature": (data.get("calibration") or {}).get("temperature"), "class_prior": data.get("class_prior")}
 
 
 def _load_run(run_dir: Path, checkpoint: str, device: str, merge: bool):
@@ -193,7 +250,7 @@ def _load_run(run_dir: Path, checkpoint: str, device: str, merge: bool):
     if merge:
         model = model.merge_and_unload()
     info = {"source": str(run_dir), "format": "run", "checkpoint": checkpoint, "model": cfg.model.name,
-            "head": cfg.model.head, "trainable": _run_trainable(run_dir, cfg)}
+            "head": cfg.model.head, "trainable": _run_trainable(run_dir, cfg), **_run_calibration(run_dir)}
     return model, load_tokenizer(cfg.model.name), cfg, info
 
 
@@ -201,7 +258,8 @@ def _exported_config(folder: Path) -> tuple[Config, dict]:
     """The run's config and what `serve`'s /info shows of an exported model."""
     cfg, meta = runs.exported_config(folder)
     info = {"source": str(folder), "format": meta.get("format", "merged"), "model": meta.get("model", str(folder)),
-            "head": meta.get("head"), "trainable": meta.get("trainable"), "quantize": meta.get("quantize")}
+            "head": meta.get("head"), "trainable": meta.get("trainable"), "quantize": meta.get("quantize"),
+            "temperature": meta.get("temperature"), "class_prior": meta.get("class_prior")}
     return cfg, info
 
 
@@ -225,13 +283,29 @@ def _load_onnx(folder: Path, threads: int | None) -> Classifier:
 
 def write_predictions(preds: Sequence[int], output: str | Path) -> None:
     """The competition format: header `ID,Label`, ID = row index of the input."""
+    _write_csv(["ID", "Label"], ([i, int(p)] for i, p in enumerate(preds)), output)
+
+
+def probabilities_path(output: str | Path) -> Path:
+    """Where `--probs` writes: beside the `ID,Label` file, `NAME.probs.csv`."""
+    output = Path(output)
+    return output.with_name(f"{output.stem}.probs.csv")
+
+
+def write_probabilities(probs: np.ndarray, label_names: Sequence[str], output: str | Path) -> None:
+    """`ID,p_<class>...`: one row per input row, probabilities rounded to 6 digits."""
+    header = ["ID"] + [f"p_{name}" for name in label_names]
+    _write_csv(header, ([i, *(f"{v:.6f}" for v in row)] for i, row in enumerate(probs)), output)
+
+
+def _write_csv(header: list[str], rows, output: str | Path) -> None:
     from agnews_lora.checkpoint import atomic_write_text
     import io
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["ID", "Label"])
-    writer.writerows(enumerate(int(p) for p in preds))
+    writer.writerow(header)
+    writer.writerows(rows)
     atomic_write_text(Path(output), buf.getvalue())
 
 
@@ -272,10 +346,22 @@ def check_output(output: str | Path, inputs: Sequence[str | Path] = (), allowed_
 
 
 def predict_file(clf: Classifier, inputs: Sequence[str], output: str | Path, batch_size: int = 64,
-                 progress: bool = True) -> tuple[Split, list[int]]:
-    """Predict every row of the input file(s) and write `ID,Label` to `output` (checked first)."""
+                 progress: bool = True, prior: str | Sequence[float] | None = None,
+                 probs: bool = False) -> tuple[Split, list[int]]:
+    """Predict every row of the input file(s) and write `ID,Label` to `output` (checked first).
+
+    Args:
+        prior: None, "uniform", "em" (re-estimated over all rows of the input) or shares per
+            class: labels are then the argmax of the prior-corrected probabilities.
+        probs: also write the (temperature-scaled, prior-corrected) probabilities to
+            `probabilities_path(output)`.
+    """
     check_output(output, inputs)
     split = read_files(inputs, num_labels=clf.num_labels)
-    preds = clf.predict_logits(split.texts, batch_size=batch_size, progress=progress).argmax(-1).tolist()
+    logits = clf.predict_logits(split.texts, batch_size=batch_size, progress=progress)
+    p = clf.probabilities(logits, prior=prior) if (prior is not None or probs) else None
+    preds = (logits if p is None else p).argmax(-1).tolist()
     write_predictions(preds, output)
+    if probs:
+        write_probabilities(p, clf.label_names, probabilities_path(output))
     return split, preds

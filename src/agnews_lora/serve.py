@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agnews_lora.config import ConfigError
 from agnews_lora.data import clean_text
-from agnews_lora.predict import Classifier, package_version
+from agnews_lora.predict import Classifier, package_version, parse_prior
 
 MAX_ERRORS = 20  # errors listed in one 422: a huge bad request must not get a huger answer
 
@@ -219,7 +219,7 @@ class BodySizeLimit:
 
 
 def create_app(clf: Classifier, limits: Limits | None = None, max_batch: int = 64, max_wait_ms: float = 5.0,
-               batch_size: int = 64, docs: bool = True):
+               batch_size: int = 64, prior: str | None = None, docs: bool = True):
     """The FastAPI app serving `clf`.
 
     Args:
@@ -228,13 +228,22 @@ def create_app(clf: Classifier, limits: Limits | None = None, max_batch: int = 6
         max_batch: most texts in one model call made from several requests.
         max_wait_ms: how long the first request of a batch waits for others.
         batch_size: texts per forward pass inside a model call.
+        prior: None (the training prior), "uniform" or shares per class ("0.2,0.3,0.2,0.3"): the
+            probabilities (at the run's fitted temperature) are corrected to it. EM estimation
+            needs a whole unlabelled batch, which a service does not see: refused.
         docs: serve the interactive API docs (/docs, /redoc, /openapi.json).
 
     Returns:
         The app; run it with uvicorn (see `serve`) or test it with fastapi.testclient.
     """
     limits = limits or Limits()
-    batcher = MicroBatcher(lambda texts: clf.predict_proba(texts, batch_size=batch_size),
+    if prior == "em":
+        raise ConfigError("prior 'em' re-estimates the prior of a whole unlabelled batch; a service sees "
+                          "requests one by one: give the prior ('uniform' or shares per class), or use "
+                          "`predict --prior em` on a file")
+    if prior is not None:
+        parse_prior(prior, clf.num_labels)
+    batcher = MicroBatcher(lambda texts: clf.predict_proba(texts, batch_size=batch_size, prior=prior),
                            max_batch=max_batch, max_wait_ms=max_wait_ms)
 
     @asynccontextmanager
@@ -266,6 +275,7 @@ def create_app(clf: Classifier, limits: Limits | None = None, max_batch: int = 6
     async def info() -> dict:
         return {**public_info(clf.info), "labels": clf.label_names, "max_length": clf.cfg.data.max_length,
                 "precision": clf.precision, "backend": "onnxruntime" if clf.onnx else "torch",
+                "temperature": clf.temperature, "prior": prior or "training",
                 "version": package_version(), "limits": asdict(limits),
                 "batching": {"max_batch": max_batch, "max_wait_ms": max_wait_ms}}
     return app
@@ -334,7 +344,7 @@ def _encodable(text: str) -> bool:
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None,
           precision: str = "auto", threads: int | None = None, max_batch: int = 64, max_wait_ms: float = 5.0,
-          docs: bool = True) -> None:
+          prior: str | None = None, docs: bool = True) -> None:
     """Load the model once and serve it with uvicorn until interrupted.
 
     Args:
@@ -346,6 +356,7 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, limits: Lim
         threads: CPU threads for the model (None: one per physical core).
         max_batch: most texts per micro-batched model call.
         max_wait_ms: micro-batching window.
+        prior: see `create_app`.
         docs: serve the interactive API docs at /docs (and /redoc, /openapi.json).
     """
     import uvicorn
@@ -353,7 +364,7 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, limits: Lim
     if not 0 <= port <= 65535:
         raise ConfigError(f"serve: port {port} must be in 0..65535")
     clf = Classifier.load(model_dir, precision=precision, threads=threads)
-    app = create_app(clf, limits=limits, max_batch=max_batch, max_wait_ms=max_wait_ms, docs=docs)
+    app = create_app(clf, limits=limits, max_batch=max_batch, max_wait_ms=max_wait_ms, prior=prior, docs=docs)
     print(f"serving {model_dir} ({clf.info.get('format')}, {clf.precision}) on http://{host}:{port} "
           "- POST /predict {\"texts\": [...]}, GET /health, GET /info")
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -14,12 +15,15 @@ import torch
 
 from agnews_lora import checkpoint as ckpt
 from agnews_lora import runs
+from agnews_lora.averaging import WeightAverage
+from agnews_lora.calibration import expected_calibration_error, fit_temperature, nll, softmax
 from agnews_lora.config import Config, ConfigError
 from agnews_lora.data import load_splits, make_loader, seed_everything, tokenize
 from agnews_lora.evaluate import compute_metrics
 from agnews_lora.losses import cross_entropy, distillation_loss
 from agnews_lora.model import (budget_breakdown, build_model, check_budget, check_max_length, count_trainable,
                                load_tokenizer)
+from agnews_lora.perturb import SUITE, augment_texts, parse_specs, perturb_texts
 from agnews_lora.report import write_report
 from agnews_lora.speed import (cast_frozen_linears, cast_inputs_once, compile_layers, first_token_last_layer,
                                use_fast_dropout)
@@ -94,12 +98,17 @@ def predict_logits(model, loader, accelerator, n_rows: int) -> np.ndarray:
     return out
 
 
-def evaluate_split(model, loader, accelerator, labels: list[int]) -> dict:
-    """Loss and all metrics of the model on one labelled split."""
+def evaluate_split(model, loader, accelerator, labels: list[int], temperature: float | None = None) -> dict:
+    """Loss and all metrics of the model on one labelled split; with `temperature`, also the
+    expected calibration error and NLL before and after temperature scaling."""
     logits = predict_logits(model, loader, accelerator, len(labels))
     y = torch.tensor(labels)
     metrics = compute_metrics(labels, logits.argmax(-1).tolist(), runs.label_names(logits.shape[1]))
     metrics["loss"] = float(cross_entropy(torch.from_numpy(logits), y))
+    if temperature is not None:
+        metrics.update({"ece": expected_calibration_error(softmax(logits), labels),
+                        "ece_calibrated": expected_calibration_error(softmax(logits, temperature), labels),
+                        "nll_calibrated": nll(logits, labels, temperature), "temperature": temperature})
     return metrics
 
 
@@ -115,6 +124,7 @@ class Progress:
     train_seconds: float = 0.0
     examples: int = 0
     tokens: int = 0
+    round: int = 0  # 0: the training rows; 1: the self-training round (data.unlabelled)
 
 
 def train(cfg: Config, teacher_logits: np.ndarray | None = None, extra_summary: dict | None = None) -> Path:
@@ -161,25 +171,35 @@ def _train(cfg: Config, run_dir: Path, breakdown, teacher_logits: np.ndarray | N
                                seed=cfg.train.seed, pad_to_multiple_of=multiple)
     val_loader = make_loader(val_ids, val_split.labels, cfg.train.eval_batch_size, pad, shuffle=False,
                              pad_to_multiple_of=multiple)
-    sampler = train_loader.batch_sampler
+    perturbed_val = _perturbed_val_loader(cfg, val_split, tok, pad) if cfg.train.select != "val_accuracy" else None
+    sampler, dataset = train_loader.batch_sampler, train_loader.dataset
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    if perturbed_val is not None:
+        perturbed_val = (accelerator.prepare(perturbed_val[0]), perturbed_val[1])
 
     steps_per_epoch = max(1, math.ceil(len(train_loader) / cfg.train.grad_accum))
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
     scheduler = make_scheduler(optimizer, cfg, total_steps)
-    prog = Progress()
-    if resuming:
-        prog = _restore(run_dir / "last", accelerator.unwrap_model(model), optimizer, scheduler)
-        if accelerator.is_main_process:
-            runs.drop_records_after(run_dir, prog.step)
-        accelerator.print(f"resuming {run_dir} at step {prog.step}/{total_steps}")
-
+    average = WeightAverage(accelerator.unwrap_model(model), cfg.train.ema) if cfg.train.ema else None
     teacher = None if teacher_logits is None else torch.from_numpy(teacher_logits).to(accelerator.device)
     ctx = _LoopContext(cfg, run_dir, accelerator, model, optimizer, scheduler, train_loader, val_loader,
-                       val_split.labels, sampler, teacher, total_steps, steps_per_epoch)
-    _loop(ctx, prog)
+                       val_split.labels, sampler, teacher, total_steps, steps_per_epoch,
+                       augment=_Augmenter(cfg, train_split.texts, dataset, sampler, tok),
+                       average=average, perturbed_val=perturbed_val)
+    prog = _peek_progress(run_dir) if resuming else Progress()
+    if prog.round == 0:
+        if resuming:
+            prog = _resume(ctx, total_steps)
+        _loop(ctx, prog)
+    self_train_info = None
+    if cfg.data.unlabelled:
+        ctx, prog, self_train_info = _self_train(ctx, prog, train_split, tok, resume=prog.round == 1)
 
     summary = _finish(ctx, prog, breakdown, tokenizer, test_split)
+    summary["class_prior"] = _class_prior(train_split.labels, cfg.model.num_labels)
+    summary["shift_levers"] = _shift_levers(cfg)
+    if self_train_info is not None:
+        summary["self_train"] = self_train_info
     if extra_summary:
         summary.update(extra_summary)
     if ctx.accelerator.is_main_process:
@@ -219,6 +239,77 @@ def _restore(last: Path, model, optimizer, scheduler) -> Progress:
     return Progress(**extra["state"])
 
 
+def _peek_progress(run_dir: Path) -> Progress:
+    """The counters of `last/` without loading anything else (which round to rebuild)."""
+    import json
+
+    return Progress(**json.loads((run_dir / "last" / "state.json").read_text()))
+
+
+def _resume(ctx: "_LoopContext", total_steps: int) -> Progress:
+    """Load `last/` into the context's model, optimizer, scheduler and weight average."""
+    acc = ctx.accelerator
+    prog = _restore(ctx.run_dir / "last", acc.unwrap_model(ctx.model), ctx.optimizer, ctx.scheduler)
+    if ctx.average is not None:
+        from safetensors.torch import load_file
+
+        ctx.average.load_state_dict(load_file(str(ctx.run_dir / "last" / "average.safetensors")))
+    if acc.is_main_process:
+        runs.drop_records_after(ctx.run_dir, prog.step)
+    acc.print(f"resuming {ctx.run_dir} at step {prog.step}/{total_steps}")
+    return prog
+
+
+def _class_prior(labels: list[int], num_labels: int) -> list[float]:
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_labels)
+    return (counts / max(counts.sum(), 1)).round(6).tolist()
+
+
+def _shift_levers(cfg: Config) -> dict:
+    """What the run did against distribution shift, for the summary and reports."""
+    return {"augment": list(cfg.data.augment), "augment_prob": cfg.data.augment_prob if cfg.data.augment else 0.0,
+            "label_smoothing": cfg.train.label_smoothing, "ema": cfg.train.ema, "select": cfg.train.select,
+            "self_train": bool(cfg.data.unlabelled)}
+
+
+def _perturbed_val_loader(cfg: Config, val_split, tok, pad: int) -> tuple:
+    """The validation rows under every perturbation of the robustness suite, as one loader."""
+    texts, labels = [], []
+    for spec in SUITE:
+        texts += perturb_texts(val_split.texts, spec, seed=cfg.train.seed)
+        labels += val_split.labels
+    from agnews_lora.data import Split
+
+    ids = tok(Split(texts, labels))
+    loader = make_loader(ids, labels, cfg.train.eval_batch_size, pad_id=pad, shuffle=False,
+                         pad_to_multiple_of=cfg.data.pad_to_multiple_of)
+    return loader, labels
+
+
+class _Augmenter:
+    """Per-epoch training texts under `data.augment`: epoch e perturbs a seeded share of the rows
+    (seed train.seed + e), re-tokenizes them and swaps them into the training dataset and its
+    sampler's lengths. Validation and test rows are never touched."""
+
+    def __init__(self, cfg: Config, texts: list[str], dataset, sampler, tok):
+        self.specs = parse_specs(cfg.data.augment, key="data.augment")
+        self.prob, self.seed = cfg.data.augment_prob, cfg.train.seed
+        self.texts, self.dataset, self.sampler, self.tok = texts, dataset, sampler, tok
+        self.changed = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.specs) and self.prob > 0
+
+    def set_epoch(self, epoch: int) -> None:
+        from agnews_lora.data import Split
+
+        texts, self.changed = augment_texts(self.texts, self.specs, prob=self.prob, seed=self.seed + epoch)
+        self.dataset.ids = self.tok(Split(texts, None))
+        self.dataset.lengths = np.fromiter((len(x) for x in self.dataset.ids), dtype=np.int64,
+                                           count=len(self.dataset.ids))
+        self.sampler.lengths = self.dataset.lengths
+
+
 @dataclass
 class _LoopContext:
     cfg: Config
@@ -234,14 +325,19 @@ class _LoopContext:
     teacher: torch.Tensor | None
     total_steps: int
     steps_per_epoch: int
+    augment: _Augmenter | None = None
+    average: WeightAverage | None = None
+    perturbed_val: tuple | None = None  # (loader, labels): the validation rows under the suite
 
 
 def _loss(ctx: _LoopContext, batch) -> torch.Tensor:
     logits = ctx.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    smoothing = ctx.cfg.train.label_smoothing
     if ctx.teacher is None:
-        return cross_entropy(logits, batch["labels"])
+        return cross_entropy(logits, batch["labels"], smoothing)
     return distillation_loss(logits, ctx.teacher[batch["index"]], batch["labels"],
-                             temperature=ctx.cfg.distill.temperature, alpha=ctx.cfg.distill.alpha)
+                             temperature=ctx.cfg.distill.temperature, alpha=ctx.cfg.distill.alpha,
+                             label_smoothing=smoothing)
 
 
 def _loop(ctx: _LoopContext, prog: Progress) -> None:
@@ -260,6 +356,8 @@ def _loop(ctx: _LoopContext, prog: Progress) -> None:
         # epoch would replay epoch 0's order. Under DDP only the direct call reaches the sampler.
         ctx.train_loader.set_epoch(prog.epoch)
         ctx.sampler.set_epoch(prog.epoch)
+        if ctx.augment:
+            ctx.augment.set_epoch(prog.epoch)
         loader = acc.skip_first_batches(ctx.train_loader, prog.batches_in_epoch) \
             if prog.batches_in_epoch else ctx.train_loader
         ctx.model.train()
@@ -279,6 +377,8 @@ def _loop(ctx: _LoopContext, prog: Progress) -> None:
             window_n += 1
             if not acc.sync_gradients:
                 continue
+            if ctx.average is not None:
+                ctx.average.update()
             ctx.scheduler.step()
             prog.step += 1
             bar.update(1)
@@ -315,26 +415,127 @@ def _evaluate_and_save(ctx: _LoopContext, prog: Progress, completed_epoch: bool)
     acc = ctx.accelerator
     record = {"step": prog.step, "epoch": prog.epoch if completed_epoch else prog.epoch + 1,
               "epoch_end": completed_epoch, "train_seconds": round(prog.train_seconds, 2)}
-    if ctx.val_labels:
-        m = evaluate_split(ctx.model, ctx.val_loader, acc, ctx.val_labels)
-        record.update({f"val_{k}": v for k, v in m.items() if not isinstance(v, (dict, list))})
-        record["val_confusion"] = m["confusion"]
-        score = m["accuracy"]
-    else:
-        score = prog.step  # no validation rows: the latest checkpoint is the best one
     unwrapped = acc.unwrap_model(ctx.model)
-    if acc.is_main_process:
-        if score > prog.best_accuracy:
+    with ctx.average.swapped_in() if ctx.average is not None else nullcontext():
+        score = _score(ctx, prog, record)
+        if acc.is_main_process and score > prog.best_accuracy:
             prog.best_accuracy, prog.best_step = score, prog.step
             ckpt.save_adapter(unwrapped, ctx.run_dir / "best", extra={"step": prog.step, **record})
             record["best"] = True
+    if acc.is_main_process:
         ckpt.append_jsonl(ctx.run_dir / "metrics.jsonl", record)
         ckpt.save_training_state(unwrapped, ctx.optimizer, ctx.scheduler, vars(prog).copy(),
-                                 ctx.run_dir / "last")
+                                 ctx.run_dir / "last",
+                                 tensors=None if ctx.average is None else {"average": ctx.average.state_dict()})
     acc.wait_for_everyone()
     if "val_accuracy" in record:
         acc.print(f"step {prog.step}: val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.4f} "
                   f"F1 {record['val_f1_macro']:.4f}")
+
+
+def _score(ctx: _LoopContext, prog: Progress, record: dict) -> float:
+    """Evaluate on validation (and its perturbed copies when train.select asks), fill `record`,
+    return the number that picks best/."""
+    if not ctx.val_labels:
+        return prog.step  # no validation rows: the latest checkpoint is the best one
+    m = evaluate_split(ctx.model, ctx.val_loader, ctx.accelerator, ctx.val_labels)
+    record.update({f"val_{k}": v for k, v in m.items() if not isinstance(v, (dict, list))})
+    record["val_confusion"] = m["confusion"]
+    if ctx.perturbed_val is None:
+        return m["accuracy"]
+    loader, labels = ctx.perturbed_val
+    record["val_perturbed_accuracy"] = evaluate_split(ctx.model, loader, ctx.accelerator, labels)["accuracy"]
+    return record["val_perturbed_accuracy"]
+
+
+def _self_train(ctx: _LoopContext, prog: Progress, train_split, tok, resume: bool):
+    """The further round: pseudo-label data.unlabelled with round 0's best model (or reload those
+    labels when resuming), then train on them plus drawn training rows for self_train.steps.
+
+    Returns:
+        (the round's context, its progress, what the round did for summary.json).
+    """
+    import dataclasses
+    import json
+
+    from agnews_lora.data import Split
+
+    cfg, acc = ctx.cfg, ctx.accelerator
+    path = ctx.run_dir / "pseudo_labels.json"
+    info = json.loads(path.read_text()) if resume else _pseudo_label(ctx, prog, tok)
+    if not resume and acc.is_main_process:
+        ckpt.atomic_write_json(path, info)
+    public = {k: v for k, v in info.items() if k not in ("index", "labels")}
+    if not info["index"]:
+        acc.print(f"self-training: no unlabelled text above threshold {cfg.self_train.threshold}; round skipped")
+        return ctx, prog, public
+    unlabelled = _read_unlabelled(cfg)
+    rng = np.random.default_rng(cfg.train.seed)
+    n_train = min(len(train_split), int(round(cfg.self_train.train_ratio * len(info["index"]))))
+    drawn = np.sort(rng.choice(len(train_split), size=n_train, replace=False)).tolist()
+    texts = [unlabelled.texts[i] for i in info["index"]] + [train_split.texts[i] for i in drawn]
+    labels = list(info["labels"]) + [train_split.labels[i] for i in drawn]
+    round_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=cfg.self_train.lr or cfg.train.lr / 2))
+    loader = make_loader(tok(Split(texts, labels)), labels, cfg.train.batch_size, load_tokenizer(cfg.model.name).pad_token_id,
+                         shuffle=True, seed=cfg.train.seed + 1, pad_to_multiple_of=cfg.data.pad_to_multiple_of)
+    sampler, dataset = loader.batch_sampler, loader.dataset
+    model = acc.unwrap_model(ctx.model)
+    optimizer, loader = acc.prepare(make_optimizer(model, round_cfg), loader)
+    steps = cfg.self_train.steps or max(1, ctx.total_steps // 4)
+    scheduler = make_scheduler(optimizer, round_cfg, steps)
+    average = WeightAverage(model, cfg.train.ema) if cfg.train.ema else None
+    round_ctx = dataclasses.replace(
+        ctx, optimizer=optimizer, scheduler=scheduler, train_loader=loader, sampler=sampler,
+        total_steps=ctx.total_steps + steps, steps_per_epoch=max(1, math.ceil(len(loader) / cfg.train.grad_accum)),
+        augment=_Augmenter(cfg, texts, dataset, sampler, tok), average=average)
+    if resume:
+        prog = _resume(round_ctx, round_ctx.total_steps)
+    else:
+        prog.round, prog.best_accuracy = 1, -1.0  # best/ is chosen among this round's evaluations
+        prog.epoch, prog.batches_in_epoch = prog.epoch + (prog.batches_in_epoch > 0), 0
+    acc.print(f"self-training: {len(info['index']):,} pseudo-labelled + {n_train:,} training rows, {steps} steps")
+    _loop(round_ctx, prog)
+    return round_ctx, prog, {**public, "steps": steps, "train_rows": n_train, "lr": round_cfg.train.lr}
+
+
+def _read_unlabelled(cfg: Config):
+    from agnews_lora.data import read_files
+
+    return read_files(cfg.data.unlabelled, cfg.model.num_labels)
+
+
+def _pseudo_label(ctx: _LoopContext, prog: Progress, tok) -> dict:
+    """Round 0's best model labels data.unlabelled; keep the confident rows (selftrain.py)."""
+    from agnews_lora.data import Split
+    from agnews_lora.selftrain import select_pseudo_labels
+
+    cfg, acc = ctx.cfg, ctx.accelerator
+    model = acc.unwrap_model(ctx.model)
+    ckpt.load_adapter_weights(model, ctx.run_dir / "best")
+    unlabelled = _read_unlabelled(cfg)
+    temperature = _calibration(ctx)["temperature"]
+    loader = acc.prepare(make_loader(tok(Split(unlabelled.texts, None)), None, cfg.train.eval_batch_size,
+                                     load_tokenizer(cfg.model.name).pad_token_id, shuffle=False,
+                                     pad_to_multiple_of=cfg.data.pad_to_multiple_of))
+    probs = softmax(predict_logits(ctx.model, loader, acc, len(unlabelled)), temperature)
+    index, labels = select_pseudo_labels(probs, threshold=cfg.self_train.threshold, balance=cfg.self_train.balance)
+    return {"source": unlabelled.source, "unlabelled_rows": len(unlabelled), "threshold": cfg.self_train.threshold,
+            "balance": cfg.self_train.balance, "temperature": temperature, "rows": len(index),
+            "per_class": np.bincount(labels, minlength=cfg.model.num_labels).tolist(),
+            "round0_best_val_accuracy": prog.best_accuracy, "round0_best_step": prog.best_step,
+            "index": index.tolist(), "labels": labels.tolist()}
+
+
+def _calibration(ctx: _LoopContext) -> dict:
+    """Temperature fitted on validation (best/ loaded), with validation NLL/ECE before and after."""
+    if not ctx.val_labels:
+        return {"temperature": 1.0}
+    logits = predict_logits(ctx.model, ctx.val_loader, ctx.accelerator, len(ctx.val_labels))
+    t = fit_temperature(logits, ctx.val_labels)
+    return {"temperature": round(t, 6), "fitted_on": "validation", "val_nll_before": nll(logits, ctx.val_labels),
+            "val_nll_after": nll(logits, ctx.val_labels, t),
+            "val_ece_before": expected_calibration_error(softmax(logits), ctx.val_labels),
+            "val_ece_after": expected_calibration_error(softmax(logits, t), ctx.val_labels)}
 
 
 def _finish(ctx: _LoopContext, prog: Progress, breakdown, tokenizer, test_split) -> dict:
@@ -350,13 +551,15 @@ def _finish(ctx: _LoopContext, prog: Progress, breakdown, tokenizer, test_split)
                "train_seconds": round(prog.train_seconds, 2),
                "train_examples_per_s": round(examples / max(prog.train_seconds, 1e-9), 2),
                "train_tokens_per_s": round(tokens / max(prog.train_seconds, 1e-9), 1),
-               "precision": acc.mixed_precision, "device": str(acc.device), "processes": acc.num_processes}
+               "precision": acc.mixed_precision, "device": str(acc.device), "processes": acc.num_processes,
+               "calibration": _calibration(ctx)}
     if test_split is not None and test_split.labels is not None:
         ids = tokenize(test_split.texts, tokenizer, cfg.data.max_length, cfg.data.cache_dir)
         loader = acc.prepare(make_loader(ids, test_split.labels, cfg.train.eval_batch_size,
                                          tokenizer.pad_token_id, shuffle=False,
                                          pad_to_multiple_of=cfg.data.pad_to_multiple_of))
-        m = evaluate_split(model, loader, acc, test_split.labels)
+        m = evaluate_split(model, loader, acc, test_split.labels,
+                           temperature=summary["calibration"]["temperature"])
         m["data"] = test_split.source
         if acc.is_main_process:
             ckpt.atomic_write_json(ctx.run_dir / "test_metrics.json", m)
