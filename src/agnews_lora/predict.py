@@ -244,9 +244,11 @@ def _load_run(run_dir: Path, checkpoint: str, device: str, merge: bool):
 
     cfg = runs.read_config(run_dir)
     adapter = runs.checkpoint_dir(run_dir, checkpoint)  # never moves files: the trainer may be mid-swap
+    from safetensors import SafetensorError
+
     try:
         model = PeftModel.from_pretrained(build_model(cfg, device=device, with_lora=False), str(adapter))
-    except (OSError, ValueError, RuntimeError) as err:  # a truncated adapter (SafetensorError), bad json
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # a truncated adapter, bad json
         if isinstance(err, ConfigError):
             raise
         raise ConfigError(f"{adapter}: the run is damaged ({type(err).__name__}: {str(err)[:200]}); "
