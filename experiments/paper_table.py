@@ -217,9 +217,9 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def settings_changes(run_dir: Path, cfg: Config) -> list[str]:
     """Config keys whose value in run_dir/config.yaml differs from `cfg` (locations ignored)."""
     from agnews_lora.config import to_dict
-    from agnews_lora.predict import load_run_config
+    from agnews_lora.runs import read_config
 
-    saved, now = _flat(to_dict(load_run_config(run_dir))), _flat(to_dict(cfg))
+    saved, now = _flat(to_dict(read_config(run_dir))), _flat(to_dict(cfg))
     return [f"{k}: {saved.get(k)!r} there, {now.get(k)!r} now" for k in sorted(saved.keys() | now.keys())
             if k not in _NOT_SETTINGS and saved.get(k) != now.get(k)]
 

@@ -274,6 +274,7 @@ def test_teacher_columns_follow_the_student_label_names():
 
 
 def _error_line(capsys, argv, one_line: bool = True) -> str:
+    capsys.readouterr()  # what the test printed before the command (e.g. save_pretrained's progress bar)
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -16,10 +17,14 @@ def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp makes files private; run folders are shared artefacts
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; run folders are shared artefacts
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)  # a failed write leaves no debris beside the target
+        raise
 
 
 def atomic_write_json(path: Path, data: dict) -> None:
@@ -32,10 +37,26 @@ def append_jsonl(path: Path, record: dict) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL log; a torn last line (power loss mid-write) is dropped with a warning.
+
+    Raises:
+        ValueError: a line before the last one is not valid JSON (the file is damaged).
+    """
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                from agnews_lora.config import ConfigError
+
+                raise ConfigError(f"{path}: line {i + 1} is not valid JSON; the run is damaged") from None
+            print(f"warning: {path}: dropped an unfinished last line (an interrupted write)", file=sys.stderr)
+    return records
 
 
 def recover_swap(dest: Path) -> Path:
@@ -56,7 +77,8 @@ def replace_dir(build, dest: Path) -> None:
     """Call build(tmp_dir) to fill a fresh folder, then swap it in for `dest`.
 
     The swap is two renames (dest -> .dest.old, tmp -> dest); a crash between them leaves the
-    previous checkpoint as .dest.old, which `recover_swap` (called by every reader) restores.
+    previous checkpoint as .dest.old, which `recover_swap` (called by the writer only, holding
+    the run's lock: see runs.py) restores; readers read .dest.old where it lies.
     """
     dest = recover_swap(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -105,12 +127,35 @@ def save_training_state(model, optimizer, scheduler, state: dict, dest: Path,
     replace_dir(build, dest)
 
 
+def load_training_state(src: Path) -> dict:
+    """What `save_training_state` wrote: optimizer, scheduler, rng (and cuda_rng), state.
+
+    Loaded with `weights_only=True`: a crafted optim.pt cannot run code, it fails to load.
+    """
+    path = Path(src) / "optim.pt"
+    try:
+        extra = torch.load(path, weights_only=True)
+        extra["state"] = json.loads((Path(src) / "state.json").read_text())
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
+        from agnews_lora.config import ConfigError
+
+        raise ConfigError(f"{src}: the checkpoint is damaged or unsafe ({str(err).splitlines()[0][:200]}); "
+                          "remove it to start over, or restore it") from None
+    return extra
+
+
 def load_adapter_weights(model, src: Path) -> None:
     """Load saved adapter + head weights into an existing peft model (same config)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    weights = load_file(str(Path(src) / "adapter_model.safetensors"))
+    path = Path(src) / "adapter_model.safetensors"
+    try:
+        weights = load_file(str(path))
+    except Exception as err:  # SafetensorError, OSError: a truncated or foreign file
+        from agnews_lora.config import ConfigError
+
+        raise ConfigError(f"{path}: the run is damaged ({err}); restore it or train again") from None
     result = set_peft_model_state_dict(model, weights)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:

@@ -25,19 +25,31 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return USER_ERRORS + (DataError, HubUnreachable, BudgetError, ParityError, MissingExtra)
 
 
+def at_least(low: float, kind: type = int):
+    """An argparse type: a number of `kind` that is >= low (every numeric option has a range)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
+        return value
+
+    return parse
+
+
+def port_number(text: str) -> int:
+    value = at_least(0)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a TCP port (0..65535)")
+    return value
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="YAML file overriding the defaults")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. lora.r=12 train.lr=3e-4")
-
-
-def _at_least(minimum: float, kind=int):
-    """An argparse type: a number >= minimum, else an error naming the flag (argparse adds it)."""
-    def parse(text: str):
-        value = kind(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}")
-        return value
-    return parse
 
 
 def _use_threads(threads: int | None) -> None:
@@ -97,6 +109,10 @@ def cmd_evaluate(args) -> None:
     from agnews_lora.evaluate import format_metrics
     from agnews_lora.scoring import evaluate_folder
 
+    from agnews_lora.predict import check_output
+
+    out = Path(args.output) if args.output else Path(args.run_dir) / "eval.json"
+    check_output(out, inputs=args.data or [], allowed_in=None if args.output else args.run_dir)
     _use_threads(args.threads)
     result = evaluate_folder(args.run_dir, data=args.data, output=args.output, batch_size=args.batch_size,
                              precision=args.precision, teacher=not args.no_teacher, progress=True,
@@ -113,10 +129,11 @@ def cmd_evaluate(args) -> None:
 
 def cmd_predict(args) -> None:
     from agnews_lora.evaluate import compute_metrics
-    from agnews_lora.predict import Classifier, predict_file
+    from agnews_lora.predict import Classifier, check_output, predict_file
 
     from agnews_lora.predict import parse_prior, probabilities_path
 
+    check_output(args.output, inputs=args.input)  # before the model loads, not after every prediction
     _use_threads(args.threads)
     clf = Classifier.load(args.run_dir, precision=args.precision, threads=args.threads)
     if args.prior is not None:
@@ -144,7 +161,8 @@ def cmd_serve(args) -> None:
 
     limits = Limits(max_texts=args.max_texts, max_chars=args.max_chars, max_body_bytes=args.max_body_bytes)
     serve(args.model_dir, host=args.host, port=args.port, limits=limits, precision=args.precision,
-          threads=args.threads, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, prior=args.prior)
+          threads=args.threads, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, prior=args.prior,
+          docs=not args.no_docs)
 
 
 def cmd_report(args) -> None:
@@ -230,12 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="Optuna search over sweep.space; every trial checked against the budget")
     _config_args(p)
-    p.add_argument("--trials", type=int, required=True,
+    p.add_argument("--trials", type=at_least(1), required=True,
                    help="finished (complete or pruned) trials the study should hold, over all workers")
     p.add_argument("--storage", help="SQLAlchemy URL shared by workers, e.g. postgresql://user:pw@host/db "
                    "(default: sqlite in the sweep folder)")
     p.add_argument("--study-name", help="default: the config's name, else 'sweep'")
-    p.add_argument("--heartbeat", type=int, default=60, help="seconds between heartbeats of a running trial; "
+    p.add_argument("--heartbeat", type=at_least(1), default=60, help="seconds between heartbeats of a running trial; "
                    "a trial silent for twice as long counts as dead (FAILED, re-queued)")
     p.set_defaults(func=cmd_sweep)
 
@@ -243,16 +261,19 @@ def build_parser() -> argparse.ArgumentParser:
                             ("predict", cmd_predict, "write ID,Label predictions for a file")):
         p = sub.add_parser(name, help=hlp)
         p.add_argument("run_dir", help="run folder written by train, or a folder written by export")
-        p.add_argument("--batch-size", type=int, default=64)
+        p.add_argument("--batch-size", type=at_least(1), default=64, help="texts per forward pass (>= 1)")
         p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-        p.add_argument("--threads", type=int, help="CPU threads (default: one per physical core)")
+        p.add_argument("--threads", type=at_least(1), help="CPU threads (default: one per physical core)")
         if name == "evaluate":
             p.add_argument("--data", nargs="+", help="labelled file(s); default: the run's test data")
             p.add_argument("--output", help="metrics JSON (default RUN_DIR/eval.json)")
             p.add_argument("--no-teacher", action="store_true", help="distilled runs: skip scoring the teacher")
         else:
-            p.add_argument("--input", nargs="+", required=True, help="CSV/JSONL/parquet/pickle file(s)")
-            p.add_argument("--output", required=True, help="CSV to write (ID,Label)")
+            p.add_argument("--input", nargs="+", required=True, help="CSV/JSONL(.gz), parquet or pickle file(s); "
+                           "a pickle may hold only a datasets.Dataset, DataFrame, dict of columns, list of "
+                           "texts or numpy arrays (anything else is refused, never run)")
+            p.add_argument("--output", required=True, help="CSV to write (ID,Label); never an input file "
+                           "or a path inside a run or model folder")
             p.add_argument("--probs", action="store_true", help="also write OUTPUT_STEM.probs.csv: ID and one "
                            "probability per class (softmax at the run's temperature fitted on validation)")
             p.add_argument("--prior", help="correct predictions to another class prior: 'em' (re-estimated on the "
@@ -287,21 +308,23 @@ def _export_and_serve_args(sub) -> None:
     p.add_argument("--quantize", choices=["int8"], help="ONNX only: dynamic int8 quantization")
     p.add_argument("--output", help="folder to write (default RUN_DIR/export/FORMAT[-int8])")
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
-    p.add_argument("--parity-rows", type=int, default=1000, help="rows of the run's test data the export "
+    p.add_argument("--parity-rows", type=at_least(0), default=1000, help="rows of the run's test data the export "
                    "is checked on (besides a few built-in texts)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="HTTP service: POST /predict, GET /health, GET /info")
     p.add_argument("model_dir", help="run folder, or a folder written by export")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000, help="TCP port (0..65535)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-    p.add_argument("--threads", type=int, help="CPU threads (default: one per physical core)")
-    p.add_argument("--max-texts", type=_at_least(1), default=64, help="texts per request")
-    p.add_argument("--max-chars", type=_at_least(1), default=10_000, help="characters per text")
-    p.add_argument("--max-body-bytes", type=_at_least(1), default=1_000_000, help="request body size")
-    p.add_argument("--max-batch", type=_at_least(1), default=64, help="most texts per micro-batched model call")
-    p.add_argument("--max-wait-ms", type=_at_least(0, float), default=5.0, help="micro-batching window")
+    p.add_argument("--threads", type=at_least(1), help="CPU threads (default: one per physical core)")
+    p.add_argument("--max-texts", type=at_least(1), default=64, help="texts per request")
+    p.add_argument("--max-chars", type=at_least(1), default=10_000, help="characters per text")
+    p.add_argument("--max-body-bytes", type=at_least(1), default=1_000_000, help="request body size")
+    p.add_argument("--max-batch", type=at_least(1), default=64, help="most texts per micro-batched model call")
+    p.add_argument("--max-wait-ms", type=at_least(0.0, float), default=5.0, help="micro-batching window")
+    p.add_argument("--no-docs", action="store_true", help="do not serve the interactive API docs "
+                   "(/docs, /redoc, /openapi.json; served by default)")
     p.add_argument("--prior", help="correct probabilities to this class prior: 'uniform' or shares per class "
                    "(e.g. 0.2,0.3,0.2,0.3); default: the training prior")
     p.set_defaults(func=cmd_serve)

@@ -284,6 +284,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = Config()
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a folder; pass the YAML file itself")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
@@ -303,14 +305,24 @@ def validate(cfg: Config) -> None:
     """Check value ranges that types alone cannot express."""
     checks = [
         ("lora.r", cfg.lora.r >= 1, "must be >= 1"),
+        ("lora.alpha", cfg.lora.alpha > 0, "must be > 0"),
         ("lora.dropout", 0 <= cfg.lora.dropout < 1, "must be in [0, 1)"),
         ("lora.target_modules", bool(cfg.lora.target_modules), "must name at least one module"),
         ("model.pooled_dropout", 0 <= cfg.model.pooled_dropout < 1, "must be in [0, 1)"),
         ("model.num_labels", cfg.model.num_labels >= 2, "must be >= 2"),
         ("data.val_size", cfg.data.val_size >= 0, "must be >= 0"),
+        ("data.max_train_rows", cfg.data.max_train_rows >= 0, "must be >= 0 (0 = all rows)"),
         ("data.max_length", cfg.data.max_length >= 8, "must be >= 8"),
         ("data.pad_to_multiple_of", cfg.data.pad_to_multiple_of >= 1, "must be >= 1 (1 = no rounding)"),
         ("train.batch_size", cfg.train.batch_size >= 1, "must be >= 1"),
+        ("train.eval_batch_size", cfg.train.eval_batch_size >= 1, "must be >= 1"),
+        ("train.max_steps", cfg.train.max_steps >= 0, "must be >= 0 (0 = train.epochs decides)"),
+        ("train.log_every", cfg.train.log_every >= 1, "must be >= 1"),
+        ("train.eval_every", cfg.train.eval_every >= 0, "must be >= 0 (0 = once per epoch)"),
+        ("train.weight_decay", cfg.train.weight_decay >= 0, "must be >= 0"),
+        ("train.max_grad_norm", cfg.train.max_grad_norm >= 0, "must be >= 0 (0 = no clipping)"),
+        ("train.seed", 0 <= cfg.train.seed < 2**32, "must be in [0, 2**32)"),
+        ("budget.max_trainable", cfg.budget.max_trainable >= 1, "must be >= 1"),
         ("train.grad_accum", cfg.train.grad_accum >= 1, "must be >= 1"),
         ("train.lr", cfg.train.lr > 0, "must be > 0"),
         ("train.warmup_ratio", 0 <= cfg.train.warmup_ratio < 1, "must be in [0, 1)"),
@@ -328,6 +340,8 @@ def validate(cfg: Config) -> None:
          "cannot be combined with distillation (the teacher has no logits for pseudo-labelled rows)"),
         ("distill.temperature", cfg.distill.temperature > 0, "must be > 0"),
         ("distill.alpha", 0 <= cfg.distill.alpha <= 1, "must be in [0, 1]"),
+        ("distill.probe_steps", cfg.distill.probe_steps >= 1, "must be >= 1"),
+        ("distill.probe_lr", cfg.distill.probe_lr > 0, "must be > 0"),
         ("sweep.direction", (cfg.sweep.direction == "minimize") == (cfg.sweep.metric == "val_loss"),
          f"does not suit sweep.metric={cfg.sweep.metric} (minimize val_loss, maximize the others)"),
     ]

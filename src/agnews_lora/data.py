@@ -8,8 +8,8 @@ import hashlib
 import io
 import json
 import os
-import pickle
 import random
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -55,10 +55,20 @@ def _suffixes(path: Path) -> str:
     return name[:-3] if name.endswith(".gz") else name
 
 
+def _read_bytes(path: Path) -> bytes:
+    if not path.name.lower().endswith(".gz"):
+        return path.read_bytes()
+    try:
+        with gzip.open(path, "rb") as raw:
+            return raw.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        why = "is truncated" if isinstance(err, EOFError) else "is not gzip data"
+        raise DataError(f"{path}: the file {why} ({err}); download or compress it again, or drop the .gz "
+                        "suffix if it is not compressed") from None
+
+
 def _open_text(path: Path) -> io.TextIOBase:
-    raw = gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
-    data = raw.read()
-    raw.close()
+    data = _read_bytes(path)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
@@ -92,8 +102,23 @@ def _check_text(path: Path, row: int, text: object) -> str:
     return cleaned
 
 
+# csv's default field limit (131,072 characters) rejects a long article; texts are truncated
+# at tokenization anyway, so any field that fits in memory is read.
+_CSV_FIELD_LIMIT = 2**31 - 1
+
+
+def _csv_rows(path: Path) -> list[list[str]]:
+    previous = csv.field_size_limit(_CSV_FIELD_LIMIT)
+    try:
+        return list(csv.reader(_open_text(path)))
+    except csv.Error as err:
+        raise DataError(f"{path}: not a readable CSV file ({err})") from None
+    finally:
+        csv.field_size_limit(previous)  # a process-wide setting: leave it as found
+
+
 def _read_csv(path: Path, num_labels: int) -> Split:
-    rows = list(csv.reader(_open_text(path)))
+    rows = _csv_rows(path)
     while rows and not rows[-1]:  # blank lines at the end, as editors and spreadsheets leave them
         rows.pop()
     if not rows:
@@ -156,18 +181,32 @@ def _read_parquet(path: Path, num_labels: int) -> Split:
 
 
 def _read_pickle(path: Path, num_labels: int) -> Split:
-    # Only ever called on a local file the user named (the course competition's test set).
+    # Restricted: a pickle from the internet must not be able to run code (see unpickle.py).
+    from agnews_lora.unpickle import ForbiddenGlobal, safe_load
+
     with open(path, "rb") as fh:
         try:
-            obj = pickle.load(fh)
+            obj = safe_load(fh)
+        except ForbiddenGlobal as err:
+            raise DataError(f"{path}: refused to unpickle: {err}. Accepted pickles hold a datasets.Dataset, "
+                            "a pandas DataFrame, a dict of columns, a list of texts or numpy arrays; "
+                            "or convert the file to CSV/JSONL/parquet") from None
         except Exception as err:
-            raise DataError(f"{path}: not a readable pickle ({err})") from None
+            raise DataError(f"{path}: not a readable pickle ({type(err).__name__}: {err})") from None
+    return _from_records(path, _pickle_records(path, obj), num_labels)
+
+
+def _pickle_records(path: Path, obj: object) -> list[dict]:
+    """The supported unpickled shapes as a list of row dicts."""
     if hasattr(obj, "to_pandas"):  # datasets.Dataset
         obj = obj.to_pandas()
     if hasattr(obj, "to_dict") and hasattr(obj, "columns"):  # pandas.DataFrame
         obj = obj.to_dict(orient="records")
+    if hasattr(obj, "tolist") and not isinstance(obj, (list, dict)):  # numpy array, pandas Series
+        obj = obj.tolist()
     if isinstance(obj, dict) and "text" in obj:
-        obj = [dict(zip(obj, vals)) for vals in zip(*obj.values())]
+        cols = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in obj.items()}
+        obj = [dict(zip(cols, vals)) for vals in zip(*cols.values())]
     if isinstance(obj, list) and obj and all(isinstance(t, str) for t in obj):
         obj = [{"text": t} for t in obj]
     if not isinstance(obj, list) or not all(isinstance(r, dict) for r in obj):
@@ -175,7 +214,7 @@ def _read_pickle(path: Path, num_labels: int) -> Split:
             f"{path}: pickle holds {type(obj).__name__}; expected a datasets.Dataset, DataFrame, "
             "dict of columns or list of texts with a 'text' field"
         )
-    return _from_records(path, obj, num_labels)
+    return obj
 
 
 def read_file(path: str | Path, num_labels: int = 4) -> Split:
@@ -184,14 +223,18 @@ def read_file(path: str | Path, num_labels: int = 4) -> Split:
     Args:
         path: original AG News CSV (headerless class,title,description; 1-based classes),
             or a file with `text` (and optionally `label`, 0-based) columns: CSV, JSONL,
-            parquet, or a pickle (the course competition's unlabelled test set). `.gz` ok
-            for CSV and JSONL.
+            parquet, or a pickle (the course competition's unlabelled test set) holding a
+            datasets.Dataset, a DataFrame, a dict of columns, a list of texts or numpy arrays,
+            read by a restricted unpickler that refuses any other global. `.gz` ok for CSV
+            and JSONL.
         num_labels: number of classes, for the range check.
 
     Returns:
         The Split with cleaned texts.
     """
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not a data file; name the file itself")
     if not path.is_file():
         raise DataError(f"{path}: no such file; check data.train / data.test or --input")
     kind = _suffixes(path)

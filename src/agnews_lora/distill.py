@@ -37,12 +37,13 @@ import torch
 from torch import nn
 
 from agnews_lora import checkpoint as ckpt
+from agnews_lora import runs
 from agnews_lora.config import Config, ConfigError
 from agnews_lora.data import LABEL_NAMES, Split, load_splits, texts_fingerprint, tokenizer_fingerprint
 from agnews_lora.evaluate import compute_metrics
 from agnews_lora.losses import cross_entropy
 
-TEACHER_FILE = "teacher.json"
+TEACHER_FILE = runs.TEACHER
 PROBE_FILE = "teacher_probe.npz"
 _CACHE_VERSION = 1  # bump when the way logits are computed changes
 
@@ -131,7 +132,7 @@ def resolve_teacher(source: str, mode: str, num_labels: int, max_length: int) ->
         raise ConfigError("distill.teacher is empty: pass --teacher RUN_DIR (a run folder of agnews-lora) "
                           "or a Hugging Face model folder or id")
     path = Path(source).expanduser()
-    if path.is_dir() and (path / "config.yaml").is_file():
+    if path.is_dir() and (path / runs.CONFIG).is_file():
         return _run_teacher(path.resolve(), mode, num_labels)
     if path.is_dir() and not (path / "config.json").is_file():
         raise ConfigError(f"distill.teacher: {path} is neither a run folder of agnews-lora (no config.yaml) "
@@ -162,12 +163,12 @@ def _check_labels(source: str, teacher_labels: int, num_labels: int) -> None:
 
 def _run_teacher(path: Path, mode: str, num_labels: int) -> TeacherSpec:
     from agnews_lora.model import load_tokenizer, resolve_model_path
-    from agnews_lora.predict import load_run_config
 
-    tcfg = load_run_config(path)
-    adapter = ckpt.recover_swap(path / "best") / "adapter_model.safetensors"
-    if not adapter.is_file():
-        raise ConfigError(f"distill.teacher: {adapter} is missing; did the teacher run finish an evaluation?")
+    tcfg = runs.read_config(path)
+    try:
+        adapter = runs.checkpoint_dir(path, "best") / "adapter_model.safetensors"  # read, never repaired
+    except ConfigError as err:
+        raise ConfigError(f"distill.teacher: {err}") from None
     from agnews_lora.hub import HubUnreachable
 
     try:
@@ -397,9 +398,7 @@ def _val_overlap(spec: TeacherSpec, val: Split) -> int | None:
         return None
     from agnews_lora.data import DataError
     from agnews_lora.hub import HubUnreachable
-    from agnews_lora.predict import load_run_config
-
-    tcfg = load_run_config(spec.source)
+    tcfg = runs.read_config(spec.source)
     try:
         teacher_train, _, _ = load_splits(tcfg.data, seed=tcfg.train.seed, num_labels=tcfg.model.num_labels)
     except (DataError, HubUnreachable):  # the teacher's data is not readable from here
@@ -412,22 +411,8 @@ def _val_overlap(spec: TeacherSpec, val: Split) -> int | None:
 # ---------------------------------------------------------------- the distillation run
 
 
-def _refuse_existing_run(cfg: Config) -> None:
-    # train() refuses too, but only after the teacher logits were paid for.
-    from agnews_lora.train import run_dir_for
-
-    run_dir = run_dir_for(cfg)
-    if not cfg.train.resume and ((run_dir / "metrics.jsonl").exists() or (run_dir / "last").exists()):
-        raise ConfigError(f"out_dir: {run_dir} already holds a run; pass train.resume=true to continue "
-                          "it, or choose another out_dir/name")
-
-
-def _label_names(n: int) -> list[str]:
-    return list(LABEL_NAMES) if n == len(LABEL_NAMES) else [f"class {i}" for i in range(n)]
-
-
 def _accuracy(logits: np.ndarray, labels: list[int]) -> dict:
-    m = compute_metrics(labels, logits.argmax(-1).tolist(), _label_names(logits.shape[1]))
+    m = compute_metrics(labels, logits.argmax(-1).tolist(), runs.label_names(logits.shape[1]))
     return {"accuracy": m["accuracy"], "f1_macro": m["f1_macro"]}
 
 
@@ -457,10 +442,19 @@ def distill(cfg: Config) -> Path:
         frozen mode); summary.json gains a "distill" entry.
     """
     from agnews_lora.model import budget_breakdown, check_budget
-    from agnews_lora.train import train
+    from agnews_lora.train import run_dir_for
 
     check_budget(budget_breakdown(cfg), cfg.budget.max_trainable)  # the student's; the teacher does not count
-    _refuse_existing_run(cfg)
+    # train() refuses too, but only after the teacher logits were paid for; the lock covers
+    # teacher.json, written after train() returns.
+    with runs.writer_lock(run_dir_for(cfg)):
+        runs.refuse_existing_run(run_dir_for(cfg), resume=cfg.train.resume)
+        return _distill(cfg)
+
+
+def _distill(cfg: Config) -> Path:
+    from agnews_lora.train import train
+
     spec = resolve_teacher(cfg.distill.teacher, mode=cfg.distill.teacher_mode,
                            num_labels=cfg.model.num_labels, max_length=cfg.data.max_length)
     train_split, val_split, _ = load_splits(cfg.data, seed=cfg.train.seed, num_labels=cfg.model.num_labels)
@@ -507,10 +501,9 @@ def evaluate_teacher(run_dir: str | Path, split: Split, batch_size: int = 64, pr
         recorded figures.
     """
     from agnews_lora.hub import HubUnreachable
-    from agnews_lora.predict import load_run_config
 
-    record = json.loads((Path(run_dir) / TEACHER_FILE).read_text())
-    cfg = load_run_config(run_dir)
+    record = runs.read_json(Path(run_dir) / TEACHER_FILE)
+    cfg = runs.read_config(run_dir)
     base = {"source": record["source"], "mode": record["mode"], "recorded_val_accuracy": record["val_accuracy"]}
     try:
         spec = resolve_teacher(record["source"], mode=record["mode"], num_labels=cfg.model.num_labels,
@@ -524,16 +517,15 @@ def evaluate_teacher(run_dir: str | Path, split: Split, batch_size: int = 64, pr
     device = _device()
     encoder = load_teacher_encoder(spec, device=device, precision=_effective_precision(precision, device))
     logits = to_logits(spec, encoder.predict_logits(split.texts, batch_size=batch_size, progress=True), probe)
-    m = compute_metrics(split.labels, logits.argmax(-1).tolist(), _label_names(spec.num_labels))
+    m = compute_metrics(split.labels, logits.argmax(-1).tolist(), runs.label_names(spec.num_labels))
     return {**m, **base, "available": True, "data": split.source,
             "changed_since_distill": spec.identity != record["identity"]}
 
 
 def format_teacher_vs_student(teacher: dict, student: dict, run_dir: str | Path) -> str:
     """A side-by-side table of the teacher's and the student's figures."""
-    record = json.loads((Path(run_dir) / TEACHER_FILE).read_text())
-    summary_file = Path(run_dir) / "summary.json"
-    student_val = json.loads(summary_file.read_text()).get("best_val_accuracy") if summary_file.is_file() else None
+    record = runs.read_json(Path(run_dir) / TEACHER_FILE)
+    student_val = (runs.read_summary(run_dir) or {}).get("best_val_accuracy")
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     lines = ["", f"teacher {record['source']} ({record['mode']}); KD T={record['temperature']} "
              f"alpha={record['alpha']}", f"{'':<26}{'teacher':>9}{'student':>9}"]

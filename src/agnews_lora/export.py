@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 from agnews_lora.checkpoint import atomic_write_json, replace_dir
-from agnews_lora.config import Config, ConfigError, save_config
+from agnews_lora.config import Config, ConfigError
 from agnews_lora.data import DataError, read_files
-from agnews_lora.predict import EXPORT_META, ONNX_FILE, Classifier, folder_kind, package_version
+from agnews_lora.predict import Classifier, package_version
+from agnews_lora.runs import EXPORT_META, ONNX_FILE, folder_kind, write_config, write_export_meta
 
 FORMATS = ("merged", "onnx")
 QUANTIZE = ("int8",)
@@ -92,8 +93,8 @@ def export(run_dir: str | Path, fmt: str, output: str | Path | None = None, quan
 
     def build(tmp: Path) -> None:
         write_model(reference, tmp, fmt=fmt, quantize=quantize)
-        atomic_write_json(tmp / EXPORT_META, export_metadata(reference, fmt=fmt, quantize=quantize,
-                                                             run_dir=run_dir, checkpoint=checkpoint))
+        write_export_meta(tmp, export_metadata(reference, fmt=fmt, quantize=quantize, run_dir=run_dir,
+                                               checkpoint=checkpoint))
         got = Classifier.load(tmp, precision="fp32").predict_logits(texts, batch_size=32)
         parity = check_parity(expected, got, tolerance=TOLERANCES[name], name=name)
         atomic_write_json(tmp / "parity.json", {**parity, "sample": source})
@@ -139,7 +140,7 @@ def write_model(reference: Classifier, dest: Path, fmt: str, quantize: str | Non
         merged.set_attn_implementation("eager")
         export_onnx(merged, reference.tokenizer, dest / ONNX_FILE, quantize=quantize)
     reference.tokenizer.save_pretrained(dest)
-    save_config(reference.cfg, dest / "config.yaml")
+    write_config(reference.cfg, dest)
 
 
 def export_metadata(reference: Classifier, fmt: str, quantize: str | None, run_dir: str | Path,

@@ -83,6 +83,30 @@ def load_backbone_config(name: str, num_labels: int):
     return config
 
 
+# Models whose position ids start after the padding index (fairseq style): positions 0..pad are
+# never used for tokens.
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "mpnet", "longformer", "data2vec-text")
+
+
+def position_limit(config) -> int | None:
+    """The longest sequence (special tokens included) the model's position embeddings cover."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is None:
+        return None
+    if getattr(config, "model_type", "") in _OFFSET_POSITIONS:
+        limit -= (getattr(config, "pad_token_id", None) or 0) + 1
+    return limit
+
+
+def check_max_length(cfg: Config) -> None:
+    """Raise ConfigError when data.max_length exceeds the backbone's positions (before training,
+    not as an indexing error inside transformers at the first long batch)."""
+    limit = position_limit(load_backbone_config(cfg.model.name, cfg.model.num_labels))
+    if limit is not None and cfg.data.max_length > limit:
+        raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds what {cfg.model.name} can read "
+                          f"({limit} positions); use data.max_length<={limit}")
+
+
 class FirstTokenLinearHead(nn.Module):
     """The lean head: dropout on the first token's (<s>/[CLS]) final hidden state, one Linear."""
 

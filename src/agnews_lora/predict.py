@@ -8,7 +8,6 @@ folder written by `export` (see export.py).
 from __future__ import annotations
 
 import csv
-import json
 import time
 from pathlib import Path
 from typing import Sequence
@@ -16,21 +15,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from agnews_lora.config import Config, ConfigError, config_from_dict
-from agnews_lora.data import LABEL_NAMES, Split, clean_text, pad_batch, read_files, tokenize
+from agnews_lora import runs
+from agnews_lora.config import Config, ConfigError
+from agnews_lora.data import Split, clean_text, pad_batch, read_files, tokenize
 from agnews_lora.precision import autocast_dtype, resolve_precision
+from agnews_lora.runs import EXPORT_META, ONNX_FILE, folder_kind  # noqa: F401  (re-exported: export, tests)
 
-EXPORT_META = "agnews_lora.json"  # written by export beside every exported model
-ONNX_FILE = "model.onnx"
-
-
-def load_run_config(run_dir: str | Path) -> Config:
-    import yaml
-
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"{run_dir}: not a run folder (no config.yaml); pass the folder `train` wrote")
-    return config_from_dict(yaml.safe_load(path.read_text()))
+load_run_config = runs.read_config  # the old name, kept for callers outside the package
 
 
 def package_version() -> str:
@@ -40,31 +31,6 @@ def package_version() -> str:
         return version("agnews-lora")
     except PackageNotFoundError:  # running from a source tree that was never installed
         return "unknown"
-
-
-def folder_kind(path: str | Path) -> str:
-    """'run', 'merged' or 'onnx': what `Classifier.load` will find in the folder.
-
-    Raises:
-        ConfigError: the folder is none of them.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise ConfigError(f"{path}: no such folder; pass a run folder (train) or an exported folder (export)")
-    if (path / EXPORT_META).is_file():
-        return json.loads((path / EXPORT_META).read_text())["format"]
-    if (path / "config.yaml").is_file():
-        return "run"
-    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
-        return "merged"  # any transformers sequence-classification folder
-    raise ConfigError(f"{path}: not a run folder (config.yaml), an exported folder ({EXPORT_META}) or a "
-                      "transformers model folder (config.json + *.safetensors)")
-
-
-def _label_names(config) -> list[str]:
-    if config.num_labels == len(LABEL_NAMES):
-        return list(LABEL_NAMES)
-    return [config.id2label[i] for i in range(config.num_labels)]
 
 
 class OnnxModel:
@@ -113,7 +79,7 @@ class Classifier:
         self.info = info or {}
         self.precision = (self.info.get("quantize") or "fp32") if self.onnx else \
             resolve_precision(precision, self.device, run_precision=cfg.train.precision)
-        self.label_names = _label_names(model.config)
+        self.label_names = runs.label_names(model.config.num_labels, getattr(model.config, "id2label", None))
         self.num_labels = model.config.num_labels
         # Fitted on the run's validation rows by train; 1.0 (raw softmax) for models without it.
         self.temperature = float(self.info.get("temperature") or 1.0)
@@ -141,6 +107,8 @@ class Classifier:
         Returns:
             The Classifier.
         """
+        if threads is not None and threads < 1:
+            raise ConfigError(f"threads={threads}: must be >= 1 (None: one per physical core)")
         kind = folder_kind(path)
         if kind == "onnx":
             return _load_onnx(Path(path), threads)
@@ -183,6 +151,8 @@ class Classifier:
         """
         from tqdm.auto import tqdm
 
+        if batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size}: must be >= 1")
         start = time.perf_counter()
         ids = tokenize([clean_text(t) for t in texts], self.tokenizer, self.cfg.data.max_length, cache_dir=None)
         order = np.argsort(-np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids)), kind="stable")
@@ -251,9 +221,9 @@ def parse_prior(prior: str | Sequence[float], num_labels: int) -> np.ndarray:
 
 
 def _run_trainable(run_dir: Path, cfg: Config) -> int:
-    summary = run_dir / "summary.json"
-    if summary.is_file():
-        return int(json.loads(summary.read_text())["trainable"]["total"])
+    summary = runs.read_summary(run_dir)
+    if summary and isinstance(summary.get("trainable"), dict) and "total" in summary["trainable"]:
+        return int(summary["trainable"]["total"])
     from agnews_lora.model import budget_breakdown
 
     return budget_breakdown(cfg).total
@@ -261,24 +231,28 @@ def _run_trainable(run_dir: Path, cfg: Config) -> int:
 
 def _run_calibration(run_dir: Path) -> dict:
     """The temperature and training class prior train saved in summary.json (absent: {})."""
-    summary = run_dir / "summary.json"
-    if not summary.is_file():
+    data = runs.read_summary(run_dir)
+    if not data:
         return {}
-    data = json.loads(summary.read_text())
     return {"temperature": (data.get("calibration") or {}).get("temperature"), "class_prior": data.get("class_prior")}
 
 
 def _load_run(run_dir: Path, checkpoint: str, device: str, merge: bool):
     from peft import PeftModel
 
-    from agnews_lora.checkpoint import recover_swap
     from agnews_lora.model import build_model, load_tokenizer
 
-    cfg = load_run_config(run_dir)
-    adapter = recover_swap(run_dir / checkpoint)
-    if not (adapter / "adapter_model.safetensors").is_file():
-        raise ConfigError(f"{adapter}: no adapter_model.safetensors; did training finish an evaluation?")
-    model = PeftModel.from_pretrained(build_model(cfg, device=device, with_lora=False), str(adapter))
+    cfg = runs.read_config(run_dir)
+    adapter = runs.checkpoint_dir(run_dir, checkpoint)  # never moves files: the trainer may be mid-swap
+    from safetensors import SafetensorError
+
+    try:
+        model = PeftModel.from_pretrained(build_model(cfg, device=device, with_lora=False), str(adapter))
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # a truncated adapter, bad json
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{adapter}: the run is damaged ({type(err).__name__}: {str(err)[:200]}); "
+                          "restore the checkpoint or train again") from None
     if merge:
         model = model.merge_and_unload()
     info = {"source": str(run_dir), "format": "run", "checkpoint": checkpoint, "model": cfg.model.name,
@@ -287,11 +261,8 @@ def _load_run(run_dir: Path, checkpoint: str, device: str, merge: bool):
 
 
 def _exported_config(folder: Path) -> tuple[Config, dict]:
-    """The run's config and export metadata saved beside an exported model (defaults if absent)."""
-    meta = json.loads((folder / EXPORT_META).read_text()) if (folder / EXPORT_META).is_file() else {}
-    cfg = load_run_config(folder) if (folder / "config.yaml").is_file() else Config()
-    if "max_length" in meta:
-        cfg.data.max_length = int(meta["max_length"])
+    """The run's config and what `serve`'s /info shows of an exported model."""
+    cfg, meta = runs.exported_config(folder)
     info = {"source": str(folder), "format": meta.get("format", "merged"), "model": meta.get("model", str(folder)),
             "head": meta.get("head"), "trainable": meta.get("trainable"), "quantize": meta.get("quantize"),
             "temperature": meta.get("temperature"), "class_prior": meta.get("class_prior")}
@@ -344,10 +315,46 @@ def _write_csv(header: list[str], rows, output: str | Path) -> None:
     atomic_write_text(Path(output), buf.getvalue())
 
 
+def check_output(output: str | Path, inputs: Sequence[str | Path] = (), allowed_in: str | Path | None = None) -> None:
+    """Refuse, before any work, an output file that would destroy data or could not be written.
+
+    Args:
+        output: the file to write.
+        inputs: the input files (an output equal to one of them is refused).
+        allowed_in: a run or model folder the output may lie in (evaluate's default RUN/eval.json).
+
+    Raises:
+        ConfigError: the output is an input, a folder, inside a run or model folder, or not writable.
+    """
+    import os
+    import tempfile
+
+    out = Path(output).expanduser()
+    if out.is_dir():
+        raise ConfigError(f"output {out}: is a folder; name the file to write")
+    resolved = out.resolve()
+    for item in inputs:
+        if Path(item).expanduser().resolve() == resolved:
+            raise ConfigError(f"output {out}: is also an input file; write the output elsewhere")
+    folder = runs.is_inside_model_folder(resolved)
+    if folder is not None and (allowed_in is None or folder != Path(allowed_in).resolve()):
+        raise ConfigError(f"output {out}: lies inside the run or model folder {folder}; writing there could "
+                          "break it; write the output elsewhere")
+    parent = next(p for p in resolved.parents if p.exists())  # the folder that will hold it (made if missing)
+    try:  # a real probe: permission bits say nothing for root or on a read-only mount
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".agnews-lora-probe.")
+        os.close(fd)
+        os.unlink(probe)
+        if out.exists() and not os.access(out, os.W_OK):
+            raise PermissionError(f"{out} is read-only")
+    except OSError as err:
+        raise ConfigError(f"output {out}: cannot write there ({err.strerror or err}); choose another path") from None
+
+
 def predict_file(clf: Classifier, inputs: Sequence[str], output: str | Path, batch_size: int = 64,
                  progress: bool = True, prior: str | Sequence[float] | None = None,
                  probs: bool = False) -> tuple[Split, list[int]]:
-    """Predict every row of the input file(s) and write `ID,Label` to `output`.
+    """Predict every row of the input file(s) and write `ID,Label` to `output` (checked first).
 
     Args:
         prior: None, "uniform", "em" (re-estimated over all rows of the input) or shares per
@@ -355,6 +362,7 @@ def predict_file(clf: Classifier, inputs: Sequence[str], output: str | Path, bat
         probs: also write the (temperature-scaled, prior-corrected) probabilities to
             `probabilities_path(output)`.
     """
+    check_output(output, inputs)
     split = read_files(inputs, num_labels=clf.num_labels)
     logits = clf.predict_logits(split.texts, batch_size=batch_size, progress=progress)
     p = clf.probabilities(logits, prior=prior) if (prior is not None or probs) else None

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import yaml
-
-from agnews_lora.checkpoint import atomic_write_text, read_jsonl
-from agnews_lora.config import Config, ConfigError, config_from_dict
+from agnews_lora import runs
+from agnews_lora.checkpoint import atomic_write_text
+from agnews_lora.config import Config, ConfigError
 
 
 @dataclass
@@ -43,10 +42,7 @@ class Run:
     def label_names(self) -> list[str]:
         if self.test and self.test.get("per_class"):
             return list(self.test["per_class"])
-        from agnews_lora.data import LABEL_NAMES
-
-        n = self.cfg.model.num_labels
-        return list(LABEL_NAMES) if n == len(LABEL_NAMES) else [f"class {i}" for i in range(n)]
+        return runs.label_names(self.cfg.model.num_labels)
 
 
 def load_run(run_dir: str | Path) -> Run:
@@ -63,12 +59,9 @@ def load_run(run_dir: str | Path) -> Run:
         if not (path / name).is_file():
             raise ConfigError(f"{path}: no {name}; pass a run folder whose training finished "
                               "(train writes summary.json at the end)")
-    cfg = config_from_dict(yaml.safe_load((path / "config.yaml").read_text()) or {})
-    test_file = path / "test_metrics.json"
-    return Run(path=path, cfg=cfg, evals=read_jsonl(path / "metrics.jsonl"),
-               train_log=_dedupe_steps(read_jsonl(path / "train_log.jsonl")),
-               summary=json.loads((path / "summary.json").read_text()),
-               test=json.loads(test_file.read_text()) if test_file.is_file() else None)
+    return Run(path=path, cfg=runs.read_config(path), evals=runs.read_records(path / runs.METRICS),
+               train_log=_dedupe_steps(runs.read_records(path / runs.TRAIN_LOG)),
+               summary=runs.read_summary(path), test=runs.read_json(path / runs.TEST_METRICS))
 
 
 def _dedupe_steps(records: list[dict]) -> list[dict]:

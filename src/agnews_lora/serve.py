@@ -9,10 +9,11 @@ request is ever unpickled.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Annotated, Callable
+from typing import Annotated, Any, Callable
 
 import numpy as np
 
@@ -23,15 +24,21 @@ from fastapi import FastAPI, HTTPException  # noqa: E402
 from fastapi.encoders import jsonable_encoder  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import JSONResponse  # noqa: E402
-from pydantic import BaseModel, ConfigDict, Field, StrictStr  # noqa: E402
+from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
 
 from agnews_lora.config import ConfigError  # noqa: E402
+from agnews_lora.data import clean_text  # noqa: E402
 from agnews_lora.predict import Classifier, package_version, parse_prior  # noqa: E402
+
+MAX_ERRORS = 20  # errors listed in one 422: a huge bad request must not get a huger answer
 
 
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    texts: Annotated[list[StrictStr], Field(min_length=1, description="texts to classify (at least one)")]
+    # Items are checked by `check_texts` after the count (413 before any per-item work): pydantic
+    # would validate every item of an oversized list first and answer with one error per item.
+    texts: Annotated[list[Any], Field(min_length=1, description="texts to classify (at least one)",
+                                      json_schema_extra={"items": {"type": "string"}})]
 
 
 class PredictResponse(BaseModel):
@@ -139,10 +146,8 @@ class MicroBatcher:
             texts = [t for item in batch for t in item.texts]
             try:
                 out = await loop.run_in_executor(self._executor, self.predict, texts)
-            except Exception as err:  # the requests get a 500; the worker keeps serving
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(err)
+            except Exception as err:
+                await self._run_alone(batch, err)
                 continue
             self._record(batch, len(texts))
             start = 0
@@ -150,6 +155,25 @@ class MicroBatcher:
                 if not item.future.done():  # a client that went away leaves a cancelled future
                     item.future.set_result(out[start : start + len(item.texts)])
                 start += len(item.texts)
+
+    async def _run_alone(self, batch: list[_Pending], err: Exception) -> None:
+        """A failed shared call: run each request by itself, so only the one that fails gets the
+        error (a 500); the worker keeps serving."""
+        loop = asyncio.get_running_loop()
+        for item in batch:
+            if item.future.done():
+                continue
+            if len(batch) == 1:
+                item.future.set_exception(err)
+                continue
+            try:
+                out = await loop.run_in_executor(self._executor, self.predict, item.texts)
+            except Exception as own:
+                item.future.set_exception(own)
+                continue
+            self._record([item], len(item.texts))
+            if not item.future.done():
+                item.future.set_result(out)
 
     def _record(self, batch: list[_Pending], n_texts: int) -> None:
         self.stats.requests += len(batch)
@@ -199,7 +223,7 @@ class BodySizeLimit:
 
 
 def create_app(clf: Classifier, limits: Limits | None = None, max_batch: int = 64, max_wait_ms: float = 5.0,
-               batch_size: int = 64, prior: str | None = None):
+               batch_size: int = 64, prior: str | None = None, docs: bool = True):
     """The FastAPI app serving `clf`.
 
     Args:
@@ -211,6 +235,7 @@ def create_app(clf: Classifier, limits: Limits | None = None, max_batch: int = 6
         prior: None (the training prior), "uniform" or shares per class ("0.2,0.3,0.2,0.3"): the
             probabilities (at the run's fitted temperature) are corrected to it. EM estimation
             needs a whole unlabelled batch, which a service does not see: refused.
+        docs: serve the interactive API docs (/docs, /redoc, /openapi.json).
 
     Returns:
         The app; run it with uvicorn (see `serve`) or test it with fastapi.testclient.
@@ -230,8 +255,9 @@ def create_app(clf: Classifier, limits: Limits | None = None, max_batch: int = 6
         yield
         await batcher.close()
 
+    hidden = {} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="agnews-lora", version=package_version(), lifespan=lifespan,
-                  description="AG News topic classification (World, Sports, Business, Sci/Tech)")
+                  description="AG News topic classification (World, Sports, Business, Sci/Tech)", **hidden)
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.state.batcher = batcher
@@ -239,6 +265,7 @@ def create_app(clf: Classifier, limits: Limits | None = None, max_batch: int = 6
     @app.post("/predict", response_model=PredictResponse)
     async def predict(request: PredictRequest) -> PredictResponse:
         check_limits(request.texts, limits)
+        check_texts(request.texts)
         probs = await batcher.submit(request.texts)
         labels = probs.argmax(-1).tolist()
         return PredictResponse(labels=labels, names=[clf.label_names[i] for i in labels],
@@ -250,7 +277,7 @@ def create_app(clf: Classifier, limits: Limits | None = None, max_batch: int = 6
 
     @app.get("/info")
     async def info() -> dict:
-        return {**clf.info, "labels": clf.label_names, "max_length": clf.cfg.data.max_length,
+        return {**public_info(clf.info), "labels": clf.label_names, "max_length": clf.cfg.data.max_length,
                 "precision": clf.precision, "backend": "onnxruntime" if clf.onnx else "torch",
                 "temperature": clf.temperature, "prior": prior or "training",
                 "version": package_version(), "limits": asdict(limits),
@@ -262,27 +289,66 @@ async def validation_error(request, exc: RequestValidationError) -> JSONResponse
     """422 with pydantic's errors. A body that is not UTF-8 (e.g. a pickle) is echoed decoded with
     replacement characters: FastAPI's own handler fails to encode it and answers 500."""
     errors = [{**e, "input": e["input"].decode("utf-8", "replace")} if isinstance(e.get("input"), bytes) else e
-              for e in exc.errors()]
+              for e in exc.errors()[:MAX_ERRORS]]
     for e in errors:
         if tuple(e["loc"]) == ("body",):  # the body as a whole is not a JSON object
             e["msg"] += '; send a JSON object {"texts": [...]} with Content-Type: application/json'
     return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
 
 
-def check_limits(texts: list[str], limits: Limits) -> None:
-    """Raise HTTPException(413) naming the limit a request breaks."""
+def public_info(info: dict) -> dict:
+    """/info without paths on the server's disk: a folder shows as its name."""
+    out = dict(info)
+    for key in ("source", "model"):
+        value = out.get(key)
+        # A Hub id ("org/model") is public; a folder on this machine is shown by its name only.
+        if isinstance(value, str) and (Path(value).is_absolute() or Path(value).expanduser().exists()):
+            out[key] = Path(value).name
+    return out
+
+
+def check_limits(texts: list, limits: Limits) -> None:
+    """Raise HTTPException(413) naming the limit a request breaks (the count first: cheap)."""
     if len(texts) > limits.max_texts:
         raise HTTPException(413, f"{len(texts)} texts in one request; the limit is {limits.max_texts} "
                                  "(serve --max-texts); split the request")
     for i, text in enumerate(texts):
-        if len(text) > limits.max_chars:
+        if isinstance(text, str) and len(text) > limits.max_chars:
             raise HTTPException(413, f"texts[{i}] has {len(text):,} characters; the limit is "
                                      f"{limits.max_chars:,} (serve --max-chars)")
 
 
+def check_texts(texts: list) -> None:
+    """Raise HTTPException(422) naming every bad text (at most MAX_ERRORS): not a string, not
+    encodable as UTF-8 (a lone surrogate), or empty once cleaned (as the CLI refuses such rows)."""
+    errors = []
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            errors.append({"loc": ["body", "texts", i], "type": "string_type", "msg": "Input should be a valid string",
+                           "input": text if isinstance(text, (int, float, bool)) or text is None else str(text)[:80]})
+        elif not _encodable(text):
+            errors.append({"loc": ["body", "texts", i], "type": "unicode",
+                           "msg": f"texts[{i}] is not valid Unicode (a lone surrogate); send UTF-8 text"})
+        elif not clean_text(text):
+            errors.append({"loc": ["body", "texts", i], "type": "empty",
+                           "msg": f"texts[{i}] is empty or only whitespace; send a text to classify"})
+        if len(errors) >= MAX_ERRORS:
+            break
+    if errors:
+        raise HTTPException(422, errors)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None,
           precision: str = "auto", threads: int | None = None, max_batch: int = 64, max_wait_ms: float = 5.0,
-          prior: str | None = None) -> None:
+          prior: str | None = None, docs: bool = True) -> None:
     """Load the model once and serve it with uvicorn until interrupted.
 
     Args:
@@ -296,14 +362,17 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, limits: Lim
         max_batch: most texts per micro-batched model call.
         max_wait_ms: micro-batching window.
         prior: see `create_app`.
+        docs: serve the interactive API docs at /docs (and /redoc, /openapi.json).
     """
     import torch
     import uvicorn
 
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"serve: port {port} must be in 0..65535")
     if threads:
         torch.set_num_threads(threads)
     clf = Classifier.load(model_dir, precision=precision, threads=threads)
-    app = create_app(clf, limits=limits, max_batch=max_batch, max_wait_ms=max_wait_ms, prior=prior)
+    app = create_app(clf, limits=limits, max_batch=max_batch, max_wait_ms=max_wait_ms, prior=prior, docs=docs)
     print(f"serving {model_dir} ({clf.info.get('format')}, {clf.precision}) on http://{host}:{port} "
           "- POST /predict {\"texts\": [...]}, GET /health, GET /info")
     uvicorn.run(app, host=host, port=port, log_level="info")

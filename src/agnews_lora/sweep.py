@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agnews_lora.checkpoint import atomic_write_text, read_jsonl
+from agnews_lora.checkpoint import atomic_write_text
 from agnews_lora.config import Config, ConfigError, config_from_dict, to_dict
 
 MAX_RETRIES = 2  # a trial whose worker keeps dying is re-queued at most this often
@@ -175,7 +175,9 @@ def open_study(url: str, study_name: str, cfg: Config, heartbeat: int):
 
 def best_value(run_dir: Path, metric: str, direction: str) -> float:
     """The best `metric` over a run's evaluations (max or min as `direction` says)."""
-    values = [e[metric] for e in read_jsonl(run_dir / "metrics.jsonl") if metric in e]
+    from agnews_lora.runs import METRICS, read_records
+
+    values = [e[metric] for e in read_records(run_dir / METRICS) if metric in e]
     if not values:
         raise RuntimeError(f"{run_dir}/metrics.jsonl holds no {metric}")
     return max(values) if direction == "maximize" else min(values)
@@ -212,7 +214,9 @@ class Objective:
             raise optuna.TrialPruned(reason)
         reset_accelerator_state()  # trials run one after another in this process; each sets its own precision
         run_dir = train(cfg)
-        summary = json.loads((run_dir / "summary.json").read_text())
+        from agnews_lora.runs import read_summary
+
+        summary = read_summary(run_dir) or {}
         for key in ("test_accuracy", "train_seconds"):
             trial.set_user_attr(key, summary.get(key))
         return best_value(run_dir, metric=cfg.sweep.metric, direction=cfg.sweep.direction)

@@ -13,13 +13,15 @@ import numpy as np
 import torch
 
 from agnews_lora import checkpoint as ckpt
+from agnews_lora import runs
 from agnews_lora.averaging import WeightAverage
 from agnews_lora.calibration import expected_calibration_error, fit_temperature, nll, softmax
-from agnews_lora.config import Config, ConfigError, save_config, to_dict
-from agnews_lora.data import LABEL_NAMES, load_splits, make_loader, seed_everything, tokenize
+from agnews_lora.config import Config, ConfigError
+from agnews_lora.data import load_splits, make_loader, seed_everything, tokenize
 from agnews_lora.evaluate import compute_metrics
 from agnews_lora.losses import cross_entropy, distillation_loss
-from agnews_lora.model import budget_breakdown, build_model, check_budget, count_trainable, load_tokenizer
+from agnews_lora.model import (budget_breakdown, build_model, check_budget, check_max_length, count_trainable,
+                               load_tokenizer)
 from agnews_lora.perturb import SUITE, augment_texts, parse_specs, perturb_texts
 from agnews_lora.precision import accelerate_name, autocast_dtype, resolve_precision
 from agnews_lora.report import write_report
@@ -110,7 +112,7 @@ def evaluate_split(model, loader, accelerator, labels: list[int], temperature: f
     expected calibration error and NLL before and after temperature scaling."""
     logits = predict_logits(model, loader, accelerator, len(labels))
     y = torch.tensor(labels)
-    metrics = compute_metrics(labels, logits.argmax(-1).tolist(), LABEL_NAMES)
+    metrics = compute_metrics(labels, logits.argmax(-1).tolist(), runs.label_names(logits.shape[1]))
     metrics["loss"] = float(cross_entropy(torch.from_numpy(logits), y))
     if temperature is not None:
         metrics.update({"ece": expected_calibration_error(softmax(logits), labels),
@@ -148,8 +150,15 @@ def train(cfg: Config, teacher_logits: np.ndarray | None = None, extra_summary: 
     """
     run_dir = run_dir_for(cfg)
     breakdown = budget_breakdown(cfg)
-    check_budget(breakdown, cfg.budget.max_trainable)  # before any data or weights are loaded
-    resuming = _prepare_run_dir(run_dir, cfg)
+    check_budget(breakdown, cfg.budget.max_trainable)  # before any folder, data or weights are touched
+    check_max_length(cfg)
+    with runs.writer_lock(run_dir):  # one writer per run folder; released however train ends
+        return _train(cfg, run_dir, breakdown, teacher_logits, extra_summary)
+
+
+def _train(cfg: Config, run_dir: Path, breakdown, teacher_logits: np.ndarray | None,
+           extra_summary: dict | None) -> Path:
+    resuming = runs.prepare_run_dir(run_dir, cfg)
     accelerator = make_accelerator(cfg)
     seed_everything(cfg.train.seed)
 
@@ -205,7 +214,7 @@ def train(cfg: Config, teacher_logits: np.ndarray | None = None, extra_summary: 
     if extra_summary:
         summary.update(extra_summary)
     if ctx.accelerator.is_main_process:
-        ckpt.atomic_write_json(run_dir / "summary.json", summary)
+        runs.write_summary(run_dir, summary)
         write_report(run_dir)
     ctx.accelerator.wait_for_everyone()  # every process returns once summary.json exists
     return run_dir
@@ -268,53 +277,16 @@ def record_patches(run_dir: Path, patches: list[PatchResult], accelerator) -> No
         ckpt.atomic_write_json(run_dir / PATCHES_FILE, {"patches": [p.to_dict() for p in patches]})
 
 
-def _prepare_run_dir(run_dir: Path, cfg: Config) -> bool:
-    """Create the run folder; return True when resuming from its `last/` checkpoint."""
-    last = ckpt.recover_swap(run_dir / "last")
-    ckpt.recover_swap(run_dir / "best")
-    if cfg.train.resume and last.is_dir():
-        saved = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
-        import yaml
-
-        old = yaml.safe_load(saved) or {}
-        for section in ("model", "lora", "data"):
-            if old.get(section) != to_dict(cfg)[section]:
-                raise ConfigError(f"train.resume: {section}.* differs from the run in {run_dir}; "
-                                  "resume with the same settings or choose another out_dir")
-        save_config(cfg, run_dir / "config.yaml")  # the run goes on under these train.* settings
-        return True
-    if (run_dir / "metrics.jsonl").exists() or last.exists():
-        raise ConfigError(f"out_dir: {run_dir} already holds a run; pass train.resume=true to continue "
-                          "it, or choose another out_dir/name")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "train_log.jsonl").unlink(missing_ok=True)  # from a start that never reached a checkpoint
-    save_config(cfg, run_dir / "config.yaml")
-    return False
-
-
-def _drop_records_after(run_dir: Path, step: int) -> None:
-    """Forget the log lines an interrupted run wrote after its last checkpoint: they are redone."""
-    import json
-
-    for name in ("metrics.jsonl", "train_log.jsonl"):
-        records = ckpt.read_jsonl(run_dir / name)
-        kept = [r for r in records if r["step"] <= step]
-        if len(kept) < len(records):
-            ckpt.atomic_write_text(run_dir / name, "".join(json.dumps(r) + "\n" for r in kept))
-
-
 def _restore(last: Path, model, optimizer, scheduler) -> Progress:
-    import json
-
     ckpt.load_adapter_weights(model, last)
-    extra = torch.load(last / "optim.pt", weights_only=False)
+    extra = ckpt.load_training_state(last)
     optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
     torch.set_rng_state(extra["rng"])
     # GPU dropout streams continue where they stopped when the run resumes on as many GPUs
     if len(extra.get("cuda_rng", [])) == torch.cuda.device_count() > 0:
         torch.cuda.set_rng_state_all(extra["cuda_rng"])
-    return Progress(**json.loads((last / "state.json").read_text()))
+    return Progress(**extra["state"])
 
 
 def _peek_progress(run_dir: Path) -> Progress:
@@ -333,7 +305,7 @@ def _resume(ctx: "_LoopContext", total_steps: int) -> Progress:
 
         ctx.average.load_state_dict(load_file(str(ctx.run_dir / "last" / "average.safetensors")))
     if acc.is_main_process:
-        _drop_records_after(ctx.run_dir, prog.step)
+        runs.drop_records_after(ctx.run_dir, prog.step)
     acc.print(f"resuming {ctx.run_dir} at step {prog.step}/{total_steps}")
     return prog
 

@@ -1,0 +1,365 @@
+"""The run folder's on-disk contract: the one module that knows its files and their rules.
+
+A run folder (written by `train`/`distill`) holds `config.yaml` (the resolved config),
+`metrics.jsonl` (one record per evaluation), `train_log.jsonl` (one record per logging window),
+`best/` and `last/` (checkpoints, swapped in whole by `checkpoint.replace_dir`), `summary.json`,
+`test_metrics.json` and, when distilled, `teacher.json`. An exported folder holds `config.yaml`
+and `agnews_lora.json` (export metadata) beside the model.
+
+Rules:
+- One writer at a time: the writer holds an exclusive `flock` on `RUN/.lock` for its lifetime
+  (`writer_lock`). The kernel drops it when the process dies, so a crashed writer's lock is
+  taken over by the next one; a live writer makes a second one fail with its pid, host and start.
+- Only the writer, holding the lock, repairs the folder: it finishes a swap a crash cut short
+  and removes temporary folders left by an interrupted save (`recover`).
+- Readers (predict, evaluate, report, export, distill's teacher) never take the lock and never
+  move files: mid-swap they read whichever checkpoint folder exists (`checkpoint_dir`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Iterator
+
+import yaml
+
+from agnews_lora.checkpoint import atomic_write_json, atomic_write_text, read_jsonl, recover_swap
+from agnews_lora.config import Config, ConfigError, config_from_dict, to_dict
+
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+TRAIN_LOG = "train_log.jsonl"
+SUMMARY = "summary.json"
+TEST_METRICS = "test_metrics.json"
+TEACHER = "teacher.json"
+EXPORT_META = "agnews_lora.json"  # written by export beside every exported model
+ONNX_FILE = "model.onnx"
+LOCK = ".lock"
+CHECKPOINTS = ("best", "last")
+# The AG News classes in label order; other label counts get generic names.
+AG_NEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
+
+
+# ---------------------------------------------------------------- config.yaml
+
+
+def read_config(folder: str | Path) -> Config:
+    """The resolved config saved in a run or exported folder.
+
+    Args:
+        folder: a folder holding config.yaml.
+
+    Returns:
+        The validated Config.
+
+    Raises:
+        ConfigError: no config.yaml (not a run folder), or one that cannot be parsed (damaged run).
+    """
+    path = Path(folder) / CONFIG
+    if not path.is_file():
+        raise ConfigError(f"{folder}: not a run folder (no {CONFIG}); pass the folder `train` wrote")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: the run is damaged: {CONFIG} is not valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the run is damaged: {CONFIG} holds {type(data).__name__}, not the "
+                          "run's settings; restore it or train again")
+    try:
+        return config_from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: the run is damaged or from another version: {err}") from None
+
+
+def write_config(cfg: Config, folder: str | Path) -> None:
+    """Write the resolved config as `folder/config.yaml` (atomically)."""
+    atomic_write_text(Path(folder) / CONFIG, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def saved_settings(folder: str | Path) -> dict:
+    """config.yaml as a plain dict ({} when absent or empty), for comparing sections on resume."""
+    path = Path(folder) / CONFIG
+    if not path.is_file():
+        return {}
+    data = yaml.safe_load(path.read_text())
+    return data if isinstance(data, dict) else {}
+
+
+# ---------------------------------------------------------------- logs and JSON files
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """The records of a JSONL log (metrics.jsonl, train_log.jsonl); a torn last line (power loss
+    mid-write) is dropped with a warning; an unparsable earlier line is a ConfigError."""
+    return read_jsonl(path)
+
+
+def append_record(path: str | Path, record: dict) -> None:
+    """Append one record to a JSONL log."""
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def drop_records_after(run_dir: str | Path, step: int) -> None:
+    """Forget the log lines an interrupted run wrote after its last checkpoint (they are redone),
+    and a torn last line."""
+    for name in (METRICS, TRAIN_LOG):
+        path = Path(run_dir) / name
+        if not path.is_file():
+            continue
+        records = read_records(path)
+        kept = [r for r in records if r["step"] <= step]
+        text = "".join(json.dumps(r) + "\n" for r in kept)
+        if text != path.read_text(errors="replace"):
+            atomic_write_text(path, text)
+
+
+def read_json(path: str | Path) -> dict | None:
+    """A JSON file of the run (summary, test metrics, teacher record); None when absent.
+
+    Raises:
+        ConfigError: the file exists but is not valid JSON (the run is damaged).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: the run is damaged: not valid JSON ({err})") from None
+
+
+def write_summary(run_dir: str | Path, summary: dict) -> None:
+    atomic_write_json(Path(run_dir) / SUMMARY, summary)
+
+
+def read_summary(run_dir: str | Path) -> dict | None:
+    return read_json(Path(run_dir) / SUMMARY)
+
+
+def label_names(num_labels: int, id2label: dict | None = None) -> list[str]:
+    """Class names by label id: AG News' four, else the model's own names, else `class i`.
+
+    Args:
+        num_labels: number of classes.
+        id2label: optional names from a transformers config (generic LABEL_i are ignored).
+
+    Returns:
+        num_labels names.
+    """
+    if num_labels == len(AG_NEWS_LABELS):
+        return list(AG_NEWS_LABELS)
+    names = [str((id2label or {}).get(i, "")) for i in range(num_labels)]
+    if all(names) and names != [f"LABEL_{i}" for i in range(num_labels)]:
+        return names
+    return [f"class {i}" for i in range(num_labels)]
+
+
+# ---------------------------------------------------------------- checkpoints (readers)
+
+
+def checkpoint_dir(run_dir: str | Path, name: str = "best") -> Path:
+    """The checkpoint folder to read, without moving anything.
+
+    Mid-swap (the writer moved `name` aside to `.name.old` and has not yet renamed the new one
+    in), the previous checkpoint is read where it lies.
+
+    Raises:
+        ConfigError: no such checkpoint (training never reached an evaluation).
+    """
+    dest = Path(run_dir) / name
+    for candidate in (dest, dest.with_name(f".{name}.old")):
+        if (candidate / "adapter_model.safetensors").is_file():
+            return candidate
+    if dest.is_dir() or any(Path(run_dir).glob(f".{name}.tmp*")):
+        raise ConfigError(f"{dest}: the run is being written or is damaged (no adapter_model.safetensors); "
+                          "retry when training has saved it")
+    raise ConfigError(f"{dest}: no adapter_model.safetensors; did training finish an evaluation?")
+
+
+def folder_kind(path: str | Path) -> str:
+    """'run', 'merged' or 'onnx': what `Classifier.load` will find in the folder.
+
+    Raises:
+        ConfigError: the folder is none of them.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"{path}: no such folder; pass a run folder (train) or an exported folder (export)")
+    if (path / EXPORT_META).is_file():
+        kind = read_export_meta(path).get("format")
+        if kind not in ("merged", "onnx"):
+            raise ConfigError(f"{path / EXPORT_META}: the export is damaged (format {kind!r}); export again")
+        return kind
+    if (path / CONFIG).is_file():
+        return "run"
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return "merged"  # any transformers sequence-classification folder
+    raise ConfigError(f"{path}: not a run folder ({CONFIG}), an exported folder ({EXPORT_META}) or a "
+                      "transformers model folder (config.json + *.safetensors)")
+
+
+def read_export_meta(folder: str | Path) -> dict:
+    """Export metadata beside an exported model ({} for a plain transformers folder)."""
+    meta = read_json(Path(folder) / EXPORT_META)
+    if meta is not None and not isinstance(meta, dict):
+        raise ConfigError(f"{Path(folder) / EXPORT_META}: the export is damaged (not a JSON object)")
+    return meta or {}
+
+
+def write_export_meta(folder: str | Path, meta: dict) -> None:
+    atomic_write_json(Path(folder) / EXPORT_META, meta)
+
+
+def exported_config(folder: str | Path) -> tuple[Config, dict]:
+    """The run's config and the export metadata saved beside an exported model (defaults if absent)."""
+    folder = Path(folder)
+    meta = read_export_meta(folder)
+    cfg = read_config(folder) if (folder / CONFIG).is_file() else Config()
+    if "max_length" in meta:
+        cfg.data.max_length = int(meta["max_length"])
+    return cfg, meta
+
+
+def is_inside_model_folder(path: str | Path) -> Path | None:
+    """The run or model folder that `path` (a file to write) would lie in, else None."""
+    for folder in Path(path).resolve().parents:
+        if (folder / CONFIG).is_file() or (folder / EXPORT_META).is_file() or (folder / "adapter_config.json").is_file():
+            return folder
+        if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+            return folder
+    return None
+
+
+# ---------------------------------------------------------------- the writer
+
+
+_held: dict[str, list] = {}  # resolved run folder -> [open lock file, depth]: re-entrant per process
+
+
+def _holder(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text())
+        return f"pid {info['pid']} on {info['host']} since {info['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def _try_lock(path: Path):
+    """The open, flock-ed lock file, or None when a live writer holds it."""
+    while True:
+        fh = open(path, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            return None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fh.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # else the previous holder removed the file after we opened it: lock the new one
+            return fh
+        fh.close()
+
+
+@contextlib.contextmanager
+def writer_lock(run_dir: str | Path) -> Iterator[None]:
+    """Hold the run folder's exclusive writer lock (creating the folder) for the block.
+
+    Re-entrant within a process (distill holds it around train). Under several processes
+    (accelerate), only the main process (RANK 0) locks: the others write nothing of their own.
+
+    Raises:
+        ConfigError: another live process is writing this run folder.
+    """
+    run_dir = Path(run_dir)
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    key = str(run_dir.resolve())
+    if key in _held:
+        _held[key][1] += 1
+    else:
+        path = run_dir / LOCK
+        fh = _try_lock(path)
+        if fh is None:
+            raise ConfigError(f"out_dir: {run_dir} is being written by {_holder(path)}; wait for it to "
+                              "finish, or choose another out_dir/name")
+        fh.seek(0)
+        fh.truncate()
+        fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        fh.flush()
+        _held[key] = [fh, 1]
+    try:
+        yield
+    finally:
+        _held[key][1] -= 1
+        if _held[key][1] == 0:
+            fh = _held.pop(key)[0]
+            (run_dir / LOCK).unlink(missing_ok=True)  # while still locked: nobody can take a dead file
+            fh.close()
+            if created and not any(run_dir.iterdir()):  # refused before writing: leave no empty folder
+                run_dir.rmdir()
+
+
+def recover(run_dir: str | Path) -> None:
+    """Writer only (holding the lock): finish swaps a crash cut short, remove stale temporaries."""
+    run_dir = Path(run_dir)
+    for name in CHECKPOINTS:
+        recover_swap(run_dir / name)
+        for tmp in run_dir.glob(f".{name}.tmp*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+    for name in (CONFIG, METRICS, TRAIN_LOG, SUMMARY, TEST_METRICS, TEACHER, "report.md"):
+        for tmp in run_dir.glob(f".{name}.*"):  # interrupted atomic writes (mkstemp's names)
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
+
+
+def holds_run(run_dir: str | Path) -> bool:
+    """True when the folder already holds (part of) a training run."""
+    run_dir = Path(run_dir)
+    return (run_dir / METRICS).exists() or (run_dir / "last").exists() or (run_dir / ".last.old").exists()
+
+
+def refuse_existing_run(run_dir: str | Path, resume: bool) -> None:
+    """Raise ConfigError when a fresh (not resumed) run would overwrite a used run folder."""
+    if not resume and holds_run(run_dir):
+        raise ConfigError(f"out_dir: {run_dir} already holds a run; pass train.resume=true to continue "
+                          "it, or choose another out_dir/name")
+
+
+def prepare_run_dir(run_dir: Path, cfg: Config) -> bool:
+    """Writer only (holding the lock): repair, check and initialise the folder for a run.
+
+    Returns:
+        True when resuming from the folder's `last/` checkpoint.
+
+    Raises:
+        ConfigError: a fresh run into a used folder, or a resume with other model/lora/data settings.
+    """
+    recover(run_dir)
+    last = run_dir / "last"
+    if cfg.train.resume and last.is_dir():
+        old = saved_settings(run_dir)
+        for section in ("model", "lora", "data"):
+            if old.get(section) != to_dict(cfg)[section]:
+                raise ConfigError(f"train.resume: {section}.* differs from the run in {run_dir}; "
+                                  "resume with the same settings or choose another out_dir")
+        write_config(cfg, run_dir)  # the run goes on under these train.* settings
+        return True
+    refuse_existing_run(run_dir, resume=False)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / TRAIN_LOG).unlink(missing_ok=True)  # from a start that never reached a checkpoint
+    write_config(cfg, run_dir)
+    return False

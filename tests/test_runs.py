@@ -1,0 +1,144 @@
+"""The run-folder contract (runs.py): config, logs, label names, readers that never move files,
+the writer lock and the writer's recovery; and the num_labels regression (3 classes)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agnews_lora import runs
+from agnews_lora.config import Config, ConfigError, load_config
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def test_config_round_trip_and_damaged_config(tmp_path):
+    cfg = Config()
+    cfg.lora.r = 5
+    runs.write_config(cfg, tmp_path)
+    assert runs.read_config(tmp_path).lora.r == 5
+    with pytest.raises(ConfigError, match="not a run folder"):
+        runs.read_config(tmp_path / "nowhere")
+    for text in ("", "[1, 2]", "lora: {r: [unclosed"):
+        (tmp_path / "config.yaml").write_text(text)
+        with pytest.raises(ConfigError, match=r"config.yaml: the run is damaged"):
+            runs.read_config(tmp_path)
+
+
+def test_torn_last_log_line_is_dropped_with_a_warning(tmp_path, capsys):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 3}\n{"step": 6}\n{"step": 9, "val_acc')  # power loss mid-write
+    assert runs.read_records(log) == [{"step": 3}, {"step": 6}]
+    assert "dropped an unfinished last line" in capsys.readouterr().err
+    runs.drop_records_after(tmp_path, step=3)
+    assert log.read_text() == '{"step": 3}\n'
+    log.write_text('{"step": 3}\nnot json\n{"step": 6}\n')
+    with pytest.raises(ConfigError, match="line 2 is not valid JSON; the run is damaged"):
+        runs.read_records(log)
+
+
+def test_label_names():
+    assert runs.label_names(4) == ["World", "Sports", "Business", "Sci/Tech"]
+    assert runs.label_names(3) == ["class 0", "class 1", "class 2"]
+    assert runs.label_names(2, {0: "LABEL_0", 1: "LABEL_1"}) == ["class 0", "class 1"]
+    assert runs.label_names(2, {0: "neg", 1: "pos"}) == ["neg", "pos"]
+
+
+def test_reader_reads_a_half_swapped_checkpoint_where_it_lies(tmp_path):
+    old = tmp_path / ".best.old"
+    old.mkdir()
+    (old / "adapter_model.safetensors").write_bytes(b"x")
+    assert runs.checkpoint_dir(tmp_path, "best") == old
+    assert old.is_dir() and not (tmp_path / "best").exists()  # nothing moved
+    old.rename(tmp_path / ".best.tmpabc")
+    with pytest.raises(ConfigError, match="being written or is damaged"):
+        runs.checkpoint_dir(tmp_path, "best")
+
+
+def test_writer_recovers_swaps_and_removes_stale_temporaries(tmp_path):
+    (tmp_path / ".last.old").mkdir()
+    (tmp_path / ".last.old" / "state.json").write_text("{}")
+    (tmp_path / ".best.tmp1234").mkdir()
+    (tmp_path / ".last.tmpabcd").mkdir()
+    (tmp_path / ".summary.json.xyz").write_text("half")
+    runs.recover(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+
+
+def _hold_lock_in_child(run_dir: Path) -> subprocess.Popen:
+    code = ("import sys,time; from agnews_lora import runs\n"
+            "with runs.writer_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)\n")
+    child = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": SRC})
+    assert child.stdout.readline().strip() == "held"
+    return child
+
+
+def test_writer_lock_refuses_a_second_writer_and_is_taken_over_after_a_crash(tmp_path):
+    run_dir = tmp_path / "run"
+    child = _hold_lock_in_child(run_dir)
+    try:
+        with pytest.raises(ConfigError, match=rf"is being written by pid {child.pid} on "):
+            with runs.writer_lock(run_dir):
+                pass
+    finally:
+        child.send_signal(signal.SIGKILL)  # a crash: no cleanup runs, the lock file stays
+        child.wait()
+    assert (run_dir / runs.LOCK).is_file()
+    with runs.writer_lock(run_dir):  # the kernel dropped the dead writer's lock: taken over
+        with runs.writer_lock(run_dir):  # re-entrant in one process (distill around train)
+            assert json.loads((run_dir / runs.LOCK).read_text())["pid"] == os.getpid()
+    assert not (run_dir / runs.LOCK).exists()  # released and removed on exit
+
+
+def test_other_ranks_do_not_take_the_lock(tmp_path, monkeypatch):
+    child = _hold_lock_in_child(tmp_path / "run")
+    try:
+        monkeypatch.setenv("RANK", "1")
+        with runs.writer_lock(tmp_path / "run"):  # rank 1 writes nothing of its own: no refusal
+            pass
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_folder_kind_names_a_damaged_export(tmp_path):
+    (tmp_path / runs.EXPORT_META).write_text("{truncated")
+    with pytest.raises(ConfigError, match="the run is damaged: not valid JSON"):
+        runs.folder_kind(tmp_path)
+
+
+def _three_class_file(src: Path, dest: Path) -> Path:
+    with open(src, newline="") as fh, open(dest, "w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["label", "text"])
+        for cls, title, desc in csv.reader(fh):
+            if int(cls) <= 3:
+                writer.writerow([int(cls) - 1, f"{title} {desc}"])
+    return dest
+
+
+def test_three_class_training_reports_three_classes(tiny_model_dir, ag_files, tmp_path):
+    """Regression: train's evaluation used AG News' four names whatever model.num_labels was."""
+    from agnews_lora.train import train
+
+    train_file = _three_class_file(ag_files["train"], tmp_path / "train3.csv")
+    test_file = _three_class_file(ag_files["test"], tmp_path / "test3.csv")
+    run = train(load_config(overrides=[
+        f"model.name={tiny_model_dir}", "model.num_labels=3", "model.init=random", f"data.train={train_file}", f"data.test={test_file}",
+        "data.val_size=30", "data.max_length=48", f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=2",
+        "train.batch_size=8", "train.eval_every=2", "train.precision=fp32", "train.progress=false", "lora.r=2",
+        f"out_dir={tmp_path / 'run'}"]))
+    evals = runs.read_records(run / runs.METRICS)
+    assert [len(row) for row in evals[-1]["val_confusion"]] == [3, 3, 3]
+    test = runs.read_json(run / runs.TEST_METRICS)
+    assert list(test["per_class"]) == ["class 0", "class 1", "class 2"] and len(test["confusion"]) == 3
+    assert not (run / runs.LOCK).exists()
