@@ -41,6 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
+from agnews_lora.perturb import SUITE
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 HIDDEN = SHARED / "data" / "hidden" / "test_unlabelled.csv.gz"
@@ -152,8 +154,9 @@ def se(p: float, n: int) -> float:
     return 100 * (p * (1 - p) / n) ** 0.5
 
 
-def table(rows: list[tuple[str, dict]]) -> str:
-    lines = ["| arm | AG News test (7,600) | generated dev (300) | hidden AG half (4,000) | suite mean (2,000 x 8) "
+def table(rows: list[tuple[str, dict]], suite_rows: int) -> str:
+    lines = ["| arm | AG News test (7,600) | generated dev (300) | hidden AG half (4,000) | "
+             f"suite mean ({suite_rows:,} x {len(SUITE)}) "
              "| ECE test (before / after T) | val acc | generated half: World/Sports/Business/Sci-Tech share "
              "| mean confidence gen / AG | train s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -197,7 +200,7 @@ def main() -> None:
     doc.write_text(f"# Shift levers, stage `{args.stage}` ({stage['rows']:,} training rows)\n\n"
                    f"`python experiments/shift_levers.py --stage {args.stage}`; arms: "
                    + "; ".join(f"**{a}**: `{' '.join(o) or 'configs/cpu-minilm.yaml'}`" for a, o in arms.items())
-                   + "\n\n" + table(rows) + "\n")
+                   + "\n\n" + table(rows, stage["suite_rows"]) + "\n")
     print(doc.read_text())
 
 

@@ -115,3 +115,12 @@ def test_service_applies_a_given_prior_and_refuses_em(clf, texts):
                                    atol=1e-5)
         info = client.get("/info").json()
         assert info["prior"] == "0.7,0.1,0.1,0.1" and info["temperature"] == pytest.approx(clf.temperature)
+
+
+def test_a_class_absent_from_training_stays_at_zero():
+    # The tiny training file has two classes: a prior correction must not divide by their zero share.
+    probs = np.array([[0.7, 0.3, 1e-9, 0.0], [0.2, 0.8, 0.0, 1e-9]])
+    adjusted = adjust_to_prior(probs, [0.5, 0.5, 0.0, 0.0], [0.25] * 4)
+    np.testing.assert_allclose(adjusted, [[0.7, 0.3, 0, 0], [0.2, 0.8, 0, 0]], atol=1e-8)
+    em_probs, prior = em_prior(probs, [0.5, 0.5, 0.0, 0.0])
+    assert np.isfinite(em_probs).all() and prior[2:].tolist() == [0.0, 0.0]

@@ -202,7 +202,7 @@ def test_limits_and_batching_settings_are_checked():
 def test_serve_flags_are_checked_by_the_cli(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "some/folder", "--max-wait-ms", "-1"])
-    assert "--max-wait-ms: must be >= 0" in capsys.readouterr().err
+    assert "argument --max-wait-ms: -1.0 must be >= 0" in capsys.readouterr().err
 
 
 def test_serve_binds_localhost_by_default():

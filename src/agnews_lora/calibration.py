@@ -79,7 +79,10 @@ def fit_temperature(logits: np.ndarray, labels: Sequence[int], low: float = 0.05
 def adjust_to_prior(probs: np.ndarray, train_prior: Sequence[float], prior: Sequence[float]) -> np.ndarray:
     """Bayes' rule for a changed class prior: p'(y|x) is proportional to p(y|x) * prior(y) /
     train_prior(y) (Saerens et al. 2002, eq. 2.4)."""
-    w = np.asarray(prior, dtype=np.float64) / np.asarray(train_prior, dtype=np.float64)
+    train_prior = np.asarray(train_prior, dtype=np.float64)
+    # A class absent from training (prior 0) stays out: its posterior is ~0 and its ratio undefined.
+    w = np.divide(np.asarray(prior, dtype=np.float64), train_prior, out=np.zeros_like(train_prior),
+                  where=train_prior > 0)
     p = np.asarray(probs, dtype=np.float64) * w
     return p / p.sum(axis=-1, keepdims=True)
 
