@@ -80,3 +80,39 @@ def ag_files(tmp_path_factory) -> dict[str, Path]:
 def tiny_overrides(tiny_model_dir, ag_files, tmp_path) -> list[str]:
     """Dotted overrides for a seconds-long training run on the tiny model and files."""
     return tiny_run_overrides(tiny_model_dir, ag_files, tmp_path / "cache", tmp_path / "run")
+
+
+@pytest.fixture(scope="module")
+def make_cfg(tiny_model_dir, ag_files, tmp_path_factory):
+    """Config factory for seconds-long runs: 6 steps, evaluation (and a checkpoint) every 3."""
+    from agnews_lora.config import load_config
+
+    cache = tmp_path_factory.mktemp("token-cache")
+
+    def make(out: Path, *extra: str):
+        return load_config(overrides=[
+            f"model.name={tiny_model_dir}", f"data.train={ag_files['train']}", f"data.test={ag_files['test']}",
+            "data.val_size=40", "data.max_length=64", f"data.cache_dir={cache}", "train.max_steps=6",
+            "train.batch_size=8", "train.eval_every=3", "train.log_every=1", "train.lr=1e-3",
+            "train.precision=fp32", "train.progress=false", "lora.r=4", f"out_dir={out}", *extra])
+
+    return make
+
+
+def train_interrupted(cfg, monkeypatch, at_call: int) -> None:
+    """train(cfg) stopped by a KeyboardInterrupt at its `at_call`-th loss computation (a kill)."""
+    from agnews_lora import train as train_mod
+
+    calls = {"n": 0}
+    real_loss = train_mod._loss
+
+    def interrupted(ctx, batch):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            raise KeyboardInterrupt
+        return real_loss(ctx, batch)
+
+    with monkeypatch.context() as m:
+        m.setattr(train_mod, "_loss", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            train_mod.train(cfg)

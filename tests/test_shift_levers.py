@@ -14,25 +14,11 @@ from safetensors.torch import load_file
 from agnews_lora import train as train_mod
 from agnews_lora.averaging import WeightAverage
 from agnews_lora.checkpoint import read_jsonl
-from agnews_lora.config import ConfigError, load_config
+from agnews_lora.config import ConfigError
 from agnews_lora.data import read_file
 from agnews_lora.losses import cross_entropy
 from agnews_lora.selftrain import select_pseudo_labels
-
-
-@pytest.fixture(scope="module")
-def make_cfg(tiny_model_dir, ag_files, tmp_path_factory):
-    """Config factory for seconds-long runs: 6 steps, evaluation (and a checkpoint) every 3."""
-    cache = tmp_path_factory.mktemp("token-cache")
-
-    def make(out: Path, *extra: str):
-        return load_config(overrides=[
-            f"model.name={tiny_model_dir}", f"data.train={ag_files['train']}", f"data.test={ag_files['test']}",
-            "data.val_size=40", "data.max_length=64", f"data.cache_dir={cache}", "train.max_steps=6",
-            "train.batch_size=8", "train.eval_every=3", "train.log_every=1", "train.lr=1e-3",
-            "train.precision=fp32", "train.progress=false", "lora.r=4", f"out_dir={out}", *extra])
-
-    return make
+from conftest import train_interrupted
 
 
 @pytest.fixture(scope="module")
@@ -121,19 +107,7 @@ def test_ema_run_keeps_the_average_in_best_and_resumes(make_cfg, tmp_path, monke
         assert torch.allclose(best[lora_key], state[avg_key])
 
     run = tmp_path / "run"
-    calls = {"n": 0}
-    real_loss = train_mod._loss
-
-    def interrupted(ctx, batch):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real_loss(ctx, batch)
-
-    with monkeypatch.context() as m:
-        m.setattr(train_mod, "_loss", interrupted)
-        with pytest.raises(KeyboardInterrupt):
-            train_mod.train(make_cfg(run, "train.ema=0.9"))
+    train_interrupted(make_cfg(run, "train.ema=0.9"), monkeypatch, at_call=5)
     train_mod.train(make_cfg(run, "train.ema=0.9", "train.resume=true"))
     got = load_file(str(run / "last" / "average.safetensors"))
     assert got.keys() == state.keys() and all(torch.equal(got[k], state[k]) for k in got)
@@ -174,19 +148,8 @@ def test_self_training_round_trains_on_pseudo_labels_and_resumes(make_cfg, unlab
     assert json.loads((ref / "last" / "state.json").read_text())["round"] == 1
 
     run = tmp_path / "run"
-    calls = {"n": 0}
-    real_loss = train_mod._loss
-
-    def interrupted(ctx, batch):
-        calls["n"] += 1
-        if calls["n"] == 10:  # inside the further round, after its step-9 checkpoint
-            raise KeyboardInterrupt
-        return real_loss(ctx, batch)
-
-    with monkeypatch.context() as m:
-        m.setattr(train_mod, "_loss", interrupted)
-        with pytest.raises(KeyboardInterrupt):
-            train_mod.train(make_cfg(run, *extra))
+    # Loss call 10 is step 10: inside the further round, after its step-9 checkpoint.
+    train_interrupted(make_cfg(run, *extra), monkeypatch, at_call=10)
     train_mod.train(make_cfg(run, *extra, "train.resume=true"))
     for folder in ("last", "best"):
         got = load_file(str(run / folder / "adapter_model.safetensors"))

@@ -15,23 +15,8 @@ from safetensors.torch import load_file
 from agnews_lora import train as train_mod
 from agnews_lora import checkpoint as ckpt
 from agnews_lora.checkpoint import read_jsonl, recover_swap, replace_dir
-from agnews_lora.config import ConfigError, load_config
+from agnews_lora.config import ConfigError
 from agnews_lora.data import read_file
-
-
-@pytest.fixture(scope="module")
-def make_cfg(tiny_model_dir, ag_files, tmp_path_factory):
-    """Config factory for seconds-long runs: 6 steps, evaluation (and a checkpoint) every 3."""
-    cache = tmp_path_factory.mktemp("token-cache")
-
-    def make(out: Path, *extra: str):
-        return load_config(overrides=[
-            f"model.name={tiny_model_dir}", f"data.train={ag_files['train']}", f"data.test={ag_files['test']}",
-            "data.val_size=40", "data.max_length=64", f"data.cache_dir={cache}", "train.max_steps=6",
-            "train.batch_size=8", "train.eval_every=3", "train.log_every=1", "train.lr=1e-3",
-            "train.precision=fp32", "train.progress=false", "lora.r=4", f"out_dir={out}", *extra])
-
-    return make
 
 
 @pytest.fixture(scope="module")
