@@ -196,7 +196,7 @@ def _train(cfg: Config, run_dir: Path, breakdown, teacher_logits: np.ndarray | N
     ctx = _LoopContext(cfg, run_dir, accelerator, model, optimizer, scheduler, train_loader, val_loader,
                        val_split.labels, sampler, teacher, total_steps, steps_per_epoch,
                        augment=_Augmenter(cfg, train_split.texts, dataset, sampler, tok),
-                       average=average, perturbed_val=perturbed_val)
+                       average=average, perturbed_val=perturbed_val, pad_id=pad)
     prog = _peek_progress(run_dir) if resuming else Progress()
     if prog.round == 0:
         if resuming:
@@ -378,6 +378,7 @@ class _LoopContext:
     augment: _Augmenter | None = None
     average: WeightAverage | None = None
     perturbed_val: tuple | None = None  # (loader, labels): the validation rows under the suite
+    pad_id: int = 0  # the tokenizer's padding id, for loaders built later (self-training)
 
 
 def _loss(ctx: _LoopContext, batch) -> torch.Tensor:
@@ -512,21 +513,21 @@ def _self_train(ctx: _LoopContext, prog: Progress, train_split, tok, resume: boo
 
     cfg, acc = ctx.cfg, ctx.accelerator
     path = ctx.run_dir / "pseudo_labels.json"
-    info = json.loads(path.read_text()) if resume else _pseudo_label(ctx, prog, tok)
+    unlabelled = _read_unlabelled(cfg)
+    info = json.loads(path.read_text()) if resume else _pseudo_label(ctx, prog, tok, unlabelled)
     if not resume and acc.is_main_process:
         ckpt.atomic_write_json(path, info)
     public = {k: v for k, v in info.items() if k not in ("index", "labels")}
     if not info["index"]:
         acc.print(f"self-training: no unlabelled text above threshold {cfg.self_train.threshold}; round skipped")
         return ctx, prog, public
-    unlabelled = _read_unlabelled(cfg)
     rng = np.random.default_rng(cfg.train.seed)
     n_train = min(len(train_split), int(round(cfg.self_train.train_ratio * len(info["index"]))))
     drawn = np.sort(rng.choice(len(train_split), size=n_train, replace=False)).tolist()
     texts = [unlabelled.texts[i] for i in info["index"]] + [train_split.texts[i] for i in drawn]
     labels = list(info["labels"]) + [train_split.labels[i] for i in drawn]
     round_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=cfg.self_train.lr or cfg.train.lr / 2))
-    loader = make_loader(tok(Split(texts, labels)), labels, cfg.train.batch_size, load_tokenizer(cfg.model.name).pad_token_id,
+    loader = make_loader(tok(Split(texts, labels)), labels, cfg.train.batch_size, ctx.pad_id,
                          shuffle=True, seed=cfg.train.seed + 1, pad_to_multiple_of=cfg.data.pad_to_multiple_of)
     sampler, dataset = loader.batch_sampler, loader.dataset
     model = acc.unwrap_model(ctx.model)
@@ -554,7 +555,7 @@ def _read_unlabelled(cfg: Config):
     return read_files(cfg.data.unlabelled, cfg.model.num_labels)
 
 
-def _pseudo_label(ctx: _LoopContext, prog: Progress, tok) -> dict:
+def _pseudo_label(ctx: _LoopContext, prog: Progress, tok, unlabelled) -> dict:
     """Round 0's best model labels data.unlabelled; keep the confident rows (selftrain.py)."""
     from agnews_lora.data import Split
     from agnews_lora.selftrain import select_pseudo_labels
@@ -562,10 +563,9 @@ def _pseudo_label(ctx: _LoopContext, prog: Progress, tok) -> dict:
     cfg, acc = ctx.cfg, ctx.accelerator
     model = acc.unwrap_model(ctx.model)
     ckpt.load_adapter_weights(model, ctx.run_dir / "best")
-    unlabelled = _read_unlabelled(cfg)
     temperature = _calibration(ctx)["temperature"]
     loader = acc.prepare(make_loader(tok(Split(unlabelled.texts, None)), None, cfg.train.eval_batch_size,
-                                     load_tokenizer(cfg.model.name).pad_token_id, shuffle=False,
+                                     ctx.pad_id, shuffle=False,
                                      pad_to_multiple_of=cfg.data.pad_to_multiple_of))
     probs = softmax(predict_logits(ctx.model, loader, acc, len(unlabelled)), temperature)
     index, labels = select_pseudo_labels(probs, threshold=cfg.self_train.threshold, balance=cfg.self_train.balance)
