@@ -6,7 +6,6 @@ test_metrics.json), so a report can be rebuilt at any time without loading a mod
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path

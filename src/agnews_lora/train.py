@@ -16,7 +16,7 @@ from agnews_lora import checkpoint as ckpt
 from agnews_lora import runs
 from agnews_lora.averaging import WeightAverage
 from agnews_lora.calibration import expected_calibration_error, fit_temperature, nll, softmax
-from agnews_lora.config import Config, ConfigError
+from agnews_lora.config import Config
 from agnews_lora.data import load_splits, make_loader, seed_everything, tokenize
 from agnews_lora.evaluate import compute_metrics
 from agnews_lora.losses import cross_entropy, distillation_loss
