@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from agnews_lora import checkpoint as ckpt
-from agnews_lora import runs
+from agnews_lora import runs, tracking
 from agnews_lora.averaging import WeightAverage
 from agnews_lora.calibration import expected_calibration_error, fit_temperature, nll, softmax
 from agnews_lora.config import Config
@@ -38,8 +38,9 @@ def run_dir_for(cfg: Config) -> Path:
     return Path("runs") / name
 
 
-def make_accelerator(cfg: Config):
-    """The Accelerator for `cfg`: precision from `precision.resolve_precision`, gradient accumulation.
+def make_accelerator(cfg: Config, log_with: list | None = None):
+    """The Accelerator for `cfg`: precision from `precision.resolve_precision`, gradient accumulation,
+    and the trackers `log_with` (tracking.accelerator_trackers).
 
     accelerate keeps one state per process and refuses a second Accelerator with another
     precision; a process that trains several times calls `reset_accelerator_state` between runs.
@@ -49,7 +50,7 @@ def make_accelerator(cfg: Config):
     device = "cuda" if torch.cuda.is_available() and not cfg.train.cpu else "cpu"
     precision = resolve_precision(cfg.train.precision, device)
     try:
-        return Accelerator(mixed_precision=accelerate_name(precision),
+        return Accelerator(mixed_precision=accelerate_name(precision), log_with=log_with or None,
                            gradient_accumulation_steps=cfg.train.grad_accum, cpu=cfg.train.cpu)
     except ValueError as err:
         if "already been initialized" not in str(err):
@@ -152,6 +153,7 @@ def train(cfg: Config, teacher_logits: np.ndarray | None = None, extra_summary: 
     breakdown = budget_breakdown(cfg)
     check_budget(breakdown, cfg.budget.max_trainable)  # before any folder, data or weights are touched
     check_max_length(cfg)
+    tracking.trackers_for(cfg.train.log_with)  # a tracker that is not installed: say so now
     with runs.writer_lock(run_dir):  # one writer per run folder; released however train ends
         return _train(cfg, run_dir, breakdown, teacher_logits, extra_summary)
 
@@ -159,7 +161,16 @@ def train(cfg: Config, teacher_logits: np.ndarray | None = None, extra_summary: 
 def _train(cfg: Config, run_dir: Path, breakdown, teacher_logits: np.ndarray | None,
            extra_summary: dict | None) -> Path:
     resuming = runs.prepare_run_dir(run_dir, cfg)
-    accelerator = make_accelerator(cfg)
+    start_step = _peek_progress(run_dir).step if resuming else 0
+    accelerator = make_accelerator(cfg, tracking.accelerator_trackers(cfg, run_dir, start_step))
+    try:
+        return _train_tracked(cfg, run_dir, breakdown, teacher_logits, extra_summary, accelerator, resuming)
+    finally:
+        tracking.end(accelerator)
+
+
+def _train_tracked(cfg: Config, run_dir: Path, breakdown, teacher_logits: np.ndarray | None,
+                   extra_summary: dict | None, accelerator, resuming: bool) -> Path:
     seed_everything(cfg.train.seed)
 
     tokenizer = load_tokenizer(cfg.model.name)
@@ -198,6 +209,7 @@ def _train(cfg: Config, run_dir: Path, breakdown, teacher_logits: np.ndarray | N
                        augment=_Augmenter(cfg, train_split.texts, dataset, sampler, tok),
                        average=average, perturbed_val=perturbed_val, pad_id=pad)
     prog = _peek_progress(run_dir) if resuming else Progress()
+    tracking.start(accelerator, cfg, run_dir)
     if prog.round == 0:
         if resuming:
             prog = _resume(ctx, total_steps)
@@ -444,6 +456,7 @@ def _loop(ctx: _LoopContext, prog: Progress) -> None:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{rate:.1f}")
                 if acc.is_main_process:
                     ckpt.append_jsonl(ctx.run_dir / "train_log.jsonl", record)
+                tracking.log(acc, record, "train")
                 window_loss.zero_()
                 window_n = 0
             epoch_done = prog.batches_in_epoch >= len(ctx.train_loader)
@@ -478,6 +491,7 @@ def _evaluate_and_save(ctx: _LoopContext, prog: Progress, completed_epoch: bool)
         ckpt.save_training_state(unwrapped, ctx.optimizer, ctx.scheduler, vars(prog).copy(),
                                  ctx.run_dir / "last",
                                  tensors=None if ctx.average is None else {"average": ctx.average.state_dict()})
+    tracking.log(acc, record, "eval")
     acc.wait_for_everyone()
     if "val_accuracy" in record:
         acc.print(f"step {prog.step}: val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.4f} "
@@ -615,5 +629,6 @@ def _finish(ctx: _LoopContext, prog: Progress, breakdown, tokenizer, test_split)
             ckpt.atomic_write_json(ctx.run_dir / "test_metrics.json", m)
         summary["test_accuracy"] = m["accuracy"]
         summary["test_f1_macro"] = m["f1_macro"]
+        tracking.log(acc, {"step": prog.step, **m}, "test")
         acc.print(f"test accuracy {m['accuracy']:.4f} ({len(test_split):,} rows)")
     return summary
