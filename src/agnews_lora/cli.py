@@ -312,7 +312,7 @@ def _export_and_serve_args(sub) -> None:
                    "is checked on (besides a few built-in texts)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("serve", help="HTTP service: POST /predict, GET /health, GET /info")
+    p = sub.add_parser("serve", help="HTTP service: demo page at /, POST /predict, GET /health, GET /info")
     p.add_argument("model_dir", help="run folder, or a folder written by export")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
     p.add_argument("--port", type=port_number, default=8000, help="TCP port (0..65535)")
