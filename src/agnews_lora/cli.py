@@ -172,6 +172,14 @@ def cmd_report(args) -> None:
         print(f"wrote {write_report(run_dir)}")
 
 
+def cmd_card(args) -> None:
+    from agnews_lora.card import rebuild
+
+    for folder in args.folders:
+        for path in rebuild(folder):
+            print(f"wrote {path}")
+
+
 def cmd_compare(args) -> None:
     from agnews_lora.report import compare_runs
 
@@ -238,6 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="report.md + PNG plots for finished run folder(s)")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("card", help="rebuild the Hugging Face model card of run folder(s) (best/README.md and "
+                                    "their exports) or of export folders")
+    p.add_argument("folders", nargs="+", metavar="FOLDER", help="a run folder, or a folder written by export")
+    p.set_defaults(func=cmd_card)
 
     p = sub.add_parser("compare", help="one table (and an accuracy-vs-parameters plot) for several runs")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")

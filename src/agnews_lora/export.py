@@ -20,11 +20,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from agnews_lora.card import write_export_card
 from agnews_lora.checkpoint import atomic_write_json, replace_dir
 from agnews_lora.config import Config, ConfigError
 from agnews_lora.data import DataError, read_files
 from agnews_lora.predict import Classifier, package_version
-from agnews_lora.runs import EXPORT_META, ONNX_FILE, folder_kind, write_config, write_export_meta
+from agnews_lora.runs import ONNX_FILE, folder_kind, write_config, write_export_meta
 
 FORMATS = ("merged", "onnx")
 QUANTIZE = ("int8",)
@@ -93,8 +94,9 @@ def export(run_dir: str | Path, fmt: str, output: str | Path | None = None, quan
 
     def build(tmp: Path) -> None:
         write_model(reference, tmp, fmt=fmt, quantize=quantize)
-        write_export_meta(tmp, export_metadata(reference, fmt=fmt, quantize=quantize, run_dir=run_dir,
-                                               checkpoint=checkpoint))
+        meta = export_metadata(reference, fmt=fmt, quantize=quantize, run_dir=run_dir, checkpoint=checkpoint)
+        write_export_meta(tmp, meta)
+        write_export_card(tmp, run_dir, meta)
         got = Classifier.load(tmp, precision="fp32").predict_logits(texts, batch_size=32)
         parity = check_parity(expected, got, tolerance=TOLERANCES[name], name=name)
         atomic_write_json(tmp / "parity.json", {**parity, "sample": source})

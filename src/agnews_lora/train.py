@@ -16,6 +16,7 @@ from agnews_lora import checkpoint as ckpt
 from agnews_lora import runs, tracking
 from agnews_lora.averaging import WeightAverage
 from agnews_lora.calibration import expected_calibration_error, fit_temperature, nll, softmax
+from agnews_lora.card import write_run_card
 from agnews_lora.config import Config
 from agnews_lora.data import load_splits, make_loader, seed_everything, tokenize
 from agnews_lora.evaluate import compute_metrics
@@ -228,6 +229,7 @@ def _train_tracked(cfg: Config, run_dir: Path, breakdown, teacher_logits: np.nda
     if ctx.accelerator.is_main_process:
         runs.write_summary(run_dir, summary)
         write_report(run_dir)
+        write_run_card(run_dir)
     ctx.accelerator.wait_for_everyone()  # every process returns once summary.json exists
     return run_dir
 
