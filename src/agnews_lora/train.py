@@ -17,11 +17,11 @@ from agnews_lora import runs, tracking
 from agnews_lora.averaging import WeightAverage
 from agnews_lora.calibration import expected_calibration_error, fit_temperature, nll, softmax
 from agnews_lora.config import Config
-from agnews_lora.data import load_splits, make_loader, seed_everything, tokenize
+from agnews_lora.data import load_splits, make_loader, row_ids, seed_everything, tokenize
 from agnews_lora.evaluate import compute_metrics
-from agnews_lora.losses import cross_entropy, distillation_loss
-from agnews_lora.model import (budget_breakdown, build_model, check_budget, check_max_length, count_trainable,
-                               load_tokenizer)
+from agnews_lora.losses import DistillTerm, cross_entropy
+from agnews_lora.model import (Breakdown, budget_breakdown, build_model, check_budget, check_max_length,
+                               count_trainable, load_tokenizer)
 from agnews_lora.perturb import SUITE, augment_texts, parse_specs, perturb_texts
 from agnews_lora.precision import accelerate_name, autocast_dtype, resolve_precision
 from agnews_lora.report import write_report
@@ -137,47 +137,58 @@ class Progress:
     round: int = 0  # 0: the training rows; 1: the self-training round (data.unlabelled)
 
 
-def train(cfg: Config, teacher_logits: np.ndarray | None = None, extra_summary: dict | None = None) -> Path:
+def preflight(cfg: Config) -> Breakdown:
+    """The checks `train` makes before any folder, data or weights are touched: the budget,
+    data.max_length against the backbone's positions, the trackers (`distill` makes them before
+    its teacher runs).
+
+    Returns:
+        The trainable-parameter breakdown the budget check counted.
+    """
+    breakdown = budget_breakdown(cfg)
+    check_budget(breakdown, cfg.budget.max_trainable)
+    check_max_length(cfg)
+    tracking.trackers_for(cfg.train.log_with)  # a tracker that is not installed: say so now
+    return breakdown
+
+
+def train(cfg: Config, distill_term: DistillTerm | None = None) -> Path:
     """Train a LoRA classifier as the config says; return the run folder.
 
     Args:
         cfg: resolved config.
-        teacher_logits: optional [train rows, classes] logits; when given the loss is the
-            distillation loss with cfg.distill.temperature and cfg.distill.alpha.
-        extra_summary: merged into summary.json (e.g. the teacher's identity).
+        distill_term: optional knowledge-distillation term (losses.DistillTerm, built by
+            `distill`): the loss is then the distillation loss against its teacher logits, taken
+            for each training row by row identity; summary.json records its teacher.
 
     Returns:
         The run folder holding config.yaml, metrics.jsonl, best/ (adapter + head), summary.json.
     """
     run_dir = run_dir_for(cfg)
-    breakdown = budget_breakdown(cfg)
-    check_budget(breakdown, cfg.budget.max_trainable)  # before any folder, data or weights are touched
-    check_max_length(cfg)
-    tracking.trackers_for(cfg.train.log_with)  # a tracker that is not installed: say so now
+    breakdown = preflight(cfg)
     with runs.writer_lock(run_dir):  # one writer per run folder; released however train ends
-        return _train(cfg, run_dir, breakdown, teacher_logits, extra_summary)
+        return _train(cfg, run_dir, breakdown, distill_term)
 
 
-def _train(cfg: Config, run_dir: Path, breakdown, teacher_logits: np.ndarray | None,
-           extra_summary: dict | None) -> Path:
+def _train(cfg: Config, run_dir: Path, breakdown, distill_term: DistillTerm | None) -> Path:
     resuming = runs.prepare_run_dir(run_dir, cfg)
     start_step = _peek_progress(run_dir).step if resuming else 0
     accelerator = make_accelerator(cfg, tracking.accelerator_trackers(cfg, run_dir, start_step))
     try:
-        return _train_tracked(cfg, run_dir, breakdown, teacher_logits, extra_summary, accelerator, resuming)
+        return _train_tracked(cfg, run_dir, breakdown, distill_term, accelerator, resuming)
     finally:
         tracking.end(accelerator)
 
 
-def _train_tracked(cfg: Config, run_dir: Path, breakdown, teacher_logits: np.ndarray | None,
-                   extra_summary: dict | None, accelerator, resuming: bool) -> Path:
+def _train_tracked(cfg: Config, run_dir: Path, breakdown, distill_term: DistillTerm | None, accelerator,
+                   resuming: bool) -> Path:
     seed_everything(cfg.train.seed)
 
     tokenizer = load_tokenizer(cfg.model.name)
     train_split, val_split, test_split = load_splits(cfg.data, seed=cfg.train.seed,
                                                      num_labels=cfg.model.num_labels)
-    if teacher_logits is not None and len(teacher_logits) != len(train_split):
-        raise ValueError(f"teacher logits cover {len(teacher_logits)} rows, training data has {len(train_split)}")
+    teacher = None if distill_term is None else \
+        torch.from_numpy(distill_term.aligned(row_ids(train_split.texts))).to(accelerator.device)
     tok = lambda split: tokenize(split.texts, tokenizer, cfg.data.max_length, cfg.data.cache_dir)  # noqa: E731
     train_ids, val_ids = tok(train_split), tok(val_split)
 
@@ -203,11 +214,10 @@ def _train_tracked(cfg: Config, run_dir: Path, breakdown, teacher_logits: np.nda
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     average = WeightAverage(accelerator.unwrap_model(model), cfg.train.ema) if cfg.train.ema else None
-    teacher = None if teacher_logits is None else torch.from_numpy(teacher_logits).to(accelerator.device)
     ctx = _LoopContext(cfg, run_dir, accelerator, model, optimizer, scheduler, train_loader, val_loader,
                        val_split.labels, sampler, teacher, total_steps, steps_per_epoch,
                        augment=_Augmenter(cfg, train_split.texts, dataset, sampler, tok),
-                       average=average, perturbed_val=perturbed_val, pad_id=pad)
+                       average=average, perturbed_val=perturbed_val, pad_id=pad, distill=distill_term)
     prog = _peek_progress(run_dir) if resuming else Progress()
     tracking.start(accelerator, cfg, run_dir)
     if prog.round == 0:
@@ -223,8 +233,8 @@ def _train_tracked(cfg: Config, run_dir: Path, breakdown, teacher_logits: np.nda
     summary["shift_levers"] = _shift_levers(cfg)
     if self_train_info is not None:
         summary["self_train"] = self_train_info
-    if extra_summary:
-        summary.update(extra_summary)
+    if distill_term is not None:
+        summary["distill"] = distill_term.summary()
     if ctx.accelerator.is_main_process:
         runs.write_summary(run_dir, summary)
         write_report(run_dir)
@@ -391,16 +401,15 @@ class _LoopContext:
     average: WeightAverage | None = None
     perturbed_val: tuple | None = None  # (loader, labels): the validation rows under the suite
     pad_id: int = 0  # the tokenizer's padding id, for loaders built later (self-training)
+    distill: DistillTerm | None = None  # the distillation term (its logits: `teacher`); None = cross-entropy
 
 
 def _loss(ctx: _LoopContext, batch) -> torch.Tensor:
     logits = ctx.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     smoothing = ctx.cfg.train.label_smoothing
-    if ctx.teacher is None:
+    if ctx.distill is None:
         return cross_entropy(logits, batch["labels"], smoothing)
-    return distillation_loss(logits, ctx.teacher[batch["index"]], batch["labels"],
-                             temperature=ctx.cfg.distill.temperature, alpha=ctx.cfg.distill.alpha,
-                             label_smoothing=smoothing)
+    return ctx.distill.loss(logits, ctx.teacher[batch["index"]], batch["labels"], label_smoothing=smoothing)
 
 
 def _loop(ctx: _LoopContext, prog: Progress) -> None:
