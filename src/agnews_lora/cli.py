@@ -106,12 +106,12 @@ def cmd_budget(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
+    from agnews_lora import runs
     from agnews_lora.evaluate import format_metrics
-    from agnews_lora.scoring import evaluate_folder
-
     from agnews_lora.predict import check_output
+    from agnews_lora.scoring import evaluate_folder, format_teacher_vs_student
 
-    out = Path(args.output) if args.output else Path(args.run_dir) / "eval.json"
+    out = Path(args.output) if args.output else Path(args.run_dir) / runs.EVAL
     check_output(out, inputs=args.data or [], allowed_in=None if args.output else args.run_dir)
     _use_threads(args.threads)
     result = evaluate_folder(args.run_dir, data=args.data, output=args.output, batch_size=args.batch_size,
@@ -121,8 +121,6 @@ def cmd_evaluate(args) -> None:
     print(format_metrics(m, clf.label_names))
     print(f"{clf.last_throughput:.1f} texts/s ({clf.info.get('format')}, {clf.precision})")
     if "teacher" in m:
-        from agnews_lora.distill import format_teacher_vs_student
-
         print(format_teacher_vs_student(m["teacher"], m, args.run_dir))
     print(f"saved {result.output}")
 

@@ -8,9 +8,11 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from agnews_lora import checkpoint as ckpt
 from agnews_lora import runs, tracking
@@ -18,18 +20,21 @@ from agnews_lora.averaging import WeightAverage
 from agnews_lora.calibration import expected_calibration_error, fit_temperature, nll, softmax
 from agnews_lora.card import write_run_card
 from agnews_lora.config import Config
-from agnews_lora.data import load_splits, make_loader, seed_everything, tokenize
+from agnews_lora.data import LengthGroupedSampler, load_splits, make_loader, row_ids, seed_everything, tokenize
 from agnews_lora.evaluate import compute_metrics
-from agnews_lora.losses import cross_entropy, distillation_loss
-from agnews_lora.model import (budget_breakdown, build_model, check_budget, check_max_length, count_trainable,
-                               load_tokenizer)
+from agnews_lora.losses import DistillTerm, cross_entropy
+from agnews_lora.model import (Breakdown, budget_breakdown, build_model, check_budget, check_max_length,
+                               count_trainable, load_tokenizer)
 from agnews_lora.perturb import SUITE, augment_texts, parse_specs, perturb_texts
 from agnews_lora.precision import accelerate_name, autocast_dtype, resolve_precision
 from agnews_lora.report import write_report
 from agnews_lora.speed import (ATTN_IMPLEMENTATION, PatchResult, cast_frozen_linears, cast_inputs_once, compile_layers,
                                first_token_last_layer, set_kernel_cache, use_fast_dropout)
 
-PATCHES_FILE = "speed_patches.json"  # which speed patches a run applied, and why any was not
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+PATCHES_FILE = runs.SPEED_PATCHES  # which speed patches a run applied, and why any was not
 
 
 def run_dir_for(cfg: Config) -> Path:
@@ -138,47 +143,58 @@ class Progress:
     round: int = 0  # 0: the training rows; 1: the self-training round (data.unlabelled)
 
 
-def train(cfg: Config, teacher_logits: np.ndarray | None = None, extra_summary: dict | None = None) -> Path:
+def preflight(cfg: Config) -> Breakdown:
+    """The checks `train` makes before any folder, data or weights are touched: the budget,
+    data.max_length against the backbone's positions, the trackers (`distill` makes them before
+    its teacher runs).
+
+    Returns:
+        The trainable-parameter breakdown the budget check counted.
+    """
+    breakdown = budget_breakdown(cfg)
+    check_budget(breakdown, cfg.budget.max_trainable)
+    check_max_length(cfg)
+    tracking.trackers_for(cfg.train.log_with)  # a tracker that is not installed: say so now
+    return breakdown
+
+
+def train(cfg: Config, distill_term: DistillTerm | None = None) -> Path:
     """Train a LoRA classifier as the config says; return the run folder.
 
     Args:
         cfg: resolved config.
-        teacher_logits: optional [train rows, classes] logits; when given the loss is the
-            distillation loss with cfg.distill.temperature and cfg.distill.alpha.
-        extra_summary: merged into summary.json (e.g. the teacher's identity).
+        distill_term: optional knowledge-distillation term (losses.DistillTerm, built by
+            `distill`): the loss is then the distillation loss against its teacher logits, taken
+            for each training row by row identity; summary.json records its teacher.
 
     Returns:
         The run folder holding config.yaml, metrics.jsonl, best/ (adapter + head), summary.json.
     """
     run_dir = run_dir_for(cfg)
-    breakdown = budget_breakdown(cfg)
-    check_budget(breakdown, cfg.budget.max_trainable)  # before any folder, data or weights are touched
-    check_max_length(cfg)
-    tracking.trackers_for(cfg.train.log_with)  # a tracker that is not installed: say so now
+    breakdown = preflight(cfg)
     with runs.writer_lock(run_dir):  # one writer per run folder; released however train ends
-        return _train(cfg, run_dir, breakdown, teacher_logits, extra_summary)
+        return _train(cfg, run_dir, breakdown, distill_term)
 
 
-def _train(cfg: Config, run_dir: Path, breakdown, teacher_logits: np.ndarray | None,
-           extra_summary: dict | None) -> Path:
+def _train(cfg: Config, run_dir: Path, breakdown, distill_term: DistillTerm | None) -> Path:
     resuming = runs.prepare_run_dir(run_dir, cfg)
     start_step = _peek_progress(run_dir).step if resuming else 0
     accelerator = make_accelerator(cfg, tracking.accelerator_trackers(cfg, run_dir, start_step))
     try:
-        return _train_tracked(cfg, run_dir, breakdown, teacher_logits, extra_summary, accelerator, resuming)
+        return _train_tracked(cfg, run_dir, breakdown, distill_term, accelerator, resuming)
     finally:
         tracking.end(accelerator)
 
 
-def _train_tracked(cfg: Config, run_dir: Path, breakdown, teacher_logits: np.ndarray | None,
-                   extra_summary: dict | None, accelerator, resuming: bool) -> Path:
+def _train_tracked(cfg: Config, run_dir: Path, breakdown, distill_term: DistillTerm | None, accelerator,
+                   resuming: bool) -> Path:
     seed_everything(cfg.train.seed)
 
     tokenizer = load_tokenizer(cfg.model.name)
     train_split, val_split, test_split = load_splits(cfg.data, seed=cfg.train.seed,
                                                      num_labels=cfg.model.num_labels)
-    if teacher_logits is not None and len(teacher_logits) != len(train_split):
-        raise ValueError(f"teacher logits cover {len(teacher_logits)} rows, training data has {len(train_split)}")
+    teacher = None if distill_term is None else \
+        torch.from_numpy(distill_term.aligned(row_ids(train_split.texts))).to(accelerator.device)
     tok = lambda split: tokenize(split.texts, tokenizer, cfg.data.max_length, cfg.data.cache_dir)  # noqa: E731
     train_ids, val_ids = tok(train_split), tok(val_split)
 
@@ -204,9 +220,10 @@ def _train_tracked(cfg: Config, run_dir: Path, breakdown, teacher_logits: np.nda
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     average = WeightAverage(accelerator.unwrap_model(model), cfg.train.ema) if cfg.train.ema else None
-    teacher = None if teacher_logits is None else torch.from_numpy(teacher_logits).to(accelerator.device)
-    ctx = _LoopContext(cfg, run_dir, accelerator, model, optimizer, scheduler, train_loader, val_loader,
-                       val_split.labels, sampler, teacher, total_steps, steps_per_epoch,
+    ctx = _LoopContext(cfg=cfg, run_dir=run_dir, accelerator=accelerator, model=model, optimizer=optimizer,
+                       scheduler=scheduler, train_loader=train_loader, val_loader=val_loader,
+                       val_labels=val_split.labels, sampler=sampler, total_steps=total_steps,
+                       steps_per_epoch=steps_per_epoch, distill=distill_term, teacher=teacher,
                        augment=_Augmenter(cfg, train_split.texts, dataset, sampler, tok),
                        average=average, perturbed_val=perturbed_val, pad_id=pad)
     prog = _peek_progress(run_dir) if resuming else Progress()
@@ -224,8 +241,8 @@ def _train_tracked(cfg: Config, run_dir: Path, breakdown, teacher_logits: np.nda
     summary["shift_levers"] = _shift_levers(cfg)
     if self_train_info is not None:
         summary["self_train"] = self_train_info
-    if extra_summary:
-        summary.update(extra_summary)
+    if distill_term is not None:
+        summary["distill"] = distill_term.summary()
     if ctx.accelerator.is_main_process:
         runs.write_summary(run_dir, summary)
         write_report(run_dir)
@@ -288,7 +305,7 @@ def _fast_dropout(model) -> PatchResult:
 def record_patches(run_dir: Path, patches: list[PatchResult], accelerator) -> None:
     """Write what `speed_up` did to RUN_DIR/speed_patches.json (main process)."""
     if accelerator.is_main_process:
-        ckpt.atomic_write_json(run_dir / PATCHES_FILE, {"patches": [p.to_dict() for p in patches]})
+        runs.write_speed_patches(run_dir, [p.to_dict() for p in patches])
 
 
 def _restore(last: Path, model, optimizer, scheduler) -> Progress:
@@ -376,33 +393,64 @@ class _Augmenter:
 
 @dataclass
 class _LoopContext:
+    """What one round of the loop trains with (the self-training round replaces some fields)."""
+
     cfg: Config
     run_dir: Path
-    accelerator: object
-    model: object
-    optimizer: object
-    scheduler: object
-    train_loader: object
-    val_loader: object
-    val_labels: list
-    sampler: object
-    teacher: torch.Tensor | None
-    total_steps: int
+    accelerator: Accelerator
+    model: torch.nn.Module  # prepared by the accelerator (DDP-wrapped under several processes)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_loader: DataLoader  # prepared
+    val_loader: DataLoader  # prepared
+    val_labels: list[int]
+    sampler: LengthGroupedSampler  # the training loader's batch sampler (its epoch is set directly)
+    total_steps: int  # optimizer steps at the end of this round
     steps_per_epoch: int
+    distill: DistillTerm | None = None  # the distillation term; None = cross-entropy
+    teacher: torch.Tensor | None = None  # distill's logits for the training rows, on the device, by row index
     augment: _Augmenter | None = None
     average: WeightAverage | None = None
-    perturbed_val: tuple | None = None  # (loader, labels): the validation rows under the suite
+    perturbed_val: tuple[DataLoader, list[int]] | None = None  # the validation rows under the suite
     pad_id: int = 0  # the tokenizer's padding id, for loaders built later (self-training)
 
 
 def _loss(ctx: _LoopContext, batch) -> torch.Tensor:
     logits = ctx.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     smoothing = ctx.cfg.train.label_smoothing
-    if ctx.teacher is None:
+    if ctx.distill is None:
         return cross_entropy(logits, batch["labels"], smoothing)
-    return distillation_loss(logits, ctx.teacher[batch["index"]], batch["labels"],
-                             temperature=ctx.cfg.distill.temperature, alpha=ctx.cfg.distill.alpha,
-                             label_smoothing=smoothing)
+    return ctx.distill.loss(logits, ctx.teacher[batch["index"]], batch["labels"], label_smoothing=smoothing)
+
+
+class _Window:
+    """What the loop counts between two reads. Loss and tokens stay on the device until a log
+    line or checkpoint reads them: reading them every micro-step (loss.item()) would make each
+    step wait for the accelerator. Training time runs from `start`; evaluations restart it."""
+
+    def __init__(self, device: torch.device):
+        self.loss, self.batches = torch.zeros((), device=device), 0
+        self.tokens = torch.zeros((), dtype=torch.long, device=device)
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        self.loss += loss.detach()
+        self.batches += 1
+        self.tokens += attention_mask.sum()
+
+    def flush(self, prog: Progress) -> float:
+        """Move the tokens counted on the device into `prog.tokens`; return the training seconds
+        so far (prog.train_seconds plus the time since `start`)."""
+        prog.tokens += int(self.tokens.item())
+        self.tokens.zero_()
+        return prog.train_seconds + time.perf_counter() - self.start
+
+    def take_loss(self) -> float:
+        """The mean loss since the last call; starts a new window."""
+        mean = self.loss.item() / self.batches
+        self.loss.zero_()
+        self.batches = 0
+        return mean
 
 
 def _loop(ctx: _LoopContext, prog: Progress) -> None:
@@ -411,10 +459,7 @@ def _loop(ctx: _LoopContext, prog: Progress) -> None:
     acc, cfg = ctx.accelerator, ctx.cfg
     bar = tqdm(total=ctx.total_steps, initial=prog.step, desc="train", dynamic_ncols=True,
                disable=not (cfg.train.progress and acc.is_main_process))
-    # Loss and token count stay on the device until a log line or checkpoint reads them: reading
-    # them every micro-step (loss.item()) would make each step wait for the accelerator.
-    window_loss, window_n = torch.zeros((), device=acc.device), 0
-    tokens = torch.zeros((), dtype=torch.long, device=acc.device)
+    window = _Window(acc.device)
     while prog.step < ctx.total_steps:
         # Iterating the prepared loader re-seeds the sampler with the loader's own pass counter,
         # which never advances here (each pass is left at its last batch): set both, or every
@@ -426,7 +471,7 @@ def _loop(ctx: _LoopContext, prog: Progress) -> None:
         loader = acc.skip_first_batches(ctx.train_loader, prog.batches_in_epoch) \
             if prog.batches_in_epoch else ctx.train_loader
         ctx.model.train()
-        t0 = time.perf_counter()
+        window.start = time.perf_counter()
         for batch in loader:
             with acc.accumulate(ctx.model):
                 loss = _loss(ctx, batch)
@@ -437,9 +482,7 @@ def _loop(ctx: _LoopContext, prog: Progress) -> None:
                 ctx.optimizer.zero_grad(set_to_none=True)
             prog.batches_in_epoch += 1
             prog.examples += len(batch["labels"])
-            tokens += batch["attention_mask"].sum()
-            window_loss += loss.detach()
-            window_n += 1
+            window.add(loss, batch["attention_mask"])
             if not acc.sync_gradients:
                 continue
             if ctx.average is not None:
@@ -448,30 +491,24 @@ def _loop(ctx: _LoopContext, prog: Progress) -> None:
             prog.step += 1
             bar.update(1)
             if prog.step % cfg.train.log_every == 0 or prog.step == ctx.total_steps:
-                prog.tokens += int(tokens.item())
-                tokens.zero_()
-                seconds = prog.train_seconds + time.perf_counter() - t0
+                seconds = window.flush(prog)
                 rate = prog.examples / max(seconds, 1e-9)
-                record = {"step": prog.step, "epoch": prog.epoch + 1, "loss": window_loss.item() / window_n,
+                record = {"step": prog.step, "epoch": prog.epoch + 1, "loss": window.take_loss(),
                           "lr": ctx.scheduler.get_last_lr()[0], "examples_per_s": rate,
                           "train_seconds": round(seconds, 4), "examples": prog.examples, "tokens": prog.tokens}
                 bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{rate:.1f}")
                 if acc.is_main_process:
-                    ckpt.append_jsonl(ctx.run_dir / "train_log.jsonl", record)
+                    runs.append_record(ctx.run_dir / runs.TRAIN_LOG, record)
                 tracking.log(acc, record, "train")
-                window_loss.zero_()
-                window_n = 0
             epoch_done = prog.batches_in_epoch >= len(ctx.train_loader)
             eval_now = (cfg.train.eval_every and prog.step % cfg.train.eval_every == 0)
             if eval_now or prog.step == ctx.total_steps or epoch_done:
-                prog.train_seconds += time.perf_counter() - t0
-                prog.tokens += int(tokens.item())
-                tokens.zero_()
+                prog.train_seconds = window.flush(prog)
                 if epoch_done:
                     prog.epoch, prog.batches_in_epoch = prog.epoch + 1, 0
                 _evaluate_and_save(ctx, prog, completed_epoch=epoch_done)
                 ctx.model.train()
-                t0 = time.perf_counter()
+                window.start = time.perf_counter()
             if prog.step >= ctx.total_steps or prog.batches_in_epoch == 0:
                 break
     bar.close()
@@ -489,7 +526,7 @@ def _evaluate_and_save(ctx: _LoopContext, prog: Progress, completed_epoch: bool)
             ckpt.save_adapter(unwrapped, ctx.run_dir / "best", extra={"step": prog.step, **record})
             record["best"] = True
     if acc.is_main_process:
-        ckpt.append_jsonl(ctx.run_dir / "metrics.jsonl", record)
+        runs.append_record(ctx.run_dir / runs.METRICS, record)
         ckpt.save_training_state(unwrapped, ctx.optimizer, ctx.scheduler, vars(prog).copy(),
                                  ctx.run_dir / "last",
                                  tensors=None if ctx.average is None else {"average": ctx.average.state_dict()})
@@ -628,7 +665,7 @@ def _finish(ctx: _LoopContext, prog: Progress, breakdown, tokenizer, test_split)
                            temperature=summary["calibration"]["temperature"])
         m["data"] = test_split.source
         if acc.is_main_process:
-            ckpt.atomic_write_json(ctx.run_dir / "test_metrics.json", m)
+            runs.write_test_metrics(ctx.run_dir, m)
         summary["test_accuracy"] = m["accuracy"]
         summary["test_f1_macro"] = m["f1_macro"]
         tracking.log(acc, {"step": prog.step, **m}, "test")
