@@ -19,7 +19,7 @@ from agnews_lora import runs
 from agnews_lora.config import Config, ConfigError
 from agnews_lora.data import Split, clean_text, pad_batch, read_files, tokenize
 from agnews_lora.precision import autocast_dtype, resolve_precision
-from agnews_lora.runs import EXPORT_META, ONNX_FILE, folder_kind  # noqa: F401  (re-exported: export, tests)
+from agnews_lora.runs import ONNX_FILE, folder_kind  # noqa: F401  (re-exported: export, tests)
 
 load_run_config = runs.read_config  # the old name, kept for callers outside the package
 
