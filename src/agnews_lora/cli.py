@@ -60,26 +60,34 @@ def _use_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def _main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
 def cmd_train(args) -> None:
     from agnews_lora.config import load_config
+    from agnews_lora.report import console_summary
     from agnews_lora.train import train
 
     run_dir = train(load_config(args.config, args.overrides))
-    print(f"run folder: {run_dir}")
-    print((run_dir / "summary.json").read_text())
+    if _main_process():  # under accelerate launch, once
+        print(console_summary(run_dir))
 
 
 def cmd_distill(args) -> None:
     from agnews_lora.config import load_config
     from agnews_lora.distill import distill
+    from agnews_lora.report import console_summary
 
     cfg = load_config(args.config, args.overrides)
     if args.teacher:
         cfg.distill.teacher = args.teacher  # set directly: a path is not parsed as YAML
     _kernel_cache(cfg.train.kernel_cache)  # the teacher's logits run before train() would set it
     run_dir = distill(cfg)
-    print(f"run folder: {run_dir}")
-    print((run_dir / "summary.json").read_text())
+    if _main_process():  # under accelerate launch, once
+        print(console_summary(run_dir))
 
 
 def cmd_budget(args) -> None:

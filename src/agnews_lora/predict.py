@@ -264,14 +264,15 @@ def _run_calibration(run_dir: Path) -> dict:
 def _load_run(run_dir: Path, checkpoint: str, device: str, merge: bool):
     from peft import PeftModel
 
-    from agnews_lora.model import build_model, load_tokenizer
+    from agnews_lora.model import build_model, load_tokenizer, peft_notes_silenced
 
     cfg = runs.read_config(run_dir)
     adapter = runs.checkpoint_dir(run_dir, checkpoint)  # never moves files: the trainer may be mid-swap
     from safetensors import SafetensorError
 
     try:
-        model = PeftModel.from_pretrained(build_model(cfg, device=device, with_lora=False), str(adapter))
+        with peft_notes_silenced():
+            model = PeftModel.from_pretrained(build_model(cfg, device=device, with_lora=False), str(adapter))
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # a truncated adapter, bad json
         if isinstance(err, ConfigError):
             raise

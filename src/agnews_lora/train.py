@@ -266,7 +266,12 @@ def speed_up(model, cfg: Config, accelerator) -> list[PatchResult]:
     """
     t, cpu = cfg.train, accelerator.device.type == "cpu"
     dtype = autocast_dtype(resolve_precision(accelerator.mixed_precision, accelerator.device))
-    off = lambda name, why: PatchResult(name, False, why)  # noqa: E731
+    expected: list[PatchResult] = []  # skipped by the run's own settings (flag, device, precision)
+
+    def off(name: str, why: str) -> PatchResult:
+        expected.append(PatchResult(name, False, why))
+        return expected[-1]
+
     flag_off = lambda name: off(name, f"train.{name}=false")  # noqa: E731
     results = [set_kernel_cache(t.kernel_cache) if cpu else off("kernel_cache", "not a CPU run")]
     results.append(first_token_last_layer(model) if t.first_token_last_layer else flag_off("first_token_last_layer"))
@@ -285,8 +290,8 @@ def speed_up(model, cfg: Config, accelerator) -> list[PatchResult]:
         results.append(_counted("cast_inputs_once", cast_inputs_once(model), "attention blocks and LoRA layers")
                        if dtype and cpu else off("cast_inputs_once", "only under CPU autocast"))
     results.append(_counted("compile", compile_layers(model), "encoder layers") if t.compile else flag_off("compile"))
-    for r in results:
-        if not r.applied and not r.detail.endswith("=false"):
+    for r in results:  # say only what the settings do not explain (speed_patches.json has all)
+        if not r.applied and not any(r is e for e in expected):
             accelerator.print(f"speed patch {r.name} not applied: {r.detail}")
     return results
 
@@ -532,9 +537,12 @@ def _evaluate_and_save(ctx: _LoopContext, prog: Progress, completed_epoch: bool)
                                  tensors=None if ctx.average is None else {"average": ctx.average.state_dict()})
     tracking.log(acc, record, "eval")
     acc.wait_for_everyone()
-    if "val_accuracy" in record:
-        acc.print(f"step {prog.step}: val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.4f} "
-                  f"F1 {record['val_f1_macro']:.4f}")
+    if "val_accuracy" in record and acc.is_main_process:
+        from tqdm.auto import tqdm
+
+        # tqdm.write: a line of its own above the progress bar, not glued to the bar's last frame
+        tqdm.write(f"step {prog.step}: val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.4f} "
+                   f"F1 {record['val_f1_macro']:.4f}" + (" (best so far)" if record.get("best") else ""))
 
 
 def _score(ctx: _LoopContext, prog: Progress, record: dict) -> float:
@@ -669,5 +677,4 @@ def _finish(ctx: _LoopContext, prog: Progress, breakdown, tokenizer, test_split)
         summary["test_accuracy"] = m["accuracy"]
         summary["test_f1_macro"] = m["f1_macro"]
         tracking.log(acc, {"step": prog.step, **m}, "test")
-        acc.print(f"test accuracy {m['accuracy']:.4f} ({len(test_split):,} rows)")
     return summary
