@@ -260,8 +260,8 @@ def _limitations(run, robustness: dict | None) -> str:
         return (general + "\n\nNo robustness report for this run yet: `agnews-lora robustness RUN "
                 "--unlabelled FILE` measures it, and `agnews-lora card RUN` then adds the figures here.")
     rows = [["clean", _f4(robustness["clean"]["accuracy"]), ""]]
-    rows += [[f"`{p['label']}`", _f4(p["accuracy"]), f"{100 * p['drop']:+.2f}"] for p in robustness["perturbations"]]
-    rows.append(["suite mean", _f4(robustness["suite_mean_accuracy"]), f"{100 * robustness['suite_mean_drop']:+.2f}"])
+    rows += [[f"`{p['label']}`", _f4(p["accuracy"]), f"{100 * p['drop']:.2f}"] for p in robustness["perturbations"]]
+    rows.append(["suite mean", _f4(robustness["suite_mean_accuracy"]), f"{100 * robustness['suite_mean_drop']:.2f}"])
     data = robustness["data"]
     parts = [general, "",
              f"Measured by `agnews-lora robustness` on {data['rows']:,} rows of `{Path(data['source']).name}` "
