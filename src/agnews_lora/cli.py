@@ -64,9 +64,7 @@ def cmd_train(args) -> None:
     from agnews_lora.config import load_config
     from agnews_lora.train import train
 
-    run_dir = train(load_config(args.config, args.overrides))
-    print(f"run folder: {run_dir}")
-    print((run_dir / "summary.json").read_text())
+    _print_run(train(load_config(args.config, args.overrides)))
 
 
 def cmd_distill(args) -> None:
@@ -77,9 +75,15 @@ def cmd_distill(args) -> None:
     if args.teacher:
         cfg.distill.teacher = args.teacher  # set directly: a path is not parsed as YAML
     _kernel_cache(cfg.train.kernel_cache)  # the teacher's logits run before train() would set it
-    run_dir = distill(cfg)
-    print(f"run folder: {run_dir}")
-    print((run_dir / "summary.json").read_text())
+    _print_run(distill(cfg))
+
+
+def _print_run(run_dir) -> None:
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # under accelerate launch or torchrun every process gets here
+        print(f"run folder: {run_dir}")
+        print((run_dir / "summary.json").read_text())
 
 
 def cmd_budget(args) -> None:
