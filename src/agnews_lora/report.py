@@ -302,7 +302,7 @@ def console_summary(run_dir: str | Path) -> str:
              f"trainable parameters: {t['total']:,} of {run.cfg.budget.max_trainable:,} "
              f"(adapter {t['lora']:,}, head {t['head']:,})",
              f"trained {s['steps']:,} steps in {s['train_seconds']:.1f} s ({s['train_examples_per_s']:.1f} "
-             f"examples/s, {_precision(s)} on {s['device']}" + (f" x {s['processes']}" if s.get("processes", 1) > 1
+             f"examples/s, {_precision(s)} on {s['device']}" + (f", {s['processes']} processes" if s.get("processes", 1) > 1
                                                                 else "") + ")"]
     if s.get("best_val_accuracy") is not None:
         lines.append(f"best validation accuracy: {s['best_val_accuracy']:.4f} (step {s['best_step']}; best/ holds it)")

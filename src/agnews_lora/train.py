@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from agnews_lora import runs, tracking
 from agnews_lora.averaging import WeightAverage
 from agnews_lora.calibration import expected_calibration_error, fit_temperature, nll, softmax
 from agnews_lora.card import write_run_card
-from agnews_lora.config import Config
+from agnews_lora.config import Config, ConfigError
 from agnews_lora.data import LengthGroupedSampler, load_splits, make_loader, row_ids, seed_everything, tokenize
 from agnews_lora.evaluate import compute_metrics
 from agnews_lora.losses import DistillTerm, cross_entropy
@@ -177,13 +178,37 @@ def train(cfg: Config, distill_term: DistillTerm | None = None) -> Path:
 
 
 def _train(cfg: Config, run_dir: Path, breakdown, distill_term: DistillTerm | None) -> Path:
-    resuming = runs.prepare_run_dir(run_dir, cfg)
+    resuming = _prepare_run_dir(cfg, run_dir)
     start_step = _peek_progress(run_dir).step if resuming else 0
     accelerator = make_accelerator(cfg, tracking.accelerator_trackers(cfg, run_dir, start_step))
     try:
         return _train_tracked(cfg, run_dir, breakdown, distill_term, accelerator, resuming)
     finally:
         tracking.end(accelerator)
+
+
+def _prepare_run_dir(cfg: Config, run_dir: Path) -> bool:
+    """`runs.prepare_run_dir` in the main process alone (the writer, holding the lock); the other
+    processes of a multi-process launch wait for it and write nothing.
+
+    Returns:
+        True when the run resumes from `last/`.
+
+    Raises:
+        ConfigError: launched as several processes that accelerate would run each alone.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list, parse_flag_from_env
+
+    state = PartialState(cpu=cfg.train.cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))  # as the Accelerator's
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and state.num_processes == 1:
+        raise ConfigError(f"train.cpu: launched as {launched} processes, but accelerate found no GPU for them "
+                          "and would train each alone into the same run folder; pass train.cpu=true to train "
+                          f"as {launched} CPU processes (gloo)")
+    resuming = [runs.prepare_run_dir(run_dir, cfg) if state.is_main_process else None]
+    broadcast_object_list(resuming)  # the others wait here until the folder is ready
+    return resuming[0]
 
 
 def _train_tracked(cfg: Config, run_dir: Path, breakdown, distill_term: DistillTerm | None, accelerator,
