@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from agnews_lora import checkpoint as ckpt
-from agnews_lora import runs
+from agnews_lora import methods, runs
 from agnews_lora.averaging import WeightAverage
 from agnews_lora.calibration import expected_calibration_error, fit_temperature, nll, softmax
 from agnews_lora.config import Config
@@ -137,7 +137,7 @@ class Progress:
 
 
 def train(cfg: Config, teacher_logits: np.ndarray | None = None, extra_summary: dict | None = None) -> Path:
-    """Train a LoRA classifier as the config says; return the run folder.
+    """Train a classifier with the adapters of cfg.peft.method as the config says; return the run folder.
 
     Args:
         cfg: resolved config.
@@ -152,6 +152,7 @@ def train(cfg: Config, teacher_logits: np.ndarray | None = None, extra_summary: 
     breakdown = budget_breakdown(cfg)
     check_budget(breakdown, cfg.budget.max_trainable)  # before any folder, data or weights are touched
     check_max_length(cfg)
+    methods.check_schedule(cfg)
     with runs.writer_lock(run_dir):  # one writer per run folder; released however train ends
         return _train(cfg, run_dir, breakdown, teacher_logits, extra_summary)
 
@@ -192,11 +193,14 @@ def _train(cfg: Config, run_dir: Path, breakdown, teacher_logits: np.ndarray | N
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     average = WeightAverage(accelerator.unwrap_model(model), cfg.train.ema) if cfg.train.ema else None
+    adalora = methods.adalora_steps(accelerator.unwrap_model(model), cfg)
+    if adalora is not None:
+        adalora.start(total_steps)
     teacher = None if teacher_logits is None else torch.from_numpy(teacher_logits).to(accelerator.device)
     ctx = _LoopContext(cfg, run_dir, accelerator, model, optimizer, scheduler, train_loader, val_loader,
                        val_split.labels, sampler, teacher, total_steps, steps_per_epoch,
                        augment=_Augmenter(cfg, train_split.texts, dataset, sampler, tok),
-                       average=average, perturbed_val=perturbed_val, pad_id=pad)
+                       average=average, perturbed_val=perturbed_val, pad_id=pad, adalora=adalora)
     prog = _peek_progress(run_dir) if resuming else Progress()
     if prog.round == 0:
         if resuming:
@@ -250,6 +254,9 @@ def speed_up(model, cfg: Config, accelerator) -> list[PatchResult]:
                        if dtype else off("cast_frozen_linears", "no autocast (fp32)"))
     if not t.cast_inputs_once:
         results.append(flag_off("cast_inputs_once"))
+    elif cfg.peft.method == "dora":
+        results.append(off("cast_inputs_once", "peft.method=dora: DoRA computes its weight norm in its input's "
+                                               "dtype, which a bf16 input would round (autocast keeps it fp32)"))
     else:
         results.append(_counted("cast_inputs_once", cast_inputs_once(model), "attention blocks and LoRA layers")
                        if dtype and cpu else off("cast_inputs_once", "only under CPU autocast"))
@@ -300,10 +307,12 @@ def _resume(ctx: "_LoopContext", total_steps: int) -> Progress:
     """Load `last/` into the context's model, optimizer, scheduler and weight average."""
     acc = ctx.accelerator
     prog = _restore(ctx.run_dir / "last", acc.unwrap_model(ctx.model), ctx.optimizer, ctx.scheduler)
-    if ctx.average is not None:
+    if ctx.average is not None or ctx.adalora is not None:
         from safetensors.torch import load_file
 
-        ctx.average.load_state_dict(load_file(str(ctx.run_dir / "last" / "average.safetensors")))
+        for name, state in (("average", ctx.average), ("adalora", ctx.adalora)):
+            if state is not None:
+                state.load_state_dict(load_file(str(ctx.run_dir / "last" / f"{name}.safetensors")))
     if acc.is_main_process:
         runs.drop_records_after(ctx.run_dir, prog.step)
     acc.print(f"resuming {ctx.run_dir} at step {prog.step}/{total_steps}")
@@ -379,16 +388,18 @@ class _LoopContext:
     average: WeightAverage | None = None
     perturbed_val: tuple | None = None  # (loader, labels): the validation rows under the suite
     pad_id: int = 0  # the tokenizer's padding id, for loaders built later (self-training)
+    adalora: methods.AdaLoraSteps | None = None  # peft.method=adalora: rank allocation and its penalty
 
 
 def _loss(ctx: _LoopContext, batch) -> torch.Tensor:
     logits = ctx.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     smoothing = ctx.cfg.train.label_smoothing
+    penalty = 0.0 if ctx.adalora is None else ctx.adalora.penalty()  # peft adds it only when given labels
     if ctx.teacher is None:
-        return cross_entropy(logits, batch["labels"], smoothing)
+        return cross_entropy(logits, batch["labels"], smoothing) + penalty
     return distillation_loss(logits, ctx.teacher[batch["index"]], batch["labels"],
                              temperature=ctx.cfg.distill.temperature, alpha=ctx.cfg.distill.alpha,
-                             label_smoothing=smoothing)
+                             label_smoothing=smoothing) + penalty
 
 
 def _loop(ctx: _LoopContext, prog: Progress) -> None:
@@ -420,6 +431,8 @@ def _loop(ctx: _LoopContext, prog: Progress) -> None:
                 if acc.sync_gradients and cfg.train.max_grad_norm > 0:
                     acc.clip_grad_norm_(ctx.model.parameters(), cfg.train.max_grad_norm)
                 ctx.optimizer.step()
+                if ctx.adalora is not None and acc.sync_gradients:  # peft: after the step, before zero_grad
+                    ctx.adalora.after_step(prog.step + 1)
                 ctx.optimizer.zero_grad(set_to_none=True)
             prog.batches_in_epoch += 1
             prog.examples += len(batch["labels"])
@@ -475,9 +488,10 @@ def _evaluate_and_save(ctx: _LoopContext, prog: Progress, completed_epoch: bool)
             record["best"] = True
     if acc.is_main_process:
         ckpt.append_jsonl(ctx.run_dir / "metrics.jsonl", record)
+        tensors = {name: state.state_dict() for name, state in (("average", ctx.average), ("adalora", ctx.adalora))
+                   if state is not None}
         ckpt.save_training_state(unwrapped, ctx.optimizer, ctx.scheduler, vars(prog).copy(),
-                                 ctx.run_dir / "last",
-                                 tensors=None if ctx.average is None else {"average": ctx.average.state_dict()})
+                                 ctx.run_dir / "last", tensors=tensors or None)
     acc.wait_for_everyone()
     if "val_accuracy" in record:
         acc.print(f"step {prog.step}: val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.4f} "
@@ -602,7 +616,11 @@ def _finish(ctx: _LoopContext, prog: Progress, breakdown, tokenizer, test_split)
                "train_examples_per_s": round(examples / max(prog.train_seconds, 1e-9), 2),
                "train_tokens_per_s": round(tokens / max(prog.train_seconds, 1e-9), 1),
                "precision": acc.mixed_precision, "device": str(acc.device), "processes": acc.num_processes,
-               "calibration": _calibration(ctx)}
+               "calibration": _calibration(ctx), "peft_method": cfg.peft.method}
+    if ctx.adalora is not None:  # the ranks of best/ (pruned singular values are zeros in it)
+        ranks = ctx.adalora.ranks()
+        summary["adalora"] = {"init_r": cfg.peft.adalora.init_r, "target_r": cfg.peft.adalora.target_r,
+                              "total_rank": sum(ranks.values()), "ranks": ranks}
     if test_split is not None and test_split.labels is not None:
         ids = tokenize(test_split.texts, tokenizer, cfg.data.max_length, cfg.data.cache_dir)
         loader = acc.prepare(make_loader(ids, test_split.labels, cfg.train.eval_batch_size,
