@@ -468,8 +468,9 @@ def _peft_checks(cfg: Config) -> list[tuple[str, bool, str]]:
     p = cfg.peft
     a = p.adalora
     checks = [
-        ("peft.adalora.init_r", a.init_r >= 1, "must be >= 1"),
-        ("peft.adalora.target_r", 1 <= a.target_r <= a.init_r, f"must be in [1, peft.adalora.init_r={a.init_r}]"),
+        ("peft.adalora.init_r", a.init_r >= 2, "must be >= 2 (ranks are allocated below it)"),
+        # equal ranks would leave the allocation nothing to remove (peft fails then: kthvalue k=0)
+        ("peft.adalora.target_r", 1 <= a.target_r < a.init_r, f"must be in [1, peft.adalora.init_r={a.init_r})"),
         ("peft.adalora.tinit", a.tinit >= 0, "must be >= 0"),
         ("peft.adalora.tfinal", a.tfinal >= 0, "must be >= 0"),
         ("peft.adalora.deltaT", a.deltaT >= 1, "must be >= 1"),

@@ -56,7 +56,7 @@ def with_size(cfg: Config, size: int) -> Config:
     setattr(obj, leaf, size)
     if cfg.peft.method == "adalora":  # the target rank follows the initial one in the same proportion
         a = cfg.peft.adalora
-        c.peft.adalora.target_r = max(1, min(size, round(size * a.target_r / a.init_r)))
+        c.peft.adalora.target_r = max(1, min(size - 1, round(size * a.target_r / a.init_r)))
     return c
 
 
@@ -250,20 +250,13 @@ class AdaLoraSteps:
         self.weight = cfg.peft.adalora.orth_reg_weight
 
     def start(self, total_steps: int) -> None:
-        """Set AdaLoRA's total_step to the run's and check that its schedule can allocate ranks."""
+        """Set AdaLoRA's total_step to the run's, after checking that its schedule has a phase that
+        allocates ranks (config.py checks this before anything loads when train.max_steps is set)."""
         a = self.config
         if a.tinit >= total_steps - a.tfinal:
             raise ConfigError(f"peft.adalora.tinit={a.tinit} and tfinal={a.tfinal} leave no rank allocation phase in "
                               f"{total_steps} optimizer steps (need tinit < steps - tfinal)")
         self.tuner.rankallocator.set_total_step(total_steps)
-        allocator = self.tuner.rankallocator
-        for step in range(a.tinit + 1, total_steps - a.tfinal):  # peft masks to `budget` at these steps
-            budget, mask = allocator.budget_schedule(step)
-            if mask and budget >= allocator.init_bgt:
-                raise ConfigError(f"peft.adalora: at step {step} the schedule keeps all {allocator.init_bgt} ranks "
-                                  f"(init_r={a.init_r}, target_r={a.target_r} on {len(allocator.name_set)} modules, "
-                                  f"{total_steps} steps), where peft can only remove some; widen init_r - target_r "
-                                  "or raise tinit")
 
     def penalty(self) -> torch.Tensor | float:
         """orth_reg_weight x the orthogonality penalty of the singular vectors (losses.py)."""
@@ -301,16 +294,6 @@ class AdaLoraSteps:
         """Rank per adapted module now: its singular values not masked to zero (lora_E entries)."""
         return {n.replace(".lora_E.default", ""): int(torch.count_nonzero(p.detach()))
                 for n, p in self.model.named_parameters() if ".lora_E." in n}
-
-
-def check_schedule(cfg: Config) -> None:
-    """AdaLoRA with train.max_steps: check its rank schedule on the meta device, before data or weights
-    load (with epochs the step count is known once the data is; `AdaLoraSteps.start` checks it then)."""
-    if cfg.peft.method != "adalora" or cfg.train.max_steps == 0:
-        return
-    from agnews_lora.model import build_model
-
-    AdaLoraSteps(build_model(cfg, device="meta"), cfg).start(cfg.train.max_steps)
 
 
 def adalora_steps(model: nn.Module, cfg: Config) -> AdaLoraSteps | None:

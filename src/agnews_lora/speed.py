@@ -234,6 +234,24 @@ def _disable_peft_input_casting(model: nn.Module) -> None:
     model.register_forward_hook(leave, always_call=True)
 
 
+def cast_inputs_once_blocker(model: nn.Module) -> str | None:
+    """Why `cast_inputs_once` must not be applied to `model`, or None when it may.
+
+    DoRA computes its weight norm in its input's dtype: a bf16 input would round the norm, which
+    autocast keeps in fp32. peft's `disable_input_dtype_casting` reads a switch that some tuner
+    layers do not have (IA3, VeRA in peft 0.21) and fails on them."""
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and any(getattr(module, "use_dora", {}).values()):
+            return "DoRA computes its weight norm in its input's dtype, which a bf16 input would round"
+        if isinstance(module, BaseTunerLayer) and not hasattr(module, "cast_input_dtype_enabled"):
+            return (f"peft's disable_input_dtype_casting does not support {type(module).__module__.split('.')[-2]} "
+                    "layers (they have no cast_input_dtype_enabled switch)")
+    return None
+
+
 def cast_inputs_once(model: nn.Module) -> int:
     """Under autocast, cast the input of each attention block (the module holding the
     query/key/value or q/k/v projections) and of each LoRA layer to the autocast dtype once,

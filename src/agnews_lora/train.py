@@ -25,8 +25,9 @@ from agnews_lora.model import (budget_breakdown, build_model, check_budget, chec
 from agnews_lora.perturb import SUITE, augment_texts, parse_specs, perturb_texts
 from agnews_lora.precision import accelerate_name, autocast_dtype, resolve_precision
 from agnews_lora.report import write_report
-from agnews_lora.speed import (ATTN_IMPLEMENTATION, PatchResult, cast_frozen_linears, cast_inputs_once, compile_layers,
-                               first_token_last_layer, set_kernel_cache, use_fast_dropout)
+from agnews_lora.speed import (ATTN_IMPLEMENTATION, PatchResult, cast_frozen_linears, cast_inputs_once,
+                               cast_inputs_once_blocker, compile_layers, first_token_last_layer, set_kernel_cache,
+                               use_fast_dropout)
 
 PATCHES_FILE = "speed_patches.json"  # which speed patches a run applied, and why any was not
 
@@ -152,7 +153,6 @@ def train(cfg: Config, teacher_logits: np.ndarray | None = None, extra_summary: 
     breakdown = budget_breakdown(cfg)
     check_budget(breakdown, cfg.budget.max_trainable)  # before any folder, data or weights are touched
     check_max_length(cfg)
-    methods.check_schedule(cfg)
     with runs.writer_lock(run_dir):  # one writer per run folder; released however train ends
         return _train(cfg, run_dir, breakdown, teacher_logits, extra_summary)
 
@@ -254,9 +254,8 @@ def speed_up(model, cfg: Config, accelerator) -> list[PatchResult]:
                        if dtype else off("cast_frozen_linears", "no autocast (fp32)"))
     if not t.cast_inputs_once:
         results.append(flag_off("cast_inputs_once"))
-    elif cfg.peft.method == "dora":
-        results.append(off("cast_inputs_once", "peft.method=dora: DoRA computes its weight norm in its input's "
-                                               "dtype, which a bf16 input would round (autocast keeps it fp32)"))
+    elif dtype and cpu and cast_inputs_once_blocker(model):
+        results.append(off("cast_inputs_once", f"peft.method={cfg.peft.method}: {cast_inputs_once_blocker(model)}"))
     else:
         results.append(_counted("cast_inputs_once", cast_inputs_once(model), "attention blocks and LoRA layers")
                        if dtype and cpu else off("cast_inputs_once", "only under CPU autocast"))
