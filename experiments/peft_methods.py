@@ -330,7 +330,8 @@ def conditions_line(run, rows: dict[str, dict]) -> str:
             f"{cfg.data.max_train_rows:,} training rows (a stratified seeded draw from {files}, after "
             f"{cfg.data.val_size} stratified validation rows were set aside); max length {cfg.data.max_length}; "
             f"AdamW, {cfg.train.scheduler} schedule with {cfg.train.warmup_ratio:.0%} warmup, weight decay "
-            f"{cfg.train.weight_decay:g}; learning rate per method: " + ", ".join(f"{m} {lr:g}" for m, lr in rates.items())
+            f"{cfg.train.weight_decay:g}; learning rate per method: "
+            + ", ".join(f"{m} {lr:g}" for m, lr in rates.items())
             + f"; {precision} on {s.get('device')}; seed {cfg.train.seed}; validation every {cfg.train.eval_every} "
             f"steps, the better checkpoint scored on all {run.test['n'] if run.test else '?':,} test rows.")
 
@@ -385,7 +386,8 @@ def write_table(out: Path, table: Path, argv: list[str], planned: list[Planned] 
              f"- Every row: {conditions_line(first, rows)}", "",
              *table_lines(rows, planned),
              "Size: the method's size option at the budget planner's largest value with every projection of "
-             f"every layer (methods with a placement), except {', '.join(f'{m} capped at {c}' for m, c in SIZE_CAPS.items())} "
+             "every layer (methods with a placement), except "
+             f"{', '.join(f'{m} capped at {c}' for m, c in SIZE_CAPS.items())} "
              "for time (see experiments/peft_methods.py). Trainable: the run's exact count (`model.count_trainable`, "
              f"head included), within budget.max_trainable = {budget:,}. Train time: optimizer steps only; Step: "
              "train time per optimizer step; Peak memory: the training process's maximum resident set size.", "",
@@ -437,8 +439,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--val-size", type=int, default=640)
     p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR", help="another learning rate for a method")
     p.add_argument("--size", action="append", default=[], metavar="METHOD=N",
-                   help="another size cap for a method (default caps: " + ", ".join(f"{k}={v}" for k, v in SIZE_CAPS.items())
-                        + ")")
+                   help="another size cap for a method (default caps: "
+                        + ", ".join(f"{k}={v}" for k, v in SIZE_CAPS.items()) + ")")
     p.add_argument("--minilm-dir", default=MINILM, help="the MiniLM stand-in (a folder or pkg:PACKAGE/path)")
     p.add_argument("--mpnet-dir", help="MPNet-base folder (default: ../shared/tools/get-mpnet-base.sh)")
     p.add_argument("--data-dir", default=str(pt.SHARED / "data" / "ag_news"), help="the offline AG News files")

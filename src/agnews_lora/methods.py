@@ -38,6 +38,7 @@ PLACED = frozenset({"lora", "dora", "adalora", "ia3", "vera", "loha", "lokr"})  
 SIZE_KEYS = {"lora": "lora.r", "dora": "lora.r", "adalora": "peft.adalora.init_r", "ia3": None,
              "vera": "peft.vera.r", "loha": "peft.loha.r", "lokr": "peft.lokr.r",
              "prompt": "peft.prompt.num_virtual_tokens", "prefix": "peft.prefix.num_virtual_tokens", "bitfit": None}
+SMALLEST_SIZE = {"adalora": 2}  # AdaLoRA allocates ranks below init_r: at least 2 (the others: 1)
 NAMES = {"lora": "LoRA", "dora": "DoRA", "adalora": "AdaLoRA", "ia3": "IA3", "vera": "VeRA", "loha": "LoHa",
          "lokr": "LoKr", "prompt": "Prompt tuning", "prefix": "Prefix tuning", "bitfit": "BitFit"}
 assert set(SIZE_KEYS) == set(NAMES) == set(PEFT_METHODS)
@@ -74,7 +75,8 @@ def size_of(cfg: Config) -> int | None:
 def describe(cfg: Config) -> str:
     """One line: the method and the options it uses (placement included)."""
     m, p, lora = cfg.peft.method, cfg.peft, cfg.lora
-    place = f"modules={','.join(lora.target_modules)}, layers={'all' if lora.layers is None else ','.join(map(str, lora.layers))}"
+    layers = "all" if lora.layers is None else ",".join(map(str, lora.layers))
+    place = f"modules={','.join(lora.target_modules)}, layers={layers}"
     text = {
         "lora": f"r={lora.r}, alpha={lora.alpha:g}, dropout={lora.dropout:g}",
         "dora": f"r={lora.r}, alpha={lora.alpha:g}, dropout={lora.dropout:g}",
@@ -94,13 +96,12 @@ def describe(cfg: Config) -> str:
 # ---------------------------------------------------------------- building
 
 
-def peft_config(cfg: Config, model: nn.Module, target: str | None, feedforward: str | None,
-                modules_to_save: list[str], meta: bool):
+def peft_config(cfg: Config, target: str | None, feedforward: str | None, modules_to_save: list[str],
+                meta: bool):
     """The peft config of cfg.peft.method (not bitfit).
 
     Args:
         cfg: the resolved config.
-        model: the backbone with its head (sizes, model path for a text-initialised prompt).
         target: the target_modules regex of the placement (methods in PLACED).
         feedforward: IA3's feedforward_modules regex (None: none of the targets).
         modules_to_save: the head modules peft trains and saves.

@@ -234,8 +234,8 @@ def add_adapters(model: nn.Module, cfg: Config, modules_to_save: list[str], meta
         target = _placement_regex(model, cfg, cfg.lora.target_modules, key="lora.target_modules")
         if method == "ia3":
             feedforward = _ia3_feedforward(model, cfg)
-    config = methods.peft_config(cfg, model, target=target, feedforward=feedforward,
-                                 modules_to_save=modules_to_save, meta=meta)
+    config = methods.peft_config(cfg, target=target, feedforward=feedforward, modules_to_save=modules_to_save,
+                                 meta=meta)
     model = get_peft_model(model, config)
     if method == "adalora":
         # AdaLoRA's rank counter is a frozen Parameter; moved to the meta device it comes back

@@ -171,7 +171,8 @@ def largest_size(cfg: Config, cap: int | None = None) -> tuple[int | None, Break
         cap: the largest size to consider (default `size_cap(cfg)`).
 
     Returns:
-        (size or None when even size 1 exceeds the budget, breakdown at that size (at 1 when None),
+        (size or None when even the smallest size exceeds the budget, breakdown at that size (at the
+        smallest when None),
         limit: "budget", "positions" or "saturates").
     """
     cap = size_cap(cfg) if cap is None else cap
@@ -183,19 +184,20 @@ def largest_size(cfg: Config, cap: int | None = None) -> tuple[int | None, Break
         return seen[size]
 
     capped = "positions" if cfg.peft.method in methods.PROMPT_LEARNING else "budget"
-    if cap < 1 or count(1).total > budget:
-        return None, count(1), "positions" if cap < 1 else "budget"
-    if cap == 1:
-        return 1, count(1), capped
-    slope = count(2).total - count(1).total
+    first = methods.SMALLEST_SIZE.get(cfg.peft.method, 1)
+    if cap < first or count(first).total > budget:
+        return None, count(first), "positions" if cap < first else "budget"
+    if cap == first:
+        return first, count(first), capped
+    slope = count(first + 1).total - count(first).total
     if slope > 0:
-        guess = min(cap, 1 + (budget - count(1).total) // slope)
+        guess = min(cap, first + (budget - count(first).total) // slope)
         if count(guess).total <= budget and (guess == cap or count(guess + 1).total > budget):
             return guess, count(guess), capped if guess == cap else "budget"
-    lo, hi = 1, 2  # invariant: count(lo) fits
+    lo, hi = first, 2 * first  # invariant: count(lo) fits
     while hi <= cap and count(hi).total <= budget:
         if count(hi).total == count(lo).total:  # the count stopped growing
-            final, lo = count(hi).total, 0
+            final, lo = count(hi).total, first - 1
             while hi - lo > 1:  # the smallest size with the final count
                 mid = (lo + hi) // 2
                 lo, hi = (lo, mid) if count(mid).total == final else (mid, hi)
@@ -214,9 +216,10 @@ def _bisect(count, lo: int, hi: int, budget: int) -> tuple[int, Breakdown, str]:
     return lo, count(lo), "budget"
 
 
-def _method_variant(cfg: Config, method: str, modules: list[str] | None, layers: list[int] | None,
+def method_config(cfg: Config, method: str, modules: list[str] | None, layers: list[int] | None,
                     head: str) -> Config:
-    """cfg with another method, placement and head: the keys `method` does not read at their defaults,
+    """cfg with another method, placement and head (the config a plan row counts): the keys `method`
+    does not read at their defaults,
     those it reads (its own peft.<method> options, lora.alpha, ...) as cfg has them."""
     import dataclasses
 
@@ -241,7 +244,7 @@ def plan_method(cfg: Config, method: str, modules: list[str] | None, layers: lis
     """The largest size of `method` on one placement with one head (see `largest_size`)."""
     from agnews_lora.config import ConfigError
 
-    c = _method_variant(cfg, method, modules=modules, layers=layers, head=head)
+    c = method_config(cfg, method, modules=modules, layers=layers, head=head)
     row = dict(method=method, size_key=methods.SIZE_KEYS[method], placement=placement,
                modules=list(modules) if modules is not None else None, layers=layers, head=head)
     try:
