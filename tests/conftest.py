@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import gzip
 import shutil
+import socket
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -74,6 +78,40 @@ def ag_files(tmp_path_factory) -> dict[str, Path]:
     test = out / "test.csv"
     test.write_text("".join(_head_lines(AG_NEWS / "test.csv.gz", 120)), encoding="utf-8")
     return {"train": train, "test": test}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_model_dir, ag_files) -> Path:
+    """A trained seconds-long run (tiny_run_overrides), shared by the tests that only read it."""
+    from agnews_lora.config import load_config
+    from agnews_lora.train import reset_accelerator_state, train
+
+    reset_accelerator_state()  # session-scoped: set up before the per-test reset runs
+    base = tmp_path_factory.mktemp("tiny-run")
+    return train(load_config(overrides=tiny_run_overrides(tiny_model_dir, ag_files, base / "cache", base / "run")))
+
+
+@contextmanager
+def live_server(app):
+    """Serve the ASGI `app` with uvicorn on 127.0.0.1 at a free port in a thread; yields its base URL."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 30
+        while not server.started and thread.is_alive() and time.time() < deadline:
+            time.sleep(0.05)
+        if not server.started:
+            raise RuntimeError(f"uvicorn did not start on 127.0.0.1:{port}")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 @pytest.fixture

@@ -14,10 +14,11 @@ import torch
 import yaml
 
 from agnews_lora import distill as kd
+from agnews_lora import runs
 from agnews_lora.cli import main
-from agnews_lora.config import load_config
-from agnews_lora.data import load_splits
-from agnews_lora.losses import distillation_loss
+from agnews_lora.config import ConfigError, load_config
+from agnews_lora.data import load_splits, row_ids
+from agnews_lora.losses import DistillTerm, distillation_loss
 from agnews_lora.model import budget_breakdown
 from agnews_lora.predict import Classifier
 from agnews_lora.train import train
@@ -179,6 +180,100 @@ def test_cache_key_follows_tokenization_and_max_length(tiny_model_dir, student, 
         kd.cache_key(kd.TeacherSpec(**{**vars(spec), "tokenizer": other_tok}), cfg, train_split, val_split, "fp32")
 
 
+def test_artifact_key_follows_the_teacher_rows_and_max_length_only(tiny_model_dir, teacher_run, student):
+    cfg, train_split, val_split, _ = student
+    key = kd.cache_key(_spec(cfg, tiny_model_dir), cfg, train_split, val_split, "fp32")
+    # Not otherwise: the teacher resolved again, the KD weights, the student's folder and training settings.
+    other = copy.deepcopy(cfg)
+    other.distill.temperature, other.distill.alpha, other.distill.probe_steps = 5.0, 0.1, 7
+    other.out_dir, other.train.lr, other.lora.r = "elsewhere", 0.5, 2
+    assert kd.cache_key(_spec(other, tiny_model_dir), other, train_split, val_split, "fp32") == key
+    # The rows: fewer, reordered, other validation rows.
+    keys = {kd.cache_key(_spec(cfg, tiny_model_dir), cfg, t, v, "fp32") for t, v in [
+        (train_split.subset(range(1, len(train_split))), val_split),
+        (train_split.subset(range(len(train_split) - 1, -1, -1)), val_split),
+        (train_split, val_split.subset(range(5)))]}
+    assert len(keys) == 3 and key not in keys
+    # The teacher, its max_length, its precision.
+    assert kd.cache_key(_spec(cfg, teacher_run), cfg, train_split, val_split, "fp32") != key
+    short = copy.deepcopy(cfg)
+    short.data.max_length = 16
+    assert kd.cache_key(_spec(short, tiny_model_dir), short, train_split, val_split, "fp32") != key
+    assert kd.cache_key(_spec(cfg, tiny_model_dir), cfg, train_split, val_split, "bf16") != key
+    # Frozen mode: another artifact, and the probe settings count.
+    frozen = kd.cache_key(_spec(cfg, tiny_model_dir, "frozen"), cfg, train_split, val_split, "fp32")
+    assert frozen != key
+    assert kd.cache_key(_spec(other, tiny_model_dir, "frozen"), other, train_split, val_split, "fp32") != frozen
+
+
+def _term(logits: np.ndarray, rows: np.ndarray) -> DistillTerm:
+    return DistillTerm(logits=logits, rows=rows, temperature=2.0, alpha=0.5, key="k1", teacher="t",
+                       teacher_kind="run", teacher_mode="finetuned", teacher_val_accuracy=None,
+                       logits_seconds=0.0, logits_cached=True)
+
+
+def test_loss_term_takes_teacher_logits_by_row_identity():
+    logits = np.arange(16, dtype=np.float32).reshape(4, 4)
+    term = _term(logits, row_ids(["a", "b", "c", "a"]))  # equal texts, equal ids
+    assert term.aligned(row_ids(["a", "b", "c", "a"])) is logits
+    np.testing.assert_array_equal(term.aligned(row_ids(["c", "a", "b"])), logits[[2, 0, 1]])
+    with pytest.raises(ConfigError, match=r"teacher logits k1: 1 of the 3 training rows have none "
+                                          r"\(the first is row 1\); they were computed for other rows"):
+        term.aligned(row_ids(["a", "zzz", "b"]))
+    student = torch.randn(2, 4)
+    assert float(term.loss(student, torch.from_numpy(logits[:2]), torch.tensor([0, 1]))) == pytest.approx(
+        _loss(student.numpy(), logits[:2], [0, 1], temperature=2.0, alpha=0.5), rel=1e-6)
+
+
+def test_train_refuses_teacher_logits_of_other_rows(student):
+    cfg, train_split, _, _ = student
+    rows = row_ids(["a text the student never sees"] + train_split.texts[1:])
+    missing = rf"1 of the {len(train_split)} training rows have none \(the first is row 0\)"
+    with pytest.raises(ConfigError, match=missing):
+        train(cfg, distill_term=_term(np.zeros((len(rows), 4), np.float32), rows))
+    assert not (Path(cfg.out_dir) / "metrics.jsonl").exists()  # nothing trained
+
+
+def test_cached_artifact_with_other_rows_is_refused(tiny_model_dir, student, monkeypatch):
+    cfg, train_split, val_split, _ = student
+    calls = _count_computes(monkeypatch)
+    spec = _spec(cfg, tiny_model_dir)
+    key = kd.cache_key(spec, cfg, train_split, val_split, "fp32")
+    n, m = len(train_split), len(val_split)
+    runs.write_teacher_logits(runs.TeacherLogits(
+        key=key, path=runs.teacher_logits_path(cfg.data.cache_dir, key), train=np.zeros((n, 4), np.float32),
+        val=np.zeros((m, 4), np.float32), train_rows=np.arange(n, dtype=np.uint64),
+        val_rows=row_ids(val_split.texts), probe=None, computed_seconds=1.0, val_overlap=None))
+    with pytest.raises(ConfigError, match="holds other rows than its key says"):
+        kd.teacher_logits(spec, cfg, train=train_split, val=val_split)
+    assert not calls
+
+
+def test_every_check_comes_before_the_teacher_runs(tiny_model_dir, tiny_overrides, ag_files, student, capsys,
+                                                   monkeypatch):
+    cfg, train_split, val_split, _ = student
+    monkeypatch.setattr(kd, "run_teacher", lambda *a, **k: pytest.fail("the teacher ran"))
+    frozen = tiny_overrides + [f"distill.teacher={tiny_model_dir}", "distill.teacher_mode=frozen"]
+    changed = load_config(overrides=frozen)
+    changed.distill.probe_steps = 0  # changed after loading: checked all the same
+    with pytest.raises(ConfigError, match="distill.probe_steps=0 must be >= 1"):
+        kd.distill(changed)
+    with pytest.raises(ConfigError, match="distill.probe_steps=0 must be >= 1"):
+        kd.teacher_logits(_spec(cfg, tiny_model_dir, "frozen"), changed, train=train_split, val=val_split)
+    err = _error_line(capsys, ["distill", *frozen, "distill.probe_steps=0"])
+    assert "distill.probe_steps=0" in err
+    # --teacher is set after the config is loaded: self-training and distillation still do not mix.
+    err = _error_line(capsys, ["distill", "--teacher", str(tiny_model_dir), *tiny_overrides,
+                               f"data.unlabelled={ag_files['test']}"])
+    assert "data.unlabelled" in err and "cannot be combined with distillation" in err
+    # A fresh run into a used folder is refused before the teacher runs (train would only refuse it after).
+    run = Path(cfg.out_dir)
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("")
+    err = _error_line(capsys, ["distill", "--teacher", str(tiny_model_dir), *tiny_overrides])
+    assert "already holds a run" in err and "train.resume=true" in err
+
+
 # ---------------------------------------------------------------- end to end
 
 
@@ -198,6 +293,11 @@ def test_distill_end_to_end_from_a_teacher_run(teacher_run, tiny_overrides, stud
                                                            np.array(val_split.labels)))
     with np.load(record["cache_file"]) as z:  # the logits training read, in training-row order
         np.testing.assert_allclose(z["train"], teacher.predict_logits(train_split.texts), atol=1e-5)
+    # The student's folder points to the artifact: its key, its file, its rows.
+    pointed = runs.teacher_logits_of(run)
+    assert pointed.key == record["logits_key"]
+    assert pointed.path == runs.teacher_logits_path(cfg.data.cache_dir, record["logits_key"])
+    np.testing.assert_array_equal(pointed.train_rows, row_ids(train_split.texts))
 
     summary = json.loads((run / "summary.json").read_text())
     assert summary["distill"] == {"teacher": str(teacher_run.resolve()), "teacher_kind": "run",
@@ -260,10 +360,12 @@ def test_linear_probe_fits_separable_features():
 
 
 def test_teacher_columns_follow_the_student_label_names():
+    from agnews_lora.teacher import _label_order
+
     names = {0: "Sports", 1: "World", 2: "Sci/Tech", 3: "Business"}
-    order = kd._label_order(names, 4)
+    order = _label_order(names, 4)
     assert order == [1, 0, 3, 2]
-    assert kd._label_order({i: f"LABEL_{i}" for i in range(4)}, 4) is None  # generic names: as they are
+    assert _label_order({i: f"LABEL_{i}" for i in range(4)}, 4) is None  # generic names: as they are
     spec = kd.TeacherSpec(source="x", kind="model", mode="finetuned", model_path="x", max_length=8, num_labels=4,
                           label_order=order, identity={}, tokenizer=None)
     teacher_out = np.array([[10.0, 20.0, 30.0, 40.0]])  # Sports, World, Sci/Tech, Business

@@ -11,8 +11,9 @@ import warnings
 
 MODULES = ["agnews_lora", "agnews_lora.config", "agnews_lora.data", "agnews_lora.model", "agnews_lora.speed",
            "agnews_lora.precision", "agnews_lora.train", "agnews_lora.predict", "agnews_lora.distill",
-           "agnews_lora.evaluate", "agnews_lora.scoring", "agnews_lora.export", "agnews_lora.report",
-           "agnews_lora.sweep", "agnews_lora.serve", "agnews_lora.cli", "agnews_lora.hub", "agnews_lora.plan"]
+           "agnews_lora.teacher", "agnews_lora.evaluate", "agnews_lora.scoring", "agnews_lora.export",
+           "agnews_lora.report", "agnews_lora.sweep", "agnews_lora.serve", "agnews_lora.cli", "agnews_lora.hub",
+           "agnews_lora.plan"]
 
 PROBE = """
 import importlib, json, os, sys, warnings

@@ -110,6 +110,54 @@ def test_other_ranks_do_not_take_the_lock(tmp_path, monkeypatch):
         child.wait()
 
 
+def _artifact(tmp_path, key="k" * 24, rows=3) -> runs.TeacherLogits:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return runs.TeacherLogits(key=key, path=runs.teacher_logits_path(tmp_path / "cache", key),
+                              train=rng.normal(size=(rows, 4)).astype(np.float32), val=np.zeros((0, 4), np.float32),
+                              train_rows=np.arange(rows, dtype=np.uint64), val_rows=np.zeros(0, np.uint64),
+                              probe={"weight": np.ones((4, 2), np.float32), "bias": np.zeros(4, np.float32)},
+                              computed_seconds=1.5, val_overlap=None)
+
+
+def test_teacher_logits_artifact_round_trip_and_damage(tmp_path):
+    import numpy as np
+
+    artifact = _artifact(tmp_path)
+    assert artifact.path == tmp_path / "cache" / "teacher_logits" / f"{artifact.key}.npz"
+    assert runs.read_teacher_logits(artifact.path) is None  # not computed yet
+    runs.write_teacher_logits(artifact)
+    back = runs.read_teacher_logits(artifact.path)
+    assert (back.key, back.path, back.computed_seconds, back.val_overlap) == (artifact.key, artifact.path, 1.5, None)
+    for name in ("train", "val", "train_rows", "val_rows"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(artifact, name))
+    np.testing.assert_array_equal(back.probe["weight"], artifact.probe["weight"])
+    assert [p.name for p in artifact.path.parent.iterdir()] == [artifact.path.name]  # no temporary left
+
+    artifact.path.write_bytes(artifact.path.read_bytes()[:100])  # truncated
+    with pytest.raises(ConfigError, match=r"teacher-logit cache is damaged.*delete it"):
+        runs.read_teacher_logits(artifact.path)
+    moved = _artifact(tmp_path, key="m" * 24)
+    runs.write_teacher_logits(moved)
+    renamed = moved.path.with_name("x" * 24 + ".npz")  # a file under another key
+    moved.path.rename(renamed)
+    with pytest.raises(ConfigError, match="its key or row ids do not fit"):
+        runs.read_teacher_logits(renamed)
+
+
+def test_distilled_run_points_to_its_teacher_logits(tmp_path):
+    artifact = _artifact(tmp_path)
+    runs.write_teacher_logits(artifact)
+    run = tmp_path / "run"
+    run.mkdir()
+    assert runs.teacher_logits_of(run) is None  # not distilled
+    runs.write_teacher(run, {"source": "t", "logits_key": artifact.key, "cache_file": str(artifact.path)},
+                       probe=artifact.probe)
+    assert runs.teacher_logits_of(run).key == artifact.key
+    assert runs.read_teacher_probe(run)["weight"].shape == (4, 2)
+
+
 def test_folder_kind_names_a_damaged_export(tmp_path):
     (tmp_path / runs.EXPORT_META).write_text("{truncated")
     with pytest.raises(ConfigError, match="the run is damaged: not valid JSON"):

@@ -5,39 +5,26 @@ from __future__ import annotations
 import asyncio
 import json
 import pickle
-import socket
-import threading
-import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from conftest import live_server
+
 from agnews_lora.cli import build_parser
-from agnews_lora.config import ConfigError, load_config
+from agnews_lora.config import ConfigError
 from agnews_lora.data import read_files
 from agnews_lora.predict import Classifier
 from agnews_lora.serve import BodySizeLimit, Limits, MicroBatcher, create_app
-from agnews_lora.train import train
 
 LIMITS = Limits(max_texts=8, max_chars=1000, max_body_bytes=6000)
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_model_dir, ag_files) -> Path:
-    out = tmp_path_factory.mktemp("serve")
-    return train(load_config(overrides=[
-        f"model.name={tiny_model_dir}", f"data.train={ag_files['train']}", f"data.test={ag_files['test']}",
-        "data.val_size=40", "data.max_length=64", f"data.cache_dir={out / 'cache'}", "train.max_steps=6",
-        "train.batch_size=8", "train.eval_every=3", "train.lr=1e-3", "train.precision=fp32",
-        "train.progress=false", "lora.r=4", f"out_dir={out / 'run'}"]))
-
-
-@pytest.fixture(scope="module")
-def clf(run) -> Classifier:
-    return Classifier.load(run, precision="fp32")
+def clf(tiny_run) -> Classifier:
+    return Classifier.load(tiny_run, precision="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -68,15 +55,15 @@ def test_predict_returns_labels_names_and_probabilities(client, clf, texts):
     np.testing.assert_allclose(np.sum(body["probabilities"], axis=1), 1.0, atol=1e-4)
 
 
-def test_health_and_info(client, run):
+def test_health_and_info(client, tiny_run):
     client.post("/predict", json={"texts": ["Stocks rally"]})
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["requests"] == 1 and health["model_calls"] == 1
     info = client.get("/info").json()
-    summary = json.loads((run / "summary.json").read_text())
+    summary = json.loads((tiny_run / "summary.json").read_text())
     assert info["trainable"] == summary["trainable"]["total"] > 0
     assert info["labels"] == ["World", "Sports", "Business", "Sci/Tech"]
-    assert info["format"] == "run" and info["source"] == run.name and info["backend"] == "torch"  # no disk path
+    assert info["format"] == "run" and info["source"] == tiny_run.name and info["backend"] == "torch"  # no disk path
     assert info["version"] and info["limits"] == {"max_texts": 8, "max_chars": 1000, "max_body_bytes": 6000}
 
 
@@ -211,20 +198,6 @@ def test_serve_binds_localhost_by_default():
 
 
 def test_real_http_server_on_localhost(app, clf, texts):
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.time() + 30
-        while not server.started and time.time() < deadline:
-            time.sleep(0.05)
-        r = httpx.post(f"http://127.0.0.1:{port}/predict", json={"texts": texts[:3]}, timeout=30)
+    with live_server(app) as url:
+        r = httpx.post(f"{url}/predict", json={"texts": texts[:3]}, timeout=30)
         assert r.status_code == 200 and r.json()["labels"] == clf.predict(texts[:3])
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)

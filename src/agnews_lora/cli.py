@@ -60,26 +60,34 @@ def _use_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def _main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
 def cmd_train(args) -> None:
     from agnews_lora.config import load_config
+    from agnews_lora.report import console_summary
     from agnews_lora.train import train
 
     run_dir = train(load_config(args.config, args.overrides))
-    print(f"run folder: {run_dir}")
-    print((run_dir / "summary.json").read_text())
+    if _main_process():  # under accelerate launch, once
+        print(console_summary(run_dir))
 
 
 def cmd_distill(args) -> None:
     from agnews_lora.config import load_config
     from agnews_lora.distill import distill
+    from agnews_lora.report import console_summary
 
     cfg = load_config(args.config, args.overrides)
     if args.teacher:
         cfg.distill.teacher = args.teacher  # set directly: a path is not parsed as YAML
     _kernel_cache(cfg.train.kernel_cache)  # the teacher's logits run before train() would set it
     run_dir = distill(cfg)
-    print(f"run folder: {run_dir}")
-    print((run_dir / "summary.json").read_text())
+    if _main_process():  # under accelerate launch, once
+        print(console_summary(run_dir))
 
 
 def _method_names(spec: str) -> list[str]:
@@ -131,12 +139,12 @@ def cmd_budget(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
+    from agnews_lora import runs
     from agnews_lora.evaluate import format_metrics
-    from agnews_lora.scoring import evaluate_folder
-
     from agnews_lora.predict import check_output
+    from agnews_lora.scoring import evaluate_folder, format_teacher_vs_student
 
-    out = Path(args.output) if args.output else Path(args.run_dir) / "eval.json"
+    out = Path(args.output) if args.output else Path(args.run_dir) / runs.EVAL
     check_output(out, inputs=args.data or [], allowed_in=None if args.output else args.run_dir)
     _use_threads(args.threads)
     result = evaluate_folder(args.run_dir, data=args.data, output=args.output, batch_size=args.batch_size,
@@ -146,8 +154,6 @@ def cmd_evaluate(args) -> None:
     print(format_metrics(m, clf.label_names))
     print(f"{clf.last_throughput:.1f} texts/s ({clf.info.get('format')}, {clf.precision})")
     if "teacher" in m:
-        from agnews_lora.distill import format_teacher_vs_student
-
         print(format_teacher_vs_student(m["teacher"], m, args.run_dir))
     print(f"saved {result.output}")
 
@@ -195,6 +201,14 @@ def cmd_report(args) -> None:
 
     for run_dir in args.run_dirs:
         print(f"wrote {write_report(run_dir)}")
+
+
+def cmd_card(args) -> None:
+    from agnews_lora.card import rebuild
+
+    for folder in args.folders:
+        for path in rebuild(folder):
+            print(f"wrote {path}")
 
 
 def cmd_compare(args) -> None:
@@ -266,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="report.md + PNG plots for finished run folder(s)")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("card", help="rebuild the Hugging Face model card of run folder(s) (best/README.md and "
+                                    "their exports) or of export folders")
+    p.add_argument("folders", nargs="+", metavar="FOLDER", help="a run folder, or a folder written by export")
+    p.set_defaults(func=cmd_card)
 
     p = sub.add_parser("compare", help="one table (and an accuracy-vs-parameters plot) for several runs")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
@@ -340,7 +359,7 @@ def _export_and_serve_args(sub) -> None:
                    "is checked on (besides a few built-in texts)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("serve", help="HTTP service: POST /predict, GET /health, GET /info")
+    p = sub.add_parser("serve", help="HTTP service: demo page at /, POST /predict, GET /health, GET /info")
     p.add_argument("model_dir", help="run folder, or a folder written by export")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
     p.add_argument("--port", type=port_number, default=8000, help="TCP port (0..65535)")

@@ -194,6 +194,9 @@ class TrainConfig:
     # Which evaluation's checkpoint becomes best/: validation accuracy on the clean rows, or on
     # the validation rows under the robustness suite's perturbations (mean over the suite).
     select: Literal["val_accuracy", "perturbed_val_accuracy"] = "val_accuracy"
+    # live tracking through accelerate: the jsonl logs, config and test metrics; tensorboard writes
+    # under RUN_DIR/tensorboard; "all" = every one of the three that is installed
+    log_with: Literal["none", "tensorboard", "wandb", "mlflow", "all"] = "none"
 
 
 @dataclass

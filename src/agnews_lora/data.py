@@ -343,6 +343,16 @@ def texts_fingerprint(texts: Sequence[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def row_ids(texts: Sequence[str]) -> np.ndarray:
+    """One identity per row: the first 8 bytes of its text's BLAKE2b hash, as uint64.
+
+    What ties values computed for rows (teacher logits) to the rows themselves, in any order:
+    equal texts get equal ids.
+    """
+    return np.fromiter((int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little")
+                        for t in texts), dtype=np.uint64, count=len(texts))
+
+
 def tokenize(texts: Sequence[str], tokenizer, max_length: int, cache_dir: str | None = None) -> list[np.ndarray]:
     """Token ids per text (truncated, unpadded), cached on disk by tokenizer + length + texts.
 

@@ -9,10 +9,8 @@ raises ParityError and leaves nothing behind.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import warnings
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -20,12 +18,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from agnews_lora.card import write_export_card
 from agnews_lora.checkpoint import atomic_write_json, replace_dir
 from agnews_lora.config import Config, ConfigError
 from agnews_lora.data import DataError, read_files
 from agnews_lora.methods import merge
+from agnews_lora.model import quiet_logger
 from agnews_lora.predict import Classifier, package_version
-from agnews_lora.runs import EXPORT_META, ONNX_FILE, folder_kind, write_config, write_export_meta
+from agnews_lora.runs import ONNX_FILE, folder_kind, write_config, write_export_meta
 
 FORMATS = ("merged", "onnx")
 QUANTIZE = ("int8",)
@@ -95,8 +95,9 @@ def export(run_dir: str | Path, fmt: str, output: str | Path | None = None, quan
 
     def build(tmp: Path) -> None:
         write_model(reference, tmp, fmt=fmt, quantize=quantize)
-        write_export_meta(tmp, export_metadata(reference, fmt=fmt, quantize=quantize, run_dir=run_dir,
-                                               checkpoint=checkpoint))
+        meta = export_metadata(reference, fmt=fmt, quantize=quantize, run_dir=run_dir, checkpoint=checkpoint)
+        write_export_meta(tmp, meta)
+        write_export_card(tmp, run_dir, meta)
         got = Classifier.load(tmp, precision="fp32").predict_logits(texts, batch_size=32)
         parity = check_parity(expected, got, tolerance=TOLERANCES[name], name=name)
         atomic_write_json(tmp / "parity.json", {**parity, "sample": source})
@@ -247,7 +248,7 @@ def export_onnx(model: nn.Module, tokenizer, dest: Path, quantize: str | None = 
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
     dims = {"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence}}
     fp32 = dest.with_name("model.fp32.onnx") if quantize else dest
-    with warnings.catch_warnings(), torch.no_grad(), _quiet("torch.onnx"):
+    with warnings.catch_warnings(), torch.no_grad(), quiet_logger("torch.onnx"):
         warnings.simplefilter("ignore")  # exporter deprecation chatter, not about this model
         torch.onnx.export(_Logits(model).eval(), (example["input_ids"], example["attention_mask"]), str(fp32),
                           input_names=["input_ids", "attention_mask"], output_names=["logits"],
@@ -264,20 +265,8 @@ def quantize_int8(src: Path, dest: Path) -> None:
     MiniLM stand-in (max 0.6 vs 1.6 on 1,000 test rows; labels 99.5% vs 98.9% the same)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with _quiet(""):  # the root logger's "consider pre-processing" advice, on every call
+    with quiet_logger(""):  # the root logger's "consider pre-processing" advice, on every call
         quantize_dynamic(str(src), str(dest), weight_type=QuantType.QInt8, per_channel=True)
-
-
-@contextmanager
-def _quiet(logger: str):
-    """Raise a logger's level to ERROR for the duration (library progress and advice lines)."""
-    log = logging.getLogger(logger)
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
 
 
 def format_parity(folder: str | Path) -> str:

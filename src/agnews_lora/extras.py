@@ -14,6 +14,9 @@ EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
     "onnx": ("onnx", ("onnx", "onnxscript", "onnxruntime")),
     "sweep": ("sweep", ("optuna",)),
     "postgres": ("sweep", ("psycopg",)),  # sweeps sharing a PostgreSQL study
+    "tensorboard": ("track", ("tensorboard",)),  # train.log_with=tensorboard
+    "wandb": ("wandb", ("wandb",)),
+    "mlflow": ("mlflow", ("mlflow",)),
 }
 
 

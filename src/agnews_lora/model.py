@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import re
+import warnings
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +38,68 @@ class BudgetError(ValueError):
 
 
 # ---------------------------------------------------------------- loading
+
+
+@contextmanager
+def quiet_logger(name: str):
+    """Raise a logger's level to ERROR for the duration (library progress and advice lines)."""
+    log = logging.getLogger(name)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+@contextmanager
+def _without_records(name: str, text: str):
+    """Drop the records of one logger whose message contains `text`, for the duration."""
+    def keep(record: logging.LogRecord) -> bool:
+        return text not in record.getMessage()
+
+    log = logging.getLogger(name)
+    log.addFilter(keep)
+    try:
+        yield
+    finally:
+        log.removeFilter(keep)
+
+
+@contextmanager
+def peft_notes_silenced():
+    """peft's model wrapper reads a transformers attribute that transformers deprecates: a
+    FutureWarning on every model built or loaded that no user of this tool can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+        yield
+
+
+# The head's weights: new (or restored from the run) when a pretrained encoder is loaded, so their
+# absence from the encoder's checkpoint is expected. BERT's pooler belongs to the head here.
+_HEAD_PREFIXES = ("classifier.", "score.", "pooler.", "bert.pooler.")
+
+
+def load_pretrained(name: str, config):
+    """The pretrained encoder with its sequence-classification head, without transformers' load
+    report: that report calls the head MISSING and newly initialized, which is expected (train
+    initializes it, a run restores it). Encoder weights missing from the checkpoint are not
+    expected: they are named in a warning."""
+    from transformers import AutoModelForSequenceClassification
+
+    # A filter, not a higher level: transformers checks a tensor-parallel plan (and warns) when this
+    # logger's level is raised.
+    with _without_records("transformers.modeling_utils", "LOAD REPORT"):
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            resolve_model_path(name), config=config, output_loading_info=True)
+    missing = [k for k in info.get("missing_keys", []) if not k.startswith(_HEAD_PREFIXES)
+               and not k.split(".", 1)[-1].startswith(_HEAD_PREFIXES)]
+    if missing:
+        shown = ", ".join(sorted(missing)[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        warnings.warn(f"model.name={name}: {len(missing)} encoder weights are not in the checkpoint and were "
+                      f"initialized at random ({shown}); the encoder is not the pretrained one", stacklevel=3)
+    return model
+
 
 
 def resolve_model_path(name: str) -> str:
@@ -210,16 +275,15 @@ def build_model(cfg: Config, device: str | torch.device = "cpu", with_lora: bool
         with torch.device(device):
             model = AutoModelForSequenceClassification.from_config(config)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(cfg.model.name),
-                                                                   config=config)
-        model.to(device)
+        model = load_pretrained(cfg.model.name, config).to(device)
     modules_to_save = attach_head(model, cfg.model.head, cfg.model.pooled_dropout)
     if cfg.peft.method == "prefix":
         methods.check_prefix_support(model)
         methods.accept_past_key_values(model)
     if not with_lora:
         return model
-    return add_adapters(model, cfg, modules_to_save, meta=str(device) == "meta")
+    with peft_notes_silenced():
+        return add_adapters(model, cfg, modules_to_save, meta=str(device) == "meta")
 
 
 def add_adapters(model: nn.Module, cfg: Config, modules_to_save: list[str], meta: bool = False) -> nn.Module:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from agnews_lora import runs
 from agnews_lora.config import Config, ConfigError
 from agnews_lora.data import Split, clean_text, pad_batch, read_files, tokenize
 from agnews_lora.precision import autocast_dtype, resolve_precision
-from agnews_lora.runs import EXPORT_META, ONNX_FILE, folder_kind  # noqa: F401  (re-exported: export, tests)
+from agnews_lora.runs import ONNX_FILE, folder_kind  # noqa: F401  (re-exported: export, tests)
 
 load_run_config = runs.read_config  # the old name, kept for callers outside the package
 
@@ -150,21 +150,11 @@ class Classifier:
         Returns:
             float32 logits; `last_throughput` is set to texts/s (tokenizing included).
         """
-        from tqdm.auto import tqdm
-
-        if batch_size < 1:
-            raise ConfigError(f"batch_size={batch_size}: must be >= 1")
         start = time.perf_counter()
-        ids = tokenize([clean_text(t) for t in texts], self.tokenizer, self.cfg.data.max_length, cache_dir=None)
-        order = np.argsort(-np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids)), kind="stable")
-        out = np.zeros((len(ids), self.num_labels), dtype=np.float32)
-        with tqdm(total=len(ids), disable=not progress, desc="predict", unit="text", dynamic_ncols=True) as bar:
-            for s in range(0, len(order), batch_size):
-                rows = order[s : s + batch_size]
-                out[rows] = self._logits(*pad_batch([ids[i] for i in rows], self.tokenizer.pad_token_id,
-                                                     self.cfg.data.pad_to_multiple_of))
-                bar.update(len(rows))
-        self.last_throughput = len(ids) / max(time.perf_counter() - start, 1e-9)
+        out = batched_outputs(texts, self.tokenizer, max_length=self.cfg.data.max_length, forward=self._logits,
+                              width=self.num_labels, batch_size=batch_size,
+                              pad_to_multiple_of=self.cfg.data.pad_to_multiple_of, progress=progress)
+        self.last_throughput = len(texts) / max(time.perf_counter() - start, 1e-9)
         return out
 
     def predict(self, texts: Sequence[str], batch_size: int = 64, prior: str | Sequence[float] | None = None) -> list[int]:
@@ -206,6 +196,40 @@ class Classifier:
         return adjust_to_prior(probs, self.class_prior, target / target.sum()).astype(np.float32)
 
 
+def batched_outputs(texts: Sequence[str], tokenizer, max_length: int,
+                    forward: Callable[[np.ndarray, np.ndarray], np.ndarray], width: int, batch_size: int = 64,
+                    pad_to_multiple_of: int = 1, progress: bool = False) -> np.ndarray:
+    """Run a model over texts: cleaned and tokenized in one call, batched longest first (each
+    batch pads to nearly its own length).
+
+    Args:
+        texts: raw texts.
+        tokenizer: the model's tokenizer.
+        max_length: truncation length.
+        forward: (input_ids, attention_mask), int64 arrays [batch, length] -> float [batch, width].
+        width: columns of forward's output.
+        batch_size: texts per forward call.
+        pad_to_multiple_of: batches pad to a multiple of this many tokens.
+        progress: show a progress bar.
+
+    Returns:
+        float32 [n, width] in input order.
+    """
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size}: must be >= 1")
+    ids = tokenize([clean_text(t) for t in texts], tokenizer, max_length, cache_dir=None)
+    order = np.argsort(-np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids)), kind="stable")
+    out = np.zeros((len(ids), width), dtype=np.float32)
+    with tqdm(total=len(ids), disable=not progress, desc="predict", unit="text", dynamic_ncols=True) as bar:
+        for s in range(0, len(order), batch_size):
+            rows = order[s : s + batch_size]
+            out[rows] = forward(*pad_batch([ids[i] for i in rows], tokenizer.pad_token_id, pad_to_multiple_of))
+            bar.update(len(rows))
+    return out
+
+
 def parse_prior(prior: str | Sequence[float], num_labels: int) -> np.ndarray:
     """"uniform", "em", or one non-negative share per class (a sequence or "0.2,0.3,..."):
     checked, as an array (None for "em"); raises ConfigError naming the value."""
@@ -241,7 +265,7 @@ def _run_calibration(run_dir: Path) -> dict:
 def _load_run(run_dir: Path, checkpoint: str, device: str, merge: bool):
     from peft import PeftModel
 
-    from agnews_lora.model import build_model, load_tokenizer
+    from agnews_lora.model import build_model, load_tokenizer, peft_notes_silenced
 
     cfg = runs.read_config(run_dir)
     adapter = runs.checkpoint_dir(run_dir, checkpoint)  # never moves files: the trainer may be mid-swap
@@ -254,7 +278,8 @@ def _load_run(run_dir: Path, checkpoint: str, device: str, merge: bool):
             model = build_model(cfg, device=device)
             load_adapter_weights(model, adapter)
         else:
-            model = PeftModel.from_pretrained(build_model(cfg, device=device, with_lora=False), str(adapter))
+            with peft_notes_silenced():
+                model = PeftModel.from_pretrained(build_model(cfg, device=device, with_lora=False), str(adapter))
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # a truncated adapter, bad json
         if isinstance(err, ConfigError):
             raise

@@ -320,6 +320,30 @@ def _overview(run: Run) -> str:
     return md_table(["", ""], rows, align="ll")
 
 
+def console_summary(run_dir: str | Path) -> str:
+    """The few lines a finished `train`/`distill` prints: where the run is, what it trained, how it
+    scored, and which files hold the rest (summary.json has every figure)."""
+    run = load_run(run_dir)
+    s, t = run.summary, run.summary["trainable"]
+    lines = [f"run folder: {run.path}",
+             f"trainable parameters: {t['total']:,} of {run.cfg.budget.max_trainable:,} "
+             f"(adapter {t['lora']:,}, head {t['head']:,})",
+             f"trained {s['steps']:,} steps in {s['train_seconds']:.1f} s ({s['train_examples_per_s']:.1f} "
+             f"examples/s, {_precision(s)} on {s['device']}" + (f", {s['processes']} processes" if s.get("processes", 1) > 1
+                                                                else "") + ")"]
+    if s.get("best_val_accuracy") is not None:
+        lines.append(f"best validation accuracy: {s['best_val_accuracy']:.4f} (step {s['best_step']}; best/ holds it)")
+    if run.test is not None:
+        lines.append(f"test accuracy: {run.test['accuracy']:.4f}, F1 (macro) {run.test['f1_macro']:.4f} "
+                     f"on {run.test['n']:,} rows")
+    temperature = (s.get("calibration") or {}).get("temperature")
+    if temperature is not None and "fitted_on" in s.get("calibration", {}):
+        lines.append(f"calibration: temperature {temperature:.3f} (fitted on validation; used for probabilities)")
+    lines.append(f"wrote {run.path / 'summary.json'}, {run.path / 'report.md'} and a model card in "
+                 f"{run.path / 'best' / 'README.md'}")
+    return "\n".join(lines)
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write report.md and its PNG plots into the run folder.
 

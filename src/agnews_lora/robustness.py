@@ -422,7 +422,8 @@ def robustness_report(run_dir: str | Path, data: Sequence[str] | None = None, un
         progress: show a progress bar while predicting.
 
     Returns:
-        The path of robustness.md.
+        The path of robustness.md. Written into the run folder, the run's model cards (best/ and
+        its exports) are rebuilt to report the figures.
     """
     from agnews_lora.checkpoint import atomic_write_json, atomic_write_text
     from agnews_lora.predict import Classifier, load_run_config
@@ -439,6 +440,10 @@ def robustness_report(run_dir: str | Path, data: Sequence[str] | None = None, un
     write_plots(result, folder)
     atomic_write_json(folder / "robustness.json", result)
     atomic_write_text(folder / "robustness.md", render_markdown(result))
+    if folder.resolve() == Path(run_dir).resolve() and (folder / "summary.json").is_file():
+        from agnews_lora.card import rebuild
+
+        rebuild(run_dir)  # the model cards' limitations now report these figures
     return folder / "robustness.md"
 
 

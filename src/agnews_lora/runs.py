@@ -3,8 +3,14 @@
 A run folder (written by `train`/`distill`) holds `config.yaml` (the resolved config),
 `metrics.jsonl` (one record per evaluation), `train_log.jsonl` (one record per logging window),
 `best/` and `last/` (checkpoints, swapped in whole by `checkpoint.replace_dir`), `summary.json`,
-`test_metrics.json` and, when distilled, `teacher.json`. An exported folder holds `config.yaml`
-and `agnews_lora.json` (export metadata) beside the model.
+`test_metrics.json`, `speed_patches.json` (what each speed patch did) and, when distilled,
+`teacher.json` (the teacher, its figures, and the key and file of its logits) with
+`teacher_probe.npz` (frozen mode). `evaluate` writes `eval.json`. An exported folder holds
+`config.yaml` and `agnews_lora.json` (export metadata) beside the model.
+
+Teacher logits are an artifact of their own (`TeacherLogits`): one file per content key under
+`data.cache_dir/teacher_logits/`, shared by every student distilled from the same teacher on the
+same rows; a student's teacher.json points to the one it was trained with.
 
 Rules:
 - One writer at a time: the writer holds an exclusive `flock` on `RUN/.lock` for its lifetime
@@ -25,9 +31,12 @@ import os
 import shutil
 import socket
 import time
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import yaml
 
 from agnews_lora.checkpoint import atomic_write_json, atomic_write_text, read_jsonl, recover_swap
@@ -39,6 +48,10 @@ TRAIN_LOG = "train_log.jsonl"
 SUMMARY = "summary.json"
 TEST_METRICS = "test_metrics.json"
 TEACHER = "teacher.json"
+TEACHER_PROBE = "teacher_probe.npz"  # frozen-mode distillation: the linear probe on the teacher's backbone
+SPEED_PATCHES = "speed_patches.json"
+EVAL = "eval.json"  # written by `evaluate` (scoring.evaluate_folder)
+TEACHER_LOGITS = "teacher_logits"  # the folder of teacher-logit artifacts under data.cache_dir
 EXPORT_META = "agnews_lora.json"  # written by export beside every exported model
 ONNX_FILE = "model.onnx"
 LOCK = ".lock"
@@ -144,6 +157,20 @@ def read_summary(run_dir: str | Path) -> dict | None:
     return read_json(Path(run_dir) / SUMMARY)
 
 
+def write_test_metrics(run_dir: str | Path, metrics: dict) -> None:
+    atomic_write_json(Path(run_dir) / TEST_METRICS, metrics)
+
+
+def write_speed_patches(run_dir: str | Path, patches: list[dict]) -> None:
+    """What each speed patch did (applied or not, and why) as RUN/speed_patches.json."""
+    atomic_write_json(Path(run_dir) / SPEED_PATCHES, {"patches": patches})
+
+
+def write_eval(path: str | Path, metrics: dict) -> None:
+    """`evaluate`'s metrics (default place: RUN/eval.json)."""
+    atomic_write_json(Path(path), metrics)
+
+
 def label_names(num_labels: int, id2label: dict | None = None) -> list[str]:
     """Class names by label id: AG News' four, else the model's own names, else `class i`.
 
@@ -238,6 +265,101 @@ def is_inside_model_folder(path: str | Path) -> Path | None:
     return None
 
 
+# ---------------------------------------------------------------- teacher logits and the teacher
+
+
+@dataclass
+class TeacherLogits:
+    """Teacher logits for a student's training and validation rows: an artifact with its own key.
+
+    The key (distill.cache_key) covers everything the logits depend on: the teacher's files,
+    mode and probe settings, tokenization, max_length, precision and the rows. Each row of
+    `train`/`val` belongs to the row whose id (data.row_ids) stands at the same place in
+    `train_rows`/`val_rows`.
+    """
+
+    key: str
+    path: Path  # where the artifact is stored (teacher_logits_path)
+    train: np.ndarray  # [training rows, classes]
+    val: np.ndarray  # [validation rows, classes]
+    train_rows: np.ndarray  # uint64 row ids
+    val_rows: np.ndarray
+    probe: dict | None  # frozen mode: {"weight": [classes, hidden], "bias": [classes]}
+    computed_seconds: float  # what computing them cost
+    val_overlap: int | None  # student validation rows the teacher run trained on (None: unknown)
+
+
+def teacher_logits_path(cache_dir: str | Path, key: str) -> Path:
+    return Path(cache_dir).expanduser() / TEACHER_LOGITS / f"{key}.npz"
+
+
+def read_teacher_logits(path: str | Path) -> TeacherLogits | None:
+    """The artifact stored at `path`; None when there is none.
+
+    Raises:
+        ConfigError: the file is damaged (unreadable, or its parts do not fit together).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as z:
+            probe = {"weight": z["probe_weight"], "bias": z["probe_bias"]} if "probe_weight" in z else None
+            overlap = int(z["val_overlap"])
+            artifact = TeacherLogits(key=str(z["key"]), path=path, train=z["train"], val=z["val"],
+                                     train_rows=z["train_rows"], val_rows=z["val_rows"], probe=probe,
+                                     computed_seconds=float(z["seconds"]),
+                                     val_overlap=None if overlap < 0 else overlap)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise ConfigError(f"{path}: the teacher-logit cache is damaged ({type(err).__name__}: {str(err)[:120]}); "
+                          "delete it and distill again to recompute it") from None
+    if artifact.key != path.stem or len(artifact.train) != len(artifact.train_rows) or \
+            len(artifact.val) != len(artifact.val_rows):
+        raise ConfigError(f"{path}: the teacher-logit cache is damaged (its key or row ids do not fit its "
+                          "logits); delete it and distill again to recompute it")
+    return artifact
+
+
+def write_teacher_logits(artifact: TeacherLogits) -> None:
+    """Store the artifact at `artifact.path` (atomically: a half-written file is never read)."""
+    arrays = {"key": np.str_(artifact.key), "train": artifact.train, "val": artifact.val,
+              "train_rows": artifact.train_rows, "val_rows": artifact.val_rows,
+              "seconds": np.float64(artifact.computed_seconds),
+              "val_overlap": np.int64(-1 if artifact.val_overlap is None else artifact.val_overlap)}
+    if artifact.probe is not None:
+        arrays.update(probe_weight=artifact.probe["weight"], probe_bias=artifact.probe["bias"])
+    artifact.path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = artifact.path.with_suffix(f".tmp{os.getpid()}.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, artifact.path)
+
+
+def write_teacher(run_dir: str | Path, record: dict, probe: dict | None) -> None:
+    """A distilled run's teacher.json (with the key and file of its teacher logits) and, in
+    frozen mode, teacher_probe.npz."""
+    if probe is not None:
+        np.savez(Path(run_dir) / TEACHER_PROBE, weight=probe["weight"], bias=probe["bias"])
+    atomic_write_json(Path(run_dir) / TEACHER, record)
+
+
+def read_teacher(run_dir: str | Path) -> dict | None:
+    """teacher.json of a distilled run; None for a run that was not distilled."""
+    return read_json(Path(run_dir) / TEACHER)
+
+
+def read_teacher_probe(run_dir: str | Path) -> dict:
+    """The linear probe of a run distilled from a frozen teacher: {"weight", "bias"}."""
+    with np.load(Path(run_dir) / TEACHER_PROBE) as z:
+        return {"weight": z["weight"], "bias": z["bias"]}
+
+
+def teacher_logits_of(run_dir: str | Path) -> TeacherLogits | None:
+    """The teacher-logit artifact a distilled run was trained with (None: not distilled, or the
+    cache file is gone)."""
+    record = read_teacher(run_dir)
+    return read_teacher_logits(record["cache_file"]) if record and record.get("cache_file") else None
+
+
 # ---------------------------------------------------------------- the writer
 
 
@@ -320,7 +442,7 @@ def recover(run_dir: str | Path) -> None:
         recover_swap(run_dir / name)
         for tmp in run_dir.glob(f".{name}.tmp*"):
             shutil.rmtree(tmp, ignore_errors=True)
-    for name in (CONFIG, METRICS, TRAIN_LOG, SUMMARY, TEST_METRICS, TEACHER, "report.md"):
+    for name in (CONFIG, METRICS, TRAIN_LOG, SUMMARY, TEST_METRICS, TEACHER, SPEED_PATCHES, "report.md"):
         for tmp in run_dir.glob(f".{name}.*"):  # interrupted atomic writes (mkstemp's names)
             if tmp.is_file():
                 tmp.unlink(missing_ok=True)

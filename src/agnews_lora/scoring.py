@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from agnews_lora import runs
 from agnews_lora.config import ConfigError
 from agnews_lora.data import Split
 
-EVAL_FILE = "eval.json"
+EVAL_FILE = runs.EVAL
 
 
 @dataclass
@@ -65,7 +66,6 @@ def evaluate_folder(path: str | Path, data: Sequence[str] | None = None, output:
         An Evaluation: the metrics (accuracy, P/R/F1, confusion, data source, "teacher"), the
         file written and the Classifier.
     """
-    from agnews_lora.checkpoint import atomic_write_json
     from agnews_lora.evaluate import compute_metrics
     from agnews_lora.predict import Classifier
 
@@ -74,10 +74,63 @@ def evaluate_folder(path: str | Path, data: Sequence[str] | None = None, output:
     logits = clf.predict_logits(split.texts, batch_size=batch_size, progress=progress)
     metrics = compute_metrics(split.labels, logits.argmax(-1).tolist(), clf.label_names)
     metrics["data"] = split.source
-    if teacher and (Path(path) / "teacher.json").is_file():
-        from agnews_lora.distill import evaluate_teacher
-
+    if teacher and (Path(path) / runs.TEACHER).is_file():
         metrics["teacher"] = evaluate_teacher(path, split, batch_size=batch_size, precision=precision)
     out = Path(output) if output else Path(path) / EVAL_FILE
-    atomic_write_json(out, metrics)
+    runs.write_eval(out, metrics)
     return Evaluation(metrics=metrics, output=out, classifier=clf)
+
+
+def evaluate_teacher(run_dir: str | Path, split: Split, batch_size: int = 64, precision: str = "auto") -> dict:
+    """Score a distilled run's teacher on `split` (the rows `evaluate` scores the student on).
+
+    Args:
+        run_dir: a run folder written by `distill` (holds teacher.json).
+        split: labelled rows.
+        batch_size: rows per forward pass.
+        precision: "auto", "bf16" or "fp32".
+
+    Returns:
+        compute_metrics' dict plus source/mode/recorded_val_accuracy/changed_since_distill; when
+        the teacher can no longer be loaded, {"available": False, "reason": ...} and the
+        recorded figures.
+    """
+    from agnews_lora.evaluate import compute_metrics
+    from agnews_lora.hub import HubUnreachable
+    from agnews_lora.precision import resolve_precision
+    from agnews_lora.teacher import resolve_teacher, run_teacher, teacher_device, to_logits
+
+    record = runs.read_teacher(run_dir)
+    cfg = runs.read_config(run_dir)
+    base = {"source": record["source"], "mode": record["mode"], "recorded_val_accuracy": record["val_accuracy"]}
+    try:
+        spec = resolve_teacher(record["source"], mode=record["mode"], num_labels=cfg.model.num_labels,
+                               max_length=cfg.data.max_length)
+    except (ConfigError, HubUnreachable) as err:
+        return {**base, "available": False, "reason": str(err)}
+    probe = runs.read_teacher_probe(run_dir) if spec.mode == "frozen" else None
+    device = teacher_device()
+    [outputs] = run_teacher(spec, [split.texts], device=device, precision=resolve_precision(precision, device),
+                            batch_size=batch_size, progress=True)
+    logits = to_logits(spec, outputs, probe)
+    m = compute_metrics(split.labels, logits.argmax(-1).tolist(), runs.label_names(spec.num_labels))
+    return {**m, **base, "available": True, "data": split.source,
+            "changed_since_distill": spec.identity != record["identity"]}
+
+
+def format_teacher_vs_student(teacher: dict, student: dict, run_dir: str | Path) -> str:
+    """A side-by-side table of the teacher's and the student's figures."""
+    record = runs.read_teacher(run_dir)
+    student_val = (runs.read_summary(run_dir) or {}).get("best_val_accuracy")
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    lines = ["", f"teacher {record['source']} ({record['mode']}); KD T={record['temperature']} "
+             f"alpha={record['alpha']}", f"{'':<26}{'teacher':>9}{'student':>9}"]
+    if teacher.get("available"):
+        lines += [f"{'accuracy (these rows)':<26}{fmt(teacher['accuracy']):>9}{fmt(student['accuracy']):>9}",
+                  f"{'macro F1 (these rows)':<26}{fmt(teacher['f1_macro']):>9}{fmt(student['f1_macro']):>9}"]
+    lines.append(f"{'val accuracy (recorded)':<26}{fmt(record['val_accuracy']):>9}{fmt(student_val):>9}")
+    if not teacher.get("available"):
+        lines.append(f"teacher not evaluated on these rows: {teacher['reason']}")
+    elif teacher["changed_since_distill"]:
+        lines.append("note: the teacher's files changed since this run was distilled from it")
+    return "\n".join(lines)

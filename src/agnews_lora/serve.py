@@ -1,14 +1,17 @@
-"""A thin HTTP app over Classifier: POST /predict, GET /health, GET /info (FastAPI + uvicorn).
+"""A thin HTTP app over Classifier: POST /predict, GET /health, GET /info, and a demo page at GET /
+(FastAPI + uvicorn).
 
 Requests are micro-batched: texts from requests arriving within `max_wait_ms` of each other go
 through the model in one call (up to `max_batch` texts), which serves many small concurrent
 requests at nearly the throughput of one large batch. Requests are JSON only; nothing from a
-request is ever unpickled.
+request is ever unpickled. The demo page (static/demo.html, package data) is one self-contained
+HTML file whose script calls POST /predict.
 """
 
 from __future__ import annotations
 
 import asyncio
+from importlib import resources
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -23,7 +26,7 @@ require("serve", "agnews_lora.serve (the HTTP service)")  # before the imports b
 from fastapi import FastAPI, HTTPException  # noqa: E402
 from fastapi.encoders import jsonable_encoder  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
-from fastapi.responses import JSONResponse  # noqa: E402
+from fastapi.responses import HTMLResponse, JSONResponse  # noqa: E402
 from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
 
 from agnews_lora.config import ConfigError  # noqa: E402
@@ -31,6 +34,10 @@ from agnews_lora.data import clean_text  # noqa: E402
 from agnews_lora.predict import Classifier, package_version, parse_prior  # noqa: E402
 
 MAX_ERRORS = 20  # errors listed in one 422: a huge bad request must not get a huger answer
+# The demo page may run its own inline script and style and talk to this service only: nothing is
+# fetched from elsewhere, and it cannot be framed by another site.
+DEMO_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; "
+            "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
 class PredictRequest(BaseModel):
@@ -261,6 +268,11 @@ def create_app(clf: Classifier, limits: Limits | None = None, max_batch: int = 6
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.state.batcher = batcher
+    page = demo_page()
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def demo() -> HTMLResponse:
+        return HTMLResponse(page, headers={"Content-Security-Policy": DEMO_CSP})
 
     @app.post("/predict", response_model=PredictResponse)
     async def predict(request: PredictRequest) -> PredictResponse:
@@ -283,6 +295,11 @@ def create_app(clf: Classifier, limits: Limits | None = None, max_batch: int = 6
                 "version": package_version(), "limits": asdict(limits),
                 "batching": {"max_batch": max_batch, "max_wait_ms": max_wait_ms}}
     return app
+
+
+def demo_page() -> str:
+    """The demo page's HTML, read from the package data (src/agnews_lora/static/demo.html)."""
+    return resources.files("agnews_lora").joinpath("static", "demo.html").read_text(encoding="utf-8")
 
 
 async def validation_error(request, exc: RequestValidationError) -> JSONResponse:
@@ -374,5 +391,5 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, limits: Lim
     clf = Classifier.load(model_dir, precision=precision, threads=threads)
     app = create_app(clf, limits=limits, max_batch=max_batch, max_wait_ms=max_wait_ms, prior=prior, docs=docs)
     print(f"serving {model_dir} ({clf.info.get('format')}, {clf.precision}) on http://{host}:{port} "
-          "- POST /predict {\"texts\": [...]}, GET /health, GET /info")
+          "- demo page at /, POST /predict {\"texts\": [...]}, GET /health, GET /info")
     uvicorn.run(app, host=host, port=port, log_level="info")

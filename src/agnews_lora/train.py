@@ -3,25 +3,29 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from agnews_lora import checkpoint as ckpt
-from agnews_lora import methods, runs
+from agnews_lora import methods, runs, tracking
 from agnews_lora.averaging import WeightAverage
 from agnews_lora.calibration import expected_calibration_error, fit_temperature, nll, softmax
-from agnews_lora.config import Config
-from agnews_lora.data import load_splits, make_loader, seed_everything, tokenize
+from agnews_lora.card import write_run_card
+from agnews_lora.config import Config, ConfigError
+from agnews_lora.data import LengthGroupedSampler, load_splits, make_loader, row_ids, seed_everything, tokenize
 from agnews_lora.evaluate import compute_metrics
-from agnews_lora.losses import cross_entropy, distillation_loss
-from agnews_lora.model import (budget_breakdown, build_model, check_budget, check_max_length, count_trainable,
-                               load_tokenizer)
+from agnews_lora.losses import DistillTerm, cross_entropy
+from agnews_lora.model import (Breakdown, budget_breakdown, build_model, check_budget, check_max_length,
+                               count_trainable, load_tokenizer)
 from agnews_lora.perturb import SUITE, augment_texts, parse_specs, perturb_texts
 from agnews_lora.precision import accelerate_name, autocast_dtype, resolve_precision
 from agnews_lora.report import write_report
@@ -29,7 +33,10 @@ from agnews_lora.speed import (ATTN_IMPLEMENTATION, PatchResult, cast_frozen_lin
                                cast_inputs_once_blocker, compile_layers, first_token_last_layer, set_kernel_cache,
                                use_fast_dropout)
 
-PATCHES_FILE = "speed_patches.json"  # which speed patches a run applied, and why any was not
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+PATCHES_FILE = runs.SPEED_PATCHES  # which speed patches a run applied, and why any was not
 
 
 def run_dir_for(cfg: Config) -> Path:
@@ -39,8 +46,9 @@ def run_dir_for(cfg: Config) -> Path:
     return Path("runs") / name
 
 
-def make_accelerator(cfg: Config):
-    """The Accelerator for `cfg`: precision from `precision.resolve_precision`, gradient accumulation.
+def make_accelerator(cfg: Config, log_with: list | None = None):
+    """The Accelerator for `cfg`: precision from `precision.resolve_precision`, gradient accumulation,
+    and the trackers `log_with` (tracking.accelerator_trackers).
 
     accelerate keeps one state per process and refuses a second Accelerator with another
     precision; a process that trains several times calls `reset_accelerator_state` between runs.
@@ -50,7 +58,7 @@ def make_accelerator(cfg: Config):
     device = "cuda" if torch.cuda.is_available() and not cfg.train.cpu else "cpu"
     precision = resolve_precision(cfg.train.precision, device)
     try:
-        return Accelerator(mixed_precision=accelerate_name(precision),
+        return Accelerator(mixed_precision=accelerate_name(precision), log_with=log_with or None,
                            gradient_accumulation_steps=cfg.train.grad_accum, cpu=cfg.train.cpu)
     except ValueError as err:
         if "already been initialized" not in str(err):
@@ -137,37 +145,82 @@ class Progress:
     round: int = 0  # 0: the training rows; 1: the self-training round (data.unlabelled)
 
 
-def train(cfg: Config, teacher_logits: np.ndarray | None = None, extra_summary: dict | None = None) -> Path:
+def preflight(cfg: Config) -> Breakdown:
+    """The checks `train` makes before any folder, data or weights are touched: the budget,
+    data.max_length against the backbone's positions, the trackers (`distill` makes them before
+    its teacher runs).
+
+    Returns:
+        The trainable-parameter breakdown the budget check counted.
+    """
+    breakdown = budget_breakdown(cfg)
+    check_budget(breakdown, cfg.budget.max_trainable)
+    check_max_length(cfg)
+    tracking.trackers_for(cfg.train.log_with)  # a tracker that is not installed: say so now
+    return breakdown
+
+
+def train(cfg: Config, distill_term: DistillTerm | None = None) -> Path:
     """Train a classifier with the adapters of cfg.peft.method as the config says; return the run folder.
 
     Args:
         cfg: resolved config.
-        teacher_logits: optional [train rows, classes] logits; when given the loss is the
-            distillation loss with cfg.distill.temperature and cfg.distill.alpha.
-        extra_summary: merged into summary.json (e.g. the teacher's identity).
+        distill_term: optional knowledge-distillation term (losses.DistillTerm, built by
+            `distill`): the loss is then the distillation loss against its teacher logits, taken
+            for each training row by row identity; summary.json records its teacher.
 
     Returns:
         The run folder holding config.yaml, metrics.jsonl, best/ (adapter + head), summary.json.
     """
     run_dir = run_dir_for(cfg)
-    breakdown = budget_breakdown(cfg)
-    check_budget(breakdown, cfg.budget.max_trainable)  # before any folder, data or weights are touched
-    check_max_length(cfg)
+    breakdown = preflight(cfg)
     with runs.writer_lock(run_dir):  # one writer per run folder; released however train ends
-        return _train(cfg, run_dir, breakdown, teacher_logits, extra_summary)
+        return _train(cfg, run_dir, breakdown, distill_term)
 
 
-def _train(cfg: Config, run_dir: Path, breakdown, teacher_logits: np.ndarray | None,
-           extra_summary: dict | None) -> Path:
-    resuming = runs.prepare_run_dir(run_dir, cfg)
-    accelerator = make_accelerator(cfg)
+def _train(cfg: Config, run_dir: Path, breakdown, distill_term: DistillTerm | None) -> Path:
+    resuming = _prepare_run_dir(cfg, run_dir)
+    start_step = _peek_progress(run_dir).step if resuming else 0
+    accelerator = make_accelerator(cfg, tracking.accelerator_trackers(cfg, run_dir, start_step))
+    try:
+        return _train_tracked(cfg, run_dir, breakdown, distill_term, accelerator, resuming)
+    finally:
+        tracking.end(accelerator)
+
+
+def _prepare_run_dir(cfg: Config, run_dir: Path) -> bool:
+    """`runs.prepare_run_dir` in the main process alone (the writer, holding the lock); the other
+    processes of a multi-process launch wait for it and write nothing.
+
+    Returns:
+        True when the run resumes from `last/`.
+
+    Raises:
+        ConfigError: launched as several processes that accelerate would run each alone.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list, parse_flag_from_env
+
+    state = PartialState(cpu=cfg.train.cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))  # as the Accelerator's
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and state.num_processes == 1:
+        raise ConfigError(f"train.cpu: launched as {launched} processes, but accelerate found no GPU for them "
+                          "and would train each alone into the same run folder; pass train.cpu=true to train "
+                          f"as {launched} CPU processes (gloo)")
+    resuming = [runs.prepare_run_dir(run_dir, cfg) if state.is_main_process else None]
+    broadcast_object_list(resuming)  # the others wait here until the folder is ready
+    return resuming[0]
+
+
+def _train_tracked(cfg: Config, run_dir: Path, breakdown, distill_term: DistillTerm | None, accelerator,
+                   resuming: bool) -> Path:
     seed_everything(cfg.train.seed)
 
     tokenizer = load_tokenizer(cfg.model.name)
     train_split, val_split, test_split = load_splits(cfg.data, seed=cfg.train.seed,
                                                      num_labels=cfg.model.num_labels)
-    if teacher_logits is not None and len(teacher_logits) != len(train_split):
-        raise ValueError(f"teacher logits cover {len(teacher_logits)} rows, training data has {len(train_split)}")
+    teacher = None if distill_term is None else \
+        torch.from_numpy(distill_term.aligned(row_ids(train_split.texts))).to(accelerator.device)
     tok = lambda split: tokenize(split.texts, tokenizer, cfg.data.max_length, cfg.data.cache_dir)  # noqa: E731
     train_ids, val_ids = tok(train_split), tok(val_split)
 
@@ -196,12 +249,14 @@ def _train(cfg: Config, run_dir: Path, breakdown, teacher_logits: np.ndarray | N
     adalora = methods.adalora_steps(accelerator.unwrap_model(model), cfg)
     if adalora is not None:
         adalora.start(total_steps)
-    teacher = None if teacher_logits is None else torch.from_numpy(teacher_logits).to(accelerator.device)
-    ctx = _LoopContext(cfg, run_dir, accelerator, model, optimizer, scheduler, train_loader, val_loader,
-                       val_split.labels, sampler, teacher, total_steps, steps_per_epoch,
+    ctx = _LoopContext(cfg=cfg, run_dir=run_dir, accelerator=accelerator, model=model, optimizer=optimizer,
+                       scheduler=scheduler, train_loader=train_loader, val_loader=val_loader,
+                       val_labels=val_split.labels, sampler=sampler, total_steps=total_steps,
+                       steps_per_epoch=steps_per_epoch, distill=distill_term, teacher=teacher,
                        augment=_Augmenter(cfg, train_split.texts, dataset, sampler, tok),
                        average=average, perturbed_val=perturbed_val, pad_id=pad, adalora=adalora)
     prog = _peek_progress(run_dir) if resuming else Progress()
+    tracking.start(accelerator, cfg, run_dir)
     if prog.round == 0:
         if resuming:
             prog = _resume(ctx, total_steps)
@@ -215,11 +270,12 @@ def _train(cfg: Config, run_dir: Path, breakdown, teacher_logits: np.ndarray | N
     summary["shift_levers"] = _shift_levers(cfg)
     if self_train_info is not None:
         summary["self_train"] = self_train_info
-    if extra_summary:
-        summary.update(extra_summary)
+    if distill_term is not None:
+        summary["distill"] = distill_term.summary()
     if ctx.accelerator.is_main_process:
         runs.write_summary(run_dir, summary)
         write_report(run_dir)
+        write_run_card(run_dir)
     ctx.accelerator.wait_for_everyone()  # every process returns once summary.json exists
     return run_dir
 
@@ -239,7 +295,12 @@ def speed_up(model, cfg: Config, accelerator) -> list[PatchResult]:
     """
     t, cpu = cfg.train, accelerator.device.type == "cpu"
     dtype = autocast_dtype(resolve_precision(accelerator.mixed_precision, accelerator.device))
-    off = lambda name, why: PatchResult(name, False, why)  # noqa: E731
+    expected: list[PatchResult] = []  # skipped by the run's own settings (flag, device, precision)
+
+    def off(name: str, why: str) -> PatchResult:
+        expected.append(PatchResult(name, False, why))
+        return expected[-1]
+
     flag_off = lambda name: off(name, f"train.{name}=false")  # noqa: E731
     results = [set_kernel_cache(t.kernel_cache) if cpu else off("kernel_cache", "not a CPU run")]
     results.append(first_token_last_layer(model) if t.first_token_last_layer else flag_off("first_token_last_layer"))
@@ -260,8 +321,8 @@ def speed_up(model, cfg: Config, accelerator) -> list[PatchResult]:
         results.append(_counted("cast_inputs_once", cast_inputs_once(model), "attention blocks and LoRA layers")
                        if dtype and cpu else off("cast_inputs_once", "only under CPU autocast"))
     results.append(_counted("compile", compile_layers(model), "encoder layers") if t.compile else flag_off("compile"))
-    for r in results:
-        if not r.applied and not r.detail.endswith("=false"):
+    for r in results:  # say only what the settings do not explain (speed_patches.json has all)
+        if not r.applied and not any(r is e for e in expected):
             accelerator.print(f"speed patch {r.name} not applied: {r.detail}")
     return results
 
@@ -280,7 +341,7 @@ def _fast_dropout(model) -> PatchResult:
 def record_patches(run_dir: Path, patches: list[PatchResult], accelerator) -> None:
     """Write what `speed_up` did to RUN_DIR/speed_patches.json (main process)."""
     if accelerator.is_main_process:
-        ckpt.atomic_write_json(run_dir / PATCHES_FILE, {"patches": [p.to_dict() for p in patches]})
+        runs.write_speed_patches(run_dir, [p.to_dict() for p in patches])
 
 
 def _restore(last: Path, model, optimizer, scheduler) -> Progress:
@@ -370,22 +431,25 @@ class _Augmenter:
 
 @dataclass
 class _LoopContext:
+    """What one round of the loop trains with (the self-training round replaces some fields)."""
+
     cfg: Config
     run_dir: Path
-    accelerator: object
-    model: object
-    optimizer: object
-    scheduler: object
-    train_loader: object
-    val_loader: object
-    val_labels: list
-    sampler: object
-    teacher: torch.Tensor | None
-    total_steps: int
+    accelerator: Accelerator
+    model: torch.nn.Module  # prepared by the accelerator (DDP-wrapped under several processes)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_loader: DataLoader  # prepared
+    val_loader: DataLoader  # prepared
+    val_labels: list[int]
+    sampler: LengthGroupedSampler  # the training loader's batch sampler (its epoch is set directly)
+    total_steps: int  # optimizer steps at the end of this round
     steps_per_epoch: int
+    distill: DistillTerm | None = None  # the distillation term; None = cross-entropy
+    teacher: torch.Tensor | None = None  # distill's logits for the training rows, on the device, by row index
     augment: _Augmenter | None = None
     average: WeightAverage | None = None
-    perturbed_val: tuple | None = None  # (loader, labels): the validation rows under the suite
+    perturbed_val: tuple[DataLoader, list[int]] | None = None  # the validation rows under the suite
     pad_id: int = 0  # the tokenizer's padding id, for loaders built later (self-training)
     adalora: methods.AdaLoraSteps | None = None  # peft.method=adalora: rank allocation and its penalty
 
@@ -394,11 +458,39 @@ def _loss(ctx: _LoopContext, batch) -> torch.Tensor:
     logits = ctx.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     smoothing = ctx.cfg.train.label_smoothing
     penalty = 0.0 if ctx.adalora is None else ctx.adalora.penalty()  # peft adds it only when given labels
-    if ctx.teacher is None:
+    if ctx.distill is None:
         return cross_entropy(logits, batch["labels"], smoothing) + penalty
-    return distillation_loss(logits, ctx.teacher[batch["index"]], batch["labels"],
-                             temperature=ctx.cfg.distill.temperature, alpha=ctx.cfg.distill.alpha,
-                             label_smoothing=smoothing) + penalty
+    return ctx.distill.loss(logits, ctx.teacher[batch["index"]], batch["labels"], label_smoothing=smoothing) + penalty
+
+
+class _Window:
+    """What the loop counts between two reads. Loss and tokens stay on the device until a log
+    line or checkpoint reads them: reading them every micro-step (loss.item()) would make each
+    step wait for the accelerator. Training time runs from `start`; evaluations restart it."""
+
+    def __init__(self, device: torch.device):
+        self.loss, self.batches = torch.zeros((), device=device), 0
+        self.tokens = torch.zeros((), dtype=torch.long, device=device)
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        self.loss += loss.detach()
+        self.batches += 1
+        self.tokens += attention_mask.sum()
+
+    def flush(self, prog: Progress) -> float:
+        """Move the tokens counted on the device into `prog.tokens`; return the training seconds
+        so far (prog.train_seconds plus the time since `start`)."""
+        prog.tokens += int(self.tokens.item())
+        self.tokens.zero_()
+        return prog.train_seconds + time.perf_counter() - self.start
+
+    def take_loss(self) -> float:
+        """The mean loss since the last call; starts a new window."""
+        mean = self.loss.item() / self.batches
+        self.loss.zero_()
+        self.batches = 0
+        return mean
 
 
 def _loop(ctx: _LoopContext, prog: Progress) -> None:
@@ -407,10 +499,7 @@ def _loop(ctx: _LoopContext, prog: Progress) -> None:
     acc, cfg = ctx.accelerator, ctx.cfg
     bar = tqdm(total=ctx.total_steps, initial=prog.step, desc="train", dynamic_ncols=True,
                disable=not (cfg.train.progress and acc.is_main_process))
-    # Loss and token count stay on the device until a log line or checkpoint reads them: reading
-    # them every micro-step (loss.item()) would make each step wait for the accelerator.
-    window_loss, window_n = torch.zeros((), device=acc.device), 0
-    tokens = torch.zeros((), dtype=torch.long, device=acc.device)
+    window = _Window(acc.device)
     while prog.step < ctx.total_steps:
         # Iterating the prepared loader re-seeds the sampler with the loader's own pass counter,
         # which never advances here (each pass is left at its last batch): set both, or every
@@ -422,7 +511,7 @@ def _loop(ctx: _LoopContext, prog: Progress) -> None:
         loader = acc.skip_first_batches(ctx.train_loader, prog.batches_in_epoch) \
             if prog.batches_in_epoch else ctx.train_loader
         ctx.model.train()
-        t0 = time.perf_counter()
+        window.start = time.perf_counter()
         for batch in loader:
             with acc.accumulate(ctx.model):
                 loss = _loss(ctx, batch)
@@ -435,9 +524,7 @@ def _loop(ctx: _LoopContext, prog: Progress) -> None:
                 ctx.optimizer.zero_grad(set_to_none=True)
             prog.batches_in_epoch += 1
             prog.examples += len(batch["labels"])
-            tokens += batch["attention_mask"].sum()
-            window_loss += loss.detach()
-            window_n += 1
+            window.add(loss, batch["attention_mask"])
             if not acc.sync_gradients:
                 continue
             if ctx.average is not None:
@@ -446,29 +533,24 @@ def _loop(ctx: _LoopContext, prog: Progress) -> None:
             prog.step += 1
             bar.update(1)
             if prog.step % cfg.train.log_every == 0 or prog.step == ctx.total_steps:
-                prog.tokens += int(tokens.item())
-                tokens.zero_()
-                seconds = prog.train_seconds + time.perf_counter() - t0
+                seconds = window.flush(prog)
                 rate = prog.examples / max(seconds, 1e-9)
-                record = {"step": prog.step, "epoch": prog.epoch + 1, "loss": window_loss.item() / window_n,
+                record = {"step": prog.step, "epoch": prog.epoch + 1, "loss": window.take_loss(),
                           "lr": ctx.scheduler.get_last_lr()[0], "examples_per_s": rate,
                           "train_seconds": round(seconds, 4), "examples": prog.examples, "tokens": prog.tokens}
                 bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{rate:.1f}")
                 if acc.is_main_process:
-                    ckpt.append_jsonl(ctx.run_dir / "train_log.jsonl", record)
-                window_loss.zero_()
-                window_n = 0
+                    runs.append_record(ctx.run_dir / runs.TRAIN_LOG, record)
+                tracking.log(acc, record, "train")
             epoch_done = prog.batches_in_epoch >= len(ctx.train_loader)
             eval_now = (cfg.train.eval_every and prog.step % cfg.train.eval_every == 0)
             if eval_now or prog.step == ctx.total_steps or epoch_done:
-                prog.train_seconds += time.perf_counter() - t0
-                prog.tokens += int(tokens.item())
-                tokens.zero_()
+                prog.train_seconds = window.flush(prog)
                 if epoch_done:
                     prog.epoch, prog.batches_in_epoch = prog.epoch + 1, 0
                 _evaluate_and_save(ctx, prog, completed_epoch=epoch_done)
                 ctx.model.train()
-                t0 = time.perf_counter()
+                window.start = time.perf_counter()
             if prog.step >= ctx.total_steps or prog.batches_in_epoch == 0:
                 break
     bar.close()
@@ -486,15 +568,19 @@ def _evaluate_and_save(ctx: _LoopContext, prog: Progress, completed_epoch: bool)
             ckpt.save_adapter(unwrapped, ctx.run_dir / "best", extra={"step": prog.step, **record})
             record["best"] = True
     if acc.is_main_process:
-        ckpt.append_jsonl(ctx.run_dir / "metrics.jsonl", record)
+        runs.append_record(ctx.run_dir / runs.METRICS, record)
         tensors = {name: state.state_dict() for name, state in (("average", ctx.average), ("adalora", ctx.adalora))
                    if state is not None}
         ckpt.save_training_state(unwrapped, ctx.optimizer, ctx.scheduler, vars(prog).copy(),
                                  ctx.run_dir / "last", tensors=tensors or None)
+    tracking.log(acc, record, "eval")
     acc.wait_for_everyone()
-    if "val_accuracy" in record:
-        acc.print(f"step {prog.step}: val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.4f} "
-                  f"F1 {record['val_f1_macro']:.4f}")
+    if "val_accuracy" in record and acc.is_main_process:
+        from tqdm.auto import tqdm
+
+        # tqdm.write: a line of its own above the progress bar, not glued to the bar's last frame
+        tqdm.write(f"step {prog.step}: val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.4f} "
+                   f"F1 {record['val_f1_macro']:.4f}" + (" (best so far)" if record.get("best") else ""))
 
 
 def _score(ctx: _LoopContext, prog: Progress, record: dict) -> float:
@@ -629,8 +715,8 @@ def _finish(ctx: _LoopContext, prog: Progress, breakdown, tokenizer, test_split)
                            temperature=summary["calibration"]["temperature"])
         m["data"] = test_split.source
         if acc.is_main_process:
-            ckpt.atomic_write_json(ctx.run_dir / "test_metrics.json", m)
+            runs.write_test_metrics(ctx.run_dir, m)
         summary["test_accuracy"] = m["accuracy"]
         summary["test_f1_macro"] = m["f1_macro"]
-        acc.print(f"test accuracy {m['accuracy']:.4f} ({len(test_split):,} rows)")
+        tracking.log(acc, {"step": prog.step, **m}, "test")
     return summary
