@@ -17,9 +17,9 @@ import pytest
 from agnews_lora.cli import main
 from agnews_lora.config import ConfigError, load_config
 from agnews_lora.data import read_files
-from agnews_lora.export import (EXPORT_META, MIN_LABEL_AGREEMENT, SAMPLE_TEXTS, TOLERANCES, ParityError,
-                                check_parity, export)
+from agnews_lora.export import MIN_LABEL_AGREEMENT, SAMPLE_TEXTS, TOLERANCES, ParityError, check_parity, export
 from agnews_lora.predict import Classifier, folder_kind, pad_batch
+from agnews_lora.runs import EXPORT_META
 from agnews_lora.train import train
 from conftest import tiny_run_overrides
 

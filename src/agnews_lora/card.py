@@ -50,11 +50,12 @@ def build_card(run_dir: str | Path, kind: str = "adapter", export_meta: dict | N
     robustness = runs.read_json(run.path / ROBUSTNESS)
     dataset = hub_id(cfg.data.hub_dataset) if not cfg.data.train else None
     base = hub_id(cfg.model.name)
-    tags = ["text-classification", "ag-news", "lora", "agnews-lora"]
+    tags = ["text-classification", "ag-news", cfg.peft.method, "agnews-lora"]
     if kind == "onnx":
         tags.append("int8" if (export_meta or {}).get("quantize") else "fp32")
+    library = "safetensors" if kind == "adapter" and cfg.peft.method == "bitfit" else _LIBRARY[kind]  # no peft
     data = ModelCardData(
-        model_name=f"agnews-lora {run.name}", base_model=base, library_name=_LIBRARY[kind],
+        model_name=f"agnews-lora {run.name}", base_model=base, library_name=library,
         pipeline_tag="text-classification", datasets=[dataset] if dataset else None,
         metrics=["accuracy", "f1"], tags=tags, eval_results=_eval_results(run, dataset) or None)
     template = importlib.resources.files("agnews_lora") / "templates" / "model_card.md"
@@ -145,12 +146,19 @@ def _eval_results(run, dataset: str | None) -> list:
 
 
 def _summary(run, kind: str, meta: dict | None) -> str:
+    from agnews_lora.methods import NAMES
+
     cfg = run.cfg
-    what = {"adapter": "A LoRA adapter and classification head (plain `peft` format)",
-            "merged": "A plain transformers model (the LoRA adapter merged into the weights)",
-            "onnx": "An ONNX model (the LoRA adapter merged)"}[kind]
+    method = NAMES[cfg.peft.method]
+    what = {"adapter": f"A {method} adapter and classification head (plain `peft` format)",
+            "merged": f"A plain transformers model (the {method} adapter merged into the weights)",
+            "onnx": f"An ONNX model (the {method} adapter merged)"}[kind]
+    if cfg.peft.method == "bitfit":
+        what = {"adapter": "BitFit: the backbone's trained biases and the classification head (safetensors)",
+                "merged": "A plain transformers model (BitFit: its biases and head trained)",
+                "onnx": "An ONNX model (BitFit: its biases and head trained)"}[kind]
     if kind == "onnx" and (meta or {}).get("quantize"):
-        what = "An int8-quantized ONNX model (the LoRA adapter merged)"
+        what = what.replace("An ONNX model", "An int8-quantized ONNX model")
     names = ", ".join(runs.label_names(cfg.model.num_labels))
     acc = f" Test accuracy {run.test['accuracy']:.4f} on {run.test['n']:,} rows." if run.test else ""
     if (meta or {}).get("checkpoint") == "last":
@@ -167,8 +175,16 @@ def _usage(run, kind: str) -> str:
            "predictions.csv --probs\nagnews-lora serve " + folder + "  # HTTP API and a demo page on "
            "http://127.0.0.1:8000/\n```")
     if kind == "adapter":
-        return ("This folder is a plain peft adapter (the head is saved with it as `modules_to_save`); "
-                "`PeftModel.from_pretrained` loads it onto the base model. agnews-lora loads it from the run "
+        how = {"bitfit": "This folder holds the trained biases and head under their transformers names in "
+                         "`adapter_model.safetensors`: `model.load_state_dict(load_file(...), strict=False)` "
+                         "puts them into the base model.",
+               "prefix": "This folder is a plain peft adapter (the head is saved with it as `modules_to_save`); "
+                         "`PeftModel.from_pretrained` loads it onto the base model after "
+                         "`agnews_lora.methods.accept_past_key_values(base)` (transformers 5 renamed the argument "
+                         "peft passes the prefix in)."}.get(
+            run.cfg.peft.method, "This folder is a plain peft adapter (the head is saved with it as "
+                                 "`modules_to_save`); `PeftModel.from_pretrained` loads it onto the base model.")
+        return (f"{how} agnews-lora loads it from the run "
                 f"folder around it (RUN_DIR, here `{run.path.name}`), with the run's temperature and class "
                 f"prior:\n\n{cli}\n\nIn Python:\n\n```python\nfrom agnews_lora.predict import Classifier\n\n"
                 "clf = Classifier.load(\"RUN_DIR\")\nclf.predict([\"Stocks rally as oil prices fall\"])\n```")
@@ -185,6 +201,11 @@ def _layers(cfg) -> str:
 
 
 def _placement(cfg) -> str:
+    if cfg.peft.method != "lora":
+        from agnews_lora.methods import NAMES, describe
+
+        return _table(["", ""], [["method", NAMES[cfg.peft.method]], ["settings", describe(cfg)],
+                                 ["head", cfg.model.head]])
     rows = [["method", "LoRA"], ["target modules", ", ".join(cfg.lora.target_modules)],
             ["layers", _layers(cfg)], ["rank r", cfg.lora.r], ["alpha", f"{cfg.lora.alpha:g}"],
             ["dropout", f"{cfg.lora.dropout:g}"], ["head", cfg.model.head]]

@@ -96,11 +96,37 @@ def replace_dir(build, dest: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+ADAPTER_FILE = "adapter_model.safetensors"
+BITFIT_FILE = "bitfit.json"  # beside a BitFit checkpoint's adapter_model.safetensors
+
+
+def save_trainable(model, folder: Path) -> None:
+    """The trained weights into `folder`: a peft adapter + head (`save_pretrained`, safetensors,
+    loadable by `PeftModel.from_pretrained`), or for BitFit (a plain transformers model) its
+    trainable biases and head under their transformers names in adapter_model.safetensors
+    (`model.load_state_dict(load_file(...), strict=False)` restores them).
+
+    An AdaLoRA adapter is saved at its initial ranks, pruned singular values as zeros
+    (`methods.at_initial_ranks`), as `load_adapter_weights` reads it back."""
+    from agnews_lora.methods import at_initial_ranks
+
+    if hasattr(model, "peft_config"):
+        with at_initial_ranks(model):
+            model.save_pretrained(folder, safe_serialization=True)
+        return
+    from safetensors.torch import save_file
+
+    tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(tensors, str(Path(folder) / ADAPTER_FILE))
+    atomic_write_json(Path(folder) / BITFIT_FILE, {"method": "bitfit", "tensors": len(tensors),
+                                                   "parameters": sum(t.numel() for t in tensors.values())})
+
+
 def save_adapter(model, dest: Path, extra: dict | None = None) -> None:
-    """Save LoRA + head with peft (safetensors, loadable by PeftModel.from_pretrained)."""
+    """Save the adapter + head (`save_trainable`) as the checkpoint folder `dest`, swapped in whole."""
 
     def build(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
+        save_trainable(model, tmp)
         if extra is not None:
             atomic_write_json(tmp / "checkpoint.json", extra)
 
@@ -114,7 +140,7 @@ def save_training_state(model, optimizer, scheduler, state: dict, dest: Path,
     from safetensors.torch import save_file
 
     def build(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
+        save_trainable(model, tmp)
         for name, tensor_dict in (tensors or {}).items():
             save_file(tensor_dict, str(tmp / f"{name}.safetensors"))
         rng = {"rng": torch.get_rng_state()}
@@ -145,18 +171,38 @@ def load_training_state(src: Path) -> dict:
 
 
 def load_adapter_weights(model, src: Path) -> None:
-    """Load saved adapter + head weights into an existing peft model (same config)."""
-    from peft import set_peft_model_state_dict
+    """Load saved adapter + head weights (`save_trainable`) into an existing model of the same config."""
     from safetensors.torch import load_file
 
-    path = Path(src) / "adapter_model.safetensors"
+    path = Path(src) / ADAPTER_FILE
     try:
         weights = load_file(str(path))
     except Exception as err:  # SafetensorError, OSError: a truncated or foreign file
         from agnews_lora.config import ConfigError
 
         raise ConfigError(f"{path}: the run is damaged ({err}); restore it or train again") from None
-    result = set_peft_model_state_dict(model, weights)
-    unexpected = getattr(result, "unexpected_keys", [])
+    if not hasattr(model, "peft_config"):
+        load_plain_weights(model, weights, src)
+        return
+    from peft import set_peft_model_state_dict
+
+    from agnews_lora.methods import at_initial_ranks
+
+    with at_initial_ranks(model):
+        result = set_peft_model_state_dict(model, weights)
+    # prompt/prefix tuning: peft loads their embeddings itself, after reporting the key as unexpected
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if k != "prompt_embeddings"]
     if unexpected:
         raise RuntimeError(f"{src}: checkpoint has keys the model does not: {unexpected[:5]}")
+
+
+def load_plain_weights(model, weights: dict, src: Path) -> None:
+    """BitFit: put the saved tensors into the model by name; every trainable one must be there
+    (the model is built as for training: `build_model` froze all but the biases and the head)."""
+    names = {n for n, _ in model.named_parameters()}
+    unexpected = sorted(set(weights) - names)
+    missing = sorted(n for n, p in model.named_parameters() if p.requires_grad and n not in weights)
+    if unexpected or missing:
+        raise RuntimeError(f"{src}: checkpoint does not fit the model (unexpected {unexpected[:3]}, "
+                           f"missing {missing[:3]})")
+    model.load_state_dict(weights, strict=False)

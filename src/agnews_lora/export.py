@@ -22,6 +22,7 @@ from agnews_lora.card import write_export_card
 from agnews_lora.checkpoint import atomic_write_json, replace_dir
 from agnews_lora.config import Config, ConfigError
 from agnews_lora.data import DataError, read_files
+from agnews_lora.methods import merge
 from agnews_lora.model import quiet_logger
 from agnews_lora.predict import Classifier, package_version
 from agnews_lora.runs import ONNX_FILE, folder_kind, write_config, write_export_meta
@@ -81,6 +82,7 @@ def export(run_dir: str | Path, fmt: str, output: str | Path | None = None, quan
         ParityError: the export misses the tolerances.
     """
     _check_options(run_dir, fmt=fmt, quantize=quantize, parity_rows=parity_rows)
+    _check_mergeable(run_dir, fmt=fmt, checkpoint=checkpoint)
     reference = Classifier.load(run_dir, checkpoint=checkpoint, precision="fp32", merge=False)
     if fmt == "merged" and reference.cfg.model.head == "linear":
         raise ConfigError(
@@ -122,8 +124,26 @@ def _check_options(run_dir: str | Path, fmt: str, quantize: str | None, parity_r
         raise ConfigError(f"{run_dir}: is an exported folder; export from the run folder that `train` wrote")
 
 
+def _check_mergeable(run_dir: str | Path, fmt: str, checkpoint: str) -> None:
+    """Refuse, before loading anything, to export a method whose adapter cannot become plain weights."""
+    from agnews_lora.methods import MERGEABLE, NAMES
+    from agnews_lora.runs import checkpoint_dir, read_config
+
+    method = read_config(run_dir).peft.method
+    if method in MERGEABLE or method == "bitfit":
+        return
+    raise ConfigError(
+        f"{run_dir}: peft.method={method} ({NAMES[method]}) cannot be exported as {fmt}: its virtual tokens are "
+        "inputs of every forward, not a change of the weights, so peft cannot merge them into a plain model. "
+        f"The checkpoint {checkpoint_dir(run_dir, checkpoint)} is itself the unmerged export: it loads with "
+        "`PeftModel.from_pretrained` on the backbone"
+        + (" (after `agnews_lora.methods.accept_past_key_values(backbone)`: transformers 5 renamed the argument peft "
+           "passes the prefix in)" if method == "prefix" else "") + ", or predict/serve the run folder.")
+
+
 def write_model(reference: Classifier, dest: Path, fmt: str, quantize: str | None = None) -> None:
-    """Merge the adapter into the weights (in place) and write the model, tokenizer and config.yaml.
+    """Merge the adapter into the weights (in place; BitFit's model is plain already) and write the
+    model, tokenizer and config.yaml.
 
     Args:
         reference: a Classifier holding the run's peft model (loaded with merge=False).
@@ -131,7 +151,8 @@ def write_model(reference: Classifier, dest: Path, fmt: str, quantize: str | Non
         fmt: "merged" or "onnx".
         quantize: None or "int8" (ONNX only).
     """
-    merged = reference.model.merge_and_unload().eval()
+    model = reference.model
+    merged = (merge(model) if hasattr(model, "peft_config") else model).eval()  # BitFit: plain already
     if fmt == "merged":
         merged.save_pretrained(dest, safe_serialization=True)
     else:

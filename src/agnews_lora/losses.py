@@ -98,3 +98,15 @@ class DistillTerm:
                 "temperature": self.temperature, "alpha": self.alpha,
                 "teacher_val_accuracy": self.teacher_val_accuracy, "teacher_logits_seconds": self.logits_seconds,
                 "teacher_logits_cached": self.logits_cached}
+
+
+def orthogonality_penalty(left: list[torch.Tensor], right: list[torch.Tensor]) -> torch.Tensor | float:
+    """AdaLoRA's regulariser: the mean over matrices of ||P P^T - I||_F for each `left` matrix
+    (rows should be orthonormal: lora_A, [r, in]) and ||Q^T Q - I||_F for each `right` matrix
+    (columns: lora_B, [out, r]), as peft adds it when labels go through its forward. fp32."""
+    terms = []
+    for matrix, rows in [(m, True) for m in left] + [(m, False) for m in right]:
+        m = matrix.float()
+        cov = m @ m.T if rows else m.T @ m
+        terms.append(torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], device=cov.device, dtype=cov.dtype)))
+    return torch.stack(terms).mean() if terms else 0.0

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from agnews_lora import methods
 from agnews_lora.config import Config, ConfigError
 from agnews_lora.data import LABEL_NAMES
 
@@ -163,11 +164,23 @@ def position_limit(config) -> int | None:
     return limit
 
 
+def virtual_tokens(cfg: Config) -> int:
+    """Positions that prompt or prefix tuning put before every input's tokens (0 for other methods)."""
+    method = cfg.peft.method
+    return getattr(cfg.peft, method).num_virtual_tokens if method in ("prompt", "prefix") else 0
+
+
 def check_max_length(cfg: Config) -> None:
-    """Raise ConfigError when data.max_length exceeds the backbone's positions (before training,
-    not as an indexing error inside transformers at the first long batch)."""
+    """Raise ConfigError when data.max_length (plus the virtual tokens of prompt or prefix tuning,
+    which take positions before the input's) exceeds the backbone's positions: before training,
+    not as an indexing error inside transformers at the first long batch."""
     limit = position_limit(load_backbone_config(cfg.model.name, cfg.model.num_labels))
-    if limit is not None and cfg.data.max_length > limit:
+    extra = virtual_tokens(cfg)
+    if limit is not None and cfg.data.max_length + extra > limit:
+        if extra:
+            key = f"peft.{cfg.peft.method}.num_virtual_tokens"
+            raise ConfigError(f"data.max_length={cfg.data.max_length} + {key}={extra} exceeds what {cfg.model.name} "
+                              f"can read ({limit} positions); keep their sum <= {limit}")
         raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds what {cfg.model.name} can read "
                           f"({limit} positions); use data.max_length<={limit}")
 
@@ -242,16 +255,17 @@ def lora_target_regex(model_type: str, modules: list[str], layers: list[int] | N
 
 
 def build_model(cfg: Config, device: str | torch.device = "cpu", with_lora: bool = True) -> nn.Module:
-    """Backbone (pretrained or random from config.json) + head + LoRA, seeded.
+    """Backbone (pretrained or random from config.json) + head + the adapters of cfg.peft.method, seeded.
 
     Args:
-        cfg: the resolved config (model.*, lora.*, train.seed are used).
+        cfg: the resolved config (model.*, lora.*, peft.*, train.seed are used).
         device: "meta" builds shapes only, for exact parameter counts without weights.
         with_lora: False returns the backbone with its head and no adapters (for loading
-            a saved adapter with `PeftModel.from_pretrained`).
+            a saved adapter with `PeftModel.from_pretrained`, or BitFit's saved biases).
 
     Returns:
-        A peft model (or the bare model when with_lora is False).
+        A peft model (BitFit: the transformers model with only its biases and head trainable; or
+        the bare model when with_lora is False).
     """
     from transformers import AutoModelForSequenceClassification
 
@@ -263,30 +277,65 @@ def build_model(cfg: Config, device: str | torch.device = "cpu", with_lora: bool
     else:
         model = load_pretrained(cfg.model.name, config).to(device)
     modules_to_save = attach_head(model, cfg.model.head, cfg.model.pooled_dropout)
+    if cfg.peft.method == "prefix":
+        methods.check_prefix_support(model)
+        methods.accept_past_key_values(model)
     if not with_lora:
         return model
     with peft_notes_silenced():
-        return add_lora(model, cfg, modules_to_save)
+        return add_adapters(model, cfg, modules_to_save, meta=str(device) == "meta")
 
 
-def add_lora(model: nn.Module, cfg: Config, modules_to_save: list[str]) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
+def add_adapters(model: nn.Module, cfg: Config, modules_to_save: list[str], meta: bool = False) -> nn.Module:
+    """Put cfg.peft.method's adapters on `model` (peft), or unfreeze its biases (bitfit)."""
+    from peft import get_peft_model
 
+    method = cfg.peft.method
+    if method == "bitfit":
+        return methods.apply_bitfit(model, modules_to_save)
+    target = feedforward = None
+    if method in methods.PLACED:
+        target = _placement_regex(model, cfg, cfg.lora.target_modules, key="lora.target_modules")
+        if method == "ia3":
+            feedforward = _ia3_feedforward(model, cfg)
+    config = methods.peft_config(cfg, target=target, feedforward=feedforward, modules_to_save=modules_to_save,
+                                 meta=meta)
+    model = get_peft_model(model, config)
+    if method == "adalora":
+        # AdaLoRA's rank counter is a frozen Parameter; moved to the meta device it comes back
+        # trainable, and a meta count would exceed the real model's by one per adapted module.
+        for name, param in model.named_parameters():
+            if ".ranknum." in name:
+                param.requires_grad_(False)
+    return model
+
+
+def _placement_regex(model: nn.Module, cfg: Config, modules: list[str], key: str) -> str:
+    """The target_modules regex of `modules` in lora.layers, each name checked to match a Linear."""
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    regex = lambda modules: lora_target_regex(model.config.model_type, modules, cfg.lora.layers,  # noqa: E731
-                                              model.config.num_hidden_layers)
+    regex = lambda names: lora_target_regex(model.config.model_type, names, cfg.lora.layers,  # noqa: E731
+                                            model.config.num_hidden_layers)
     # Checked name by name: one typo among several names would otherwise be dropped silently.
-    unmatched = [m for m in cfg.lora.target_modules if not any(re.fullmatch(regex([m]), n) for n in linears)]
+    unmatched = [m for m in modules if not any(re.fullmatch(regex([m]), n) for n in linears)]
     if unmatched:
         example = next(n for n in linears if ".layer.0." in n)
-        raise ConfigError(f"lora.target_modules={cfg.lora.target_modules}: {', '.join(unmatched)} matches no "
+        raise ConfigError(f"{key}={modules}: {', '.join(unmatched)} matches no "
                           f"Linear layer of {model.config.model_type}; use query,key,value,attn_out,ffn_in,"
                           f"ffn_out,dense or a path such as '{example.split('.layer.0.')[1]}'")
-    pattern = regex(cfg.lora.target_modules)
-    lora = LoraConfig(task_type="SEQ_CLS", r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
-                      lora_dropout=cfg.lora.dropout, target_modules=pattern,
-                      modules_to_save=modules_to_save)
-    return get_peft_model(model, lora)
+    return regex(modules)
+
+
+def _ia3_feedforward(model: nn.Module, cfg: Config) -> str | None:
+    """IA3's feedforward_modules: those of peft.ia3.feedforward_modules that lora.target_modules places."""
+    paths = MODULE_PATHS.get(model.config.model_type, _BERT_LIKE)
+    expand = lambda names: {paths.get(n, n) for m in names for n in GROUPS.get(m, [m])}  # noqa: E731
+    wanted = cfg.peft.ia3.feedforward_modules
+    if wanted:
+        _placement_regex(model, cfg, wanted, key="peft.ia3.feedforward_modules")  # every name is a module
+    chosen = expand(wanted) & expand(cfg.lora.target_modules)
+    if not chosen:
+        return None
+    return lora_target_regex(model.config.model_type, sorted(chosen), cfg.lora.layers, model.config.num_hidden_layers)
 
 
 # ---------------------------------------------------------------- counting
@@ -294,12 +343,23 @@ def add_lora(model: nn.Module, cfg: Config, modules_to_save: list[str]) -> nn.Mo
 
 @dataclass
 class Breakdown:
-    """Trainable parameters by part; `total` is the one number the budget is checked against."""
+    """Trainable parameters by part; `total` is the one number the budget is checked against.
+
+    Adapter parameters of every method placed on Linear layers (LoRA's A/B, DoRA's magnitudes,
+    AdaLoRA's singular values, IA3's and VeRA's vectors, LoHa's and LoKr's factors) are in
+    `lora_by_module` / `lora_by_layer` (the names predate the other methods); prompt and prefix
+    tuning's embeddings (and prefix MLP) in `prompt`; BitFit's biases in `bias_by_module` /
+    `bias_by_layer`.
+    """
 
     lora_by_module: dict[str, int] = field(default_factory=dict)
     lora_by_layer: dict[int, int] = field(default_factory=dict)
     head: dict[str, int] = field(default_factory=dict)
     other: dict[str, int] = field(default_factory=dict)
+    method: str = "lora"
+    prompt: dict[str, int] = field(default_factory=dict)
+    bias_by_module: dict[str, int] = field(default_factory=dict)
+    bias_by_layer: dict[int, int] = field(default_factory=dict)  # embeddings' biases are in no layer
 
     @property
     def lora(self) -> int:
@@ -310,51 +370,115 @@ class Breakdown:
         return sum(self.head.values())
 
     @property
+    def prompt_total(self) -> int:
+        return sum(self.prompt.values())
+
+    @property
+    def bias_total(self) -> int:
+        return sum(self.bias_by_module.values())
+
+    @property
     def total(self) -> int:
-        return self.lora + self.head_total + sum(self.other.values())
+        return self.lora + self.prompt_total + self.bias_total + self.head_total + sum(self.other.values())
 
     def to_dict(self) -> dict:
         return {"total": self.total, "lora": self.lora, "head": self.head_total,
                 "lora_by_module": self.lora_by_module,
                 "lora_by_layer": {str(k): v for k, v in self.lora_by_layer.items()},
-                "head_by_module": self.head, "other": self.other}
+                "head_by_module": self.head, "other": self.other, "method": self.method,
+                "prompt": self.prompt_total, "prompt_by_module": self.prompt, "bias": self.bias_total,
+                "bias_by_module": self.bias_by_module,
+                "bias_by_layer": {str(k): v for k, v in self.bias_by_layer.items()}}
 
 
-_LORA_RE = re.compile(r"encoder\.layer\.(\d+)\.(.+?)\.lora_")
+_ADAPTER_RE = re.compile(r"encoder\.layer\.(\d+)\.(.+?)\.(?:lora_|ia3_|vera_|hada_|lokr_)")
+_LAYER_BIAS_RE = re.compile(r"encoder\.layer\.(\d+)\.(.+)\.bias$")
+_PEFT_METHODS = {"LORA": "lora", "ADALORA": "adalora", "IA3": "ia3", "VERA": "vera", "LOHA": "loha", "LOKR": "lokr",
+                 "PROMPT_TUNING": "prompt", "PREFIX_TUNING": "prefix"}
+
+
+def _method_of(model: nn.Module) -> str:
+    config = getattr(model, "peft_config", {}).get("default")
+    if config is None:
+        return "bitfit" if any(p.requires_grad for p in model.parameters()) else "none"
+    if getattr(config, "use_dora", False):
+        return "dora"
+    return _PEFT_METHODS.get(str(config.peft_type.value), str(config.peft_type.value).lower())
+
+
+def _head_part(model: nn.Module, name: str) -> str | None:
+    """'classifier.dense', 'pooler.dense', ... when the parameter belongs to the head, else None."""
+    if ".modules_to_save." in name:
+        module, rest = name.split(".modules_to_save.")
+        sub = rest.split(".", 1)[1].rsplit(".", 1)  # drop the adapter name, split off weight/bias
+        return ".".join([module.split(".")[-1]] + sub[:-1])
+    if hasattr(model, "peft_config"):
+        return None
+    prefix = f"{model.base_model_prefix}."
+    plain = name[len(prefix):] if name.startswith(prefix) else name
+    if plain.startswith(("classifier.", "pooler.")):  # BitFit: the head is trained as it is
+        return plain.rsplit(".", 1)[0]
+    return None
 
 
 def count_trainable(model: nn.Module) -> Breakdown:
-    """Count every parameter with requires_grad, split into LoRA (by module, by layer) and head."""
-    b = Breakdown()
+    """Count every parameter with requires_grad, split into adapters (by module, by layer), prompt
+    or prefix embeddings, biases (BitFit, by module and layer) and the head."""
+    b = Breakdown(method=_method_of(model))
     by_module: dict[str, int] = defaultdict(int)
     by_layer: dict[int, int] = defaultdict(int)
+    bias_module: dict[str, int] = defaultdict(int)
+    bias_layer: dict[int, int] = defaultdict(int)
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         n = p.numel()
-        m = _LORA_RE.search(name)
+        m = _ADAPTER_RE.search(name)
+        head = None if m else _head_part(model, name)
         if m:
             by_layer[int(m.group(1))] += n
             by_module[m.group(2)] += n
-        elif ".modules_to_save." in name:
-            module, rest = name.split(".modules_to_save.")
-            sub = rest.split(".", 1)[1].rsplit(".", 1)  # drop the adapter name, split off weight/bias
-            part = ".".join([module.split(".")[-1]] + sub[:-1])
-            b.head[part] = b.head.get(part, 0) + n
+        elif head is not None:
+            b.head[head] = b.head.get(head, 0) + n
+        elif name.startswith("prompt_encoder."):
+            part = name.replace(".default.", ".", 1).rsplit(".", 1)[0]
+            b.prompt[part] = b.prompt.get(part, 0) + n
+        elif b.method == "bitfit" and name.endswith(".bias"):
+            layer = _LAYER_BIAS_RE.search(name)
+            if layer:
+                bias_layer[int(layer.group(1))] += n
+                bias_module[layer.group(2)] += n
+            else:  # embeddings' LayerNorm: in no layer
+                bias_module[name.split(".", 1)[1].rsplit(".", 1)[0]] += n
         else:
             b.other[name] = n
     b.lora_by_module = dict(by_module)
     b.lora_by_layer = dict(sorted(by_layer.items()))
+    b.bias_by_module = dict(bias_module)
+    b.bias_by_layer = dict(sorted(bias_layer.items()))
     return b
 
 
 def format_breakdown(b: Breakdown, max_trainable: int | None = None) -> str:
     """A human-readable table of the breakdown (and the verdict against the budget)."""
-    lines = ["LoRA by module:"]
-    lines += [f"  {k:<28} {v:>10,}" for k, v in sorted(b.lora_by_module.items())]
-    lines.append("LoRA by layer:")
-    lines += [f"  layer {k:<22} {v:>10,}" for k, v in b.lora_by_layer.items()]
-    lines.append(f"  {'LoRA total':<28} {b.lora:>10,}")
+    name = methods.NAMES.get(b.method, b.method)
+    lines = []
+    if b.lora_by_module or b.method in methods.PLACED:
+        lines.append(f"{name} by module:")
+        lines += [f"  {k:<28} {v:>10,}" for k, v in sorted(b.lora_by_module.items())]
+        lines.append(f"{name} by layer:")
+        lines += [f"  layer {k:<22} {v:>10,}" for k, v in b.lora_by_layer.items()]
+        lines.append(f"  {name + ' total':<28} {b.lora:>10,}")
+    if b.prompt:
+        lines.append(f"{name} (virtual tokens):")
+        lines += [f"  {k:<28} {v:>10,}" for k, v in b.prompt.items()]
+        lines.append(f"  {'virtual tokens total':<28} {b.prompt_total:>10,}")
+    if b.bias_by_module:
+        lines.append("Biases by module:")
+        lines += [f"  {k:<28} {v:>10,}" for k, v in sorted(b.bias_by_module.items())]
+        lines.append("Biases by layer:")
+        lines += [f"  layer {k:<22} {v:>10,}" for k, v in b.bias_by_layer.items()]
+        lines.append(f"  {'biases total':<28} {b.bias_total:>10,}")
     lines.append("Head:")
     lines += [f"  {k:<28} {v:>10,}" for k, v in b.head.items()]
     lines.append(f"  {'head total':<28} {b.head_total:>10,}")
@@ -373,8 +497,18 @@ def check_budget(b: Breakdown, max_trainable: int) -> None:
     if b.total > max_trainable:
         raise BudgetError(
             f"{b.total:,} trainable parameters exceed budget.max_trainable={max_trainable:,}; "
-            f"lower lora.r, target fewer modules/layers (lora.layers) or use model.head=linear.\n"
+            f"{_smaller_hint(b.method)} or use model.head=linear.\n"
             + format_breakdown(b, max_trainable))
+
+
+def _smaller_hint(method: str) -> str:
+    key = methods.SIZE_KEYS.get(method)
+    hints = [f"lower {key}"] if key else []
+    if method in methods.PLACED:
+        hints.append("target fewer modules/layers (lora.target_modules, lora.layers)")
+    if method == "bitfit":
+        hints.append("BitFit's size is fixed by the backbone: use a method with a size option")
+    return ", ".join(hints) or "choose a smaller configuration"
 
 
 def budget_breakdown(cfg: Config) -> Breakdown:

@@ -101,8 +101,9 @@ class Classifier:
             threads: ONNX folders: intra-op threads of the ONNX Runtime session (None: its
                 default). torch's thread count is process-wide, so the caller sets it
                 (`torch.set_num_threads`; the CLI's --threads does).
-            merge: run folders only: merge the adapter into the weights (same logits, faster);
-                False keeps the peft model (export compares against it).
+            merge: run folders only: merge the adapter into the weights (same logits, faster;
+                prompt and prefix tuning cannot be merged and stay peft models); False keeps
+                the peft model (export compares against it).
 
         Returns:
             The Classifier.
@@ -271,15 +272,23 @@ def _load_run(run_dir: Path, checkpoint: str, device: str, merge: bool):
     from safetensors import SafetensorError
 
     try:
-        with peft_notes_silenced():
-            model = PeftModel.from_pretrained(build_model(cfg, device=device, with_lora=False), str(adapter))
+        if cfg.peft.method == "bitfit":  # no peft: the trained biases and head go into the built model
+            from agnews_lora.checkpoint import load_adapter_weights
+
+            model = build_model(cfg, device=device)
+            load_adapter_weights(model, adapter)
+        else:
+            with peft_notes_silenced():
+                model = PeftModel.from_pretrained(build_model(cfg, device=device, with_lora=False), str(adapter))
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # a truncated adapter, bad json
         if isinstance(err, ConfigError):
             raise
         raise ConfigError(f"{adapter}: the run is damaged ({type(err).__name__}: {str(err)[:200]}); "
                           "restore the checkpoint or train again") from None
-    if merge:
-        model = model.merge_and_unload()
+    from agnews_lora.methods import MERGEABLE, merge as merge_adapters
+
+    if merge and cfg.peft.method in MERGEABLE:
+        model = merge_adapters(model)
     info = {"source": str(run_dir), "format": "run", "checkpoint": checkpoint, "model": cfg.model.name,
             "head": cfg.model.head, "trainable": _run_trainable(run_dir, cfg), **_run_calibration(run_dir)}
     return model, load_tokenizer(cfg.model.name), cfg, info

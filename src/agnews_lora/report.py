@@ -136,19 +136,29 @@ def _per_class_table(test: dict) -> str:
 
 
 def trainable_rows(run: Run) -> list[tuple[str, str, int]]:
-    """(part, module, parameters) for every trainable group, LoRA first, then the head."""
+    """(part, module, parameters) for every trainable group: the adapters (named after the method),
+    virtual tokens, biases, then the head."""
+    from agnews_lora.methods import NAMES
+
     t = run.summary["trainable"]
-    rows = [("LoRA", k, v) for k, v in sorted(t["lora_by_module"].items())]
+    name = NAMES.get(t.get("method", "lora"), "LoRA")  # summaries before peft.method: LoRA
+    rows = [(name, k, v) for k, v in sorted(t["lora_by_module"].items())]
+    rows += [("virtual tokens", k, v) for k, v in t.get("prompt_by_module", {}).items()]
+    rows += [("biases", k, v) for k, v in sorted(t.get("bias_by_module", {}).items())]
     rows += [("head", k, v) for k, v in t["head_by_module"].items()]
     rows += [("other", k, v) for k, v in t.get("other", {}).items()]
     return rows
 
 
 def _trainable_table(run: Run) -> str:
+    from agnews_lora.methods import NAMES
+
     t, budget = run.summary["trainable"], run.cfg.budget.max_trainable
     rows = [[part, f"`{module}`", f"{n:,}", f"{n / t['total']:.1%}"] for part, module, n in trainable_rows(run)]
-    rows += [["**LoRA total**", "", f"{t['lora']:,}", f"{t['lora'] / t['total']:.1%}"],
-             ["**head total**", "", f"{t['head']:,}", f"{t['head'] / t['total']:.1%}"],
+    parts = [(NAMES.get(t.get("method", "lora"), "LoRA"), t["lora"]), ("virtual tokens", t.get("prompt", 0)),
+             ("biases", t.get("bias", 0))]
+    rows += [[f"**{label} total**", "", f"{n:,}", f"{n / t['total']:.1%}"] for label, n in parts if n]
+    rows += [["**head total**", "", f"{t['head']:,}", f"{t['head'] / t['total']:.1%}"],
              ["**total**", "", f"{t['total']:,}", f"{t['total'] / budget:.1%} of the {budget:,} budget"]]
     return md_table(["Part", "Module", "Parameters", "Share"], rows, align="llrr")
 
@@ -247,10 +257,10 @@ def plot_class_distribution(names: list[str], matrix: list[list[int]], split: st
 def plot_trainable(run: Run, path: Path) -> None:
     """One stacked bar per part (LoRA, head), a segment per module, against the budget."""
     fig, ax = _figure(7, 2.8)
-    lefts = {"LoRA": 0, "head": 0, "other": 0}
+    lefts: dict[str, int] = {}
     for part, module, n in trainable_rows(run):
-        ax.barh(part, n, left=lefts[part], edgecolor="white", label=f"{part}: {module} ({n:,})")
-        lefts[part] += n
+        ax.barh(part, n, left=lefts.get(part, 0), edgecolor="white", label=f"{part}: {module} ({n:,})")
+        lefts[part] = lefts.get(part, 0) + n
     budget, total = run.cfg.budget.max_trainable, run.summary["trainable"]["total"]
     if total >= budget / 10:  # far below the budget the line would squash the bars to nothing
         ax.axvline(budget, color="red", linestyle="--", label=f"budget {budget:,}")
@@ -266,6 +276,22 @@ def _layers(cfg: Config) -> str:
     return "all" if cfg.lora.layers is None else ",".join(map(str, cfg.lora.layers))
 
 
+def _parts(t: dict) -> str:
+    from agnews_lora.methods import NAMES
+
+    if t.get("prompt"):
+        return f"virtual tokens {t['prompt']:,}"
+    if t.get("bias"):
+        return f"biases {t['bias']:,}"
+    return f"{NAMES.get(t.get('method', 'lora'), 'LoRA')} {t['lora']:,}"
+
+
+def _describe_method(cfg: Config) -> str:
+    from agnews_lora.methods import describe
+
+    return describe(cfg)
+
+
 def _precision(summary: dict) -> str:
     from agnews_lora.precision import display_name
 
@@ -277,12 +303,13 @@ def _overview(run: Run) -> str:
     best = run.best_eval or {}
     rows = [["model", f"`{cfg.model.name}` ({cfg.model.init})"], ["head", cfg.model.head],
             ["LoRA", f"r={cfg.lora.r}, alpha={cfg.lora.alpha:g}, dropout={cfg.lora.dropout:g}, "
-                     f"modules={','.join(cfg.lora.target_modules)}, layers={_layers(cfg)}"],
+                     f"modules={','.join(cfg.lora.target_modules)}, layers={_layers(cfg)}"]
+            if cfg.peft.method == "lora" else ["PEFT method", _describe_method(cfg)],
             ["training", f"{s['steps']} steps ({s['epochs_completed']} epochs completed), batch "
                          f"{cfg.train.batch_size}x{cfg.train.grad_accum}, lr {cfg.train.lr:g} "
                          f"({cfg.train.scheduler}), {_precision(s)} on {s['device']}"],
             ["training time", f"{s['train_seconds']:.1f} s ({s['train_examples_per_s']:.1f} examples/s)"],
-            ["trainable parameters", f"{s['trainable']['total']:,} (LoRA {s['trainable']['lora']:,}, head "
+            ["trainable parameters", f"{s['trainable']['total']:,} ({_parts(s['trainable'])}, head "
                                      f"{s['trainable']['head']:,}; budget {cfg.budget.max_trainable:,})"],
             ["best validation accuracy", f"{_f4(s.get('best_val_accuracy'))} (step {s['best_step']})"]]
     if "val_f1_macro" in best:

@@ -473,9 +473,10 @@ def prepare_run_dir(run_dir: Path, cfg: Config) -> bool:
     recover(run_dir)
     last = run_dir / "last"
     if cfg.train.resume and last.is_dir():
-        old = saved_settings(run_dir)
-        for section in ("model", "lora", "data"):
-            if old.get(section) != to_dict(cfg)[section]:
+        old, defaults = saved_settings(run_dir), to_dict(Config())
+        for section in ("model", "lora", "peft", "data"):
+            # a section absent from an older run's config.yaml was at its defaults (peft: plain LoRA)
+            if old.get(section, defaults[section]) != to_dict(cfg)[section]:
                 raise ConfigError(f"train.resume: {section}.* differs from the run in {run_dir}; "
                                   "resume with the same settings or choose another out_dir")
         write_config(cfg, run_dir)  # the run goes on under these train.* settings

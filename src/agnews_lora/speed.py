@@ -166,7 +166,9 @@ def cast_frozen_linears(model: nn.Module, dtype: torch.dtype) -> int:
     Under autocast every Linear casts its weight to the autocast dtype on each call; storing
     frozen ones in that dtype gives bit-identical results without the per-step casts (and
     halves their memory). Trainable weights (LoRA, head) stay fp32: they are the master copy
-    the optimizer updates. Embeddings and LayerNorms are left alone (autocast does not cast them).
+    the optimizer updates; a trainable bias of a frozen weight (BitFit) stays fp32 beside it.
+    Embeddings and LayerNorms are left alone (autocast does not cast them). Weights an adapter
+    reads itself (DoRA's weight norm, computed in its input's dtype) are left alone too.
 
     Args:
         model: the model to change.
@@ -175,12 +177,24 @@ def cast_frozen_linears(model: nn.Module, dtype: torch.dtype) -> int:
     Returns:
         The number of layers cast.
     """
-    cast = 0
+    cast, read = 0, _weights_read_by_adapters(model)
     for module in model.modules():
-        if type(module) is nn.Linear and not any(p.requires_grad for p in module.parameters()):
+        if type(module) is not nn.Linear or module.weight.requires_grad or id(module) in read:
+            continue
+        if module.bias is not None and module.bias.requires_grad:
+            module.weight = nn.Parameter(module.weight.detach().to(dtype), requires_grad=False)
+        else:
             module.to(dtype)
-            cast += 1
+        cast += 1
     return cast
+
+
+def _weights_read_by_adapters(model: nn.Module) -> set[int]:
+    """ids of the base Linear layers whose weight a DoRA adapter reads in its forward."""
+    from peft.tuners.lora import LoraLayer
+
+    return {id(m.get_base_layer()) for m in model.modules()
+            if isinstance(m, LoraLayer) and any(getattr(m, "use_dora", {}).values())}
 
 
 _QKV_NAMES = ({"query", "key", "value"}, {"q", "k", "v"})  # BERT/RoBERTa, MPNet
@@ -220,6 +234,24 @@ def _disable_peft_input_casting(model: nn.Module) -> None:
     model.register_forward_hook(leave, always_call=True)
 
 
+def cast_inputs_once_blocker(model: nn.Module) -> str | None:
+    """Why `cast_inputs_once` must not be applied to `model`, or None when it may.
+
+    DoRA computes its weight norm in its input's dtype: a bf16 input would round the norm, which
+    autocast keeps in fp32. peft's `disable_input_dtype_casting` reads a switch that some tuner
+    layers do not have (IA3, VeRA in peft 0.21) and fails on them."""
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and any(getattr(module, "use_dora", {}).values()):
+            return "DoRA computes its weight norm in its input's dtype, which a bf16 input would round"
+        if isinstance(module, BaseTunerLayer) and not hasattr(module, "cast_input_dtype_enabled"):
+            return (f"peft's disable_input_dtype_casting does not support {type(module).__module__.split('.')[-2]} "
+                    "layers (they have no cast_input_dtype_enabled switch)")
+    return None
+
+
 def cast_inputs_once(model: nn.Module) -> int:
     """Under autocast, cast the input of each attention block (the module holding the
     query/key/value or q/k/v projections) and of each LoRA layer to the autocast dtype once,
@@ -253,9 +285,11 @@ def _encoder_layers(model: nn.Module) -> list[nn.Module]:
     return [m for name, m in model.named_modules() if re.search(r"encoder\.layer\.\d+$", name)]
 
 
-def _first_token_layer_forward(self, hidden_states, attention_mask=None, *args, eager_attention=None, **kwargs):
+def _first_token_layer_forward(self, hidden_states, attention_mask=None, *args, eager_attention=None, cache=None,
+                               **kwargs):
     """A BERT/RoBERTa encoder layer's forward for the first token only: keys and values from
-    every token, the query, attention output, FFN and norms for token 0. Returns [batch, 1, hidden].
+    every token (after a key/value cache's, which prefix tuning fills with its prefix), the query,
+    attention output, FFN and norms for token 0. Returns [batch, 1, hidden].
     `eager_attention` is the layer's own modeling module's eager attention function."""
     attention, sa = self.attention, self.attention.self
     dtype = _autocast_dtype(hidden_states)
@@ -266,6 +300,8 @@ def _first_token_layer_forward(self, hidden_states, attention_mask=None, *args, 
     query = sa.query(x[:, :1].contiguous()).view(batch, 1, -1, sa.attention_head_size).transpose(1, 2)
     key = sa.key(x).view(heads).transpose(1, 2)
     value = sa.value(x).view(heads).transpose(1, 2)
+    if cache is not None:  # as the layer's own attention does: the cached keys/values come first
+        key, value = getattr(cache, "self_attention_cache", cache).update(key, value, sa.layer_idx)
     if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-2] != 1:
         attention_mask = attention_mask[:, :, :1]
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS

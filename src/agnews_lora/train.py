@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from agnews_lora import checkpoint as ckpt
-from agnews_lora import runs, tracking
+from agnews_lora import methods, runs, tracking
 from agnews_lora.averaging import WeightAverage
 from agnews_lora.calibration import expected_calibration_error, fit_temperature, nll, softmax
 from agnews_lora.card import write_run_card
@@ -29,8 +29,9 @@ from agnews_lora.model import (Breakdown, budget_breakdown, build_model, check_b
 from agnews_lora.perturb import SUITE, augment_texts, parse_specs, perturb_texts
 from agnews_lora.precision import accelerate_name, autocast_dtype, resolve_precision
 from agnews_lora.report import write_report
-from agnews_lora.speed import (ATTN_IMPLEMENTATION, PatchResult, cast_frozen_linears, cast_inputs_once, compile_layers,
-                               first_token_last_layer, set_kernel_cache, use_fast_dropout)
+from agnews_lora.speed import (ATTN_IMPLEMENTATION, PatchResult, cast_frozen_linears, cast_inputs_once,
+                               cast_inputs_once_blocker, compile_layers, first_token_last_layer, set_kernel_cache,
+                               use_fast_dropout)
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -160,7 +161,7 @@ def preflight(cfg: Config) -> Breakdown:
 
 
 def train(cfg: Config, distill_term: DistillTerm | None = None) -> Path:
-    """Train a LoRA classifier as the config says; return the run folder.
+    """Train a classifier with the adapters of cfg.peft.method as the config says; return the run folder.
 
     Args:
         cfg: resolved config.
@@ -245,12 +246,15 @@ def _train_tracked(cfg: Config, run_dir: Path, breakdown, distill_term: DistillT
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     average = WeightAverage(accelerator.unwrap_model(model), cfg.train.ema) if cfg.train.ema else None
+    adalora = methods.adalora_steps(accelerator.unwrap_model(model), cfg)
+    if adalora is not None:
+        adalora.start(total_steps)
     ctx = _LoopContext(cfg=cfg, run_dir=run_dir, accelerator=accelerator, model=model, optimizer=optimizer,
                        scheduler=scheduler, train_loader=train_loader, val_loader=val_loader,
                        val_labels=val_split.labels, sampler=sampler, total_steps=total_steps,
                        steps_per_epoch=steps_per_epoch, distill=distill_term, teacher=teacher,
                        augment=_Augmenter(cfg, train_split.texts, dataset, sampler, tok),
-                       average=average, perturbed_val=perturbed_val, pad_id=pad)
+                       average=average, perturbed_val=perturbed_val, pad_id=pad, adalora=adalora)
     prog = _peek_progress(run_dir) if resuming else Progress()
     tracking.start(accelerator, cfg, run_dir)
     if prog.round == 0:
@@ -311,6 +315,8 @@ def speed_up(model, cfg: Config, accelerator) -> list[PatchResult]:
                        if dtype else off("cast_frozen_linears", "no autocast (fp32)"))
     if not t.cast_inputs_once:
         results.append(flag_off("cast_inputs_once"))
+    elif dtype and cpu and cast_inputs_once_blocker(model):
+        results.append(off("cast_inputs_once", f"peft.method={cfg.peft.method}: {cast_inputs_once_blocker(model)}"))
     else:
         results.append(_counted("cast_inputs_once", cast_inputs_once(model), "attention blocks and LoRA layers")
                        if dtype and cpu else off("cast_inputs_once", "only under CPU autocast"))
@@ -361,10 +367,12 @@ def _resume(ctx: "_LoopContext", total_steps: int) -> Progress:
     """Load `last/` into the context's model, optimizer, scheduler and weight average."""
     acc = ctx.accelerator
     prog = _restore(ctx.run_dir / "last", acc.unwrap_model(ctx.model), ctx.optimizer, ctx.scheduler)
-    if ctx.average is not None:
+    if ctx.average is not None or ctx.adalora is not None:
         from safetensors.torch import load_file
 
-        ctx.average.load_state_dict(load_file(str(ctx.run_dir / "last" / "average.safetensors")))
+        for name, state in (("average", ctx.average), ("adalora", ctx.adalora)):
+            if state is not None:
+                state.load_state_dict(load_file(str(ctx.run_dir / "last" / f"{name}.safetensors")))
     if acc.is_main_process:
         runs.drop_records_after(ctx.run_dir, prog.step)
     acc.print(f"resuming {ctx.run_dir} at step {prog.step}/{total_steps}")
@@ -443,14 +451,16 @@ class _LoopContext:
     average: WeightAverage | None = None
     perturbed_val: tuple[DataLoader, list[int]] | None = None  # the validation rows under the suite
     pad_id: int = 0  # the tokenizer's padding id, for loaders built later (self-training)
+    adalora: methods.AdaLoraSteps | None = None  # peft.method=adalora: rank allocation and its penalty
 
 
 def _loss(ctx: _LoopContext, batch) -> torch.Tensor:
     logits = ctx.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     smoothing = ctx.cfg.train.label_smoothing
+    penalty = 0.0 if ctx.adalora is None else ctx.adalora.penalty()  # peft adds it only when given labels
     if ctx.distill is None:
-        return cross_entropy(logits, batch["labels"], smoothing)
-    return ctx.distill.loss(logits, ctx.teacher[batch["index"]], batch["labels"], label_smoothing=smoothing)
+        return cross_entropy(logits, batch["labels"], smoothing) + penalty
+    return ctx.distill.loss(logits, ctx.teacher[batch["index"]], batch["labels"], label_smoothing=smoothing) + penalty
 
 
 class _Window:
@@ -509,6 +519,8 @@ def _loop(ctx: _LoopContext, prog: Progress) -> None:
                 if acc.sync_gradients and cfg.train.max_grad_norm > 0:
                     acc.clip_grad_norm_(ctx.model.parameters(), cfg.train.max_grad_norm)
                 ctx.optimizer.step()
+                if ctx.adalora is not None and acc.sync_gradients:  # peft: after the step, before zero_grad
+                    ctx.adalora.after_step(prog.step + 1)
                 ctx.optimizer.zero_grad(set_to_none=True)
             prog.batches_in_epoch += 1
             prog.examples += len(batch["labels"])
@@ -557,9 +569,10 @@ def _evaluate_and_save(ctx: _LoopContext, prog: Progress, completed_epoch: bool)
             record["best"] = True
     if acc.is_main_process:
         runs.append_record(ctx.run_dir / runs.METRICS, record)
+        tensors = {name: state.state_dict() for name, state in (("average", ctx.average), ("adalora", ctx.adalora))
+                   if state is not None}
         ckpt.save_training_state(unwrapped, ctx.optimizer, ctx.scheduler, vars(prog).copy(),
-                                 ctx.run_dir / "last",
-                                 tensors=None if ctx.average is None else {"average": ctx.average.state_dict()})
+                                 ctx.run_dir / "last", tensors=tensors or None)
     tracking.log(acc, record, "eval")
     acc.wait_for_everyone()
     if "val_accuracy" in record and acc.is_main_process:
@@ -688,7 +701,11 @@ def _finish(ctx: _LoopContext, prog: Progress, breakdown, tokenizer, test_split)
                "train_examples_per_s": round(examples / max(prog.train_seconds, 1e-9), 2),
                "train_tokens_per_s": round(tokens / max(prog.train_seconds, 1e-9), 1),
                "precision": acc.mixed_precision, "device": str(acc.device), "processes": acc.num_processes,
-               "calibration": _calibration(ctx)}
+               "calibration": _calibration(ctx), "peft_method": cfg.peft.method}
+    if ctx.adalora is not None:  # the ranks of best/ (pruned singular values are zeros in it)
+        ranks = ctx.adalora.ranks()
+        summary["adalora"] = {"init_r": cfg.peft.adalora.init_r, "target_r": cfg.peft.adalora.target_r,
+                              "total_rank": sum(ranks.values()), "ranks": ranks}
     if test_split is not None and test_split.labels is not None:
         ids = tokenize(test_split.texts, tokenizer, cfg.data.max_length, cfg.data.cache_dir)
         loader = acc.prepare(make_loader(ids, test_split.labels, cfg.train.eval_batch_size,

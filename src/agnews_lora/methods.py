@@ -1,0 +1,330 @@
+"""PEFT methods beside LoRA: the peft config each one gets, its size knob, and what training needs.
+
+`peft.method` (config.py) picks one of PEFT_METHODS. model.py builds the backbone and calls
+`peft_config` here for every method peft implements; BitFit (biases only) is no peft method:
+`apply_bitfit` unfreezes the backbone's biases and the head. The planner (plan.py) and the
+experiment scripts change a method's size through `SIZE_KEYS` / `with_size`.
+
+Two things here exist because of the libraries' versions (peft 0.21, transformers 5):
+- Prefix tuning: peft hands the prefix to the model as `past_key_values` and first checks the
+  model's forward signature for that name; transformers 5 renamed the argument to `cache`
+  (RoBERTa/BERT still take the prefix keys/values through it). `accept_past_key_values` gives
+  the classifier a forward that takes the old name and passes it on as `cache`. Architectures
+  whose attention takes no cache at all (MPNet) cannot do prefix tuning: `check_prefix_support`.
+- AdaLoRA: its rank allocation runs only when the loop calls `update_and_allocate` after each
+  optimizer step, and its orthogonality penalty is added by peft only when labels go through
+  peft's forward, which this tool's loop does not do (losses.py computes the loss from the
+  logits). `AdaLoraSteps` does both, keeps the allocator's state in `last/` for resuming, and
+  reports the ranks it allocated.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import types
+
+import torch
+from torch import nn
+
+from agnews_lora.config import PEFT_METHODS, Config, ConfigError
+
+# peft folds these into the backbone's weights (merge_and_unload); prompt/prefix tuning add inputs,
+# BitFit's trained biases are the backbone's own weights already.
+MERGEABLE = frozenset({"lora", "dora", "adalora", "ia3", "vera", "loha", "lokr"})
+PROMPT_LEARNING = frozenset({"prompt", "prefix"})
+PLACED = frozenset({"lora", "dora", "adalora", "ia3", "vera", "loha", "lokr"})  # use lora.target_modules/layers
+# The option that sets each method's size (None: the size is the placement itself).
+SIZE_KEYS = {"lora": "lora.r", "dora": "lora.r", "adalora": "peft.adalora.init_r", "ia3": None,
+             "vera": "peft.vera.r", "loha": "peft.loha.r", "lokr": "peft.lokr.r",
+             "prompt": "peft.prompt.num_virtual_tokens", "prefix": "peft.prefix.num_virtual_tokens", "bitfit": None}
+SMALLEST_SIZE = {"adalora": 2}  # AdaLoRA allocates ranks below init_r: at least 2 (the others: 1)
+NAMES = {"lora": "LoRA", "dora": "DoRA", "adalora": "AdaLoRA", "ia3": "IA3", "vera": "VeRA", "loha": "LoHa",
+         "lokr": "LoKr", "prompt": "Prompt tuning", "prefix": "Prefix tuning", "bitfit": "BitFit"}
+assert set(SIZE_KEYS) == set(NAMES) == set(PEFT_METHODS)
+
+
+def with_size(cfg: Config, size: int) -> Config:
+    """A copy of `cfg` with its method's size option set to `size` (ValueError for a method without one)."""
+    key = SIZE_KEYS[cfg.peft.method]
+    if key is None:
+        raise ValueError(f"peft.method={cfg.peft.method} has no size option")
+    c = copy.deepcopy(cfg)
+    obj = c
+    *parents, leaf = key.split(".")
+    for part in parents:
+        obj = getattr(obj, part)
+    setattr(obj, leaf, size)
+    if cfg.peft.method == "adalora":  # the target rank follows the initial one in the same proportion
+        a = cfg.peft.adalora
+        c.peft.adalora.target_r = max(1, min(size - 1, round(size * a.target_r / a.init_r)))
+    return c
+
+
+def size_of(cfg: Config) -> int | None:
+    """The value of the method's size option (None for a method without one)."""
+    key = SIZE_KEYS[cfg.peft.method]
+    if key is None:
+        return None
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def describe(cfg: Config) -> str:
+    """One line: the method and the options it uses (placement included)."""
+    m, p, lora = cfg.peft.method, cfg.peft, cfg.lora
+    layers = "all" if lora.layers is None else ",".join(map(str, lora.layers))
+    place = f"modules={','.join(lora.target_modules)}, layers={layers}"
+    text = {
+        "lora": f"r={lora.r}, alpha={lora.alpha:g}, dropout={lora.dropout:g}",
+        "dora": f"r={lora.r}, alpha={lora.alpha:g}, dropout={lora.dropout:g}",
+        "adalora": f"init_r={p.adalora.init_r}, target_r={p.adalora.target_r}, tinit={p.adalora.tinit}, "
+                   f"tfinal={p.adalora.tfinal}, deltaT={p.adalora.deltaT}, alpha={lora.alpha:g}",
+        "ia3": f"feedforward={','.join(p.ia3.feedforward_modules) or '-'}",
+        "vera": f"r={p.vera.r}, d_initial={p.vera.d_initial:g}",
+        "loha": f"r={p.loha.r}, alpha={p.loha.alpha:g}",
+        "lokr": f"r={p.lokr.r}, alpha={p.lokr.alpha:g}, decompose_factor={p.lokr.decompose_factor}",
+        "prompt": f"{p.prompt.num_virtual_tokens} virtual tokens, init={p.prompt.init}",
+        "prefix": f"{p.prefix.num_virtual_tokens} virtual tokens per layer",
+        "bitfit": "every bias of the backbone",
+    }[m]
+    return f"{NAMES[m]} {text}" + (f", {place}" if m in PLACED else "")
+
+
+# ---------------------------------------------------------------- building
+
+
+def peft_config(cfg: Config, target: str | None, feedforward: str | None, modules_to_save: list[str],
+                meta: bool):
+    """The peft config of cfg.peft.method (not bitfit).
+
+    Args:
+        cfg: the resolved config.
+        target: the target_modules regex of the placement (methods in PLACED).
+        feedforward: IA3's feedforward_modules regex (None: none of the targets).
+        modules_to_save: the head modules peft trains and saves.
+        meta: the model lives on the meta device (counting only): initialisations that read
+            weights or tokenizers are skipped; the parameter count does not depend on them.
+
+    Returns:
+        A peft config for `get_peft_model`.
+    """
+    import peft
+
+    m, p, lora = cfg.peft.method, cfg.peft, cfg.lora
+    common = {"task_type": "SEQ_CLS", "modules_to_save": modules_to_save}
+    if m in ("lora", "dora"):
+        return peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target,
+                               use_dora=m == "dora", **common)
+    if m == "adalora":
+        a = p.adalora
+        return peft.AdaLoraConfig(init_r=a.init_r, target_r=a.target_r, tinit=a.tinit, tfinal=a.tfinal,
+                                  deltaT=a.deltaT, beta1=a.beta1, beta2=a.beta2, orth_reg_weight=a.orth_reg_weight,
+                                  lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target,
+                                  total_step=provisional_total_step(cfg), **common)
+    if m == "ia3":
+        # an empty feedforward set: a regex that matches no module name
+        return peft.IA3Config(target_modules=target, feedforward_modules=feedforward or r"(?!)", **common)
+    if m == "vera":
+        v = p.vera
+        return peft.VeraConfig(r=v.r, vera_dropout=v.dropout, d_initial=v.d_initial,
+                               projection_prng_key=v.projection_prng_key, save_projection=v.save_projection,
+                               target_modules=target, **common)
+    if m == "loha":
+        o = p.loha
+        return peft.LoHaConfig(r=o.r, alpha=o.alpha, rank_dropout=o.rank_dropout, module_dropout=o.module_dropout,
+                               target_modules=target, **common)
+    if m == "lokr":
+        o = p.lokr
+        return peft.LoKrConfig(r=o.r, alpha=o.alpha, rank_dropout=o.rank_dropout, module_dropout=o.module_dropout,
+                               decompose_both=o.decompose_both, decompose_factor=o.decompose_factor,
+                               target_modules=target, **common)
+    if m == "prompt":
+        o = p.prompt
+        init = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}["random" if meta else o.init]
+        text = {"prompt_tuning_init_text": o.init_text, "tokenizer_name_or_path": _model_folder(cfg)} \
+            if init == "TEXT" else {}
+        return peft.PromptTuningConfig(num_virtual_tokens=o.num_virtual_tokens, prompt_tuning_init=init, **text,
+                                       **common)
+    if m == "prefix":
+        o = p.prefix
+        return peft.PrefixTuningConfig(num_virtual_tokens=o.num_virtual_tokens, **common)
+    raise ValueError(f"peft.method={m} is not a peft method")
+
+
+def _model_folder(cfg: Config) -> str:
+    from agnews_lora.model import resolve_model_path
+
+    return resolve_model_path(cfg.model.name)
+
+
+def provisional_total_step(cfg: Config) -> int:
+    """AdaLoRA's total_step before the run knows its step count (train.max_steps when set): peft
+    requires one when the adapter is built; `AdaLoraSteps.start` sets the run's own."""
+    a = cfg.peft.adalora
+    return cfg.train.max_steps or a.tinit + a.tfinal + 1
+
+
+def apply_bitfit(model: nn.Module, head_modules: list[str]) -> nn.Module:
+    """BitFit in place: train every bias of the backbone and the whole head, freeze the rest.
+
+    Args:
+        model: a transformers classifier with its head attached (model.attach_head).
+        head_modules: the head's module names ("classifier", and "pooler" for BERT's RoBERTa-shaped head).
+
+    Returns:
+        The model.
+    """
+    prefix = model.base_model_prefix
+    for name, param in model.named_parameters():
+        in_head = any(name.startswith(f"{h}.") or name.startswith(f"{prefix}.{h}.") for h in head_modules)
+        param.requires_grad_(in_head or (name.startswith(f"{prefix}.") and name.endswith(".bias")))
+    return model
+
+
+def check_prefix_support(model: nn.Module) -> None:
+    """Raise ConfigError when the backbone's forward takes no key/value cache to put a prefix in."""
+    backbone = getattr(model, model.base_model_prefix)
+    params = inspect.signature(backbone.forward).parameters
+    if "cache" not in params and "past_key_values" not in params:
+        raise ConfigError(f"peft.method=prefix: {model.config.model_type}'s attention takes no past keys and values "
+                          f"(transformers' {type(backbone).__name__} has no cache argument), so prefix tuning has "
+                          "nowhere to put its prefix; use peft.method=prompt (virtual input tokens) instead")
+
+
+def accept_past_key_values(model: nn.Module) -> nn.Module:
+    """Give `model` (in place) a forward that takes peft's `past_key_values` and passes it on as
+    transformers 5's `cache` (see the module docstring). Returns the model."""
+    params = inspect.signature(model.forward).parameters
+    if "past_key_values" in params:
+        return model  # a transformers version that still names it so
+
+    def forward(self, *args, past_key_values=None, **kwargs):
+        return type(self).forward(self, *args, cache=past_key_values, **kwargs)
+
+    model.forward = types.MethodType(forward, model)  # a bound method: deepcopy rebinds it to the copy
+    return model
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """The plain transformers model with the adapters folded into its weights (`merge_and_unload`).
+
+    peft 0.21's generic unloading (IA3, VeRA, LoHa, LoKr; LoRA has its own) copies `.weight` from
+    each module it unwraps and fails on a trained head without one (the RoBERTa and linear heads,
+    BERT's pooler: "'RobertaClassificationHead' object has no attribute 'weight'"; peft PR 3213).
+    So the trained heads are put in their place first, as the unloading would, then peft merges.
+
+    Args:
+        model: a peft model of a method in MERGEABLE.
+
+    Returns:
+        The merged model (the peft model is used up).
+    """
+    from peft.utils import ModulesToSaveWrapper
+
+    inner = model.get_base_model()
+    for name, module in list(inner.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper):
+            parent, _, child = name.rpartition(".")
+            setattr(inner.get_submodule(parent) if parent else inner, child,
+                    module.modules_to_save[module.active_adapter])
+    return model.merge_and_unload()
+
+
+# ---------------------------------------------------------------- AdaLoRA in the loop
+
+
+class AdaLoraSteps:
+    """What AdaLoRA needs from the training loop, for a peft AdaLoRA model (unwrapped).
+
+    `start(total_steps)` once the run knows its optimizer steps; `penalty()` added to each loss;
+    `after_step(step)` after each optimizer step (before the gradients are cleared); `state_dict`
+    / `load_state_dict` for `last/`; `ranks()` for the summary.
+    """
+
+    def __init__(self, model: nn.Module, cfg: Config):
+        self.model = model
+        self.tuner = model.base_model  # AdaLoraModel: owns update_and_allocate and the rank allocator
+        self.config = model.peft_config["default"]
+        self.weight = cfg.peft.adalora.orth_reg_weight
+
+    def start(self, total_steps: int) -> None:
+        """Set AdaLoRA's total_step to the run's, after checking that its schedule has a phase that
+        allocates ranks (config.py checks this before anything loads when train.max_steps is set)."""
+        a = self.config
+        if a.tinit >= total_steps - a.tfinal:
+            raise ConfigError(f"peft.adalora.tinit={a.tinit} and tfinal={a.tfinal} leave no rank allocation phase in "
+                              f"{total_steps} optimizer steps (need tinit < steps - tfinal)")
+        self.tuner.rankallocator.set_total_step(total_steps)
+
+    def penalty(self) -> torch.Tensor | float:
+        """orth_reg_weight x the orthogonality penalty of the singular vectors (losses.py)."""
+        from agnews_lora.losses import orthogonality_penalty
+
+        if self.weight == 0:
+            return 0.0
+        left = [p for n, p in self.model.named_parameters() if ".lora_A." in n and p.requires_grad]
+        right = [p for n, p in self.model.named_parameters() if ".lora_B." in n and p.requires_grad]
+        return self.weight * orthogonality_penalty(left, right)
+
+    def after_step(self, step: int) -> None:
+        """peft's rank allocation for optimizer step `step` (1-based): update the importance scores,
+        mask singular values to the scheduled budget, fix the final ranks."""
+        self.tuner.update_and_allocate(step)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The allocator's importance averages and the rank pattern, as tensors (safetensors-ready)."""
+        allocator = self.tuner.rankallocator
+        out = {}
+        for kind in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+            out.update({f"{kind}/{n}": t.detach().contiguous() for n, t in getattr(allocator, kind).items()})
+        for n, keep in (self.config.rank_pattern or {}).items():
+            out[f"rank_pattern/{n}"] = torch.tensor(keep, dtype=torch.bool)
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        allocator = self.tuner.rankallocator
+        for kind in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+            setattr(allocator, kind, {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(f"{kind}/")})
+        pattern = {k.split("/", 1)[1]: v.tolist() for k, v in state.items() if k.startswith("rank_pattern/")}
+        self.config.rank_pattern = pattern or None
+
+    def ranks(self) -> dict[str, int]:
+        """Rank per adapted module now: its singular values not masked to zero (lora_E entries)."""
+        return {n.replace(".lora_E.default", ""): int(torch.count_nonzero(p.detach()))
+                for n, p in self.model.named_parameters() if ".lora_E." in n}
+
+
+def adalora_steps(model: nn.Module, cfg: Config) -> AdaLoraSteps | None:
+    """An AdaLoraSteps for an AdaLoRA run's (unwrapped) model, None for every other method."""
+    return AdaLoraSteps(model, cfg) if cfg.peft.method == "adalora" else None
+
+
+def at_initial_ranks(model: nn.Module):
+    """Context for saving and loading an AdaLoRA adapter at its initial ranks (pruned singular
+    values are zeros), so that it loads back into the training model and with plain
+    `PeftModel.from_pretrained`.
+
+    With a rank pattern in its config, peft cuts the saved tensors to it, and loading into a model
+    resizes that model's modules to it: the optimizer would hold the old parameters, and a
+    checkpoint of an earlier pattern would not fit. The zeroed entries make both forms compute
+    the same. Other methods: no change.
+    """
+    import contextlib
+
+    configs = [c for c in getattr(model, "peft_config", {}).values() if str(c.peft_type.value) == "ADALORA"]
+    saved = [c.rank_pattern for c in configs]
+
+    @contextlib.contextmanager
+    def block():
+        for c in configs:
+            c.rank_pattern = None
+        try:
+            yield
+        finally:
+            for c, pattern in zip(configs, saved):
+                c.rank_pattern = pattern
+
+    return block()

@@ -1,0 +1,118 @@
+"""experiments/peft_methods.py on the tiny model: the plan (sizes, exact counts, a row that cannot
+run), the table and plot from real runs, skipping finished rows, resuming, and refusals."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_script():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    spec = importlib.util.spec_from_file_location("peft_methods", ROOT / "experiments" / "peft_methods.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["peft_methods"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+pm = _load_script()
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir, ag_files, tmp_path_factory) -> dict:
+    from transformers import MPNetConfig
+
+    base = tmp_path_factory.mktemp("peft_methods")
+    mpnet = base / "mpnet"  # shapes only: the dry run counts on the meta device
+    MPNetConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                max_position_embeddings=130).save_pretrained(mpnet)
+    args = ["--out", str(base / "runs"), "--table", str(base / "docs" / "table.md"), "--minilm-dir", str(tiny_model_dir),
+            "--mpnet-dir", str(mpnet), "--steps", "4", "--batch-size", "8", "--max-length", "48", "--val-size", "40",
+            "--set", f"data.train={ag_files['train']}", "--set", f"data.test={ag_files['test']}",
+            "--set", f"data.cache_dir={base / 'cache'}", "--set", "train.precision=fp32",
+            "--set", "budget.max_trainable=30000"]
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("OMP_NUM_THREADS", "1")  # the rows train in child processes
+        yield {"args": args, "out": base / "runs", "table": base / "docs" / "table.md"}
+
+
+def test_dry_run_plans_every_row_with_exact_counts(setup, capsys):
+    assert pm.main(setup["args"] + ["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    # hidden 32, 2 layers, linear head 132; every projection: 4 x 64 + 2 x 96 per layer and unit of rank
+    expected = {"minilm-lora": ("r=33", 2 * 448 * 33 + 132),  # (30,000 - 132) // 896
+                "minilm-loha": ("r=16", 2 * 2 * 448 * 16 + 132),  # twice LoRA's factors
+                "minilm-vera": ("r=256", 2 * (4 * (32 + 256) + (64 + 256) + (32 + 256)) + 132),  # lambda_b + lambda_d
+                "minilm-ia3": ("-", 2 * (4 * 32 + 64 + 64) + 132),  # ffn_out scales its 64 inputs
+                "minilm-prompt": ("num_virtual_tokens=32", 32 * 32 + 132),  # capped for time
+                "minilm-bitfit": ("-", 2 * 288 + 32 + 132)}
+    for row, (size, count) in expected.items():
+        assert re.search(rf"^  {row}\s+{re.escape(size)}\s+{count:,}\s+new\s", out, re.M), (row, out)
+    assert re.search(r"^  mpnet-prefix\s+-\s+-\s+unsupported\s.*mpnet's attention takes no past keys", out, re.M)
+    assert "capped for time (the budget allows" in out and "agnews-lora train name=minilm-lora" in out
+    assert not setup["out"].exists()  # nothing trained, no folders made
+
+
+def test_over_budget_and_unknown_names_are_refused(setup, capsys):
+    assert pm.main(setup["args"] + ["--methods", "bitfit", "--set", "budget.max_trainable=500", "--dry-run"]) == 2
+    assert "row minilm-bitfit" in capsys.readouterr().err
+    assert pm.main(setup["args"] + ["--methods", "lora,nope", "--dry-run"]) == 2
+    assert "--methods: unknown nope" in capsys.readouterr().err
+    assert not setup["out"].exists()
+
+
+@pytest.fixture(scope="module")
+def first_run(setup):
+    assert pm.main(setup["args"] + ["--backbones", "minilm", "--methods", "prompt"]) == 0  # one child process
+    return setup
+
+
+def _cells(md: str, start: str) -> list[str]:
+    line = next(line for line in md.splitlines() if line.startswith(start))
+    return [c.strip().strip("*") for c in line.strip("|").split("|")]
+
+
+def test_table_holds_the_runs_numbers(first_run):
+    out, md = first_run["out"], first_run["table"].read_text()
+    s = json.loads((out / "minilm-prompt" / "summary.json").read_text())
+    record = json.loads((out / "minilm-prompt" / pm.ROW_FILE).read_text())
+    cells = _cells(md, "| **Prompt tuning** |")  # the only row: the best, in bold
+    assert cells[1] == "num_virtual_tokens=32" and cells[2] == f"{s['trainable']['total']:,}" == "1,156"
+    assert cells[3] == f"{100 * s['best_val_accuracy']:.2f}%" and cells[4] == f"{100 * s['test_accuracy']:.2f}%"
+    assert cells[6] == f"{s['train_seconds'] / s['steps']:.2f} s"
+    assert cells[7] == f"{record['peak_rss_mb']:,.0f} MB" and record["peak_rss_mb"] > 100
+    assert "4 optimizer steps of batch 8 over 32 training rows" in md and "all 120 test rows" in md
+    assert "Best test accuracy on minilm:" in md and "](table.png)" in md
+    assert first_run["table"].with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_second_invocation_skips_finished_rows_and_resumes_an_interrupted_one(first_run, capsys):
+    args = first_run["args"] + ["--backbones", "minilm", "--methods", "prompt"]
+    run = first_run["out"] / "minilm-prompt"
+    capsys.readouterr()
+    assert pm.main(args) == 0
+    assert "minilm-prompt (1,156 trainable): finished earlier, not rerun" in capsys.readouterr().out
+    before = json.loads((run / "summary.json").read_text())
+    logged = (run / "train_log.jsonl").read_text()
+    (run / "summary.json").unlink()  # as if killed while scoring the test split
+    assert pm.main(args) == 0
+    assert "minilm-prompt (1,156 trainable): resuming from" in capsys.readouterr().out
+    after = json.loads((run / "summary.json").read_text())
+    assert (run / "train_log.jsonl").read_text() == logged  # no step trained again
+    assert (after["steps"], after["test_accuracy"]) == (before["steps"], before["test_accuracy"])
+    assert json.loads((run / pm.ROW_FILE).read_text())["resumed"] is True
+
+
+def test_changed_settings_are_refused_for_finished_rows(first_run, capsys):
+    assert pm.main(first_run["args"] + ["--backbones", "minilm", "--methods", "prompt", "--lr", "prompt=0.1",
+                                        "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "row minilm-prompt" in err and "train.lr: 0.03 there, 0.1 now" in err
