@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gzip
 import json
 import subprocess
 import sys
