@@ -636,16 +636,22 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status (2 for a user error, printed as one line)."""
+    return run_main(parse_args, run, argv)
+
+
+def run_main(parse, execute, argv: list[str] | None) -> int:
+    """An experiment's command line (this one's and peft_methods.py's): parse, quiet the libraries,
+    run; a user error is one line and exit status 2."""
     import warnings
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
+    args = parse(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
     from transformers.utils import logging
 
     logging.set_verbosity_error()
     try:
-        run(args, argv)
+        execute(args, argv)
     except _errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -486,20 +486,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status (2 for a user error, printed as one line)."""
-    import warnings
-
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    try:
-        run(args, argv)
-    except pt._errors() as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return pt.run_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from agnews_lora import runs
 from agnews_lora.checkpoint import atomic_write_text
 from agnews_lora.config import ConfigError
 from agnews_lora.precision import display_name
+from agnews_lora.report import _f4, _layers, _per_class_table, md_table
 
 CARD = "README.md"
 ROBUSTNESS = "robustness.json"
@@ -110,13 +111,7 @@ def rebuild(path: str | Path) -> list[Path]:
 # ---------------------------------------------------------------- parts
 
 
-def _f4(x) -> str:
-    return "-" if x is None else f"{x:.4f}"
-
-
 def _table(headers: list[str], rows: list[list]) -> str:
-    from agnews_lora.report import md_table
-
     # key-value tables (empty headers) read left-aligned; tables of figures right-aligned
     return md_table(headers, rows, align="l" * len(headers) if not any(headers) else "")
 
@@ -196,10 +191,6 @@ def _usage(run, kind: str) -> str:
     return f"ONNX Runtime through agnews-lora (the tokenizer and labels are in this folder):\n\n{cli}"
 
 
-def _layers(cfg) -> str:
-    return "all" if cfg.lora.layers is None else ", ".join(map(str, cfg.lora.layers))
-
-
 def _placement(cfg) -> str:
     if cfg.peft.method != "lora":
         from agnews_lora.methods import NAMES, describe
@@ -255,21 +246,17 @@ def _results(run) -> str:
 
 
 def _per_class(run) -> tuple[str, str]:
+    from agnews_lora.evaluate import compute_metrics
+
     if run.test and run.test.get("per_class"):
-        rows = [[name, _f4(m["precision"]), _f4(m["recall"]), _f4(m["f1"]), f"{m['support']:,}"]
-                for name, m in run.test["per_class"].items()]
-        return "test", _table(["class", "precision", "recall", "F1", "support"], rows)
-    best = run.best_eval or {}
-    confusion = best.get("val_confusion")
+        return "test", _per_class_table(run.test)
+    confusion = (run.best_eval or {}).get("val_confusion")
     if not confusion:
         return "validation", "No labelled evaluation rows."
-    names = runs.label_names(len(confusion))
-    rows = []
-    for i, name in enumerate(names):
-        tp, gold, pred = confusion[i][i], sum(confusion[i]), sum(r[i] for r in confusion)
-        p, r = tp / pred if pred else 0.0, tp / gold if gold else 0.0
-        rows.append([name, _f4(p), _f4(r), _f4(2 * p * r / (p + r) if p + r else 0.0), f"{gold:,}"])
-    return "validation", _table(["class", "precision", "recall", "F1", "support"], rows)
+    # the confusion matrix back to (gold, predicted) pairs: the one definition of the metrics
+    gold = [g for g, row in enumerate(confusion) for p, n in enumerate(row) for _ in range(n)]
+    pred = [p for row in confusion for p, n in enumerate(row) for _ in range(n)]
+    return "validation", _per_class_table(compute_metrics(gold, pred, runs.label_names(len(confusion))))
 
 
 def _limitations(run, robustness: dict | None) -> str:
