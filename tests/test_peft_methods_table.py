@@ -116,3 +116,51 @@ def test_changed_settings_are_refused_for_finished_rows(first_run, capsys):
                                         "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "row minilm-prompt" in err and "train.lr: 0.03 there, 0.1 now" in err
+
+
+def test_close_marks_get_labels_on_different_sides():
+    """DoRA and LoRA at nearly the same count and accuracy: their labels must not overlap; a lone
+    mark keeps the default right-above place."""
+    sides = pm.label_offsets([(976_132, 0.8983), (996_868, 0.8982), (29_188, 0.8900)])
+    assert sides[0] != sides[1]
+    assert sides[2] == (4, 3, "left")
+
+
+def test_test_rows_draw_is_stratified_fixed_and_checked(tmp_path):
+    """--test-rows N: a stratified, seeded draw of N test rows, written once and reused; a file that
+    no longer matches the draw is refused instead of silently scoring other rows."""
+    import csv
+
+    from agnews_lora.config import ConfigError
+    from agnews_lora.data import read_file
+
+    full = tmp_path / "test.csv"
+    with open(full, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "label"])
+        writer.writerows([f"news item {i}", i % 4] for i in range(200))
+    out = tmp_path / "out"
+    assert pm.test_file(full, 0, out) == full
+    path = pm.test_file(full, 40, out)
+    drawn = read_file(path)
+    assert path.name == "test_40.csv" and len(drawn) == 40
+    assert sorted(drawn.labels) == sorted([0, 1, 2, 3] * 10)  # stratified: 10 per class
+    assert set(drawn.texts) <= {f"news item {i}" for i in range(200)}
+    before = path.read_text()
+    assert pm.test_file(full, 40, out) == path and path.read_text() == before  # same draw on reuse
+    path.write_text(before.replace("news item", "other item", 1))
+    with pytest.raises(ConfigError, match="differs from a fresh draw"):
+        pm.test_file(full, 40, out)
+    with pytest.raises(ConfigError, match="has only 200 rows"):
+        pm.test_file(full, 200, out)
+
+
+def test_table_names_a_test_rows_draw():
+    from types import SimpleNamespace
+
+    def run(path, n):
+        return SimpleNamespace(test={"n": n}, cfg=SimpleNamespace(data=SimpleNamespace(test=[path])))
+
+    assert pm._test_rows_text(run("/x/test.csv.gz", 7600)) == "all 7,600 test rows"
+    assert pm._test_rows_text(run("/x/out/test_2000.csv", 2000)).startswith(
+        "a stratified draw (seed 42) of 2,000 of the 7,600 test rows (`--test-rows 2000`")

@@ -115,7 +115,7 @@ def test_compare_table_sorted_with_each_runs_numbers(runs, tmp_path, capsys):
     rows = [_row(md, f"| {name} |") for name in summaries]
     for row, (name, s) in zip(rows, summaries.items()):
         cfg = load_run(runs[0].parent / name).cfg
-        assert row[1:5] == [Path(cfg.model.name).name, cfg.model.head, str(cfg.lora.r), f"{cfg.lora.alpha:g}"]
+        assert row[1:5] == [Path(cfg.model.name).name, cfg.model.head, "LoRA", f"r={cfg.lora.r}, alpha={cfg.lora.alpha:g}"]
         assert row[9:12] == [f"{s['trainable']['total']:,}", f"{s['best_val_accuracy']:.4f}",
                              f"{s['test_accuracy']:.4f}"]
         assert row[12:15] == [{"no": "fp32"}.get(s["precision"], s["precision"]), str(cfg.train.seed),
@@ -153,3 +153,24 @@ def test_report_without_test_split_uses_validation(tiny_model_dir, ag_files, tmp
         str(sum(best["val_confusion"][0]))]
     for name in PLOTS:
         assert_png(run / name)
+
+
+@pytest.mark.parametrize("method, overrides, size", [
+    ("bitfit", [], "-"), ("ia3", [], "-"), ("vera", ["peft.vera.r=64"], "r=64"),
+    ("prompt", ["peft.prompt.num_virtual_tokens=12"], "num_virtual_tokens=12"),
+    ("adalora", ["peft.adalora.init_r=12"], "init_r=12"), ("dora", ["lora.r=3", "lora.alpha=6"], "r=3, alpha=6")])
+def test_compare_table_names_each_method_and_its_own_size(runs, method, overrides, size):
+    """A run of another PEFT method shows its method and size option, not LoRA's r/alpha; methods
+    without a placement (prompt, bitfit) show no modules/layers."""
+    from dataclasses import replace
+
+    from agnews_lora.report import compare_table
+
+    run = load_run(runs[0])
+    cfg = load_config(overrides=[f"peft.method={method}", *overrides])
+    other = replace(run, path=run.path.with_name(f"{method}-run"), cfg=replace(run.cfg, peft=cfg.peft, lora=cfg.lora))
+    row = _row(compare_table([other]), f"| {method}-run |")
+    from agnews_lora.methods import NAMES, PLACED
+
+    assert row[3:5] == [NAMES[method], size]
+    assert (row[5] == "-") == (method not in PLACED)

@@ -286,6 +286,19 @@ def _parts(t: dict) -> str:
     return f"{NAMES.get(t.get('method', 'lora'), 'LoRA')} {t['lora']:,}"
 
 
+def _method_columns(cfg: Config) -> tuple[str, str, bool]:
+    """The method's display name, its size ("r=8, alpha=16" for LoRA/DoRA, "-" without a size option),
+    and whether it is placed on target_modules/layers."""
+    from agnews_lora.methods import NAMES, PLACED, SIZE_KEYS, size_of
+
+    method, key = cfg.peft.method, SIZE_KEYS[cfg.peft.method]
+    if method in ("lora", "dora"):
+        size = f"r={cfg.lora.r}, alpha={cfg.lora.alpha:g}"
+    else:
+        size = "-" if key is None else f"{key.rsplit('.', 1)[1]}={size_of(cfg)}"
+    return NAMES[method], size, method in PLACED
+
+
 def _describe_method(cfg: Config) -> str:
     from agnews_lora.methods import describe
 
@@ -403,11 +416,13 @@ def compare_table(runs: Sequence[Run]) -> str:
     rows = []
     for run in sorted(runs, key=sort_key, reverse=True):
         cfg, s = run.cfg, run.summary
-        rows.append([run.name, _short_model(cfg.model.name), cfg.model.head, cfg.lora.r, f"{cfg.lora.alpha:g}",
-                     ",".join(cfg.lora.target_modules), _layers(cfg), f"{cfg.train.lr:g}", s["steps"],
+        method, size, placed = _method_columns(cfg)
+        rows.append([run.name, _short_model(cfg.model.name), cfg.model.head, method, size,
+                     ",".join(cfg.lora.target_modules) if placed else "-", _layers(cfg) if placed else "-",
+                     f"{cfg.train.lr:g}", s["steps"],
                      f"{s['trainable']['total']:,}", _f4(s.get("best_val_accuracy")), _f4(s.get("test_accuracy")),
                      _precision(s), cfg.train.seed, f"{s['train_seconds']:.1f}"])
-    return md_table(["Run", "Model", "Head", "r", "alpha", "Modules", "Layers", "LR", "Steps", "Trainable",
+    return md_table(["Run", "Model", "Head", "Method", "Size", "Modules", "Layers", "LR", "Steps", "Trainable",
                      "Val acc", "Test acc", "Precision", "Seed", "Train s"], rows, align="lllrrllrrrrrlrr")
 
 
