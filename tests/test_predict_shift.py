@@ -73,9 +73,10 @@ def test_em_recovers_a_shifted_prior_through_bayes_rule():
 
 def test_bad_priors_are_clear_errors():
     for bad in ("0.5,0.5", "a,b,c,d", "-1,1,1,1", "0,0,0,0", "sometimes"):
-        with pytest.raises(ConfigError, match=r"use 'uniform', 'em', or 4 non-negative shares"):
+        with pytest.raises(ConfigError, match=r"use 'uniform', 'em', 'match', 'match-shifted', or 4 non-negative shares"):
             parse_prior(bad, 4)
     assert parse_prior("uniform", 4).tolist() == [0.25] * 4 and parse_prior("em", 4) is None
+    assert parse_prior("match", 4) is None and parse_prior("match-shifted", 4) is None
 
 
 def _read_csv(path: Path) -> list[list[str]]:
@@ -107,8 +108,9 @@ def test_cli_bad_prior_fails_before_predicting(run, ag_files, tmp_path, capsys):
 
 
 def test_service_applies_a_given_prior_and_refuses_em(clf, texts):
-    with pytest.raises(ConfigError, match=r"prior 'em' re-estimates the prior of a whole unlabelled batch"):
-        create_app(clf, prior="em")
+    for prior in ("em", "match", "match-shifted"):
+        with pytest.raises(ConfigError, match=rf"prior '{prior}' works on a whole unlabelled batch"):
+            create_app(clf, prior=prior)
     with TestClient(create_app(clf, prior="0.7,0.1,0.1,0.1")) as client:
         body = client.post("/predict", json={"texts": texts[:4]}).json()
         np.testing.assert_allclose(body["probabilities"], clf.predict_proba(texts[:4], prior=[0.7, 0.1, 0.1, 0.1]),

@@ -113,3 +113,38 @@ def em_prior(probs: np.ndarray, train_prior: Sequence[float], max_iter: int = 10
             break
         prior = new
     return adjust_to_prior(probs, train_prior, prior), prior
+
+
+def match_prior(probs: np.ndarray, prior: Sequence[float], max_iter: int = 1000,
+                tol: float = 1e-9) -> tuple[np.ndarray, np.ndarray]:
+    """Re-weight the classes so that the batch's mean posterior equals `prior` (Sinkhorn-style
+    alternating scaling): p'(y|x) is proportional to p(y|x) * w(y), with one weight per class
+    chosen so that mean_x p'(y|x) = prior(y).
+
+    Unlike `em_prior`, which trusts the model's posteriors to estimate the batch's prior (and so
+    keeps a skew the model acquired under shift), this assumes the prior (e.g. the training one)
+    and removes whatever skew the posteriors show on the batch. Use it on a batch whose class shares
+    are known to be about `prior`, never on a handful of rows.
+
+    Args:
+        probs: [n, classes] posteriors (apply the run's temperature first).
+        prior: the target class shares (normalized here); a class with share 0 gets weight 0.
+
+    Returns:
+        (adjusted posteriors [n, classes], the class weights [classes], scaled to sum to 1).
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    if len(probs) == 0:
+        raise ValueError("prior matching needs at least one row")
+    target = np.asarray(prior, dtype=np.float64)
+    target = target / target.sum()
+    w = (target > 0).astype(np.float64)
+    for _ in range(max_iter):
+        q = probs * w
+        q /= np.maximum(q.sum(axis=-1, keepdims=True), 1e-300)
+        mean = q.mean(axis=0)
+        if np.abs(mean - target).max() < tol:
+            break
+        w = np.divide(w * target, mean, out=np.zeros_like(w), where=mean > 0)
+    q = probs * w
+    return q / np.maximum(q.sum(axis=-1, keepdims=True), 1e-300), w / w.sum()

@@ -162,6 +162,7 @@ def cmd_predict(args) -> None:
     from agnews_lora.evaluate import compute_metrics
     from agnews_lora.predict import Classifier, check_output, predict_file
 
+    from agnews_lora.data import read_files
     from agnews_lora.predict import parse_prior, probabilities_path
 
     check_output(args.output, inputs=args.input)  # before the model loads, not after every prediction
@@ -169,8 +170,19 @@ def cmd_predict(args) -> None:
     clf = Classifier.load(args.run_dir, precision=args.precision, threads=args.threads)
     if args.prior is not None:
         parse_prior(args.prior, clf.num_labels)  # a bad value fails before any prediction
+    if (args.reference or args.shift_threshold is not None) and args.prior != "match-shifted":
+        raise ConfigError("--reference and --shift-threshold go with --prior match-shifted")
+    if args.shift_threshold is not None and not 0.0 < args.shift_threshold < 1.0:
+        raise ConfigError(f"--shift-threshold {args.shift_threshold}: must be in (0, 1)")
+    reference = read_files(args.reference, clf.num_labels).texts if args.reference else None
     split, preds = predict_file(clf, args.input, args.output, batch_size=args.batch_size, prior=args.prior,
-                                probs=args.probs)
+                                probs=args.probs, reference=reference, shift_threshold=args.shift_threshold)
+    if clf.last_shift is not None:
+        info = clf.last_shift
+        print(f"match-shifted: {info['shifted_rows']:,} of {info['rows']:,} rows scored above {info['threshold']} "
+              + (f"({info['skipped']}); nothing changed" if info.get("skipped") else
+                 "(shifted from the training texts); their class prior was matched, class weights "
+                 + ", ".join(f"{w:.3f}" for w in info["weights"])))
     print(f"wrote {len(preds):,} predictions to {args.output} ({clf.last_throughput:.1f} texts/s)")
     if args.probs:
         print(f"wrote probabilities (temperature {clf.temperature:.3f}) to {probabilities_path(args.output)}")
@@ -324,7 +336,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--probs", action="store_true", help="also write OUTPUT_STEM.probs.csv: ID and one "
                            "probability per class (softmax at the run's temperature fitted on validation)")
             p.add_argument("--prior", help="correct predictions to another class prior: 'em' (re-estimated on the "
-                           "input rows, Saerens et al. 2002), 'uniform', or shares per class, e.g. 0.2,0.3,0.2,0.3")
+                           "input rows, Saerens et al. 2002), 'match' (re-weight the classes so that the input's "
+                           "mean probability is the training prior), 'match-shifted' (the same on the rows a "
+                           "domain classifier finds shifted away from the training texts only), 'uniform', or "
+                           "shares per class, e.g. 0.2,0.3,0.2,0.3")
+            p.add_argument("--reference", nargs="+", help="--prior match-shifted: texts of the training "
+                           "distribution (default: the run's training rows)")
+            p.add_argument("--shift-threshold", type=float, help="--prior match-shifted: rows whose shift "
+                           "score is above this are matched (default 0.6)")
         p.set_defaults(func=func)
     _export_and_serve_args(sub)
     return parser

@@ -86,6 +86,7 @@ class Classifier:
         prior = self.info.get("class_prior")
         self.class_prior = np.asarray(prior if prior else np.full(self.num_labels, 1 / self.num_labels))
         self.last_throughput = 0.0
+        self.last_shift: dict | None = None  # what the last "match-shifted" correction did
 
     @classmethod
     def load(cls, path: str | Path, checkpoint: str = "best", device: str = "cpu", precision: str = "auto",
@@ -125,6 +126,19 @@ class Classifier:
             # Bit-identical under autocast, without casting every weight on every batch.
             cast_frozen_linears(model.requires_grad_(False), dtype)
         return clf
+
+    def training_texts(self) -> list[str]:
+        """The run's training rows (the same seeded carve as training, validation rows left out),
+        the reference of `prior="match-shifted"`; a clear error when its data cannot be read."""
+        from agnews_lora.data import load_splits
+
+        try:
+            train, _, _ = load_splits(self.cfg.data, seed=self.cfg.train.seed, num_labels=self.num_labels)
+        except (ConfigError, ValueError, OSError) as err:
+            raise ConfigError(f"prior 'match-shifted' compares the texts with the run's training texts "
+                              f"(data.train={self.cfg.data.train or self.cfg.data.hub_dataset}), which cannot be "
+                              f"read here: {err}; give them with --reference FILE (any format predict reads)") from None
+        return list(train.texts)
 
     def _logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         if self.onnx:
@@ -170,7 +184,8 @@ class Classifier:
         return self.probabilities(self.predict_logits(texts, batch_size), temperature=temperature, prior=prior)
 
     def probabilities(self, logits: np.ndarray, temperature: float | None = None,
-                      prior: str | Sequence[float] | None = None) -> np.ndarray:
+                      prior: str | Sequence[float] | None = None, texts: Sequence[str] | None = None,
+                      reference: Sequence[str] | None = None, shift_threshold: float | None = None) -> np.ndarray:
         """Probabilities from logits: temperature-scaled, optionally corrected to another class prior.
 
         Args:
@@ -179,18 +194,38 @@ class Classifier:
                 training; 1.0 for models without one); 1.0 = the raw softmax.
             prior: None (the training prior, unchanged); "uniform"; "em" (re-estimate the prior
                 of these rows by EM, Saerens et al. 2002: use it on a whole unlabelled batch);
-                or one share per class (normalized).
+                "match" (re-weight the classes so that the batch's mean probability is the
+                training prior); "match-shifted" (the same on the rows a domain classifier finds
+                shifted away from the training texts only, see shift.py; needs `texts`); or one
+                share per class (normalized).
+            texts: the texts of `logits` ("match-shifted" only).
+            reference: texts of the training distribution ("match-shifted"; default: the run's
+                training rows, `training_texts`).
+            shift_threshold: "match-shifted": rows with a shift score above it are matched
+                (default shift.DEFAULT_THRESHOLD).
 
         Returns:
             float32 [n, classes], rows summing to 1.
         """
-        from agnews_lora.calibration import adjust_to_prior, em_prior, softmax
+        from agnews_lora.calibration import adjust_to_prior, em_prior, match_prior, softmax
 
         probs = softmax(logits, self.temperature if temperature is None else temperature)
         if prior is None:
             return probs.astype(np.float32)
         if isinstance(prior, str) and prior == "em":
             return em_prior(probs, self.class_prior)[0].astype(np.float32)
+        if isinstance(prior, str) and prior == "match":
+            return match_prior(probs, self.class_prior)[0].astype(np.float32)
+        if isinstance(prior, str) and prior == "match-shifted":
+            from agnews_lora import shift
+
+            if texts is None or len(texts) != len(probs):
+                raise ConfigError("prior 'match-shifted' needs the texts of the rows (one per row of logits)")
+            scores = shift.shift_scores(self.training_texts() if reference is None else reference, texts)
+            out, self.last_shift = shift.match_shifted(probs, scores, self.class_prior,
+                                                       shift.DEFAULT_THRESHOLD if shift_threshold is None
+                                                       else shift_threshold)
+            return out.astype(np.float32)
         target = np.full(self.num_labels, 1.0) if isinstance(prior, str) and prior == "uniform" else \
             parse_prior(prior, self.num_labels)
         return adjust_to_prior(probs, self.class_prior, target / target.sum()).astype(np.float32)
@@ -230,17 +265,21 @@ def batched_outputs(texts: Sequence[str], tokenizer, max_length: int,
     return out
 
 
+BATCH_PRIORS = ("em", "match", "match-shifted")  # need a whole unlabelled batch, not one request
+
+
 def parse_prior(prior: str | Sequence[float], num_labels: int) -> np.ndarray:
-    """"uniform", "em", or one non-negative share per class (a sequence or "0.2,0.3,..."):
-    checked, as an array (None for "em"); raises ConfigError naming the value."""
-    if isinstance(prior, str) and prior in ("uniform", "em"):
-        return None if prior == "em" else np.full(num_labels, 1.0 / num_labels)
+    """"uniform", "em", "match", "match-shifted", or one non-negative share per class (a sequence
+    or "0.2,0.3,..."): checked, as an array (None for the batch priors); raises ConfigError naming
+    the value."""
+    if isinstance(prior, str) and prior in ("uniform", *BATCH_PRIORS):
+        return None if prior in BATCH_PRIORS else np.full(num_labels, 1.0 / num_labels)
     try:
         values = np.asarray([float(v) for v in (prior.split(",") if isinstance(prior, str) else prior)])
     except (TypeError, ValueError):
         values = np.zeros(0)
     if len(values) != num_labels or (values < 0).any() or values.sum() <= 0:
-        raise ConfigError(f"prior {prior!r}: use 'uniform', 'em', or {num_labels} non-negative shares "
+        raise ConfigError(f"prior {prior!r}: use 'uniform', 'em', 'match', 'match-shifted', or {num_labels} non-negative shares "
                           "separated by commas (e.g. 0.25,0.25,0.25,0.25)")
     return values
 
@@ -387,19 +426,23 @@ def check_output(output: str | Path, inputs: Sequence[str | Path] = (), allowed_
 
 def predict_file(clf: Classifier, inputs: Sequence[str], output: str | Path, batch_size: int = 64,
                  progress: bool = True, prior: str | Sequence[float] | None = None,
-                 probs: bool = False) -> tuple[Split, list[int]]:
+                 probs: bool = False, reference: Sequence[str] | None = None,
+                 shift_threshold: float | None = None) -> tuple[Split, list[int]]:
     """Predict every row of the input file(s) and write `ID,Label` to `output` (checked first).
 
     Args:
-        prior: None, "uniform", "em" (re-estimated over all rows of the input) or shares per
-            class: labels are then the argmax of the prior-corrected probabilities.
+        prior: None, "uniform", "em" (re-estimated over all rows of the input), "match" /
+            "match-shifted" (see `Classifier.probabilities`) or shares per class: labels are then
+            the argmax of the prior-corrected probabilities.
+        reference, shift_threshold: for "match-shifted", as in `Classifier.probabilities`.
         probs: also write the (temperature-scaled, prior-corrected) probabilities to
             `probabilities_path(output)`.
     """
     check_output(output, inputs)
     split = read_files(inputs, num_labels=clf.num_labels)
     logits = clf.predict_logits(split.texts, batch_size=batch_size, progress=progress)
-    p = clf.probabilities(logits, prior=prior) if (prior is not None or probs) else None
+    p = clf.probabilities(logits, prior=prior, texts=split.texts, reference=reference,
+                          shift_threshold=shift_threshold) if (prior is not None or probs) else None
     preds = (logits if p is None else p).argmax(-1).tolist()
     write_predictions(preds, output)
     if probs:

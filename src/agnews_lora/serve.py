@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
 
 from agnews_lora.config import ConfigError  # noqa: E402
 from agnews_lora.data import clean_text  # noqa: E402
-from agnews_lora.predict import Classifier, package_version, parse_prior  # noqa: E402
+from agnews_lora.predict import BATCH_PRIORS, Classifier, package_version, parse_prior  # noqa: E402
 
 MAX_ERRORS = 20  # errors listed in one 422: a huge bad request must not get a huger answer
 # The demo page may run its own inline script and style and talk to this service only: nothing is
@@ -248,10 +248,10 @@ def create_app(clf: Classifier, limits: Limits | None = None, max_batch: int = 6
         The app; run it with uvicorn (see `serve`) or test it with fastapi.testclient.
     """
     limits = limits or Limits()
-    if prior == "em":
-        raise ConfigError("prior 'em' re-estimates the prior of a whole unlabelled batch; a service sees "
-                          "requests one by one: give the prior ('uniform' or shares per class), or use "
-                          "`predict --prior em` on a file")
+    if prior in BATCH_PRIORS:
+        raise ConfigError(f"prior {prior!r} works on a whole unlabelled batch (it re-estimates or matches the "
+                          "prior over all of its rows); a service sees requests one by one: give the prior "
+                          f"('uniform' or shares per class), or use `predict --prior {prior}` on a file")
     if prior is not None:
         parse_prior(prior, clf.num_labels)
     batcher = MicroBatcher(lambda texts: clf.predict_proba(texts, batch_size=batch_size, prior=prior),
