@@ -125,6 +125,57 @@ def score_run(run: Path, hidden: tuple, prior_arms: bool, unlabelled_report: boo
     return scores
 
 
+MATCH_LEVERS = {"+match prior": "match", "+match shifted": "match-shifted"}
+
+
+def score_matching(run: Path, hidden: tuple, max_rows: int) -> dict:
+    """The prediction-time prior matching levers on one trained model (cached in
+    RUN/shift_scores_match.json): every batch is matched on its own, as `predict --prior` does on a
+    file: AG News test (7,600 rows), each perturbed copy of the suite's rows, the hidden file."""
+    cache = run / "shift_scores_match.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    from agnews_lora.calibration import expected_calibration_error
+    from agnews_lora.data import read_file
+    from agnews_lora.perturb import SUITE
+    from agnews_lora.predict import Classifier, load_run_config
+    from agnews_lora.robustness import load_inputs, score
+
+    clf = Classifier.load(run)
+    reference = clf.training_texts()
+    texts, dev, ag = hidden
+    test = read_file(TEST)
+    test_logits = clf.predict_logits(test.texts, batch_size=64)
+    hidden_logits = clf.predict_logits(texts, batch_size=64)
+    seed = json.loads((run / "robustness.json").read_text())["data"]["seed"]
+    inputs = load_inputs(load_run_config(run), data=None, unlabelled=None, max_rows=max_rows, seed=seed)
+    suite_logits, variants = score(clf, inputs, list(SUITE), seed=seed, batch_size=64)
+    summary = json.loads((run / "summary.json").read_text())
+    out = {"": {"dev_ece": _hidden_figures(clf.probabilities(hidden_logits), dev, ag)["dev_ece"]}}
+    for suffix, prior in MATCH_LEVERS.items():
+        def corrected(logits, batch, temperature=None):
+            return clf.probabilities(logits, temperature=temperature, prior=prior, texts=batch, reference=reference)
+
+        p_test = corrected(test_logits, test.texts)
+        shifted_test = (clf.last_shift or {}).get("shifted_rows")
+        p_hidden = corrected(hidden_logits, texts)
+        shifted_hidden = (clf.last_shift or {}).get("shifted_rows")
+        labels = np.asarray(inputs.labelled.labels)
+        suite = [float((corrected(suite_logits["variants"][k], variants[k]).argmax(-1) == labels).mean())
+                 for k in range(len(SUITE))]
+        y = np.asarray(test.labels)
+        out[suffix] = {"test_accuracy": float((p_test.argmax(-1) == y).mean()),
+                       "test_ece": expected_calibration_error(corrected(test_logits, test.texts, 1.0), y),
+                       "test_ece_calibrated": expected_calibration_error(p_test, y),
+                       "suite_mean_accuracy": float(np.mean(suite)),
+                       "val_accuracy": summary["best_val_accuracy"], "train_seconds": summary["train_seconds"],
+                       "steps": summary["steps"], "temperature": clf.temperature,
+                       "shifted_rows": {"test": shifted_test, "hidden": shifted_hidden},
+                       **_hidden_figures(p_hidden, dev, ag)}
+    cache.write_text(json.dumps(out, indent=2))
+    return out
+
+
 def _robustness(run: Path, unlabelled_report: bool, max_rows: int) -> dict:
     """robustness.json of the run, made by `agnews-lora robustness` unless one with these settings exists."""
     path = run / "robustness.json"
@@ -139,11 +190,14 @@ def _robustness(run: Path, unlabelled_report: bool, max_rows: int) -> dict:
 
 
 def _hidden_figures(probs: np.ndarray, dev: dict, ag: dict) -> dict:
+    from agnews_lora.calibration import expected_calibration_error
+
     pred = probs.argmax(-1)
     gen_rows = np.array(sorted(set(range(len(pred))) - set(ag)))
     dev_rows, ag_rows = np.array(sorted(dev)), np.array(sorted(ag))
     return {"dev_accuracy": float((pred[dev_rows] == np.array([dev[i] for i in dev_rows])).mean()),
             "ag_half_accuracy": float((pred[ag_rows] == np.array([ag[i] for i in ag_rows])).mean()),
+            "dev_ece": float(expected_calibration_error(probs[dev_rows], [dev[i] for i in dev_rows])),
             "gen_share": (np.bincount(pred[gen_rows], minlength=4) / len(gen_rows)).tolist(),
             "gen_confidence": float(probs[gen_rows].max(-1).mean()),
             "ag_confidence": float(probs[ag_rows].max(-1).mean())}
@@ -156,16 +210,17 @@ def se(p: float, n: int) -> float:
 def table(rows: list[tuple[str, dict]], suite_rows: int) -> str:
     lines = ["| arm | AG News test (7,600) | generated dev (300) | hidden AG half (4,000) | "
              f"suite mean ({suite_rows:,} x {len(SUITE)}) "
-             "| ECE test (before / after T) | val acc | generated half: World/Sports/Business/Sci-Tech share "
+             "| ECE test (before / after T) | ECE generated dev (after T) | val acc | generated half: World/Sports/Business/Sci-Tech share "
              "| mean confidence gen / AG | train s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, v in rows:
         share = "/".join(f"{100 * s:.0f}" for s in v["gen_share"])
         lines.append(
             f"| {name} | {100 * v['test_accuracy']:.2f}% | {100 * v['dev_accuracy']:.1f}% "
             f"(±{se(v['dev_accuracy'], 300):.1f}) | {100 * v['ag_half_accuracy']:.2f}% | "
             f"{100 * v['suite_mean_accuracy']:.2f}% | {100 * v['test_ece']:.2f} / {100 * v['test_ece_calibrated']:.2f} | "
-            f"{100 * v['val_accuracy']:.2f}% | {share} | {v['gen_confidence']:.3f} / {v['ag_confidence']:.3f} | "
+            + (f"{100 * v['dev_ece']:.2f} | " if v.get("dev_ece") is not None else "- | ")
+            + f"{100 * v['val_accuracy']:.2f}% | {share} | {v['gen_confidence']:.3f} / {v['ag_confidence']:.3f} | "
             f"{v['train_seconds']:.0f} |")
     return "\n".join(lines)
 
@@ -195,6 +250,10 @@ def main() -> None:
         scores = score_run(out / arm, hidden, prior_arms=arm in ("plain", "combined"), unlabelled_report=args.stage == "final",
                            max_rows=stage["suite_rows"])
         rows += [(arm + suffix, v) for suffix, v in scores["variants"].items()]
+        if arm in ("plain", "combined"):
+            levers = score_matching(out / arm, hidden, max_rows=stage["suite_rows"])
+            rows[-len(scores["variants"])][1].update(levers.pop(""))  # the arm's own generated-dev ECE
+            rows += [(arm + suffix, v) for suffix, v in levers.items()]
     doc = ROOT / "docs" / f"shift_levers_{args.stage}.md"
     doc.write_text(f"# Shift levers, stage `{args.stage}` ({stage['rows']:,} training rows)\n\n"
                    f"`python experiments/shift_levers.py --stage {args.stage}`; arms: "
