@@ -431,7 +431,8 @@ def plot_table(rows: dict[str, dict], path: Path, budget: int) -> None:
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e3:,.0f}K"))
         ax.set(xlabel="trainable parameters (log scale)", ylabel="test accuracy", title=backbone)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.margins(x=0.08, y=0.12)  # room for the labels of the outermost marks
+        ax.legend(fontsize=8, loc="best")
     fig.suptitle("PEFT methods at their largest size under the budget (linear head)")
     tmp = path.with_name(f".{path.name}.tmp")
     fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")

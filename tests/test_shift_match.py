@@ -133,3 +133,28 @@ def test_match_shifted_errors_are_clear(run, ag_files, tmp_path, capsys):
     with pytest.raises(ConfigError, match="give them with --reference FILE"):
         clf.training_texts()
     assert not out.exists()
+
+
+def test_the_runs_predict_prior_is_the_cli_default(tiny_model_dir, ag_files, tmp_path, capsys):
+    """predict.prior in the run's config is what `predict` applies without --prior; `--prior none`
+    is the training prior; a bad predict.prior is refused when the config is loaded."""
+    from agnews_lora.config import load_config
+
+    run = tmp_path / "run"
+    main(["train", *tiny_run_overrides(tiny_model_dir, ag_files, tmp_path / "cache", run), "predict.prior=match"])
+    clf = Classifier.load(run, precision="fp32")
+    logits = clf.predict_logits(read_file(ag_files["test"]).texts)
+    got = {}
+    for name, extra in (("default", []), ("none", ["--prior", "none"])):
+        out = tmp_path / f"{name}.csv"
+        main(["predict", str(run), "--input", str(ag_files["test"]), "--output", str(out), *extra])
+        with open(out) as fh:
+            got[name] = [int(r[1]) for r in list(csv.reader(fh))[1:]]
+    assert got["default"] == clf.probabilities(logits, prior="match").argmax(1).tolist()
+    assert got["none"] == logits.argmax(1).tolist()
+    assert "prior: match (the run's predict.prior" in capsys.readouterr().out
+    for bad in ("sometimes", "0.5,0.5"):
+        with pytest.raises(ConfigError, match="predict.prior"):
+            load_config(overrides=[f"predict.prior={bad}"])
+    with pytest.raises(ConfigError, match="predict.shift_threshold"):
+        load_config(overrides=["predict.shift_threshold=1"])

@@ -168,15 +168,23 @@ def cmd_predict(args) -> None:
     check_output(args.output, inputs=args.input)  # before the model loads, not after every prediction
     _use_threads(args.threads)
     clf = Classifier.load(args.run_dir, precision=args.precision, threads=args.threads)
-    if args.prior is not None:
-        parse_prior(args.prior, clf.num_labels)  # a bad value fails before any prediction
-    if (args.reference or args.shift_threshold is not None) and args.prior != "match-shifted":
+    prior, threshold = args.prior, args.shift_threshold
+    if prior is None and clf.cfg.predict.prior:  # the run's own default (config predict.prior)
+        prior = clf.cfg.predict.prior
+        print(f"prior: {prior} (the run's predict.prior; --prior none for the training prior)")
+    if prior == "none":
+        prior = None
+    if prior is not None:
+        parse_prior(prior, clf.num_labels)  # a bad value fails before any prediction
+    if (args.reference or threshold is not None) and prior != "match-shifted":
         raise ConfigError("--reference and --shift-threshold go with --prior match-shifted")
-    if args.shift_threshold is not None and not 0.0 < args.shift_threshold < 1.0:
-        raise ConfigError(f"--shift-threshold {args.shift_threshold}: must be in (0, 1)")
+    if threshold is not None and not 0.0 < threshold < 1.0:
+        raise ConfigError(f"--shift-threshold {threshold}: must be in (0, 1)")
+    if threshold is None and prior == "match-shifted":
+        threshold = clf.cfg.predict.shift_threshold
     reference = read_files(args.reference, clf.num_labels).texts if args.reference else None
-    split, preds = predict_file(clf, args.input, args.output, batch_size=args.batch_size, prior=args.prior,
-                                probs=args.probs, reference=reference, shift_threshold=args.shift_threshold)
+    split, preds = predict_file(clf, args.input, args.output, batch_size=args.batch_size, prior=prior,
+                                probs=args.probs, reference=reference, shift_threshold=threshold)
     if clf.last_shift is not None:
         info = clf.last_shift
         print(f"match-shifted: {info['shifted_rows']:,} of {info['rows']:,} rows scored above {info['threshold']} "
@@ -339,11 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "input rows, Saerens et al. 2002), 'match' (re-weight the classes so that the input's "
                            "mean probability is the training prior), 'match-shifted' (the same on the rows a "
                            "domain classifier finds shifted away from the training texts only), 'uniform', or "
-                           "shares per class, e.g. 0.2,0.3,0.2,0.3")
+                           "shares per class, e.g. 0.2,0.3,0.2,0.3; 'none': the training prior (default: the run's "
+                           "predict.prior, empty = the training prior)")
             p.add_argument("--reference", nargs="+", help="--prior match-shifted: texts of the training "
                            "distribution (default: the run's training rows)")
             p.add_argument("--shift-threshold", type=float, help="--prior match-shifted: rows whose shift "
-                           "score is above this are matched (default 0.6)")
+                           "score is above this are matched (default: the run's predict.shift_threshold, 0.6)")
         p.set_defaults(func=func)
     _export_and_serve_args(sub)
     return parser

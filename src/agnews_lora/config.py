@@ -211,6 +211,28 @@ class SelfTrainConfig:
 
 
 @dataclass
+class PredictConfig:
+    """The run's prediction defaults: `predict` uses them when --prior is not given."""
+
+    # "" = the training prior; uniform | em | match | match-shifted | shares per class "0.2,0.3,0.2,0.3"
+    prior: str = ""
+    shift_threshold: float = 0.6  # match-shifted: rows with a shift score above it are matched
+
+
+PRIOR_NAMES = ("uniform", "em", "match", "match-shifted")
+
+
+def _valid_prior(value: str, num_labels: int) -> bool:
+    if value in ("", *PRIOR_NAMES):
+        return True
+    try:
+        shares = [float(v) for v in value.split(",")]
+    except ValueError:
+        return False
+    return len(shares) == num_labels and min(shares) >= 0 and sum(shares) > 0
+
+
+@dataclass
 class BudgetConfig:
     max_trainable: int = 1_000_000
 
@@ -247,6 +269,7 @@ class Config:
     peft: PeftMethodConfig = field(default_factory=PeftMethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     self_train: SelfTrainConfig = field(default_factory=SelfTrainConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
@@ -442,6 +465,10 @@ def validate(cfg: Config) -> None:
         ("self_train.train_ratio", cfg.self_train.train_ratio >= 0, "must be >= 0"),
         ("data.unlabelled", not (cfg.data.unlabelled and cfg.distill.teacher),
          "cannot be combined with distillation (the teacher has no logits for pseudo-labelled rows)"),
+        ("predict.prior", _valid_prior(cfg.predict.prior, cfg.model.num_labels),
+         f"must be empty (the training prior), one of {', '.join(PRIOR_NAMES)}, or {cfg.model.num_labels} "
+         "non-negative shares separated by commas"),
+        ("predict.shift_threshold", 0 < cfg.predict.shift_threshold < 1, "must be in (0, 1)"),
         ("distill.temperature", cfg.distill.temperature > 0, "must be > 0"),
         ("distill.alpha", 0 <= cfg.distill.alpha <= 1, "must be in [0, 1]"),
         ("distill.probe_steps", cfg.distill.probe_steps >= 1, "must be >= 1"),
