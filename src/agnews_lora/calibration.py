@@ -8,6 +8,8 @@ from typing import Sequence
 
 import numpy as np
 
+from agnews_lora.config import ConfigError
+
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Row-wise softmax of logits / temperature, in float64."""
@@ -148,3 +150,22 @@ def match_prior(probs: np.ndarray, prior: Sequence[float], max_iter: int = 1000,
         w = np.divide(w * target, mean, out=np.zeros_like(w), where=mean > 0)
     q = probs * w
     return q / np.maximum(q.sum(axis=-1, keepdims=True), 1e-300), w / w.sum()
+
+
+BATCH_PRIORS = ("em", "match", "match-shifted")  # need a whole unlabelled batch, not one request
+
+
+def parse_prior(prior: str | Sequence[float], num_labels: int) -> np.ndarray:
+    """"uniform", "em", "match", "match-shifted", or one non-negative share per class (a sequence
+    or "0.2,0.3,..."): checked, as an array (None for the batch priors); raises ConfigError naming
+    the value."""
+    if isinstance(prior, str) and prior in ("uniform", *BATCH_PRIORS):
+        return None if prior in BATCH_PRIORS else np.full(num_labels, 1.0 / num_labels)
+    try:
+        values = np.asarray([float(v) for v in (prior.split(",") if isinstance(prior, str) else prior)])
+    except (TypeError, ValueError):
+        values = np.zeros(0)
+    if len(values) != num_labels or (values < 0).any() or values.sum() <= 0:
+        raise ConfigError(f"prior {prior!r}: use 'uniform', 'em', 'match', 'match-shifted', or {num_labels} non-negative shares "
+                          "separated by commas (e.g. 0.25,0.25,0.25,0.25)")
+    return values

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from agnews_lora import runs
+from agnews_lora.calibration import BATCH_PRIORS, parse_prior  # noqa: F401  (re-exported)
 from agnews_lora.config import Config, ConfigError
 from agnews_lora.data import Split, clean_text, pad_batch, read_files, tokenize
 from agnews_lora.precision import autocast_dtype, resolve_precision
@@ -263,25 +264,6 @@ def batched_outputs(texts: Sequence[str], tokenizer, max_length: int,
             out[rows] = forward(*pad_batch([ids[i] for i in rows], tokenizer.pad_token_id, pad_to_multiple_of))
             bar.update(len(rows))
     return out
-
-
-BATCH_PRIORS = ("em", "match", "match-shifted")  # need a whole unlabelled batch, not one request
-
-
-def parse_prior(prior: str | Sequence[float], num_labels: int) -> np.ndarray:
-    """"uniform", "em", "match", "match-shifted", or one non-negative share per class (a sequence
-    or "0.2,0.3,..."): checked, as an array (None for the batch priors); raises ConfigError naming
-    the value."""
-    if isinstance(prior, str) and prior in ("uniform", *BATCH_PRIORS):
-        return None if prior in BATCH_PRIORS else np.full(num_labels, 1.0 / num_labels)
-    try:
-        values = np.asarray([float(v) for v in (prior.split(",") if isinstance(prior, str) else prior)])
-    except (TypeError, ValueError):
-        values = np.zeros(0)
-    if len(values) != num_labels or (values < 0).any() or values.sum() <= 0:
-        raise ConfigError(f"prior {prior!r}: use 'uniform', 'em', 'match', 'match-shifted', or {num_labels} non-negative shares "
-                          "separated by commas (e.g. 0.25,0.25,0.25,0.25)")
-    return values
 
 
 def _run_trainable(run_dir: Path, cfg: Config) -> int:
