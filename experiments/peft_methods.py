@@ -43,6 +43,10 @@ maximum resident set size) is its own. Resumable as paper_table.py: a row whose 
 summary.json is not rerun; one with a checkpoint resumes; one interrupted before its first
 checkpoint restarts; a finished row trained with other settings is an error. The table
 (docs/peft_methods.md) and plot (docs/peft_methods.png) are rewritten after every row.
+
+The winner is compared with every other row on the same test rows (column "vs best (paired)": the
+accuracy difference and its paired standard error, from each run's RUN/test_predictions.npz); rows
+trained before train wrote that file are scored again once at the end of a call (`backfill_predictions`).
 """
 
 from __future__ import annotations
@@ -313,6 +317,8 @@ def finished_rows(out: Path) -> dict[str, dict]:
     from agnews_lora.methods import size_of
     from agnews_lora.report import load_run
 
+    from agnews_lora import runs
+
     rows = {}
     for folder in sorted(p for p in out.glob("*-*") if (p / "summary.json").is_file() and (p / ROW_FILE).is_file()):
         run = load_run(folder)
@@ -321,8 +327,44 @@ def finished_rows(out: Path) -> dict[str, dict]:
                              "size": size_of(run.cfg), "trainable": s["trainable"]["total"],
                              "val": s.get("best_val_accuracy"), "test": s.get("test_accuracy"),
                              "train_seconds": s["train_seconds"], "step_seconds": s["train_seconds"] / max(1, s["steps"]),
-                             "peak_mb": record["peak_rss_mb"], "record": record}
+                             "peak_mb": record["peak_rss_mb"], "record": record,
+                             "predictions": runs.read_predictions(folder / runs.TEST_PREDICTIONS)}
     return rows
+
+
+def backfill_predictions(planned: list[Planned], out: Path) -> None:
+    """Rows finished before train wrote RUN/test_predictions.npz: score best/ on the row's own
+    test rows again (`scoring.evaluate_folder`, what `agnews-lora evaluate RUN --predictions` does)
+    so that the table can compare every row with the best on the same rows. The rescored accuracy
+    must equal the recorded one; a difference (a prediction flipped by other batch padding) is printed."""
+    from agnews_lora import runs
+    from agnews_lora.scoring import evaluate_folder
+
+    for p in planned:
+        folder = Path(p.cfg.out_dir) if p.cfg is not None else None
+        if folder is None or not (folder / "summary.json").is_file() or (folder / runs.TEST_PREDICTIONS).is_file():
+            continue
+        recorded = json.loads((folder / "summary.json").read_text()).get("test_accuracy")
+        if recorded is None:
+            continue
+        print(f"{p.name}: scoring best/ on its test rows again for the paired comparison "
+              f"(trained before RUN/{runs.TEST_PREDICTIONS} existed)", flush=True)
+        result = evaluate_folder(folder, output=folder / runs.EVAL, batch_size=p.cfg.train.eval_batch_size,
+                                 teacher=False, predictions=folder / runs.TEST_PREDICTIONS)
+        again = result.metrics["accuracy"]
+        print(f"{p.name}: test accuracy {pt._percent(again)} (recorded {pt._percent(recorded)}"
+              + (")" if abs(again - recorded) < 1e-9 else f"; {round(abs(again - recorded) * result.metrics['n'])} "
+                 "rows differ from the recorded scoring)"), flush=True)
+
+
+def paired_against(best: dict, row: dict):
+    """paired_difference(row, best) on their common test rows, or None without both predictions."""
+    from agnews_lora.evaluate import paired_difference
+
+    a, b = row["predictions"], best["predictions"]
+    if a is None or b is None or len(a["labels"]) != len(b["labels"]) or (a["labels"] != b["labels"]).any():
+        return None
+    return paired_difference(a["labels"], a["preds"], b["preds"])
 
 
 def table_lines(rows: dict[str, dict], planned: list[Planned] | None) -> list[str]:
@@ -335,17 +377,22 @@ def table_lines(rows: dict[str, dict], planned: list[Planned] | None) -> list[st
         if not mine:
             continue
         best = max(mine, key=lambda r: r["test"] or 0.0)
-        table = []
+        table, tied, paired = [], [], {}
         for r in sorted(mine, key=lambda r: -(r["test"] or 0.0)):
             key = SIZE_KEYS[r["method"]]
             size = "-" if key is None else f"{key.rsplit('.', 1)[1]}={r['size']}"
             mark = "**" if r is best else ""
+            d = None if r is best else paired_against(best, r)
+            paired[id(r)] = d
+            if d is not None and d["difference"] + 2 * d["se"] >= 0:
+                tied.append(NAMES[r["method"]])
+            versus = "-" if r is best else "n/a" if d is None else f"{100 * d['difference']:+.2f} ± {100 * d['se']:.2f}"
             table.append([f"{mark}{NAMES[r['method']]}{mark}", size, f"{r['trainable']:,}", pt._percent(r["val"]),
-                          f"{mark}{pt._percent(r['test'])}{mark}", pt._minutes(r["train_seconds"]),
+                          f"{mark}{pt._percent(r['test'])}{mark}", versus, pt._minutes(r["train_seconds"]),
                           f"{r['step_seconds']:.2f} s", f"{r['peak_mb']:,.0f} MB"])
         for p in planned or []:
             if p.backbone == backbone and p.status == "unsupported":
-                table.append([NAMES[p.method], "-", "-", "-", "-", "-", "-", f"not supported: {p.note}"])
+                table.append([NAMES[p.method], "-", "-", "-", "-", "-", "-", "-", f"not supported: {p.note}"])
         name = mine[0]["run"].cfg.model.name
         n_test = best["run"].test["n"] if best["run"].test else TEST_ROWS
         model = name if name.startswith("pkg:") else Path(name).name
@@ -356,13 +403,31 @@ def table_lines(rows: dict[str, dict], planned: list[Planned] | None) -> list[st
                   + f"; {len(mine)} runs, wall time {pt._minutes(wall)}"
                   + (" (resumed runs: the final call only)" if any(r["record"]["resumed"] for r in mine) else "") + ".",
                   f"- Every row: {conditions_line(mine[0]['run'], {k: r for k, r in rows.items() if r in mine})}", "",
-                  md_table(["Method", "Size", "Trainable", "Val acc", "Test acc", "Train time", "Step", "Peak memory"],
-                           table, align="llrrrrrr"), "",
+                  md_table(["Method", "Size", "Trainable", "Val acc", "Test acc", "vs best (paired)", "Train time",
+                            "Step", "Peak memory"], table, align="llrrrrrrr"), "",
                   f"Best test accuracy on {backbone}: **{NAMES[best['method']]}** ({describe(best['run'].cfg)}), "
                   f"{pt._percent(best['test'])} with {best['trainable']:,} trainable parameters. One standard error "
                   f"of a test accuracy on {n_test:,} rows is about "
-                  f"{100 * ((best['test'] or 0) * (1 - (best['test'] or 0)) / n_test) ** 0.5:.2f} points.", ""]
+                  f"{100 * ((best['test'] or 0) * (1 - (best['test'] or 0)) / n_test) ** 0.5:.2f} points. "
+                  + _tie_sentence(tied, paired, mine, best), ""]
     return lines
+
+
+def _tie_sentence(tied: list[str], paired: dict, mine: list[dict], best: dict) -> str:
+    """What the paired column says about the winner."""
+    from agnews_lora.methods import NAMES
+
+    missing = [NAMES[r["method"]] for r in mine if r is not best and paired[id(r)] is None]
+    text = ("vs best (paired): test accuracy minus the best's on the same rows, ± the standard error of that "
+            "difference from the per-row differences (rows both get right or both get wrong cost nothing). ")
+    if tied:
+        text += (f"Within two paired standard errors of the best, so not told apart by these rows: "
+                 f"{', '.join(tied)}.")
+    elif len(mine) > len(missing) + 1:
+        text += "Every other row is more than two paired standard errors behind the best."
+    if missing:
+        text += f" No per-row predictions (n/a): {', '.join(missing)}."
+    return text
 
 
 def conditions_line(run, rows: dict[str, dict]) -> str:
@@ -565,6 +630,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
         run_row(p, index, len(planned), command=command)
         if write_table(args.out, args.table, argv, planned):  # after every row: an interrupted table is current
             print(f"wrote {args.table} and {args.table.with_suffix('.png')}", flush=True)
+    backfill_predictions(planned, args.out)
+    if write_table(args.out, args.table, argv, planned):
+        print(f"wrote {args.table} and {args.table.with_suffix('.png')}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ import yaml
 
 from agnews_lora.checkpoint import read_jsonl
 from agnews_lora.cli import main
+from agnews_lora.config import ConfigError
 from agnews_lora.data import read_file
 from conftest import tiny_run_overrides
 
@@ -99,6 +100,56 @@ def test_evaluate_matches_the_training_runs_test_metrics(run, capsys):
     assert evaluated["accuracy"] == test["accuracy"] and evaluated["confusion"] == test["confusion"]
     for key in ("precision_macro", "recall_macro", "f1_macro", "f1_weighted"):
         assert evaluated[key] == pytest.approx(test[key])
+
+
+def test_train_writes_test_predictions_and_evaluate_writes_the_same(run, ag_files, tmp_path, capsys):
+    """RUN/test_predictions.npz: per test row the gold label and best/'s logits, in file order;
+    `evaluate --predictions` on the same rows gives the same labels and predictions."""
+    from agnews_lora import runs
+
+    saved = runs.read_predictions(run / runs.TEST_PREDICTIONS)
+    test = json.loads((run / "test_metrics.json").read_text())
+    assert saved["labels"].tolist() == read_file(ag_files["test"]).labels and saved["logits"].shape == (120, 4)
+    assert (saved["preds"] == saved["labels"]).mean() == pytest.approx(test["accuracy"])
+    assert saved["source"] == test["data"]
+    code, out, _ = run_cli(["evaluate", run, "--output", tmp_path / "e.json", "--predictions", tmp_path / "p.npz"],
+                           capsys)
+    assert code == 0 and f"and {tmp_path / 'p.npz'}" in out
+    again = runs.read_predictions(tmp_path / "p.npz")
+    assert again["labels"].tolist() == saved["labels"].tolist() and again["preds"].tolist() == saved["preds"].tolist()
+    np.testing.assert_allclose(again["logits"], saved["logits"], atol=1e-4)
+
+
+def test_evaluate_predictions_are_refused_where_they_would_mislead(run, ag_files, tmp_path, capsys):
+    """Other rows' predictions never go inside the run folder (its test_predictions.npz means its
+    test rows); the metrics file is not also the predictions file; a damaged file is named."""
+    from agnews_lora import runs
+
+    code, _, err = run_cli(["evaluate", run, "--data", ag_files["test"], "--output", tmp_path / "e.json",
+                            "--predictions", run / "other.npz"], capsys)
+    assert code == 2 and "lies inside the run or model folder" in err and not (run / "other.npz").exists()
+    code, _, err = run_cli(["evaluate", run, "--output", tmp_path / "e.json", "--predictions", tmp_path / "e.json"],
+                           capsys)
+    assert code == 2 and "is also the metrics file" in err
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(ConfigError, match="bad.npz: damaged predictions file"):
+        runs.read_predictions(tmp_path / "bad.npz")
+    assert runs.read_predictions(tmp_path / "absent.npz") is None
+
+
+def test_paired_difference_by_hand():
+    from agnews_lora.evaluate import paired_difference
+
+    labels = [0, 1, 2, 3, 0, 1, 2, 3]
+    a = [0, 1, 2, 3, 0, 1, 0, 0]  # 6 right
+    b = [0, 1, 2, 0, 0, 0, 2, 0]  # 5 right; a only: rows 3 and 5, b only: row 6
+    d = paired_difference(labels, a, b)
+    diffs = np.array([0, 0, 0, 1, 0, 1, -1, 0], dtype=float)
+    assert d["difference"] == pytest.approx(1 / 8) and (d["a_only"], d["b_only"], d["n"]) == (2, 1, 8)
+    assert d["se"] == pytest.approx(diffs.std(ddof=1) / np.sqrt(8))
+    assert paired_difference(labels, a, a) == {"difference": 0.0, "se": 0.0, "a_only": 0, "b_only": 0, "n": 8}
+    with pytest.raises(ValueError, match="8 labels, 8 and 7 predictions"):
+        paired_difference(labels, a, b[:7])
 
 
 def test_predict_via_console_script_and_reload_parity(run, ag_files, tmp_path):

@@ -71,7 +71,7 @@ def test_over_budget_and_unknown_names_are_refused(setup, capsys):
 
 @pytest.fixture(scope="module")
 def first_run(setup):
-    assert pm.main(setup["args"] + ["--backbones", "minilm", "--methods", "prompt"]) == 0  # one child process
+    assert pm.main(setup["args"] + ["--backbones", "minilm", "--methods", "prompt,bitfit"]) == 0  # two children
     return setup
 
 
@@ -80,18 +80,54 @@ def _cells(md: str, start: str) -> list[str]:
     return [c.strip().strip("*") for c in line.strip("|").split("|")]
 
 
+def _best_and_other(out: Path) -> tuple[str, str]:
+    acc = {m: json.loads((out / f"minilm-{m}" / "summary.json").read_text())["test_accuracy"] for m in ("bitfit", "prompt")}
+    best = max(acc, key=acc.get)  # equal: the first folder by name (bitfit), as the table picks
+    return best, next(m for m in acc if m != best)
+
+
 def test_table_holds_the_runs_numbers(first_run):
     out, md = first_run["out"], first_run["table"].read_text()
     s = json.loads((out / "minilm-prompt" / "summary.json").read_text())
     record = json.loads((out / "minilm-prompt" / pm.ROW_FILE).read_text())
-    cells = _cells(md, "| **Prompt tuning** |")  # the only row: the best, in bold
+    cells = _cells(md, "| **Prompt tuning** |" if _best_and_other(out)[0] == "prompt" else "| Prompt tuning |")
     assert cells[1] == "num_virtual_tokens=32" and cells[2] == f"{s['trainable']['total']:,}" == "1,156"
     assert cells[3] == f"{100 * s['best_val_accuracy']:.2f}%" and cells[4] == f"{100 * s['test_accuracy']:.2f}%"
-    assert cells[6] == f"{s['train_seconds'] / s['steps']:.2f} s"
-    assert cells[7] == f"{record['peak_rss_mb']:,.0f} MB" and record["peak_rss_mb"] > 100
+    assert cells[7] == f"{s['train_seconds'] / s['steps']:.2f} s"
+    assert cells[8] == f"{record['peak_rss_mb']:,.0f} MB" and record["peak_rss_mb"] > 100
     assert "4 optimizer steps of batch 8 over 32 training rows" in md and "all 120 test rows" in md
     assert "Best test accuracy on minilm:" in md and "](table.png)" in md
     assert first_run["table"].with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_row_is_compared_with_the_best_on_the_same_rows(first_run, capsys):
+    """The paired column comes from the rows' test_predictions.npz; a row trained before that file
+    existed is scored again at the end of the next call, to the same figures."""
+    from agnews_lora import runs
+    from agnews_lora.evaluate import paired_difference
+    from agnews_lora.methods import NAMES
+
+    out, table = first_run["out"], first_run["table"]
+    best, other = _best_and_other(out)
+    a = runs.read_predictions(out / f"minilm-{other}" / runs.TEST_PREDICTIONS)
+    b = runs.read_predictions(out / f"minilm-{best}" / runs.TEST_PREDICTIONS)
+    d = paired_difference(a["labels"], a["preds"], b["preds"])
+    expected = f"{100 * d['difference']:+.2f} ± {100 * d['se']:.2f}"
+    assert _cells(table.read_text(), f"| {NAMES[other]} |")[5] == expected
+    assert _cells(table.read_text(), f"| **{NAMES[best]}** |")[5] == "-"
+    assert "vs best (paired): test accuracy minus the best's on the same rows" in table.read_text()
+
+    (out / f"minilm-{other}" / runs.TEST_PREDICTIONS).unlink()  # as if trained before the file existed
+    assert pm.main(["--table-only", *first_run["args"]]) == 0  # --table-only scores nothing
+    assert _cells(table.read_text(), f"| {NAMES[other]} |")[5] == "n/a"
+    assert f"No per-row predictions (n/a): {NAMES[other]}." in table.read_text()
+    capsys.readouterr()
+    assert pm.main(first_run["args"] + ["--backbones", "minilm", "--methods", "prompt,bitfit"]) == 0
+    printed = capsys.readouterr().out
+    assert f"minilm-{other}: scoring best/ on its test rows again" in printed and "rows differ" not in printed
+    again = runs.read_predictions(out / f"minilm-{other}" / runs.TEST_PREDICTIONS)
+    assert again["preds"].tolist() == a["preds"].tolist() and again["labels"].tolist() == a["labels"].tolist()
+    assert _cells(table.read_text(), f"| {NAMES[other]} |")[5] == expected
 
 
 def test_second_invocation_skips_finished_rows_and_resumes_an_interrupted_one(first_run, capsys):

@@ -146,16 +146,20 @@ def cmd_evaluate(args) -> None:
 
     out = Path(args.output) if args.output else Path(args.run_dir) / runs.EVAL
     check_output(out, inputs=args.data or [], allowed_in=None if args.output else args.run_dir)
+    if args.predictions:  # inside the run folder only for its own test rows (what RUN/test_predictions.npz holds)
+        check_output(args.predictions, inputs=args.data or [], allowed_in=None if args.data else args.run_dir)
+        if Path(args.predictions).expanduser().resolve() == out.expanduser().resolve():
+            raise ConfigError(f"--predictions {args.predictions}: is also the metrics file; name another file")
     _use_threads(args.threads)
     result = evaluate_folder(args.run_dir, data=args.data, output=args.output, batch_size=args.batch_size,
                              precision=args.precision, teacher=not args.no_teacher, progress=True,
-                             threads=args.threads)
+                             threads=args.threads, predictions=args.predictions)
     clf, m = result.classifier, result.metrics
     print(format_metrics(m, clf.label_names))
     print(f"{clf.last_throughput:.1f} texts/s ({clf.info.get('format')}, {clf.precision})")
     if "teacher" in m:
         print(format_teacher_vs_student(m["teacher"], m, args.run_dir))
-    print(f"saved {result.output}")
+    print(f"saved {result.output}" + (f" and {args.predictions}" if args.predictions else ""))
 
 
 def cmd_predict(args) -> None:
@@ -335,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--data", nargs="+", help="labelled file(s); default: the run's test data")
             p.add_argument("--output", help="metrics JSON (default RUN_DIR/eval.json)")
             p.add_argument("--no-teacher", action="store_true", help="distilled runs: skip scoring the teacher")
+            p.add_argument("--predictions", help="also write FILE.npz: every row's gold label and logits, in file "
+                           "order (train writes RUN_DIR/test_predictions.npz for its test rows; paired "
+                           "comparisons of runs read it)")
         else:
             p.add_argument("--input", nargs="+", required=True, help="CSV/JSONL(.gz), parquet or pickle file(s); "
                            "a pickle may hold only a datasets.Dataset, DataFrame, dict of columns, list of "

@@ -48,3 +48,25 @@ def format_metrics(m: dict, label_names: Sequence[str]) -> str:
     for name, row in zip(label_names, m["confusion"]):
         lines.append(f"{name:<{width}}" + "".join(f"{v:>9}" for v in row))
     return "\n".join(lines)
+
+
+def paired_difference(labels: Sequence[int], preds_a: Sequence[int], preds_b: Sequence[int]) -> dict:
+    """Accuracy of A minus accuracy of B on the same rows, with the standard error of that difference.
+
+    Paired: the SE comes from the per-row differences of correctness (d = [a right] - [b right]),
+    sd(d) / sqrt(n), so the rows both get right or both get wrong cost nothing. It is far smaller
+    than the SE of either accuracy when the two models agree on most rows.
+
+    Returns:
+        {"difference", "se", "a_only" (rows only A gets right), "b_only", "n"}.
+
+    Raises:
+        ValueError: the three sequences differ in length, or are empty.
+    """
+    y, a, b = np.asarray(labels), np.asarray(preds_a), np.asarray(preds_b)
+    if not (len(y) == len(a) == len(b)) or len(y) == 0:
+        raise ValueError(f"paired difference: {len(y)} labels, {len(a)} and {len(b)} predictions")
+    d = (a == y).astype(np.float64) - (b == y).astype(np.float64)
+    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+    return {"difference": float(d.mean()), "se": se, "a_only": int((d > 0).sum()), "b_only": int((d < 0).sum()),
+            "n": int(len(d))}

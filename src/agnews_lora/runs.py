@@ -3,7 +3,9 @@
 A run folder (written by `train`/`distill`) holds `config.yaml` (the resolved config),
 `metrics.jsonl` (one record per evaluation), `train_log.jsonl` (one record per logging window),
 `best/` and `last/` (checkpoints, swapped in whole by `checkpoint.replace_dir`), `summary.json`,
-`test_metrics.json`, `speed_patches.json` (what each speed patch did) and, when distilled,
+`test_metrics.json` with `test_predictions.npz` (per test row, in file order: the gold label and
+`best/`'s logits, for paired comparisons of runs on the same rows), `speed_patches.json` (what each
+speed patch did) and, when distilled,
 `teacher.json` (the teacher, its figures, and the key and file of its logits) with
 `teacher_probe.npz` (frozen mode). `evaluate` writes `eval.json`. An exported folder holds
 `config.yaml` and `agnews_lora.json` (export metadata) beside the model.
@@ -47,6 +49,7 @@ METRICS = "metrics.jsonl"
 TRAIN_LOG = "train_log.jsonl"
 SUMMARY = "summary.json"
 TEST_METRICS = "test_metrics.json"
+TEST_PREDICTIONS = "test_predictions.npz"
 TEACHER = "teacher.json"
 TEACHER_PROBE = "teacher_probe.npz"  # frozen-mode distillation: the linear probe on the teacher's backbone
 SPEED_PATCHES = "speed_patches.json"
@@ -159,6 +162,42 @@ def read_summary(run_dir: str | Path) -> dict | None:
 
 def write_test_metrics(run_dir: str | Path, metrics: dict) -> None:
     atomic_write_json(Path(run_dir) / TEST_METRICS, metrics)
+
+
+def write_predictions(path: str | Path, labels, logits, source: str) -> None:
+    """Per scored row, in the order of the labelled file(s) `source`: the gold label and the logits
+    (an .npz written atomically). train writes RUN/test_predictions.npz (best/ on the test rows);
+    `evaluate --predictions FILE` writes the same for any labelled rows."""
+    labels, logits = np.asarray(labels, dtype=np.int64), np.asarray(logits, dtype=np.float32)
+    if logits.ndim != 2 or len(labels) != len(logits):
+        raise ValueError(f"predictions: {len(labels)} labels for logits of shape {logits.shape}")
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
+    np.savez_compressed(tmp, labels=labels, logits=logits, source=np.str_(source))
+    os.replace(tmp, path)
+
+
+def read_predictions(path: str | Path) -> dict | None:
+    """A predictions .npz as {"labels", "logits", "preds", "source"}; None when absent (a run
+    trained before RUN/test_predictions.npz existed: `agnews-lora evaluate RUN --predictions FILE`
+    scores its test rows again).
+
+    Raises:
+        ConfigError: the file is damaged.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as z:
+            labels, logits, source = z["labels"], z["logits"], str(z["source"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise ConfigError(f"{path}: damaged predictions file ({type(err).__name__}: {str(err)[:120]}); delete it "
+                          "and write it again with `agnews-lora evaluate RUN --predictions FILE`") from None
+    if logits.ndim != 2 or len(labels) != len(logits):
+        raise ConfigError(f"{path}: damaged predictions file ({len(labels)} labels for logits of shape "
+                          f"{logits.shape}); delete it and write it again with `agnews-lora evaluate`")
+    return {"labels": labels, "logits": logits, "preds": logits.argmax(-1), "source": source}
 
 
 def write_speed_patches(run_dir: str | Path, patches: list[dict]) -> None:

@@ -4,6 +4,7 @@ What `agnews-lora evaluate` does, for Python users too:
 
     result = evaluate_folder("runs/cpu-minilm")          # the run's own test data
     result.metrics["accuracy"], result.output            # -> 0.9237, runs/cpu-minilm/eval.json
+    evaluate_folder(run, predictions=f"{run}/test_predictions.npz")  # also per row: label, logits
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ class Evaluation:
     metrics: dict  # compute_metrics' dict + "data" (+ "teacher" for a distilled run)
     output: Path  # the metrics JSON written
     classifier: object  # the predict.Classifier used (format, precision, last_throughput)
+    labels: list[int]  # the gold label of every scored row, in file order
+    logits: object  # np.ndarray (rows, classes) of the model, same order
 
 
 def evaluation_split(clf, data: Sequence[str] | None = None) -> Split:
@@ -49,7 +52,8 @@ def evaluation_split(clf, data: Sequence[str] | None = None) -> Split:
 
 def evaluate_folder(path: str | Path, data: Sequence[str] | None = None, output: str | Path | None = None,
                     batch_size: int = 64, precision: str = "auto", teacher: bool = True,
-                    progress: bool = False, threads: int | None = None) -> Evaluation:
+                    progress: bool = False, threads: int | None = None,
+                    predictions: str | Path | None = None) -> Evaluation:
     """Score a run folder or an exported folder on labelled rows and write the metrics as JSON.
 
     Args:
@@ -61,6 +65,8 @@ def evaluate_folder(path: str | Path, data: Sequence[str] | None = None, output:
         teacher: for a distilled run (teacher.json present), also score its teacher on the same rows.
         progress: show progress bars.
         threads: ONNX folders: ONNX Runtime's threads (torch's are the caller's to set).
+        predictions: also write every row's gold label and logits there (`runs.write_predictions`;
+            RUN/test_predictions.npz is what train writes for its test rows).
 
     Returns:
         An Evaluation: the metrics (accuracy, P/R/F1, confusion, data source, "teacher"), the
@@ -78,7 +84,9 @@ def evaluate_folder(path: str | Path, data: Sequence[str] | None = None, output:
         metrics["teacher"] = evaluate_teacher(path, split, batch_size=batch_size, precision=precision)
     out = Path(output) if output else Path(path) / EVAL_FILE
     runs.write_eval(out, metrics)
-    return Evaluation(metrics=metrics, output=out, classifier=clf)
+    if predictions is not None:
+        runs.write_predictions(predictions, split.labels, logits, split.source)
+    return Evaluation(metrics=metrics, output=out, classifier=clf, labels=list(split.labels), logits=logits)
 
 
 def evaluate_teacher(run_dir: str | Path, split: Split, batch_size: int = 64, precision: str = "auto") -> dict:

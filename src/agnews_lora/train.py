@@ -119,7 +119,11 @@ def predict_logits(model, loader, accelerator, n_rows: int) -> np.ndarray:
 def evaluate_split(model, loader, accelerator, labels: list[int], temperature: float | None = None) -> dict:
     """Loss and all metrics of the model on one labelled split; with `temperature`, also the
     expected calibration error and NLL before and after temperature scaling."""
-    logits = predict_logits(model, loader, accelerator, len(labels))
+    return split_metrics(predict_logits(model, loader, accelerator, len(labels)), labels, temperature)
+
+
+def split_metrics(logits: np.ndarray, labels: list[int], temperature: float | None = None) -> dict:
+    """evaluate_split's metrics from logits already computed."""
     y = torch.tensor(labels)
     metrics = compute_metrics(labels, logits.argmax(-1).tolist(), runs.label_names(logits.shape[1]))
     metrics["loss"] = float(cross_entropy(torch.from_numpy(logits), y))
@@ -711,11 +715,12 @@ def _finish(ctx: _LoopContext, prog: Progress, breakdown, tokenizer, test_split)
         loader = acc.prepare(make_loader(ids, test_split.labels, cfg.train.eval_batch_size,
                                          tokenizer.pad_token_id, shuffle=False,
                                          pad_to_multiple_of=cfg.data.pad_to_multiple_of))
-        m = evaluate_split(model, loader, acc, test_split.labels,
-                           temperature=summary["calibration"]["temperature"])
+        logits = predict_logits(model, loader, acc, len(test_split.labels))
+        m = split_metrics(logits, test_split.labels, temperature=summary["calibration"]["temperature"])
         m["data"] = test_split.source
         if acc.is_main_process:
             runs.write_test_metrics(ctx.run_dir, m)
+            runs.write_predictions(ctx.run_dir / runs.TEST_PREDICTIONS, test_split.labels, logits, test_split.source)
         summary["test_accuracy"] = m["accuracy"]
         summary["test_f1_macro"] = m["f1_macro"]
         tracking.log(acc, {"step": prog.step, **m}, "test")
