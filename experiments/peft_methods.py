@@ -458,8 +458,9 @@ def _test_rows_text(run) -> str:
 
 def label_offsets(points: list[tuple[float, float]], near: float = 0.06) -> list[tuple[int, int, str]]:
     """An offset (points) and alignment per mark's label, so that marks closer than `near` (in axes
-    fractions of the log-x / linear-y panel) get labels on different sides instead of one on top
-    of the other: right-above first, then left-above, right-below, left-below."""
+    fractions of the log-x / linear-y panel) get labels on different sides, each on the side away
+    from its close neighbours (the left mark of a pair labelled on its left, the lower one below),
+    so that no label sits beside the other mark; a lone mark is labelled right-above."""
     import math
 
     if not points:
@@ -467,11 +468,22 @@ def label_offsets(points: list[tuple[float, float]], near: float = 0.06) -> list
     xs, ys = [math.log10(x) for x, _ in points], [y for _, y in points]
     span_x, span_y = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
     norm = [((x - min(xs)) / span_x, (y - min(ys)) / span_y) for x, y in zip(xs, ys)]
-    sides = [(4, 3, "left"), (-4, 3, "right"), (4, -10, "left"), (-4, -10, "right")]
+    right_above, left_above, right_below, left_below = (4, 3, "left"), (-4, 3, "right"), (4, -10, "left"), (-4, -10, "right")
     chosen: list[tuple[int, int, str]] = []
     for i, (u, v) in enumerate(norm):
-        taken = {chosen[j] for j in range(i) if math.dist((u, v), norm[j]) < near}
-        chosen.append(next((side for side in sides if side not in taken), sides[i % len(sides)]))
+        close = [j for j in range(len(norm)) if j != i and math.dist((u, v), norm[j]) < near]
+        if not close:
+            chosen.append(right_above)
+            continue
+        mean_u = sum(norm[j][0] for j in close) / len(close)
+        mean_v = sum(norm[j][1] for j in close) / len(close)
+        left = u < mean_u or (u == mean_u and i > min(close))  # the same place: the later mark goes left
+        below = v < mean_v
+        h = [left_above, left_below] if left else [right_above, right_below]
+        other = [right_above, right_below] if left else [left_above, left_below]
+        order = (h[::-1] if below else h) + (other[::-1] if below else other)
+        taken = {chosen[j] for j in close if j < i}
+        chosen.append(next((side for side in order if side not in taken), order[0]))
     return chosen
 
 
@@ -485,10 +497,11 @@ def plot_table(rows: dict[str, dict], path: Path, budget: int) -> None:
     backbones = [b for b in BACKBONES if any(r["backbone"] == b for r in rows.values())]
     fig = Figure(figsize=(6.5 * len(backbones), 4.5))
     axes = fig.subplots(1, len(backbones), squeeze=False)[0]
+    colors = {m: f"C{i % 10}" for i, m in enumerate(NAMES)}  # one colour per method on every panel
     for ax, backbone in zip(axes, backbones):
         mine = [r for r in rows.values() if r["backbone"] == backbone and r["test"] is not None]
         for r, (dx, dy, ha) in zip(mine, label_offsets([(r["trainable"], r["test"]) for r in mine])):
-            ax.scatter([r["trainable"]], [r["test"]], s=36)
+            ax.scatter([r["trainable"]], [r["test"]], s=36, color=colors.get(r["method"], "k"))
             ax.annotate(NAMES[r["method"]], (r["trainable"], r["test"]), xytext=(dx, dy), textcoords="offset points",
                         fontsize=8, ha=ha)
         ax.axvline(budget, color="red", linestyle="--", linewidth=1, label=f"budget {budget:,}")

@@ -160,6 +160,13 @@ def test_close_marks_get_labels_on_different_sides():
     sides = pm.label_offsets([(976_132, 0.8983), (996_868, 0.8982), (29_188, 0.8900)])
     assert sides[0] != sides[1]
     assert sides[2] == (4, 3, "left")
+    # MPNet's DoRA (left, higher) and LoRA (right, lower): each label on its own side, away from the
+    # other mark, so neither name sits beside the wrong mark
+    dora, lora = pm.label_offsets([(915_460, 0.8960), (998_404, 0.8935), (27_652, 0.8900), (999_556, 0.8250)])[:2]
+    assert dora[0] < 0 and dora[2] == "right" and dora[1] > 0  # left of its mark, above
+    assert lora[0] > 0 and lora[2] == "left" and lora[1] < 0  # right of its mark, below
+    same = pm.label_offsets([(1000, 0.5), (1000, 0.5), (10, 0.1)])
+    assert same[0] != same[1]
 
 
 def test_test_rows_draw_is_stratified_fixed_and_checked(tmp_path):
