@@ -446,6 +446,8 @@ def _teacher_cell(teacher: tuple[float | None, float] | None) -> str:
 
 def verdict_lines(runs: dict) -> list[str]:
     """Best row of ours against the paper's targeted row, on test accuracy."""
+    from agnews_lora.evaluate import accuracy_se
+
     ours = [runs[r.name] for r in ROWS if r.ours and r.name in runs]
     targeted = runs.get("5-targeted")
     if not ours or targeted is None or targeted.summary.get("test_accuracy") is None:
@@ -453,7 +455,7 @@ def verdict_lines(runs: dict) -> list[str]:
     best = max(ours, key=lambda run: run.summary.get("test_accuracy") or 0.0)
     a, b = best.summary["test_accuracy"], targeted.summary["test_accuracy"]
     n = targeted.test["n"] if targeted.test else TEST_ROWS
-    se = (b * (1 - b) / n) ** 0.5
+    se = accuracy_se(b, n)
     word = "beats" if a > b else "does not beat"
     return [f"Best row of ours ({best.name}, {best.summary['trainable']['total']:,} trainable) {word} the paper's "
             f"targeted row on test accuracy: {_percent(a)} vs {_percent(b)} ({100 * (a - b):+.2f} points; one "

@@ -241,8 +241,7 @@ def estimate_seconds(p: Planned, test_rows: int) -> float:
     if p.status in ("done", "unsupported"):
         return 0.0
     done = json.loads((Path(p.cfg.out_dir) / "last" / "state.json").read_text())["step"] if p.status == "resume" else 0
-    evaluations = len(range(p.cfg.train.eval_every, p.cfg.train.max_steps + 1, p.cfg.train.eval_every))
-    evaluations += p.cfg.train.max_steps % p.cfg.train.eval_every != 0  # the last step is always evaluated
+    evaluations = -(-p.cfg.train.max_steps // p.cfg.train.eval_every)  # every eval_every steps and the last one
     scored = (test_rows or TEST_ROWS) + evaluations * p.cfg.data.val_size
     key = (p.backbone, _precision(p.cfg))
     per_step = SECONDS_PER_STEP[key] * STEP_FACTOR.get(p.method, 1.0)
@@ -314,10 +313,9 @@ def run_row(p: Planned, index: int, count: int, command: str) -> None:
 
 def finished_rows(out: Path) -> dict[str, dict]:
     """Run folder name -> what the table shows of it, for every finished row in `out`."""
+    from agnews_lora import runs
     from agnews_lora.methods import size_of
     from agnews_lora.report import load_run
-
-    from agnews_lora import runs
 
     rows = {}
     for folder in sorted(p for p in out.glob("*-*") if (p / "summary.json").is_file() and (p / ROW_FILE).is_file()):
@@ -368,6 +366,7 @@ def paired_against(best: dict, row: dict):
 
 
 def table_lines(rows: dict[str, dict], planned: list[Planned] | None) -> list[str]:
+    from agnews_lora.evaluate import accuracy_se
     from agnews_lora.methods import NAMES, SIZE_KEYS, describe
     from agnews_lora.report import md_table
 
@@ -377,15 +376,12 @@ def table_lines(rows: dict[str, dict], planned: list[Planned] | None) -> list[st
         if not mine:
             continue
         best = max(mine, key=lambda r: r["test"] or 0.0)
-        table, tied, paired = [], [], {}
-        for r in sorted(mine, key=lambda r: -(r["test"] or 0.0)):
+        others = [(r, paired_against(best, r)) for r in sorted(mine, key=lambda r: -(r["test"] or 0.0)) if r is not best]
+        table = []
+        for r, d in [(best, None), *others]:
             key = SIZE_KEYS[r["method"]]
             size = "-" if key is None else f"{key.rsplit('.', 1)[1]}={r['size']}"
             mark = "**" if r is best else ""
-            d = None if r is best else paired_against(best, r)
-            paired[id(r)] = d
-            if d is not None and d["difference"] + 2 * d["se"] >= 0:
-                tied.append(NAMES[r["method"]])
             versus = "-" if r is best else "n/a" if d is None else f"{100 * d['difference']:+.2f} ± {100 * d['se']:.2f}"
             table.append([f"{mark}{NAMES[r['method']]}{mark}", size, f"{r['trainable']:,}", pt._percent(r["val"]),
                           f"{mark}{pt._percent(r['test'])}{mark}", versus, pt._minutes(r["train_seconds"]),
@@ -407,23 +403,23 @@ def table_lines(rows: dict[str, dict], planned: list[Planned] | None) -> list[st
                             "Step", "Peak memory"], table, align="llrrrrrrr"), "",
                   f"Best test accuracy on {backbone}: **{NAMES[best['method']]}** ({describe(best['run'].cfg)}), "
                   f"{pt._percent(best['test'])} with {best['trainable']:,} trainable parameters. One standard error "
-                  f"of a test accuracy on {n_test:,} rows is about "
-                  f"{100 * ((best['test'] or 0) * (1 - (best['test'] or 0)) / n_test) ** 0.5:.2f} points. "
-                  + _tie_sentence(tied, paired, mine, best), ""]
+                  f"of a test accuracy on {n_test:,} rows is about {100 * accuracy_se(best['test'] or 0, n_test):.2f} "
+                  "points. " + _tie_sentence(others), ""]
     return lines
 
 
-def _tie_sentence(tied: list[str], paired: dict, mine: list[dict], best: dict) -> str:
-    """What the paired column says about the winner."""
+def _tie_sentence(others: list[tuple[dict, dict | None]]) -> str:
+    """What the paired column says about the winner, from (row, paired_against(best, row)) of the others."""
     from agnews_lora.methods import NAMES
 
-    missing = [NAMES[r["method"]] for r in mine if r is not best and paired[id(r)] is None]
+    tied = [NAMES[r["method"]] for r, d in others if d is not None and d["difference"] + 2 * d["se"] >= 0]
+    missing = [NAMES[r["method"]] for r, d in others if d is None]
     text = ("vs best (paired): test accuracy minus the best's on the same rows, ± the standard error of that "
             "difference from the per-row differences (rows both get right or both get wrong cost nothing). ")
     if tied:
         text += (f"Within two paired standard errors of the best, so not told apart by these rows: "
                  f"{', '.join(tied)}.")
-    elif len(mine) > len(missing) + 1:
+    elif len(others) > len(missing):
         text += "Every other row is more than two paired standard errors behind the best."
     if missing:
         text += f" No per-row predictions (n/a): {', '.join(missing)}."

@@ -204,7 +204,10 @@ def _hidden_figures(probs: np.ndarray, dev: dict, ag: dict) -> dict:
 
 
 def se(p: float, n: int) -> float:
-    return 100 * (p * (1 - p) / n) ** 0.5
+    """In points."""
+    from agnews_lora.evaluate import accuracy_se
+
+    return 100 * accuracy_se(p, n)
 
 
 def table(rows: list[tuple[str, dict]], suite_rows: int) -> str:

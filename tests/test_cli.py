@@ -150,6 +150,9 @@ def test_paired_difference_by_hand():
     assert paired_difference(labels, a, a) == {"difference": 0.0, "se": 0.0, "a_only": 0, "b_only": 0, "n": 8}
     with pytest.raises(ValueError, match="8 labels, 8 and 7 predictions"):
         paired_difference(labels, a, b[:7])
+    from agnews_lora.evaluate import accuracy_se
+
+    assert accuracy_se(0.9, 100) == pytest.approx(0.03) and accuracy_se(0.5, 0) == 0.0
 
 
 def test_predict_via_console_script_and_reload_parity(run, ag_files, tmp_path):

@@ -163,11 +163,10 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_predict(args) -> None:
-    from agnews_lora.evaluate import compute_metrics
-    from agnews_lora.predict import Classifier, check_output, predict_file
-
     from agnews_lora.data import read_files
-    from agnews_lora.predict import parse_prior, probabilities_path
+    from agnews_lora.evaluate import compute_metrics
+    from agnews_lora.predict import Classifier, check_output, parse_prior, predict_file, probabilities_path
+    from agnews_lora.shift import check_threshold
 
     check_output(args.output, inputs=args.input)  # before the model loads, not after every prediction
     _use_threads(args.threads)
@@ -182,8 +181,8 @@ def cmd_predict(args) -> None:
         parse_prior(prior, clf.num_labels)  # a bad value fails before any prediction
     if (args.reference or threshold is not None) and prior != "match-shifted":
         raise ConfigError("--reference and --shift-threshold go with --prior match-shifted")
-    if threshold is not None and not 0.0 < threshold < 1.0:
-        raise ConfigError(f"--shift-threshold {threshold}: must be in (0, 1)")
+    if threshold is not None:
+        check_threshold(threshold, "--shift-threshold")
     if threshold is None and prior == "match-shifted":
         threshold = clf.cfg.predict.shift_threshold
     reference = read_files(args.reference, clf.num_labels).texts if args.reference else None

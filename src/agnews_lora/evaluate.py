@@ -50,6 +50,11 @@ def format_metrics(m: dict, label_names: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def accuracy_se(accuracy: float, n: int) -> float:
+    """Standard error of an accuracy measured on n independent rows: sqrt(p (1 - p) / n)."""
+    return float((accuracy * (1 - accuracy) / n) ** 0.5) if n > 0 else 0.0
+
+
 def paired_difference(labels: Sequence[int], preds_a: Sequence[int], preds_b: Sequence[int]) -> dict:
     """Accuracy of A minus accuracy of B on the same rows, with the standard error of that difference.
 

@@ -59,6 +59,7 @@ EXPORT_META = "agnews_lora.json"  # written by export beside every exported mode
 ONNX_FILE = "model.onnx"
 LOCK = ".lock"
 CHECKPOINTS = ("best", "last")
+NPZ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)  # a damaged or foreign .npz
 # The AG News classes in label order; other label counts get generic names.
 AG_NEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
 
@@ -191,7 +192,7 @@ def read_predictions(path: str | Path) -> dict | None:
     try:
         with np.load(path) as z:
             labels, logits, source = z["labels"], z["logits"], str(z["source"])
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+    except NPZ_ERRORS as err:
         raise ConfigError(f"{path}: damaged predictions file ({type(err).__name__}: {str(err)[:120]}); delete it "
                           "and write it again with `agnews-lora evaluate RUN --predictions FILE`") from None
     if logits.ndim != 2 or len(labels) != len(logits):
@@ -349,7 +350,7 @@ def read_teacher_logits(path: str | Path) -> TeacherLogits | None:
                                      train_rows=z["train_rows"], val_rows=z["val_rows"], probe=probe,
                                      computed_seconds=float(z["seconds"]),
                                      val_overlap=None if overlap < 0 else overlap)
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+    except NPZ_ERRORS as err:
         raise ConfigError(f"{path}: the teacher-logit cache is damaged ({type(err).__name__}: {str(err)[:120]}); "
                           "delete it and distill again to recompute it") from None
     if artifact.key != path.stem or len(artifact.train) != len(artifact.train_rows) or \

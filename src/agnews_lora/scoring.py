@@ -27,8 +27,6 @@ class Evaluation:
     metrics: dict  # compute_metrics' dict + "data" (+ "teacher" for a distilled run)
     output: Path  # the metrics JSON written
     classifier: object  # the predict.Classifier used (format, precision, last_throughput)
-    labels: list[int]  # the gold label of every scored row, in file order
-    logits: object  # np.ndarray (rows, classes) of the model, same order
 
 
 def evaluation_split(clf, data: Sequence[str] | None = None) -> Split:
@@ -86,7 +84,7 @@ def evaluate_folder(path: str | Path, data: Sequence[str] | None = None, output:
     runs.write_eval(out, metrics)
     if predictions is not None:
         runs.write_predictions(predictions, split.labels, logits, split.source)
-    return Evaluation(metrics=metrics, output=out, classifier=clf, labels=list(split.labels), logits=logits)
+    return Evaluation(metrics=metrics, output=out, classifier=clf)
 
 
 def evaluate_teacher(run_dir: str | Path, split: Split, batch_size: int = 64, precision: str = "auto") -> dict:

@@ -26,6 +26,13 @@ MAX_REFERENCE = 10_000  # training texts sampled for the domain classifier
 DEFAULT_THRESHOLD = 0.6  # chosen on the 300 labelled generated rows of the hidden file (README)
 
 
+def check_threshold(threshold: float, name: str = "shift threshold") -> float:
+    """The threshold if it is in (0, 1); else a ConfigError naming `name` (the CLI flag or config key)."""
+    if not 0.0 < threshold < 1.0:
+        raise ConfigError(f"{name} {threshold!r}: must be in (0, 1)")
+    return threshold
+
+
 def shift_scores(reference: Sequence[str], texts: Sequence[str], folds: int = 5, seed: int = 0) -> np.ndarray:
     """P(batch | text) for every text of `texts` against `reference` (training texts).
 
@@ -71,8 +78,7 @@ def match_shifted(probs: np.ndarray, scores: np.ndarray, prior: Sequence[float],
     """
     from agnews_lora.calibration import match_prior
 
-    if not 0.0 < threshold < 1.0:
-        raise ConfigError(f"shift threshold {threshold!r}: must be in (0, 1)")
+    check_threshold(threshold)
     probs = np.asarray(probs, dtype=np.float64).copy()
     rows = np.flatnonzero(np.asarray(scores) > threshold)
     info = {"rows": len(probs), "shifted_rows": int(len(rows)), "threshold": threshold}
