@@ -8,7 +8,9 @@ from typing import Sequence
 
 import numpy as np
 
-from agnews_lora.config import ConfigError
+from agnews_lora.errors import ConfigError, finite
+
+MIN_BATCH_ROWS = 100  # the batch priors' minimum: fewer rows say too little about a class prior
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -155,17 +157,62 @@ def match_prior(probs: np.ndarray, prior: Sequence[float], max_iter: int = 1000,
 BATCH_PRIORS = ("em", "match", "match-shifted")  # need a whole unlabelled batch, not one request
 
 
+def too_few_rows(rows: int, min_rows: int = MIN_BATCH_ROWS, what: str = "rows") -> str | None:
+    """Why a batch prior leaves `rows` rows unchanged (fewer than `min_rows`: too few to estimate or
+    match a class prior on), or None when there are enough; `what` names the rows counted."""
+    if rows >= min_rows:
+        return None
+    return f"{rows:,} {what} (< {min_rows}): too few to estimate or match a class prior on"
+
+
+def batch_prior(probs: np.ndarray, prior: str, train_prior: Sequence[float],
+                min_rows: int = MIN_BATCH_ROWS) -> tuple[np.ndarray, dict]:
+    """Apply the batch prior "em" (`em_prior`) or "match" (`match_prior`, to `train_prior`) to a
+    batch's posteriors, or leave them unchanged when the batch has fewer than `min_rows` rows.
+
+    Args:
+        probs: [n, classes] posteriors of the whole batch (temperature-scaled).
+        prior: "em" or "match".
+        train_prior: the training rows' class shares.
+        min_rows: the fewest rows the prior is estimated or matched on.
+
+    Returns:
+        (probabilities [n, classes], what was done: prior, rows, and the estimated prior ("em"),
+        the class weights ("match") or the reason nothing changed ("skipped")).
+    """
+    if prior not in ("em", "match"):
+        raise ConfigError(f"batch prior {prior!r}: use 'em' or 'match' ('match-shifted': shift.match_shifted_texts)")
+    probs = np.asarray(probs, dtype=np.float64)
+    info = {"prior": prior, "rows": len(probs)}
+    skipped = too_few_rows(len(probs), min_rows)
+    if skipped:
+        return probs.copy(), {**info, "skipped": skipped}
+    if prior == "em":
+        out, estimated = em_prior(probs, train_prior)
+        return out, {**info, "estimated_prior": estimated.round(6).tolist()}
+    out, weights = match_prior(probs, train_prior)
+    return out, {**info, "weights": weights.round(6).tolist()}
+
+
 def parse_prior(prior: str | Sequence[float], num_labels: int) -> np.ndarray:
-    """"uniform", "em", "match", "match-shifted", or one non-negative share per class (a sequence
-    or "0.2,0.3,..."): checked, as an array (None for the batch priors); raises ConfigError naming
-    the value."""
+    """"uniform", "em", "match", "match-shifted", or one non-negative finite share per class (a
+    sequence or "0.2,0.3,..."): checked, as shares summing to 1 (None for the batch priors); raises
+    ConfigError naming the value."""
     if isinstance(prior, str) and prior in ("uniform", *BATCH_PRIORS):
         return None if prior in BATCH_PRIORS else np.full(num_labels, 1.0 / num_labels)
+    usage = (f"use 'uniform', 'em', 'match', 'match-shifted', or {num_labels} non-negative shares separated by "
+             "commas (e.g. 0.25,0.25,0.25,0.25)")
     try:
-        values = np.asarray([float(v) for v in (prior.split(",") if isinstance(prior, str) else prior)])
-    except (TypeError, ValueError):
-        values = np.zeros(0)
-    if len(values) != num_labels or (values < 0).any() or values.sum() <= 0:
-        raise ConfigError(f"prior {prior!r}: use 'uniform', 'em', 'match', 'match-shifted', or {num_labels} non-negative shares "
-                          "separated by commas (e.g. 0.25,0.25,0.25,0.25)")
-    return values
+        shares = list(prior.split(",") if isinstance(prior, str) else prior)
+    except TypeError:
+        shares = []
+    if len(shares) != num_labels:
+        raise ConfigError(f"prior {prior!r}: {usage}")
+    try:  # the one finiteness check (NaN, inf, 1e309): a NaN prior would label every row class 0
+        values = np.asarray([finite(v, f"prior {prior!r}: share {i + 1}") for i, v in enumerate(shares)])
+    except ConfigError as err:
+        raise ConfigError(f"{err}; {usage}") from None
+    if (values < 0).any() or not (values > 0).any():
+        raise ConfigError(f"prior {prior!r}: {usage}")
+    values = values / values.max()  # finite shares whose sum would overflow (1e308 each) stay finite
+    return values / values.sum()

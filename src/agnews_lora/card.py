@@ -10,6 +10,7 @@ robustness report).
 
 from __future__ import annotations
 
+import html
 import importlib.resources
 import re
 from pathlib import Path
@@ -22,15 +23,26 @@ from agnews_lora.report import _f4, _layers, _per_class_table, md_table
 
 CARD = "README.md"
 ROBUSTNESS = "robustness.json"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 _LIBRARY = {"adapter": "peft", "merged": "transformers", "onnx": "onnx"}
+# What would still act in Markdown after HTML-escaping: a backtick ends a code span, a bar splits a
+# table cell, brackets make a link or an image.
+_MARKDOWN = str.maketrans({"`": "&#96;", "|": "&#124;", "[": "&#91;", "]": "&#93;"})
+
+
+def inert(value: object) -> str:
+    """A user-controlled string (a run or folder name, a model name, a path, a file name, a config
+    value) as text that stays text in the card: every run of whitespace, newlines included, one
+    space (no injected headings or rows); HTML-escaped (no tags); backticks, bars and brackets as
+    character references (no breaking out of code spans or table cells, no links)."""
+    return html.escape(" ".join(str(value).split()), quote=False).translate(_MARKDOWN)
 
 
 def hub_id(name: str) -> str | None:
     """`name` when it is a Hub model or dataset id (not a local folder or package path)."""
     if name.startswith(("pkg:", ".", "/", "~")) or Path(name).expanduser().exists():
         return None
-    return name if _HUB_ID.match(name) else None
+    return name if _HUB_ID.fullmatch(name) else None
 
 
 def build_card(run_dir: str | Path, kind: str = "adapter", export_meta: dict | None = None):
@@ -56,14 +68,14 @@ def build_card(run_dir: str | Path, kind: str = "adapter", export_meta: dict | N
         tags.append("int8" if (export_meta or {}).get("quantize") else "fp32")
     library = "safetensors" if kind == "adapter" and cfg.peft.method == "bitfit" else _LIBRARY[kind]  # no peft
     data = ModelCardData(
-        model_name=f"agnews-lora {run.name}", base_model=base, library_name=library,
+        model_name=f"agnews-lora {inert(run.name)}", base_model=base, library_name=library,
         pipeline_tag="text-classification", datasets=[dataset] if dataset else None,
         metrics=["accuracy", "f1"], tags=tags, eval_results=_eval_results(run, dataset) or None)
     template = importlib.resources.files("agnews_lora") / "templates" / "model_card.md"
     per_class_split, per_class = _per_class(run)
     return ModelCard.from_template(
         data, template_str=template.read_text(encoding="utf-8"),
-        title=f"agnews-lora: {run.name}", summary=_summary(run, kind, export_meta),
+        title=f"agnews-lora: {inert(run.name)}", summary=_summary(run, kind, export_meta),
         usage=_usage(run, kind), placement=_placement(cfg), trainable=_trainable(run),
         recipe=_recipe(run), results=_results(run), per_class_split=per_class_split, per_class=per_class,
         limitations=_limitations(run, robustness), provenance=_provenance(run, kind, export_meta))
@@ -118,7 +130,7 @@ def _table(headers: list[str], rows: list[list]) -> str:
 
 def _test_name(run) -> str:
     source = (run.test or {}).get("data") or ",".join(run.cfg.data.test) or run.cfg.data.hub_dataset
-    return f"AG News test ({Path(str(source)).name})" if source else "AG News test"
+    return f"AG News test ({inert(Path(str(source)).name)})" if source else "AG News test"
 
 
 def _eval_results(run, dataset: str | None) -> list:
@@ -159,7 +171,7 @@ def _summary(run, kind: str, meta: dict | None) -> str:
     if (meta or {}).get("checkpoint") == "last":
         acc += " This export is of the run's last checkpoint; the figures below are of its best one."
     return (f"{what} that classifies news texts into {cfg.model.num_labels} topics ({names}), fine-tuned "
-            f"from `{cfg.model.name}` with agnews-lora, training "
+            f"from `{inert(cfg.model.name)}` with agnews-lora, training "
             f"{run.summary['trainable']['total']:,} parameters (budget {cfg.budget.max_trainable:,}, head "
             f"included).{acc}")
 
@@ -180,7 +192,7 @@ def _usage(run, kind: str) -> str:
             run.cfg.peft.method, "This folder is a plain peft adapter (the head is saved with it as "
                                  "`modules_to_save`); `PeftModel.from_pretrained` loads it onto the base model.")
         return (f"{how} agnews-lora loads it from the run "
-                f"folder around it (RUN_DIR, here `{run.path.name}`), with the run's temperature and class "
+                f"folder around it (RUN_DIR, here `{inert(run.path.name)}`), with the run's temperature and class "
                 f"prior:\n\n{cli}\n\nIn Python:\n\n```python\nfrom agnews_lora.predict import Classifier\n\n"
                 "clf = Classifier.load(\"RUN_DIR\")\nclf.predict([\"Stocks rally as oil prices fall\"])\n```")
     if kind == "merged":
@@ -195,11 +207,11 @@ def _placement(cfg) -> str:
     if cfg.peft.method != "lora":
         from agnews_lora.methods import NAMES, describe
 
-        return _table(["", ""], [["method", NAMES[cfg.peft.method]], ["settings", describe(cfg)],
-                                 ["head", cfg.model.head]])
-    rows = [["method", "LoRA"], ["target modules", ", ".join(cfg.lora.target_modules)],
+        return _table(["", ""], [["method", NAMES[cfg.peft.method]], ["settings", inert(describe(cfg))],
+                                 ["head", inert(cfg.model.head)]])
+    rows = [["method", "LoRA"], ["target modules", inert(", ".join(cfg.lora.target_modules))],
             ["layers", _layers(cfg)], ["rank r", cfg.lora.r], ["alpha", f"{cfg.lora.alpha:g}"],
-            ["dropout", f"{cfg.lora.dropout:g}"], ["head", cfg.model.head]]
+            ["dropout", f"{cfg.lora.dropout:g}"], ["head", inert(cfg.model.head)]]
     return _table(["", ""], rows)
 
 
@@ -207,7 +219,7 @@ def _trainable(run) -> str:
     from agnews_lora.report import trainable_rows
 
     t = run.summary["trainable"]
-    rows = [[part, name, f"{n:,}"] for part, name, n in trainable_rows(run)]
+    rows = [[part, inert(name), f"{n:,}"] for part, name, n in trainable_rows(run)]
     rows.append(["total", "", f"{t['total']:,} of {run.cfg.budget.max_trainable:,}"])
     return _table(["part", "module", "parameters"], rows)
 
@@ -224,9 +236,9 @@ def _recipe(run) -> str:
             ["max length", f"{cfg.data.max_length} tokens"],
             ["training rows", "all" if not cfg.data.max_train_rows else f"{cfg.data.max_train_rows:,}"],
             ["validation rows", f"{cfg.data.val_size:,} (stratified, carved from the training rows)"],
-            ["precision", display_name(s.get("precision"))], ["device", f"{s['device']} x {s['processes']}"],
+            ["precision", display_name(s.get("precision"))], ["device", inert(f"{s['device']} x {s['processes']}")],
             ["seed", t.seed], ["training time", f"{s['train_seconds']:.1f} s"],
-            ["shift levers", ", ".join(f"{k}={levers[k]}" for k in used) if used else "none"]]
+            ["shift levers", inert(", ".join(f"{k}={levers[k]}" for k in used)) if used else "none"]]
     return _table(["", ""], rows)
 
 
@@ -268,11 +280,12 @@ def _limitations(run, robustness: dict | None) -> str:
         return (general + "\n\nNo robustness report for this run yet: `agnews-lora robustness RUN "
                 "--unlabelled FILE` measures it, and `agnews-lora card RUN` then adds the figures here.")
     rows = [["clean", _f4(robustness["clean"]["accuracy"]), ""]]
-    rows += [[f"`{p['label']}`", _f4(p["accuracy"]), f"{100 * p['drop']:.2f}"] for p in robustness["perturbations"]]
+    rows += [[f"`{inert(p['label'])}`", _f4(p["accuracy"]), f"{100 * p['drop']:.2f}"]
+             for p in robustness["perturbations"]]
     rows.append(["suite mean", _f4(robustness["suite_mean_accuracy"]), f"{100 * robustness['suite_mean_drop']:.2f}"])
     data = robustness["data"]
     parts = [general, "",
-             f"Measured by `agnews-lora robustness` on {data['rows']:,} rows of `{Path(data['source']).name}` "
+             f"Measured by `agnews-lora robustness` on {data['rows']:,} rows of `{inert(Path(data['source']).name)}` "
              f"({robustness['checkpoint']} checkpoint, {display_name(robustness.get('precision'))}):", "",
              _table(["perturbation", "accuracy", "drop (points)"], rows)]
     cal = robustness.get("calibration") or {}
@@ -284,7 +297,7 @@ def _limitations(run, robustness: dict | None) -> str:
     if u:
         names = runs.label_names(len(u["predicted_share"]))
         shares = [[n, f"{u['predicted_share'][i]:.1%}", f"{u['train_prior'][i]:.1%}"] for i, n in enumerate(names)]
-        parts += ["", f"On {u['n']:,} unlabelled texts of `{Path(u['source']).name}` (signs of shift, no labels "
+        parts += ["", f"On {u['n']:,} unlabelled texts of `{inert(Path(u['source']).name)}` (signs of shift, no labels "
                       f"used): mean confidence {u['mean_confidence']:.3f}, "
                       f"{u['low_confidence_share']:.1%} below {u['threshold']:g}; predicted classes against the "
                       "training prior:", "", _table(["class", "predicted", "training prior"], shares)]
@@ -294,9 +307,10 @@ def _limitations(run, robustness: dict | None) -> str:
 def _provenance(run, kind: str, meta: dict | None) -> str:
     from agnews_lora.predict import package_version
 
-    rows = [["run folder", f"`{run.path}`"], ["backbone", f"`{run.cfg.model.name}`"],
+    rows = [["run folder", f"`{inert(run.path)}`"], ["backbone", f"`{inert(run.cfg.model.name)}`"],
             ["agnews-lora", package_version()]]
     if meta:
-        rows += [["exported", meta.get("created", "")], ["format", meta["format"] + (
-                  f" ({meta['quantize']})" if meta.get("quantize") else "")], ["checkpoint", meta.get("checkpoint", "")]]
+        quantize = f" ({meta['quantize']})" if meta.get("quantize") else ""
+        rows += [["exported", inert(meta.get("created", ""))], ["format", inert(meta["format"] + quantize)],
+                 ["checkpoint", inert(meta.get("checkpoint", ""))]]
     return _table(["", ""], rows)

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import random
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,9 +94,20 @@ def _check_label(path: Path, row: int, value: object, num_labels: int, one_based
     return label - 1 if one_based else label
 
 
+# A lone UTF-16 surrogate: no Unicode character, so no UTF-8 byte sequence. CSV bytes cannot hold one
+# (they fail as invalid UTF-8); a JSON escape ("\ud800") or a pickled str can, and the tokenizer
+# then fails. Refused like invalid UTF-8, for every format alike.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
 def _check_text(path: Path, row: int, text: object) -> str:
     if not isinstance(text, str):
         raise DataError(f"{path}: row {row}: text {text!r} is not a string")
+    bad = _SURROGATE.search(text)
+    if bad:
+        raise DataError(f"{path}: row {row}: text holds a lone surrogate {bad.group()!r} at character {bad.start()}, "
+                        "which is not a Unicode character (a broken \\u escape or a text cut inside an emoji); "
+                        "fix or remove it")
     cleaned = clean_text(text)
     if not cleaned:
         raise DataError(f"{path}: row {row}: text is empty; remove the row or fill it in")
@@ -108,13 +120,61 @@ _CSV_FIELD_LIMIT = 2**31 - 1
 
 
 def _csv_rows(path: Path) -> list[list[str]]:
+    text = _open_text(path).getvalue()
     previous = csv.field_size_limit(_CSV_FIELD_LIMIT)
+    # strict: a quote left open would otherwise swallow the following rows into one field, silently
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    rows, start = [], 1  # start: the line the next row begins on
     try:
-        return list(csv.reader(_open_text(path)))
+        for row in reader:
+            rows.append(row)
+            start = reader.line_num + 1
     except csv.Error as err:
-        raise DataError(f"{path}: not a readable CSV file ({err})") from None
+        raise DataError(_csv_error(path, text, start, reader.line_num, err)) from None
     finally:
         csv.field_size_limit(previous)  # a process-wide setting: leave it as found
+    return rows
+
+
+def _csv_error(path: Path, text: str, start: int, line: int, err: csv.Error) -> str:
+    """The message for a CSV row that starts on line `start` and fails on line `line`: where its
+    broken quoted field opened, when the quoting is what broke."""
+    opened = _open_quote(io.StringIO(text, newline="").readlines()[start - 1 : line], start)
+    if opened is None:
+        return f"{path}: line {line}: not a readable CSV file ({err})"
+    where, closed = opened
+    if not closed:
+        return (f"{path}: line {where}: a quoted field opens here and is never closed, so every later line would "
+                "be read into it; close the quote (a quote inside a quoted field is written twice: \"\")")
+    if where == line:
+        return (f"{path}: line {where}: a quoted field has text after its closing quote; quote the whole field, "
+                "and write a quote inside it twice (\"\")")
+    return (f"{path}: line {where}: a quoted field opens here and is not closed on its line: it runs on to line "
+            f"{line}, where a quote ends it and text follows; close the quote on line {where} (a quote inside a "
+            "quoted field is written twice: \"\")")
+
+
+def _open_quote(lines: list[str], first: int) -> tuple[int, bool] | None:
+    """Where strict CSV quoting breaks in `lines` (a row's lines, the first numbered `first`): (the
+    line its quoted field opened on, whether that field was closed before the text that broke it),
+    or None when the quoting is sound."""
+    quoted, opened, field_start = False, first, True
+    for number, line in enumerate(lines, start=first):
+        i = 0
+        while i < len(line):
+            c = line[i]
+            if quoted and c == '"':
+                if line[i + 1 : i + 2] == '"':  # a doubled quote: one quote character
+                    i += 1
+                elif line[i + 1 : i + 2] not in ("", ",", "\r", "\n"):
+                    return opened, True
+                else:
+                    quoted = False
+            elif not quoted and c == '"' and field_start:
+                quoted, opened = True, number
+            field_start = not quoted and c in ",\r\n"
+            i += 1
+    return (opened, False) if quoted else None
 
 
 def _read_csv(path: Path, num_labels: int) -> Split:

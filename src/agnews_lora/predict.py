@@ -88,6 +88,7 @@ class Classifier:
         self.class_prior = np.asarray(prior if prior else np.full(self.num_labels, 1 / self.num_labels))
         self.last_throughput = 0.0
         self.last_shift: dict | None = None  # what the last "match-shifted" correction did
+        self.last_prior: dict | None = None  # what the last batch prior (em, match, match-shifted) did
 
     @classmethod
     def load(cls, path: str | Path, checkpoint: str = "best", device: str = "cpu", precision: str = "auto",
@@ -198,7 +199,9 @@ class Classifier:
                 "match" (re-weight the classes so that the batch's mean probability is the
                 training prior); "match-shifted" (the same on the rows a domain classifier finds
                 shifted away from the training texts only, see shift.py; needs `texts`); or one
-                share per class (normalized).
+                share per class (normalized). The batch priors (em, match, match-shifted) leave a
+                batch of fewer than `calibration.MIN_BATCH_ROWS` rows unchanged; `last_prior` says
+                what they did ("skipped": why nothing changed).
             texts: the texts of `logits` ("match-shifted" only).
             reference: texts of the training distribution ("match-shifted"; default: the run's
                 training rows, `training_texts`).
@@ -208,24 +211,24 @@ class Classifier:
         Returns:
             float32 [n, classes], rows summing to 1.
         """
-        from agnews_lora.calibration import adjust_to_prior, em_prior, match_prior, softmax
+        from agnews_lora.calibration import adjust_to_prior, batch_prior, softmax
 
         probs = softmax(logits, self.temperature if temperature is None else temperature)
         if prior is None:
             return probs.astype(np.float32)
-        if isinstance(prior, str) and prior == "em":
-            return em_prior(probs, self.class_prior)[0].astype(np.float32)
-        if isinstance(prior, str) and prior == "match":
-            return match_prior(probs, self.class_prior)[0].astype(np.float32)
+        if isinstance(prior, str) and prior in ("em", "match"):  # unchanged on too small a batch: see last_prior
+            out, self.last_prior = batch_prior(probs, prior, self.class_prior)
+            return out.astype(np.float32)
         if isinstance(prior, str) and prior == "match-shifted":
             from agnews_lora import shift
 
             if texts is None or len(texts) != len(probs):
                 raise ConfigError("prior 'match-shifted' needs the texts of the rows (one per row of logits)")
-            scores = shift.shift_scores(self.training_texts() if reference is None else reference, texts)
-            out, self.last_shift = shift.match_shifted(probs, scores, self.class_prior,
-                                                       shift.DEFAULT_THRESHOLD if shift_threshold is None
-                                                       else shift_threshold)
+            threshold = shift.DEFAULT_THRESHOLD if shift_threshold is None else shift_threshold
+            out, self.last_shift = shift.match_shifted_texts(
+                probs, texts, reference=self.training_texts if reference is None else reference,
+                prior=self.class_prior, threshold=threshold)
+            self.last_prior = {"prior": prior, **self.last_shift}
             return out.astype(np.float32)
         target = np.full(self.num_labels, 1.0) if isinstance(prior, str) and prior == "uniform" else \
             parse_prior(prior, self.num_labels)
@@ -422,6 +425,10 @@ def predict_file(clf: Classifier, inputs: Sequence[str], output: str | Path, bat
     """
     check_output(output, inputs)
     split = read_files(inputs, num_labels=clf.num_labels)
+    if prior == "match-shifted" and reference is not None:
+        from agnews_lora.shift import check_reference
+
+        check_reference(reference)  # a reference the shift classifier cannot use fails before predicting
     logits = clf.predict_logits(split.texts, batch_size=batch_size, progress=progress)
     p = clf.probabilities(logits, prior=prior, texts=split.texts, reference=reference,
                           shift_threshold=shift_threshold) if (prior is not None or probs) else None

@@ -50,7 +50,9 @@ def resolve_suite(perturbations: Sequence[str] | None) -> list[Spec]:
     return specs
 
 
-def _check_args(max_rows: int, batch_size: int, low_confidence: float) -> None:
+def _check_args(max_rows: int, batch_size: int, low_confidence: float, seed: int) -> None:
+    if not 0 <= seed < 2**32:  # the seeds numpy and scikit-learn accept
+        raise ConfigError(f"seed must be an integer in 0..{2**32 - 1}, got {seed}")
     if max_rows < 0:
         raise ConfigError(f"max_rows must be >= 0 (0 = all rows), got {max_rows}")
     if batch_size < 1:
@@ -429,7 +431,7 @@ def robustness_report(run_dir: str | Path, data: Sequence[str] | None = None, un
     from agnews_lora.predict import Classifier, load_run_config
 
     specs = resolve_suite(perturbations)
-    _check_args(max_rows, batch_size, low_confidence)
+    _check_args(max_rows, batch_size, low_confidence, seed)
     inputs = load_inputs(load_run_config(run_dir), data=data, unlabelled=unlabelled, max_rows=max_rows, seed=seed)
     clf = Classifier.load(run_dir, precision=precision)
     logits, variants = score(clf, inputs, specs, seed=seed, batch_size=batch_size, progress=progress)

@@ -10,18 +10,23 @@ weights are re-fitted so that their mean posterior equals the training prior
 (`calibration.match_prior`): a model that over-predicts one class on shifted text (Sci/Tech on the
 generated news) is pulled back, while rows like the training texts keep their predictions.
 
-It uses texts, never labels, and needs a batch: at least MIN_ROWS shifted rows, or nothing changes.
+It uses texts, never labels, and needs a batch: at least MIN_ROWS shifted rows, or nothing changes
+(a batch of fewer rows is left as it is without being scored).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import re
+from typing import Callable, Sequence
 
 import numpy as np
 
-from agnews_lora.config import ConfigError
+from agnews_lora.calibration import MIN_BATCH_ROWS, match_prior, too_few_rows
+from agnews_lora.errors import ConfigError, DataError
 
-MIN_ROWS = 100  # fewer shifted rows than this: their class shares say too little to match a prior
+MIN_ROWS = MIN_BATCH_ROWS  # fewer shifted rows than this: their class shares say too little to match a prior
+FOLDS = 5  # cross-fitting folds of the domain classifier
+_WORD = re.compile(r"(?u)\b\w\w+\b")  # TfidfVectorizer's default token pattern: what counts as a word
 MAX_REFERENCE = 10_000  # training texts sampled for the domain classifier
 DEFAULT_THRESHOLD = 0.6  # chosen on the 300 labelled generated rows of the hidden file (README)
 
@@ -33,7 +38,28 @@ def check_threshold(threshold: float, name: str = "shift threshold") -> float:
     return threshold
 
 
-def shift_scores(reference: Sequence[str], texts: Sequence[str], folds: int = 5, seed: int = 0) -> np.ndarray:
+def _no_words(count: int) -> DataError:
+    return DataError(f"reference texts ({count:,} rows): the shift classifier finds no usable word in them (words "
+                     "of two or more letters or digits, in at least two texts of reference and batch together), so "
+                     "it cannot tell shifted rows from the training texts; give texts of the training distribution "
+                     "as the reference (e.g. the run's training file)")
+
+
+def check_reference(reference: Sequence[str], folds: int = FOLDS) -> None:
+    """Refuse, before any prediction, reference texts the domain classifier cannot learn from: fewer
+    than `folds` texts, or not one word (two or more letters or digits) in any of them.
+
+    Raises:
+        DataError: naming the reference and what to give instead.
+    """
+    if len(reference) < folds:
+        raise DataError(f"reference texts ({len(reference)} rows): the shift classifier needs at least {folds}; "
+                        "give texts of the training distribution (e.g. the run's training file)")
+    if not any(_WORD.search(text) for text in reference):
+        raise _no_words(len(reference))
+
+
+def shift_scores(reference: Sequence[str], texts: Sequence[str], folds: int = FOLDS, seed: int = 0) -> np.ndarray:
     """P(batch | text) for every text of `texts` against `reference` (training texts).
 
     Args:
@@ -59,7 +85,12 @@ def shift_scores(reference: Sequence[str], texts: Sequence[str], folds: int = 5,
         ref = [ref[i] for i in np.sort(rng.choice(len(ref), size=MAX_REFERENCE, replace=False))]
     corpus = ref + list(texts)
     domain = np.r_[np.zeros(len(ref), dtype=np.int64), np.ones(len(texts), dtype=np.int64)]
-    features = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True).fit_transform(corpus)
+    try:
+        features = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True).fit_transform(corpus)
+    except ValueError:  # "empty vocabulary": no word occurs in two texts
+        raise _no_words(len(ref)) from None
+    if features[: len(ref)].nnz == 0:  # the batch has words, the reference none of them: nothing to learn
+        raise _no_words(len(ref))
     scores = np.zeros(len(corpus))
     for fit, held in StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(features, domain):
         model = LogisticRegression(C=1.0, max_iter=1000, class_weight="balanced")
@@ -76,14 +107,42 @@ def match_shifted(probs: np.ndarray, scores: np.ndarray, prior: Sequence[float],
         (probabilities [n, classes], what was done: shifted rows, threshold, class weights or the
         reason nothing changed).
     """
-    from agnews_lora.calibration import match_prior
-
     check_threshold(threshold)
     probs = np.asarray(probs, dtype=np.float64).copy()
     rows = np.flatnonzero(np.asarray(scores) > threshold)
     info = {"rows": len(probs), "shifted_rows": int(len(rows)), "threshold": threshold}
-    if len(rows) < min_rows:
-        return probs, {**info, "weights": None,
-                       "skipped": f"{len(rows)} shifted rows (< {min_rows}): too few to match a prior"}
+    skipped = too_few_rows(len(rows), min_rows, what="shifted rows")
+    if skipped:
+        return probs, {**info, "weights": None, "skipped": skipped}
     probs[rows], weights = match_prior(probs[rows], prior)
     return probs, {**info, "weights": weights.round(6).tolist()}
+
+
+def match_shifted_texts(probs: np.ndarray, texts: Sequence[str],
+                        reference: Sequence[str] | Callable[[], Sequence[str]], prior: Sequence[float],
+                        threshold: float = DEFAULT_THRESHOLD, min_rows: int = MIN_ROWS) -> tuple[np.ndarray, dict]:
+    """`prior="match-shifted"` on a batch: score its texts against the reference (`shift_scores`),
+    then match the prior on the shifted rows (`match_shifted`).
+
+    A batch of fewer than `min_rows` rows cannot hold that many shifted ones: it is left unchanged
+    without being scored, so a small batch never fails on the classifier's needs.
+
+    Args:
+        probs: [n, classes] posteriors of the batch.
+        texts: its n texts.
+        reference: texts of the training distribution, or a function returning them (called only
+            when the batch is large enough: reading the run's training texts costs time).
+        prior, threshold, min_rows: as in `match_shifted`.
+
+    Returns:
+        As `match_shifted`; "skipped" says why nothing changed.
+    """
+    check_threshold(threshold)
+    skipped = too_few_rows(len(probs), min_rows, what="rows in the batch")
+    if skipped:
+        return np.asarray(probs, dtype=np.float64).copy(), {
+            "rows": len(probs), "shifted_rows": 0, "threshold": threshold, "weights": None,
+            "skipped": f"{skipped}; not scored"}
+    reference = reference() if callable(reference) else reference
+    check_reference(reference)
+    return match_shifted(probs, shift_scores(reference, texts), prior, threshold=threshold, min_rows=min_rows)
