@@ -5,17 +5,24 @@ Requests are micro-batched: texts from requests arriving within `max_wait_ms` of
 through the model in one call (up to `max_batch` texts), which serves many small concurrent
 requests at nearly the throughput of one large batch. Requests are JSON only; nothing from a
 request is ever unpickled. The demo page (static/demo.html, package data) is one self-contained
-HTML file whose script calls POST /predict.
+HTML file whose script calls POST /predict. The API docs (/docs, /redoc) load their scripts from
+this service (package fastapi-offline, in the serve extra), never from the internet.
+
+Hostile clients are bounded: a request body is read whole, within a size and a time limit, before
+the app sees it; an error answer never echoes a value JSON cannot carry back (NaN, Infinity); and
+after SIGTERM the server exits within SHUTDOWN_GRACE_S seconds whatever its clients do.
 """
 
 from __future__ import annotations
 
 import asyncio
-from importlib import resources
-from pathlib import Path
+import importlib.util
+import json
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
 from typing import Annotated, Any, Callable
 
 import numpy as np
@@ -23,17 +30,23 @@ import numpy as np
 from agnews_lora.extras import require
 
 require("serve", "agnews_lora.serve (the HTTP service)")  # before the imports below fail less clearly
-from fastapi import FastAPI, HTTPException  # noqa: E402
+from fastapi import FastAPI, HTTPException, Request  # noqa: E402
 from fastapi.encoders import jsonable_encoder  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html  # noqa: E402
 from fastapi.responses import HTMLResponse, JSONResponse  # noqa: E402
+from fastapi.staticfiles import StaticFiles  # noqa: E402
 from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
 
-from agnews_lora.config import ConfigError  # noqa: E402
+from agnews_lora.errors import ConfigError, finite  # noqa: E402
 from agnews_lora.data import clean_text  # noqa: E402
 from agnews_lora.predict import BATCH_PRIORS, Classifier, package_version, parse_prior  # noqa: E402
 
 MAX_ERRORS = 20  # errors listed in one 422: a huge bad request must not get a huger answer
+MAX_ECHO = 80  # characters of a bad value an error answer shows
+BODY_TIMEOUT_S = 10.0  # a request body not all here by then gets 408: a client trickling bytes holds nothing open
+SHUTDOWN_GRACE_S = 5.0  # after SIGTERM, requests still open by then are cancelled and the server exits
+DOCS_ASSETS = "/docs-assets"  # where the API docs' scripts are served from (package fastapi-offline)
 # The demo page may run its own inline script and style and talk to this service only: nothing is
 # fetched from elsewhere, and it cannot be framed by another site.
 DEMO_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; "
@@ -65,8 +78,8 @@ class Limits:
 
     def __post_init__(self) -> None:
         for key, value in asdict(self).items():
-            if value < 1:
-                raise ConfigError(f"Limits.{key}={value}: must be >= 1")
+            if not _is_count(value):
+                raise ConfigError(f"Limits.{key}={value!r}: must be >= 1 (a whole number)")
 
 
 @dataclass
@@ -97,9 +110,7 @@ class MicroBatcher:
     stats: BatchStats = field(default_factory=BatchStats)
 
     def __post_init__(self) -> None:
-        if self.max_batch < 1 or self.max_wait_ms < 0:
-            raise ConfigError(f"MicroBatcher: max_batch={self.max_batch} must be >= 1 and max_wait_ms="
-                              f"{self.max_wait_ms} >= 0")
+        self.max_wait_ms = check_batching(self.max_batch, self.max_wait_ms)
         self._queue: asyncio.Queue[_Pending] | None = None
         self._worker: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -189,30 +200,66 @@ class MicroBatcher:
         self.stats.largest_batch = max(self.stats.largest_batch, n_texts)
 
 
-class BodySizeLimit:
-    """ASGI middleware: 413 for a request body over `max_bytes`, declared or streamed."""
+def check_batching(max_batch: int, max_wait_ms: float) -> float:
+    """Raise ConfigError unless max_batch is a whole number >= 1 and max_wait_ms a finite number >= 0
+    (an infinite wait would hold every request forever).
 
-    def __init__(self, app, max_bytes: int):
+    Returns:
+        max_wait_ms as a float.
+    """
+    wait = finite(max_wait_ms, "max_wait_ms")
+    if not _is_count(max_batch) or wait < 0:
+        raise ConfigError(f"MicroBatcher: max_batch={max_batch!r} must be >= 1 (a whole number) and "
+                          f"max_wait_ms={max_wait_ms!r} >= 0")
+    return wait
+
+
+def check_body_timeout(body_timeout_s: float) -> float:
+    """body_timeout_s as a float; ConfigError unless it is a finite number > 0."""
+    seconds = finite(body_timeout_s, "body_timeout_s")
+    if seconds <= 0:
+        raise ConfigError(f"body_timeout_s={body_timeout_s!r}: must be > 0")
+    return seconds
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+class BodySizeLimit:
+    """ASGI middleware: the request body is read whole, within limits, before the app runs.
+
+    413 for a body over `max_bytes` (declared or streamed: the rest is never buffered); 408 when the
+    body has not all arrived within `timeout_s` seconds, so a client trickling bytes holds no request
+    open; 400 for a request with both Content-Length and Transfer-Encoding, whose body two readers
+    (a proxy and this server) may frame differently: request smuggling.
+    """
+
+    def __init__(self, app, max_bytes: int, timeout_s: float = BODY_TIMEOUT_S):
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = check_body_timeout(timeout_s)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        names = {name for name, _ in scope["headers"]}
+        if {b"content-length", b"transfer-encoding"} <= names:
+            return await _refuse(scope, receive, send, 400, "the request has both Content-Length and "
+                                 "Transfer-Encoding; send one of them (a body framed two ways is refused)")
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._reject(scope, receive, send, f"{int(declared):,}")
-        chunks, size = [], 0
-        while True:  # read the body here (bounded), so a chunked upload cannot grow past the limit
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:  # stop reading: the rest of the body is never buffered
-                return await self._reject(scope, receive, send, f"at least {size:,}")
-            if not message.get("more_body"):
-                break
+            return await self._too_large(scope, receive, send, f"{int(declared):,}")
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                body = await self._read(receive)
+        except TimeoutError:
+            return await _refuse(scope, receive, send, 408, f"the request body did not arrive within "
+                                 f"{self.timeout_s:g} s; send it whole, at once")
+        except _TooLarge as err:
+            return await self._too_large(scope, receive, send, f"at least {err.args[0]:,}")
+        if body is None:  # the client went away
+            return None
         replayed = False
 
         async def replay():
@@ -220,17 +267,62 @@ class BodySizeLimit:
             if replayed:
                 return await receive()
             replayed = True
-            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return {"type": "http.request", "body": body, "more_body": False}
 
         return await self.app(scope, replay, send)
 
-    async def _reject(self, scope, receive, send, size: str) -> None:
-        detail = f"request body has {size} bytes; the limit is {self.max_bytes:,} (serve --max-body-bytes)"
-        await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
+    async def _read(self, receive) -> bytes | None:
+        """The whole body, or None when the client disconnects; raises _TooLarge(size read) as soon
+        as it passes max_bytes."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                raise _TooLarge(size)
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+    async def _too_large(self, scope, receive, send, size: str) -> None:
+        await _refuse(scope, receive, send, 413, f"request body has {size} bytes; the limit is "
+                                                 f"{self.max_bytes:,} (serve --max-body-bytes)")
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _refuse(scope, receive, send, status: int, detail: str) -> None:
+    """Answer `status` and close the connection: the rest of the request is never read."""
+    await JSONResponse({"detail": detail}, status_code=status,
+                       headers={"Connection": "close"})(scope, receive, send)
+
+
+class HeadAsGet:
+    """ASGI middleware: HEAD is answered as GET without the body (RFC 9110), on every GET route;
+    FastAPI routes answer only the methods they name."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
+
+        async def headers_only(message):
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        return await self.app({**scope, "method": "GET"}, receive, headers_only)
 
 
 def create_app(clf: Classifier, limits: Limits | None = None, max_batch: int = 64, max_wait_ms: float = 5.0,
-               batch_size: int = 64, prior: str | None = None, docs: bool = True):
+               batch_size: int = 64, prior: str | None = None, docs: bool = True,
+               body_timeout_s: float = BODY_TIMEOUT_S):
     """The FastAPI app serving `clf`.
 
     Args:
@@ -243,6 +335,7 @@ def create_app(clf: Classifier, limits: Limits | None = None, max_batch: int = 6
             probabilities (at the run's fitted temperature) are corrected to it. EM estimation
             needs a whole unlabelled batch, which a service does not see: refused.
         docs: serve the interactive API docs (/docs, /redoc, /openapi.json).
+        body_timeout_s: seconds a request body may take to arrive (HTTP 408 after).
 
     Returns:
         The app; run it with uvicorn (see `serve`) or test it with fastapi.testclient.
@@ -262,11 +355,15 @@ def create_app(clf: Classifier, limits: Limits | None = None, max_batch: int = 6
         yield
         await batcher.close()
 
-    hidden = {} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
-    app = FastAPI(title="agnews-lora", version=package_version(), lifespan=lifespan,
-                  description="AG News topic classification (World, Sports, Business, Sci/Tech)", **hidden)
-    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
+    # FastAPI's own /docs and /redoc load their scripts from a CDN: blank pages offline. add_docs serves them.
+    app = FastAPI(title="agnews-lora", version=package_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json" if docs else None,
+                  description="AG News topic classification (World, Sports, Business, Sci/Tech)")
+    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes, timeout_s=body_timeout_s)
+    app.add_middleware(HeadAsGet)
     app.add_exception_handler(RequestValidationError, validation_error)
+    if docs:
+        add_docs(app)
     app.state.batcher = batcher
     page = demo_page()
 
@@ -297,20 +394,102 @@ def create_app(clf: Classifier, limits: Limits | None = None, max_batch: int = 6
     return app
 
 
+def add_docs(app: FastAPI) -> None:
+    """/docs (Swagger UI) and /redoc with their scripts served by this app from the package
+    fastapi-offline (serve extra), so they render without internet. Without that package both
+    pages say so and link the schema at /openapi.json; nothing is fetched from elsewhere."""
+    title = f"{app.title} - API docs"
+    assets = docs_assets()
+    if assets is None:
+        page = DOCS_OFFLINE_PAGE.format(title=title)
+
+        async def offline() -> HTMLResponse:
+            return HTMLResponse(page)
+
+        for path in ("/docs", "/redoc"):
+            app.add_api_route(path, offline, include_in_schema=False)
+        return
+    app.mount(DOCS_ASSETS, StaticFiles(directory=assets), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(openapi_url=f"{root}{app.openapi_url}", title=title,
+                                   swagger_js_url=f"{root}{DOCS_ASSETS}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{root}{DOCS_ASSETS}/swagger-ui.css",
+                                   swagger_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png",
+                                   swagger_ui_parameters={"validatorUrl": None})  # no badge from swagger.io
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_redoc_html(openapi_url=f"{root}{app.openapi_url}", title=title, with_google_fonts=False,
+                              redoc_js_url=f"{root}{DOCS_ASSETS}/redoc.standalone.js",
+                              redoc_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png")
+
+
+DOCS_OFFLINE_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title></head><body>
+<h1>{title}</h1>
+<p>The interactive API docs need the Swagger UI and ReDoc scripts, which are not installed with this
+service, and it does not load them from the internet. Install them with
+<code>pip install 'agnews-lora[serve]'</code> (package fastapi-offline) and restart the service.</p>
+<p>The API schema (OpenAPI): <a href="/openapi.json">/openapi.json</a>. <a href="/redoc">/redoc</a>
+(the same docs) needs the same scripts. The demo page: <a href="/">/</a>.</p>
+<p>Classify texts: <code>POST /predict {{"texts": ["..."]}}</code>; also <code>GET /health</code>,
+<code>GET /info</code>.</p>
+</body></html>
+"""
+
+
+def docs_assets() -> Path | None:
+    """The folder of Swagger UI and ReDoc scripts shipped by fastapi-offline, or None when it is not installed."""
+    spec = importlib.util.find_spec("fastapi_offline")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(spec.submodule_search_locations[0]) / "static"
+    return folder if (folder / "swagger-ui-bundle.js").is_file() else None
+
+
 def demo_page() -> str:
     """The demo page's HTML, read from the package data (src/agnews_lora/static/demo.html)."""
     return resources.files("agnews_lora").joinpath("static", "demo.html").read_text(encoding="utf-8")
 
 
+class ErrorResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped: a lone surrogate from the request (in a key or
+    a string) cannot fail the encoding, as it does in JSONResponse (a 500)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 async def validation_error(request, exc: RequestValidationError) -> JSONResponse:
-    """422 with pydantic's errors. A body that is not UTF-8 (e.g. a pickle) is echoed decoded with
-    replacement characters: FastAPI's own handler fails to encode it and answers 500."""
-    errors = [{**e, "input": e["input"].decode("utf-8", "replace")} if isinstance(e.get("input"), bytes) else e
-              for e in exc.errors()[:MAX_ERRORS]]
-    for e in errors:
-        if tuple(e["loc"]) == ("body",):  # the body as a whole is not a JSON object
-            e["msg"] += '; send a JSON object {"texts": [...]} with Content-Type: application/json'
-    return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
+    """422 with pydantic's errors, each showing the bad value as `shown` writes it. FastAPI's own
+    handler echoes the value itself and answers 500 when JSON cannot carry it back: NaN, Infinity
+    or 1e999 (JSON that Python reads), a body that is not UTF-8 (e.g. a pickle), a lone surrogate."""
+    errors = []
+    for raw in exc.errors()[:MAX_ERRORS]:
+        error = {**raw, "input": shown(raw["input"])} if "input" in raw else dict(raw)
+        if tuple(error["loc"]) == ("body",):  # the body as a whole is not a JSON object
+            error["msg"] += '; send a JSON object {"texts": [...]} with Content-Type: application/json'
+        errors.append(error)
+    return ErrorResponse({"detail": jsonable_encoder(errors)}, status_code=422)
+
+
+def shown(value: Any) -> str:
+    """A request's value as an error answer shows it: its JSON text (NaN, Infinity for non-finite
+    numbers, as a client would write them), ASCII only, cut to MAX_ECHO characters; never the value
+    itself, which JSON may not be able to carry back. Bytes (a body that is not JSON) are decoded."""
+    if isinstance(value, bytes):
+        value = value[: 4 * MAX_ECHO].decode("utf-8", "replace")
+    if isinstance(value, str):
+        value = value[:MAX_ECHO]
+    try:
+        text = json.dumps(value, ensure_ascii=True)
+    except (TypeError, ValueError, RecursionError):
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= MAX_ECHO else text[: MAX_ECHO - 3] + "..."
 
 
 def public_info(info: dict) -> dict:
@@ -341,8 +520,9 @@ def check_texts(texts: list) -> None:
     errors = []
     for i, text in enumerate(texts):
         if not isinstance(text, str):
-            errors.append({"loc": ["body", "texts", i], "type": "string_type", "msg": "Input should be a valid string",
-                           "input": text if isinstance(text, (int, float, bool)) or text is None else str(text)[:80]})
+            value = shown(text)
+            errors.append({"loc": ["body", "texts", i], "type": "string_type", "input": value,
+                           "msg": f"texts[{i}] is {value}, not a string: send the text to classify as a JSON string"})
         elif not _encodable(text):
             errors.append({"loc": ["body", "texts", i], "type": "unicode",
                            "msg": f"texts[{i}] is not valid Unicode (a lone surrogate); send UTF-8 text"})
@@ -365,8 +545,9 @@ def _encodable(text: str) -> bool:
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None,
           precision: str = "auto", threads: int | None = None, max_batch: int = 64, max_wait_ms: float = 5.0,
-          prior: str | None = None, docs: bool = True) -> None:
-    """Load the model once and serve it with uvicorn until interrupted.
+          prior: str | None = None, docs: bool = True, body_timeout_s: float = BODY_TIMEOUT_S) -> None:
+    """Load the model once and serve it with uvicorn until interrupted (Ctrl+C or SIGTERM: requests
+    still open SHUTDOWN_GRACE_S seconds later are cancelled, whatever the clients do).
 
     Args:
         model_dir: a run folder, or a merged/ONNX folder written by `export`.
@@ -380,16 +561,21 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, limits: Lim
         max_wait_ms: micro-batching window.
         prior: see `create_app`.
         docs: serve the interactive API docs at /docs (and /redoc, /openapi.json).
+        body_timeout_s: see `create_app`.
     """
     import torch
     import uvicorn
 
     if not 0 <= port <= 65535:
         raise ConfigError(f"serve: port {port} must be in 0..65535")
+    check_batching(max_batch, max_wait_ms)  # before the model loads
+    check_body_timeout(body_timeout_s)
     if threads:
         torch.set_num_threads(threads)
     clf = Classifier.load(model_dir, precision=precision, threads=threads)
-    app = create_app(clf, limits=limits, max_batch=max_batch, max_wait_ms=max_wait_ms, prior=prior, docs=docs)
+    app = create_app(clf, limits=limits, max_batch=max_batch, max_wait_ms=max_wait_ms, prior=prior, docs=docs,
+                     body_timeout_s=body_timeout_s)
     print(f"serving {model_dir} ({clf.info.get('format')}, {clf.precision}) on http://{host}:{port} "
           "- demo page at /, POST /predict {\"texts\": [...]}, GET /health, GET /info")
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    # Without a grace period uvicorn waits for every open request after SIGTERM, for ever.
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
