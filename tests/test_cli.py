@@ -17,6 +17,8 @@ import pytest
 import torch
 import yaml
 
+from agnews_lora import runs
+from agnews_lora.errors import RunDamaged
 from agnews_lora.checkpoint import read_jsonl
 from agnews_lora.cli import main
 from agnews_lora.config import ConfigError
@@ -89,7 +91,7 @@ def test_train_writes_the_run_folder(run, tiny_model_dir, ag_files):
     assert summary["trainable"]["total"] == budget_breakdown(load_config(run / "config.yaml")).total
     assert test["n"] == 120 and np.trace(test["confusion"]) / 120 == pytest.approx(test["accuracy"])
     assert set(test["per_class"]) == {"World", "Sports", "Business", "Sci/Tech"}
-    assert not [p.name for p in run.rglob(".*")]  # no temporary files or folders left
+    assert [p.name for p in run.rglob(".*")] == [runs.MARKER]  # the marker; no temporary files or folders left
 
 
 def test_evaluate_matches_the_training_runs_test_metrics(run, capsys):
@@ -127,12 +129,12 @@ def test_evaluate_predictions_are_refused_where_they_would_mislead(run, ag_files
 
     code, _, err = run_cli(["evaluate", run, "--data", ag_files["test"], "--output", tmp_path / "e.json",
                             "--predictions", run / "other.npz"], capsys)
-    assert code == 2 and "lies inside the run or model folder" in err and not (run / "other.npz").exists()
+    assert code == 2 and "lies inside the run folder" in err and not (run / "other.npz").exists()
     code, _, err = run_cli(["evaluate", run, "--output", tmp_path / "e.json", "--predictions", tmp_path / "e.json"],
                            capsys)
     assert code == 2 and "is also the metrics file" in err
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
-    with pytest.raises(ConfigError, match="bad.npz: damaged predictions file"):
+    with pytest.raises(RunDamaged, match="bad.npz: damaged predictions file"):
         runs.read_predictions(tmp_path / "bad.npz")
     assert runs.read_predictions(tmp_path / "absent.npz") is None
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agnews_lora.config import Config, ConfigError, config_from_dict, load_config, save_config, to_dict
+from agnews_lora.config import Config, ConfigError, config_from_dict, load_config, to_dict
+from agnews_lora.runs import write_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -150,7 +151,7 @@ def test_robust_preset_is_the_cpu_recipe_plus_prior_matching():
 def test_saved_config_round_trips(tmp_path):
     cfg = load_config(overrides=["lora.layers=0,1,5", "train.lr=3e-4", "model.head=linear",
                                  "data.train=a.csv,b.csv", "sweep.space={lora.r: {type: int, low: 4, high: 8}}"])
-    save_config(cfg, tmp_path / "config.yaml")
+    write_config(cfg, tmp_path)
     assert load_config(tmp_path / "config.yaml") == cfg
     assert config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text())) == cfg
     assert not [p for p in tmp_path.iterdir() if p.name != "config.yaml"]  # no temporary files left

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from agnews_lora.errors import RunDamaged, RunLocked
 from agnews_lora import runs
 from agnews_lora.cli import main
 from agnews_lora.config import ConfigError, load_config
@@ -108,7 +109,7 @@ def test_02_crafted_optimizer_state_does_not_run_on_resume(run, tmp_path):
     copy = _copy_unfinished(run, tmp_path / "run")
     marker = tmp_path / "pwned"
     torch.save({"optimizer": _Evil(marker)}, copy / "last" / "optim.pt")
-    with pytest.raises(ConfigError, match="the checkpoint is damaged or unsafe"):
+    with pytest.raises(RunDamaged, match="the checkpoint is damaged or unsafe"):
         train(_resume_cfg(copy))
     assert not marker.exists()
 
@@ -258,7 +259,7 @@ def test_09_a_second_writer_into_one_run_folder_is_refused(run, tmp_path):
     try:
         assert child.stdout.readline().strip() == "held"
         before = (copy / "metrics.jsonl").read_text()
-        with pytest.raises(ConfigError, match=rf"is being written by pid {child.pid}"):
+        with pytest.raises(RunLocked, match=rf"is being written by pid {child.pid}"):
             train(_resume_cfg(copy))
         assert (copy / "metrics.jsonl").read_text() == before
     finally:
@@ -324,7 +325,7 @@ def test_13_14_torn_log_lines_and_stale_temporaries_do_not_block_resume(run, tmp
     train(_resume_cfg(copy, "train.max_steps=6"))
     assert "dropped an unfinished last line" in capsys.readouterr().err
     assert [r["step"] for r in runs.read_records(copy / "metrics.jsonl")] == [2, 4, 6] and state["step"] == 4
-    assert not [p.name for p in copy.iterdir() if p.name.startswith(".")]
+    assert not [p.name for p in copy.iterdir() if p.name.startswith(".") and p.name != runs.MARKER]
 
 
 def test_15_a_reader_never_moves_a_half_swapped_checkpoint(run, clf, tmp_path):
@@ -341,7 +342,7 @@ def test_16_a_damaged_run_is_named_as_damaged(run, tmp_path, capsys):
     shutil.copytree(run, copy)
     adapter = copy / "best" / "adapter_model.safetensors"
     adapter.write_bytes(adapter.read_bytes()[:100])
-    with pytest.raises(ConfigError, match=r"adapter_model.safetensors: the run is damaged|best: the run is damaged"):
+    with pytest.raises(RunDamaged, match=r"adapter_model.safetensors: the run is damaged|best: the run is damaged"):
         Classifier.load(copy)
     (copy / "config.yaml").write_text("")
     with pytest.raises(SystemExit) as exit_info:

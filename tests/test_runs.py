@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from agnews_lora.errors import RunDamaged, RunLocked
 from agnews_lora import runs
 from agnews_lora.config import Config, ConfigError, load_config
 
@@ -24,11 +25,11 @@ def test_config_round_trip_and_damaged_config(tmp_path):
     cfg.lora.r = 5
     runs.write_config(cfg, tmp_path)
     assert runs.read_config(tmp_path).lora.r == 5
-    with pytest.raises(ConfigError, match="not a run folder"):
+    with pytest.raises(RunDamaged, match="not a run folder"):
         runs.read_config(tmp_path / "nowhere")
     for text in ("", "[1, 2]", "lora: {r: [unclosed"):
         (tmp_path / "config.yaml").write_text(text)
-        with pytest.raises(ConfigError, match=r"config.yaml: the run is damaged"):
+        with pytest.raises(RunDamaged, match=r"config.yaml: the run is damaged"):
             runs.read_config(tmp_path)
 
 
@@ -40,7 +41,7 @@ def test_torn_last_log_line_is_dropped_with_a_warning(tmp_path, capsys):
     runs.drop_records_after(tmp_path, step=3)
     assert log.read_text() == '{"step": 3}\n'
     log.write_text('{"step": 3}\nnot json\n{"step": 6}\n')
-    with pytest.raises(ConfigError, match="line 2 is not valid JSON; the run is damaged"):
+    with pytest.raises(RunDamaged, match="line 2 is not valid JSON; the run is damaged"):
         runs.read_records(log)
 
 
@@ -58,7 +59,7 @@ def test_reader_reads_a_half_swapped_checkpoint_where_it_lies(tmp_path):
     assert runs.checkpoint_dir(tmp_path, "best") == old
     assert old.is_dir() and not (tmp_path / "best").exists()  # nothing moved
     old.rename(tmp_path / ".best.tmpabc")
-    with pytest.raises(ConfigError, match="being written or is damaged"):
+    with pytest.raises(RunDamaged, match="being written or is damaged"):
         runs.checkpoint_dir(tmp_path, "best")
 
 
@@ -85,7 +86,7 @@ def test_writer_lock_refuses_a_second_writer_and_is_taken_over_after_a_crash(tmp
     run_dir = tmp_path / "run"
     child = _hold_lock_in_child(run_dir)
     try:
-        with pytest.raises(ConfigError, match=rf"is being written by pid {child.pid} on "):
+        with pytest.raises(RunLocked, match=rf"is being written by pid {child.pid} on "):
             with runs.writer_lock(run_dir):
                 pass
     finally:
@@ -135,13 +136,13 @@ def test_teacher_logits_artifact_round_trip_and_damage(tmp_path):
     assert [p.name for p in artifact.path.parent.iterdir()] == [artifact.path.name]  # no temporary left
 
     artifact.path.write_bytes(artifact.path.read_bytes()[:100])  # truncated
-    with pytest.raises(ConfigError, match=r"teacher-logit cache is damaged.*delete it"):
+    with pytest.raises(RunDamaged, match=r"teacher-logit cache is damaged.*delete it"):
         runs.read_teacher_logits(artifact.path)
     moved = _artifact(tmp_path, key="m" * 24)
     runs.write_teacher_logits(moved)
     renamed = moved.path.with_name("x" * 24 + ".npz")  # a file under another key
     moved.path.rename(renamed)
-    with pytest.raises(ConfigError, match="its key or row ids do not fit"):
+    with pytest.raises(RunDamaged, match="its key or row ids do not fit"):
         runs.read_teacher_logits(renamed)
 
 
@@ -159,7 +160,7 @@ def test_distilled_run_points_to_its_teacher_logits(tmp_path):
 
 def test_folder_kind_names_a_damaged_export(tmp_path):
     (tmp_path / runs.EXPORT_META).write_text("{truncated")
-    with pytest.raises(ConfigError, match="the run is damaged: not valid JSON"):
+    with pytest.raises(RunDamaged, match="the run is damaged: not valid JSON"):
         runs.folder_kind(tmp_path)
 
 

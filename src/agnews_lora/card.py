@@ -10,32 +10,20 @@ robustness report).
 
 from __future__ import annotations
 
-import html
 import importlib.resources
 import re
 from pathlib import Path
 
 from agnews_lora import runs
 from agnews_lora.checkpoint import atomic_write_text
-from agnews_lora.config import ConfigError
+from agnews_lora.errors import ConfigError
+from agnews_lora.outputs import claim_file, holder_of, remove_stale
 from agnews_lora.precision import display_name
-from agnews_lora.report import _f4, _layers, _per_class_table, md_table
+from agnews_lora.report import _f4, _layers, _per_class_table, inert, md_table
 
 CARD = "README.md"
-ROBUSTNESS = "robustness.json"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 _LIBRARY = {"adapter": "peft", "merged": "transformers", "onnx": "onnx"}
-# What would still act in Markdown after HTML-escaping: a backtick ends a code span, a bar splits a
-# table cell, brackets make a link or an image.
-_MARKDOWN = str.maketrans({"`": "&#96;", "|": "&#124;", "[": "&#91;", "]": "&#93;"})
-
-
-def inert(value: object) -> str:
-    """A user-controlled string (a run or folder name, a model name, a path, a file name, a config
-    value) as text that stays text in the card: every run of whitespace, newlines included, one
-    space (no injected headings or rows); HTML-escaped (no tags); backticks, bars and brackets as
-    character references (no breaking out of code spans or table cells, no links)."""
-    return html.escape(" ".join(str(value).split()), quote=False).translate(_MARKDOWN)
 
 
 def hub_id(name: str) -> str | None:
@@ -60,7 +48,7 @@ def build_card(run_dir: str | Path, kind: str = "adapter", export_meta: dict | N
         raise ConfigError(f"model card kind {kind!r}: use one of {', '.join(_LIBRARY)}")
     run = load_run(run_dir)
     cfg = run.cfg
-    robustness = runs.read_json(run.path / ROBUSTNESS)
+    robustness = runs.read_json(run.path / runs.ROBUSTNESS_JSON)
     dataset = hub_id(cfg.data.hub_dataset) if not cfg.data.train else None
     base = hub_id(cfg.model.name)
     tags = ["text-classification", "ag-news", cfg.peft.method, "agnews-lora"]
@@ -83,7 +71,8 @@ def build_card(run_dir: str | Path, kind: str = "adapter", export_meta: dict | N
 
 def write_run_card(run_dir: str | Path) -> Path:
     """Write the run's card to RUN_DIR/best/README.md (replacing peft's placeholder card)."""
-    path = Path(run_dir) / "best" / CARD
+    path = claim_file(Path(run_dir) / "best" / CARD, kind="markdown", label="card", owner=run_dir,
+                      owned=(f"best/{CARD}",))
     atomic_write_text(path, str(build_card(run_dir)))
     return path
 
@@ -93,9 +82,24 @@ def write_export_card(folder: str | Path, run_dir: str | Path, meta: dict) -> Pa
     the run's training has not finished (no summary.json: no figures to report)."""
     if not (Path(run_dir) / runs.SUMMARY).is_file():
         return None
-    path = Path(folder) / CARD
+    path = Path(folder) / CARD  # export writes it into its temporary folder; `card` into a checked export
     atomic_write_text(path, str(build_card(run_dir, kind=meta["format"], export_meta=meta)))
     return path
+
+
+def run_exports(run_dir: str | Path) -> list[Path]:
+    """The export folders under RUN_DIR/export/ that are the tool's finished exports (never the
+    temporary folder of an export still running or killed: those are removed when stale)."""
+    found = []
+    for folder in sorted((Path(run_dir) / runs.EXPORTS).glob("*")):
+        if folder.name.startswith("."):
+            continue
+        remove_stale(folder)
+        holder = holder_of(folder)
+        if holder is not None and holder.kind == "export" and not folder.is_symlink():
+            claim_file(folder / CARD, kind="markdown", label="card", owner=folder, owned=(CARD,))
+            found.append(folder)
+    return found
 
 
 def rebuild(path: str | Path) -> list[Path]:
@@ -107,11 +111,16 @@ def rebuild(path: str | Path) -> list[Path]:
     """
     path = Path(path)
     kind = runs.folder_kind(path)
+    holder = holder_of(path)
+    if holder is None or holder.kind not in ("run", "export"):
+        raise ConfigError(f"{path}: not a run folder or a folder written by `agnews-lora export`; the tool writes "
+                          "model cards only into its own folders")
     if kind == "run":
         written = [write_run_card(path)]
-        for meta_file in sorted((path / "export").glob(f"*/{runs.EXPORT_META}")):
-            written.append(write_export_card(meta_file.parent, path, runs.read_export_meta(meta_file.parent)))
+        for folder in run_exports(path):
+            written.append(write_export_card(folder, path, runs.read_export_meta(folder)))
         return [p for p in written if p is not None]
+    claim_file(path / CARD, kind="markdown", label="card", owner=path, owned=(CARD,))
     meta = runs.read_export_meta(path)
     source = Path(meta.get("source_run", ""))
     if not (source / runs.SUMMARY).is_file():

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from agnews_lora.errors import RunDamaged
+
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write via a temporary file in the same folder and rename: never a half-written file."""
@@ -40,7 +42,7 @@ def read_jsonl(path: Path) -> list[dict]:
     """The records of a JSONL log; a torn last line (power loss mid-write) is dropped with a warning.
 
     Raises:
-        ValueError: a line before the last one is not valid JSON (the file is damaged).
+        RunDamaged: a line before the last one is not valid JSON (the file is damaged).
     """
     path = Path(path)
     if not path.is_file():
@@ -52,9 +54,7 @@ def read_jsonl(path: Path) -> list[dict]:
             records.append(json.loads(line))
         except json.JSONDecodeError:
             if i < len(lines) - 1:
-                from agnews_lora.config import ConfigError
-
-                raise ConfigError(f"{path}: line {i + 1} is not valid JSON; the run is damaged") from None
+                raise RunDamaged(f"{path}: line {i + 1} is not valid JSON; the run is damaged") from None
             print(f"warning: {path}: dropped an unfinished last line (an interrupted write)", file=sys.stderr)
     return records
 
@@ -82,7 +82,8 @@ def replace_dir(build, dest: Path) -> None:
     """
     dest = recover_swap(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp"))
+    # the pid in the name lets the next writer tell a killed writer's leftovers (outputs.remove_stale)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp{os.getpid()}-"))
     try:
         build(tmp)
         os.chmod(tmp, 0o755)
@@ -163,9 +164,7 @@ def load_training_state(src: Path) -> dict:
         extra = torch.load(path, weights_only=True)
         extra["state"] = json.loads((Path(src) / "state.json").read_text())
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
-        from agnews_lora.config import ConfigError
-
-        raise ConfigError(f"{src}: the checkpoint is damaged or unsafe ({str(err).splitlines()[0][:200]}); "
+        raise RunDamaged(f"{src}: the checkpoint is damaged or unsafe ({str(err).splitlines()[0][:200]}); "
                           "remove it to start over, or restore it") from None
     return extra
 
@@ -178,9 +177,7 @@ def load_adapter_weights(model, src: Path) -> None:
     try:
         weights = load_file(str(path))
     except Exception as err:  # SafetensorError, OSError: a truncated or foreign file
-        from agnews_lora.config import ConfigError
-
-        raise ConfigError(f"{path}: the run is damaged ({err}); restore it or train again") from None
+        raise RunDamaged(f"{path}: the run is damaged ({err}); restore it or train again") from None
     if not hasattr(model, "peft_config"):
         load_plain_weights(model, weights, src)
         return

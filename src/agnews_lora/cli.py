@@ -9,35 +9,27 @@ import sys
 import warnings
 from pathlib import Path
 
-from agnews_lora.config import ConfigError
-
-# Errors a user can fix: printed as one message, no traceback.
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError,)
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    from agnews_lora.data import DataError
-    from agnews_lora.export import ParityError
-    from agnews_lora.extras import MissingExtra
-    from agnews_lora.hub import HubUnreachable
-    from agnews_lora.model import BudgetError
-
-    return USER_ERRORS + (DataError, HubUnreachable, BudgetError, ParityError, MissingExtra)
-
+from agnews_lora.errors import ConfigError, UserError, finite
 
 def at_least(low: float, kind: type = int):
     """An argparse type: a number of `kind` that is >= low (every numeric option has a range)."""
 
     def parse(text: str):
         try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+            value = kind(text) if kind is int else finite(text, "value")
+        except (ValueError, ConfigError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a finite number'}") \
+                from None
         if value < low:
             raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
         return value
 
     return parse
+
+
+def finite_number(text: str) -> float:
+    """An argparse type: a finite float (every float option passes errors.finite)."""
+    return at_least(-float("inf"), float)(text)
 
 
 def port_number(text: str) -> int:
@@ -139,17 +131,10 @@ def cmd_budget(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from agnews_lora import runs
     from agnews_lora.evaluate import format_metrics
-    from agnews_lora.predict import check_output
-    from agnews_lora.scoring import evaluate_folder, format_teacher_vs_student
+    from agnews_lora.scoring import claim_evaluation_outputs, evaluate_folder, format_teacher_vs_student
 
-    out = Path(args.output) if args.output else Path(args.run_dir) / runs.EVAL
-    check_output(out, inputs=args.data or [], allowed_in=None if args.output else args.run_dir)
-    if args.predictions:  # inside the run folder only for its own test rows (what RUN/test_predictions.npz holds)
-        check_output(args.predictions, inputs=args.data or [], allowed_in=None if args.data else args.run_dir)
-        if Path(args.predictions).expanduser().resolve() == out.expanduser().resolve():
-            raise ConfigError(f"--predictions {args.predictions}: is also the metrics file; name another file")
+    claim_evaluation_outputs(args.run_dir, data=args.data, output=args.output, predictions=args.predictions)
     _use_threads(args.threads)
     result = evaluate_folder(args.run_dir, data=args.data, output=args.output, batch_size=args.batch_size,
                              precision=args.precision, teacher=not args.no_teacher, progress=True,
@@ -168,7 +153,8 @@ def cmd_predict(args) -> None:
     from agnews_lora.predict import Classifier, check_output, parse_prior, predict_file, probabilities_path
     from agnews_lora.shift import check_threshold
 
-    check_output(args.output, inputs=args.input)  # before the model loads, not after every prediction
+    # before the model loads, not after every prediction
+    check_output(args.output, inputs=[*args.input, *(args.reference or [])], probs=args.probs)
     _use_threads(args.threads)
     clf = Classifier.load(args.run_dir, precision=args.precision, threads=args.threads)
     prior, threshold = args.prior, args.shift_threshold
@@ -187,7 +173,8 @@ def cmd_predict(args) -> None:
         threshold = clf.cfg.predict.shift_threshold
     reference = read_files(args.reference, clf.num_labels).texts if args.reference else None
     split, preds = predict_file(clf, args.input, args.output, batch_size=args.batch_size, prior=prior,
-                                probs=args.probs, reference=reference, shift_threshold=threshold)
+                                probs=args.probs, reference=reference, shift_threshold=threshold,
+                                reference_files=args.reference or ())
     if clf.last_shift is not None:
         info = clf.last_shift
         print(f"match-shifted: {info['shifted_rows']:,} of {info['rows']:,} rows scored above {info['threshold']} "
@@ -357,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "predict.prior, empty = the training prior)")
             p.add_argument("--reference", nargs="+", help="--prior match-shifted: texts of the training "
                            "distribution (default: the run's training rows)")
-            p.add_argument("--shift-threshold", type=float, help="--prior match-shifted: rows whose shift "
+            p.add_argument("--shift-threshold", type=finite_number, help="--prior match-shifted: rows whose shift "
                            "score is above this are matched (default: the run's predict.shift_threshold, 0.6)")
         p.set_defaults(func=func)
     _export_and_serve_args(sub)
@@ -452,7 +439,7 @@ def main(argv: list[str] | None = None) -> None:
     with _quiet_libraries():
         try:
             args.func(args)
-        except _user_errors() as err:
+        except UserError as err:  # one line, exit 2: the message says what to do
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
 

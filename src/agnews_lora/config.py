@@ -17,8 +17,7 @@ from typing import Any, Literal
 import yaml
 
 
-class ConfigError(ValueError):
-    """A configuration key or value is wrong; the message names the key."""
+from agnews_lora.errors import ConfigError, finite  # noqa: F401  (ConfigError: re-exported)
 
 
 @dataclass
@@ -304,14 +303,9 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, str) and value.strip().lstrip("-").isdigit():
             return int(value)
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+    if annotation is float:  # every float key: a finite number (no nan, inf or 1e309)
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            return finite(value, key)
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if annotation is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -359,6 +353,47 @@ def _merge(obj: Any, updates: dict, prefix: str = "") -> None:
             setattr(obj, key, _coerce(dotted, value, hints[key]))
 
 
+MAX_YAML_NODES = 100_000  # far above any real config (the largest preset has a few hundred)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML text as Python data (safe types only), refusing documents whose aliases expand to
+    more than MAX_YAML_NODES nodes ("billion laughs": a few hundred bytes of nested anchors
+    would otherwise become gigabytes).
+
+    Args:
+        text: the YAML document.
+        source: what it is, for the message (a file, an override).
+
+    Raises:
+        ConfigError: the expansion is too large.
+        yaml.YAMLError: not valid YAML.
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        sizes: dict[int, int] = {}
+
+        def size(n) -> int:  # nodes after expanding every alias; shared nodes are counted once per use
+            if id(n) not in sizes:
+                sizes[id(n)] = 0  # a recursive alias counts as a leaf while its size is computed
+                children = [c for pair in n.value for c in pair] if isinstance(n, yaml.MappingNode) else \
+                    n.value if isinstance(n, yaml.SequenceNode) else []
+                sizes[id(n)] = min(1 + sum(size(c) for c in children), MAX_YAML_NODES + 1)
+            return sizes[id(n)]
+
+        if size(node) > MAX_YAML_NODES:
+            raise ConfigError(f"{source}: its aliases (*name) expand to more than {MAX_YAML_NODES:,} values; "
+                              "write the values out, or use fewer nested anchors")
+        return loader.construct_document(node)
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to read; flatten it") from None
+    finally:
+        loader.dispose()
+
+
 def parse_overrides(overrides: list[str]) -> dict:
     """Turn ``["lora.r=12", "train.lr=3e-4"]`` into a nested dict.
 
@@ -372,7 +407,7 @@ def parse_overrides(overrides: list[str]) -> dict:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. lora.r=12)")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = parse_yaml(raw, f"override '{key.strip()}'") if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
         node = nested
@@ -403,7 +438,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = parse_yaml(path.read_text(encoding="utf-8"), f"config file {path}") or {}
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                              f"{err.start}); save it as UTF-8") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
         if not isinstance(loaded, dict):
@@ -553,12 +591,6 @@ def _value(cfg: Config, dotted: str) -> Any:
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
-
-
-def save_config(cfg: Config, path: Path) -> None:
-    from agnews_lora.checkpoint import atomic_write_text
-
-    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def config_from_dict(data: dict) -> Config:

@@ -19,12 +19,11 @@ import numpy as np
 import torch
 
 from agnews_lora.config import DataConfig
+from agnews_lora.errors import DataError
 
 LABEL_NAMES = ["World", "Sports", "Business", "Sci/Tech"]
 
 
-class DataError(ValueError):
-    """Bad input data; the message names the file, the row and the value."""
 
 
 @dataclass

@@ -27,10 +27,12 @@ from pathlib import Path
 import numpy as np
 
 from agnews_lora import runs
-from agnews_lora.config import Config, ConfigError, validate
+from agnews_lora.config import Config, validate
+from agnews_lora.errors import ConfigError
 from agnews_lora.data import Split, load_splits, row_ids, texts_fingerprint, tokenizer_fingerprint
 from agnews_lora.evaluate import compute_metrics
 from agnews_lora.losses import DistillTerm
+from agnews_lora.outputs import claim_folder
 from agnews_lora.precision import resolve_precision
 from agnews_lora.teacher import (TeacherSpec, fit_linear_probe, resolve_teacher, run_teacher, teacher_device,
                                  to_logits)
@@ -198,7 +200,7 @@ def distill(cfg: Config) -> Path:
     preflight(cfg)  # the student's budget; the teacher does not count
     spec = resolve_teacher(cfg.distill.teacher, mode=cfg.distill.teacher_mode,
                            num_labels=cfg.model.num_labels, max_length=cfg.data.max_length)
-    run_dir = run_dir_for(cfg)
+    run_dir = claim_folder(run_dir_for(cfg), kind="run", label="out_dir")
     # train() takes the lock again (re-entrant) and refuses a used folder too, but only after the
     # teacher logits were paid for; holding it here also covers teacher.json, written after train().
     with runs.writer_lock(run_dir):

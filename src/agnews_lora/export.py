@@ -19,13 +19,15 @@ import torch
 from torch import nn
 
 from agnews_lora.card import write_export_card
+from agnews_lora.errors import ConfigError, ParityError
 from agnews_lora.checkpoint import atomic_write_json, replace_dir
-from agnews_lora.config import Config, ConfigError
+from agnews_lora.config import Config
 from agnews_lora.data import DataError, read_files
 from agnews_lora.methods import merge
 from agnews_lora.model import quiet_logger
 from agnews_lora.predict import Classifier, package_version
-from agnews_lora.runs import ONNX_FILE, folder_kind, write_config, write_export_meta
+from agnews_lora.outputs import claim_folder, remove_stale
+from agnews_lora.runs import EXPORTS, ONNX_FILE, folder_kind, write_config, write_export_meta, write_marker
 
 FORMATS = ("merged", "onnx")
 QUANTIZE = ("int8",)
@@ -53,13 +55,11 @@ SAMPLE_TEXTS = [
 ]
 
 
-class ParityError(RuntimeError):
-    """An exported model does not reproduce the PyTorch model within the stated tolerances."""
 
 
 def default_output(run_dir: str | Path, fmt: str, quantize: str | None = None) -> Path:
     """`RUN_DIR/export/merged`, `RUN_DIR/export/onnx` or `RUN_DIR/export/onnx-int8`."""
-    return Path(run_dir) / "export" / (f"{fmt}-{quantize}" if quantize else fmt)
+    return Path(run_dir) / EXPORTS / (f"{fmt}-{quantize}" if quantize else fmt)
 
 
 def export(run_dir: str | Path, fmt: str, output: str | Path | None = None, quantize: str | None = None,
@@ -69,7 +69,8 @@ def export(run_dir: str | Path, fmt: str, output: str | Path | None = None, quan
     Args:
         run_dir: a run folder written by `train`.
         fmt: "merged" (plain transformers folder) or "onnx".
-        output: destination folder (replaced); default `default_output(run_dir, fmt, quantize)`.
+        output: destination folder: new, empty, or an earlier export (replaced; outputs.claim_folder);
+            default `default_output(run_dir, fmt, quantize)`.
         quantize: None, or "int8" (ONNX only: dynamic quantization, int8 weights).
         checkpoint: "best" or "last".
         parity_rows: rows of the run's test data (else train data) checked, besides SAMPLE_TEXTS.
@@ -80,9 +81,13 @@ def export(run_dir: str | Path, fmt: str, output: str | Path | None = None, quan
     Raises:
         ConfigError: a wrong option, or a merged export of a model.head=linear run.
         ParityError: the export misses the tolerances.
+        OutputRefused: `output` is a file, the run, a checkpoint, or a folder the tool did not write.
     """
     _check_options(run_dir, fmt=fmt, quantize=quantize, parity_rows=parity_rows)
     _check_mergeable(run_dir, fmt=fmt, checkpoint=checkpoint)
+    dest = claim_folder(output if output else default_output(run_dir, fmt, quantize), kind="export",
+                        label="export --output", owner=run_dir, owned=(f"{EXPORTS}/*",))
+    remove_stale(dest)  # what a killed export left beside it
     reference = Classifier.load(run_dir, checkpoint=checkpoint, precision="fp32", merge=False)
     if fmt == "merged" and reference.cfg.model.head == "linear":
         raise ConfigError(
@@ -97,6 +102,7 @@ def export(run_dir: str | Path, fmt: str, output: str | Path | None = None, quan
         write_model(reference, tmp, fmt=fmt, quantize=quantize)
         meta = export_metadata(reference, fmt=fmt, quantize=quantize, run_dir=run_dir, checkpoint=checkpoint)
         write_export_meta(tmp, meta)
+        write_marker(tmp, "export")
         write_export_card(tmp, run_dir, meta)
         got = Classifier.load(tmp, precision="fp32").predict_logits(texts, batch_size=32)
         parity = check_parity(expected, got, tolerance=TOLERANCES[name], name=name)
@@ -104,7 +110,6 @@ def export(run_dir: str | Path, fmt: str, output: str | Path | None = None, quan
         for f in tmp.iterdir():
             os.chmod(f, 0o644)  # some writers make private files; an export is a shared artefact
 
-    dest = Path(output) if output else default_output(run_dir, fmt, quantize)
     replace_dir(build, dest)
     return dest
 

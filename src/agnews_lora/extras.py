@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 
+from agnews_lora.errors import MissingExtra
+
 # feature -> (the pip extra that installs it, the modules it needs: import names)
 EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
     "serve": ("serve", ("fastapi", "uvicorn")),
@@ -20,8 +22,6 @@ EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
-class MissingExtra(ImportError):
-    """An optional feature was used without the extra that installs it; the message names it."""
 
 
 def require(name: str, feature: str) -> None:

@@ -6,13 +6,7 @@ import os
 import socket
 from urllib.parse import urlparse
 
-
-class HubUnreachable(Exception):
-    """The Hub is needed for a download but cannot be reached.
-
-    Not a RuntimeError: callers that retry failed work on RuntimeError (a sweep's trials) must
-    stop here, since every further attempt would fail the same way.
-    """
+from agnews_lora.errors import HubUnreachable
 
 
 def _offline_env() -> bool:

@@ -17,8 +17,10 @@ import torch
 
 from agnews_lora import runs
 from agnews_lora.calibration import BATCH_PRIORS, parse_prior  # noqa: F401  (re-exported)
-from agnews_lora.config import Config, ConfigError
+from agnews_lora.config import Config
+from agnews_lora.errors import ConfigError, RunDamaged, UserError
 from agnews_lora.data import Split, clean_text, pad_batch, read_files, tokenize
+from agnews_lora.outputs import claim_file
 from agnews_lora.precision import autocast_dtype, resolve_precision
 from agnews_lora.runs import ONNX_FILE, folder_kind  # noqa: F401  (re-exported: export, tests)
 
@@ -305,9 +307,9 @@ def _load_run(run_dir: Path, checkpoint: str, device: str, merge: bool):
             with peft_notes_silenced():
                 model = PeftModel.from_pretrained(build_model(cfg, device=device, with_lora=False), str(adapter))
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # a truncated adapter, bad json
-        if isinstance(err, ConfigError):
+        if isinstance(err, UserError):
             raise
-        raise ConfigError(f"{adapter}: the run is damaged ({type(err).__name__}: {str(err)[:200]}); "
+        raise RunDamaged(f"{adapter}: the run is damaged ({type(err).__name__}: {str(err)[:200]}); "
                           "restore the checkpoint or train again") from None
     from agnews_lora.methods import MERGEABLE, merge as merge_adapters
 
@@ -339,7 +341,7 @@ def _load_onnx(folder: Path, threads: int | None) -> Classifier:
     from transformers import AutoConfig, AutoTokenizer
 
     if not (folder / ONNX_FILE).is_file():
-        raise ConfigError(f"{folder}: no {ONNX_FILE}; export it again with `agnews-lora export RUN --format onnx`")
+        raise RunDamaged(f"{folder}: no {ONNX_FILE}; export it again with `agnews-lora export RUN --format onnx`")
     cfg, info = _exported_config(folder)
     model = OnnxModel(folder / ONNX_FILE, AutoConfig.from_pretrained(folder), threads=threads)
     return Classifier(model, AutoTokenizer.from_pretrained(folder), cfg, info=info)
@@ -373,46 +375,29 @@ def _write_csv(header: list[str], rows, output: str | Path) -> None:
     atomic_write_text(Path(output), buf.getvalue())
 
 
-def check_output(output: str | Path, inputs: Sequence[str | Path] = (), allowed_in: str | Path | None = None) -> None:
-    """Refuse, before any work, an output file that would destroy data or could not be written.
+def check_output(output: str | Path, inputs: Sequence[str | Path] = (), probs: bool = False) -> None:
+    """Refuse, before any work, outputs of `predict_file` that would destroy data or could not be
+    written (outputs.claim_file: never an input, a folder, a file in a run or model folder, or a
+    file the tool did not write).
 
     Args:
-        output: the file to write.
-        inputs: the input files (an output equal to one of them is refused).
-        allowed_in: a run or model folder the output may lie in (evaluate's default RUN/eval.json).
+        output: the ID,Label CSV to write.
+        inputs: the input files (and reference files) of the call.
+        probs: the probabilities are also written, to `probabilities_path(output)`.
 
     Raises:
-        ConfigError: the output is an input, a folder, inside a run or model folder, or not writable.
+        OutputRefused: naming the path and why.
     """
-    import os
-    import tempfile
-
-    out = Path(output).expanduser()
-    if out.is_dir():
-        raise ConfigError(f"output {out}: is a folder; name the file to write")
-    resolved = out.resolve()
-    for item in inputs:
-        if Path(item).expanduser().resolve() == resolved:
-            raise ConfigError(f"output {out}: is also an input file; write the output elsewhere")
-    folder = runs.is_inside_model_folder(resolved)
-    if folder is not None and (allowed_in is None or folder != Path(allowed_in).resolve()):
-        raise ConfigError(f"output {out}: lies inside the run or model folder {folder}; writing there could "
-                          "break it; write the output elsewhere")
-    parent = next(p for p in resolved.parents if p.exists())  # the folder that will hold it (made if missing)
-    try:  # a real probe: permission bits say nothing for root or on a read-only mount
-        fd, probe = tempfile.mkstemp(dir=parent, prefix=".agnews-lora-probe.")
-        os.close(fd)
-        os.unlink(probe)
-        if out.exists() and not os.access(out, os.W_OK):
-            raise PermissionError(f"{out} is read-only")
-    except OSError as err:
-        raise ConfigError(f"output {out}: cannot write there ({err.strerror or err}); choose another path") from None
+    claim_file(output, kind="predictions", label="--output", inputs=inputs)
+    if probs:
+        claim_file(probabilities_path(output), kind="predictions", label="--probs", inputs=inputs)
 
 
 def predict_file(clf: Classifier, inputs: Sequence[str], output: str | Path, batch_size: int = 64,
                  progress: bool = True, prior: str | Sequence[float] | None = None,
                  probs: bool = False, reference: Sequence[str] | None = None,
-                 shift_threshold: float | None = None) -> tuple[Split, list[int]]:
+                 shift_threshold: float | None = None,
+                 reference_files: Sequence[str | Path] = ()) -> tuple[Split, list[int]]:
     """Predict every row of the input file(s) and write `ID,Label` to `output` (checked first).
 
     Args:
@@ -422,8 +407,9 @@ def predict_file(clf: Classifier, inputs: Sequence[str], output: str | Path, bat
         reference, shift_threshold: for "match-shifted", as in `Classifier.probabilities`.
         probs: also write the (temperature-scaled, prior-corrected) probabilities to
             `probabilities_path(output)`.
+        reference_files: the files `reference` was read from (never written over).
     """
-    check_output(output, inputs)
+    check_output(output, [*inputs, *(reference_files or ())], probs=probs)
     split = read_files(inputs, num_labels=clf.num_labels)
     if prior == "match-shifted" and reference is not None:
         from agnews_lora.shift import check_reference

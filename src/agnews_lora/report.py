@@ -6,6 +6,7 @@ test_metrics.json), so a report can be rebuilt at any time without loading a mod
 
 from __future__ import annotations
 
+import html
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,9 @@ from typing import Sequence
 
 from agnews_lora import runs
 from agnews_lora.checkpoint import atomic_write_text
-from agnews_lora.config import Config, ConfigError
+from agnews_lora.config import Config
+from agnews_lora.errors import ConfigError
+from agnews_lora.outputs import claim_file
 
 
 @dataclass
@@ -54,7 +57,7 @@ def load_run(run_dir: str | Path) -> Run:
         The parsed Run; raises ConfigError naming the folder when it is not a finished run.
     """
     path = Path(run_dir)
-    for name in ("config.yaml", "summary.json"):
+    for name in (runs.CONFIG, runs.SUMMARY):
         if not (path / name).is_file():
             raise ConfigError(f"{path}: no {name}; pass a run folder whose training finished "
                               "(train writes summary.json at the end)")
@@ -69,6 +72,19 @@ def _dedupe_steps(records: list[dict]) -> list[dict]:
 
 
 # ---------------------------------------------------------------- tables
+
+
+# What would still act in Markdown after HTML-escaping: a backtick ends a code span, a bar splits a
+# table cell, brackets make a link or an image.
+_MARKDOWN = str.maketrans({"`": "&#96;", "|": "&#124;", "[": "&#91;", "]": "&#93;"})
+
+
+def inert(value: object) -> str:
+    """A user-controlled string (a run or folder name, a model name, a path, a file name, a config
+    value) as text that stays text in the card: every run of whitespace, newlines included, one
+    space (no injected headings or rows); HTML-escaped (no tags); backticks, bars and brackets as
+    character references (no breaking out of code spans or table cells, no links)."""
+    return html.escape(" ".join(str(value).split()), quote=False).translate(_MARKDOWN)
 
 
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[object]], align: str = "") -> str:
@@ -366,9 +382,11 @@ def write_report(run_dir: str | Path) -> Path:
     Returns:
         The path of report.md.
     """
+    claim_file(Path(run_dir) / runs.REPORT, kind="markdown", label="report", owner=run_dir,
+               owned=(runs.REPORT, "*.png"))
     run = load_run(run_dir)
     names = run.label_names
-    parts = [f"# Run report: {run.name}", "", _overview(run), "",
+    parts = [f"# Run report: {inert(run.name)}", "", _overview(run), "",
              "## Loss", "", "![loss](loss.png)", ""]
     plot_loss(run, run.path / "loss.png")
     if any("val_accuracy" in e for e in run.evals):
@@ -389,7 +407,7 @@ def write_report(run_dir: str | Path) -> Path:
                   "![class distribution](class_distribution.png)", ""]
     plot_trainable(run, run.path / "trainable.png")
     parts += ["## Trainable parameters", "", _trainable_table(run), "", "![trainable parameters](trainable.png)", ""]
-    out = run.path / "report.md"
+    out = run.path / runs.REPORT
     atomic_write_text(out, "\n".join(parts))
     return out
 
@@ -417,7 +435,7 @@ def compare_table(runs: Sequence[Run]) -> str:
     for run in sorted(runs, key=sort_key, reverse=True):
         cfg, s = run.cfg, run.summary
         method, size, placed = _method_columns(cfg)
-        rows.append([run.name, _short_model(cfg.model.name), cfg.model.head, method, size,
+        rows.append([inert(run.name), inert(_short_model(cfg.model.name)), cfg.model.head, method, size,
                      ",".join(cfg.lora.target_modules) if placed else "-", _layers(cfg) if placed else "-",
                      f"{cfg.train.lr:g}", s["steps"],
                      f"{s['trainable']['total']:,}", _f4(s.get("best_val_accuracy")), _f4(s.get("test_accuracy")),
@@ -459,9 +477,9 @@ def compare_runs(run_dirs: Sequence[str | Path], output: str | Path) -> tuple[st
     """
     if not run_dirs:
         raise ConfigError("compare: pass at least one run folder")
+    output = claim_file(output, kind="markdown", label="--output", inputs=run_dirs)
+    plot = claim_file(output.with_suffix(".png"), kind="png", label="--output (its plot)", inputs=run_dirs)
     runs = [load_run(d) for d in run_dirs]
-    output = Path(output)
-    plot = output.with_suffix(".png")
     output.parent.mkdir(parents=True, exist_ok=True)
     plot_accuracy_vs_params(runs, plot)
     table = compare_table(runs)

@@ -14,8 +14,10 @@ from typing import Sequence
 import numpy as np
 
 from agnews_lora.calibration import em_prior, expected_calibration_error, fit_temperature, nll, reliability, softmax
+from agnews_lora import runs
 from agnews_lora.config import Config, ConfigError
 from agnews_lora.data import Split, load_hub_split, load_splits, read_files, stratified_indices
+from agnews_lora.outputs import claim_file
 from agnews_lora.perturb import PERTURBATIONS, SUITE, Spec, parse_specs, perturb_texts
 
 ECE_BINS = 15  # Guo et al. 2017
@@ -432,21 +434,41 @@ def robustness_report(run_dir: str | Path, data: Sequence[str] | None = None, un
 
     specs = resolve_suite(perturbations)
     _check_args(max_rows, batch_size, low_confidence, seed)
+    folder = claim_outputs(run_dir, output=output, inputs=[*(data or []), *(unlabelled or [])])
     inputs = load_inputs(load_run_config(run_dir), data=data, unlabelled=unlabelled, max_rows=max_rows, seed=seed)
     clf = Classifier.load(run_dir, precision=precision)
     logits, variants = score(clf, inputs, specs, seed=seed, batch_size=batch_size, progress=progress)
     result = build_result(run_dir, clf=clf, inputs=inputs, logits=logits, variants=variants, specs=specs,
                           max_rows=max_rows, seed=seed, low_confidence=low_confidence)
-    folder = Path(output) if output else Path(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     write_plots(result, folder)
-    atomic_write_json(folder / "robustness.json", result)
-    atomic_write_text(folder / "robustness.md", render_markdown(result))
-    if folder.resolve() == Path(run_dir).resolve() and (folder / "summary.json").is_file():
+    atomic_write_json(folder / runs.ROBUSTNESS_JSON, result)
+    atomic_write_text(folder / runs.ROBUSTNESS, render_markdown(result))
+    if folder.resolve() == Path(run_dir).resolve() and (folder / runs.SUMMARY).is_file():
         from agnews_lora.card import rebuild
 
         rebuild(run_dir)  # the model cards' limitations now report these figures
     return folder / "robustness.md"
+
+
+def claim_outputs(run_dir: str | Path, output: str | Path | None, inputs: Sequence[str | Path]) -> Path:
+    """Check, before any scoring, every file `robustness_report` writes (outputs.claim_file):
+    robustness.md, robustness.json and the PNGs, in the run folder or in `output`.
+
+    Returns:
+        The folder to write into.
+
+    Raises:
+        OutputRefused: `output` is a file, another run's folder, a checkpoint, an input, or a
+            folder holding files of those names that the tool did not write.
+    """
+    folder = Path(output).expanduser() if output else Path(run_dir)
+    owned = (runs.ROBUSTNESS, runs.ROBUSTNESS_JSON, *PLOTS.values())
+    for name, kind in ((runs.ROBUSTNESS, "markdown"), (runs.ROBUSTNESS_JSON, "json"),
+                       *((png, "png") for png in PLOTS.values())):
+        claim_file(folder / name, kind=kind, label="--output" if output else "robustness", inputs=inputs,
+                   owner=run_dir, owned=owned)
+    return folder
 
 
 def build_result(run_dir: str | Path, clf, inputs: Inputs, logits: dict, variants: list[list[str]],

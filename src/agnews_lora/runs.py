@@ -42,7 +42,8 @@ import numpy as np
 import yaml
 
 from agnews_lora.checkpoint import atomic_write_json, atomic_write_text, read_jsonl, recover_swap
-from agnews_lora.config import Config, ConfigError, config_from_dict, to_dict
+from agnews_lora.config import Config, config_from_dict, parse_yaml, to_dict
+from agnews_lora.errors import ConfigError, OutputRefused, RunDamaged, RunLocked
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -58,10 +59,60 @@ TEACHER_LOGITS = "teacher_logits"  # the folder of teacher-logit artifacts under
 EXPORT_META = "agnews_lora.json"  # written by export beside every exported model
 ONNX_FILE = "model.onnx"
 LOCK = ".lock"
+MARKER = ".agnews-lora"  # written by the tool into every run, export and sweep folder it creates
+MARKED_KINDS = ("run", "export", "sweep")
+REPORT = "report.md"
+ROBUSTNESS = "robustness.md"  # robustness.py: with ROBUSTNESS_JSON and PNGs beside it
+ROBUSTNESS_JSON = "robustness.json"  # every number of robustness.md (the model card reads it)
+PSEUDO_LABELS = "pseudo_labels.json"  # self-training's pseudo-labelled rows
+STATE = "state.json"  # in last/: the step, epoch and sampler state to resume from
+EXPORTS = "export"  # RUN/export/FORMAT: export's default folders
 CHECKPOINTS = ("best", "last")
+CHECKPOINT_NAMES = CHECKPOINTS + tuple(f".{name}.old" for name in CHECKPOINTS)  # .NAME.old: mid-swap
 NPZ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)  # a damaged or foreign .npz
 # The AG News classes in label order; other label counts get generic names.
 AG_NEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
+
+
+# ---------------------------------------------------------------- what a folder is
+
+
+def write_marker(folder: str | Path, kind: str) -> None:
+    """Mark `folder` as the tool's own folder of `kind` ("run", "export" or "sweep"): only such a
+    folder is ever written into again or replaced (outputs.py)."""
+    if kind not in MARKED_KINDS:
+        raise ValueError(f"marker kind {kind!r}: one of {MARKED_KINDS}")
+    path = Path(folder) / MARKER
+    if read_marker(folder) != kind:
+        atomic_write_json(path, {"tool": "agnews-lora", "kind": kind, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+
+def read_marker(folder: str | Path) -> str | None:
+    """The kind the tool's marker in `folder` names; None when there is no (readable) marker."""
+    path = Path(folder) / MARKER
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    kind = data.get("kind") if isinstance(data, dict) and data.get("tool") == "agnews-lora" else None
+    return kind if kind in MARKED_KINDS else None
+
+
+def is_run_folder(folder: str | Path) -> bool:
+    """True for a run folder of this tool: marked, or written by a version before the marker
+    (a config.yaml the tool can read beside metrics.jsonl)."""
+    folder = Path(folder)
+    if read_marker(folder) is not None:
+        return read_marker(folder) == "run"
+    if not (folder / CONFIG).is_file() or not (folder / METRICS).is_file():
+        return False
+    try:
+        read_config(folder)
+    except RunDamaged:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------- config.yaml
@@ -77,22 +128,22 @@ def read_config(folder: str | Path) -> Config:
         The validated Config.
 
     Raises:
-        ConfigError: no config.yaml (not a run folder), or one that cannot be parsed (damaged run).
+        RunDamaged: no config.yaml (not a run folder), or one that cannot be parsed (damaged run).
     """
     path = Path(folder) / CONFIG
     if not path.is_file():
-        raise ConfigError(f"{folder}: not a run folder (no {CONFIG}); pass the folder `train` wrote")
+        raise RunDamaged(f"{folder}: not a run folder (no {CONFIG}); pass the folder `train` wrote")
     try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: the run is damaged: {CONFIG} is not valid YAML ({err})") from None
+        data = parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    except (yaml.YAMLError, UnicodeDecodeError, ConfigError) as err:
+        raise RunDamaged(f"{path}: the run is damaged: {CONFIG} is not valid YAML ({err})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the run is damaged: {CONFIG} holds {type(data).__name__}, not the "
+        raise RunDamaged(f"{path}: the run is damaged: {CONFIG} holds {type(data).__name__}, not the "
                           "run's settings; restore it or train again")
     try:
         return config_from_dict(data)
     except ConfigError as err:
-        raise ConfigError(f"{path}: the run is damaged or from another version: {err}") from None
+        raise RunDamaged(f"{path}: the run is damaged or from another version: {err}") from None
 
 
 def write_config(cfg: Config, folder: str | Path) -> None:
@@ -105,7 +156,10 @@ def saved_settings(folder: str | Path) -> dict:
     path = Path(folder) / CONFIG
     if not path.is_file():
         return {}
-    data = yaml.safe_load(path.read_text())
+    try:
+        data = parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    except (yaml.YAMLError, UnicodeDecodeError, ConfigError) as err:
+        raise RunDamaged(f"{path}: the run is damaged: {CONFIG} cannot be read ({err})") from None
     return data if isinstance(data, dict) else {}
 
 
@@ -114,7 +168,7 @@ def saved_settings(folder: str | Path) -> dict:
 
 def read_records(path: str | Path) -> list[dict]:
     """The records of a JSONL log (metrics.jsonl, train_log.jsonl); a torn last line (power loss
-    mid-write) is dropped with a warning; an unparsable earlier line is a ConfigError."""
+    mid-write) is dropped with a warning; an unparsable earlier line is a RunDamaged error."""
     return read_jsonl(path)
 
 
@@ -142,7 +196,7 @@ def read_json(path: str | Path) -> dict | None:
     """A JSON file of the run (summary, test metrics, teacher record); None when absent.
 
     Raises:
-        ConfigError: the file exists but is not valid JSON (the run is damaged).
+        RunDamaged: the file exists but is not valid JSON (the run is damaged).
     """
     path = Path(path)
     if not path.is_file():
@@ -150,7 +204,7 @@ def read_json(path: str | Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: the run is damaged: not valid JSON ({err})") from None
+        raise RunDamaged(f"{path}: the run is damaged: not valid JSON ({err})") from None
 
 
 def write_summary(run_dir: str | Path, summary: dict) -> None:
@@ -184,7 +238,7 @@ def read_predictions(path: str | Path) -> dict | None:
     scores its test rows again).
 
     Raises:
-        ConfigError: the file is damaged.
+        RunDamaged: the file is damaged.
     """
     path = Path(path)
     if not path.is_file():
@@ -193,10 +247,10 @@ def read_predictions(path: str | Path) -> dict | None:
         with np.load(path) as z:
             labels, logits, source = z["labels"], z["logits"], str(z["source"])
     except NPZ_ERRORS as err:
-        raise ConfigError(f"{path}: damaged predictions file ({type(err).__name__}: {str(err)[:120]}); delete it "
+        raise RunDamaged(f"{path}: damaged predictions file ({type(err).__name__}: {str(err)[:120]}); delete it "
                           "and write it again with `agnews-lora evaluate RUN --predictions FILE`") from None
     if logits.ndim != 2 or len(labels) != len(logits):
-        raise ConfigError(f"{path}: damaged predictions file ({len(labels)} labels for logits of shape "
+        raise RunDamaged(f"{path}: damaged predictions file ({len(labels)} labels for logits of shape "
                           f"{logits.shape}); delete it and write it again with `agnews-lora evaluate`")
     return {"labels": labels, "logits": logits, "preds": logits.argmax(-1), "source": source}
 
@@ -239,37 +293,37 @@ def checkpoint_dir(run_dir: str | Path, name: str = "best") -> Path:
     in), the previous checkpoint is read where it lies.
 
     Raises:
-        ConfigError: no such checkpoint (training never reached an evaluation).
+        RunDamaged: no such checkpoint (training never reached an evaluation).
     """
     dest = Path(run_dir) / name
     for candidate in (dest, dest.with_name(f".{name}.old")):
         if (candidate / "adapter_model.safetensors").is_file():
             return candidate
     if dest.is_dir() or any(Path(run_dir).glob(f".{name}.tmp*")):
-        raise ConfigError(f"{dest}: the run is being written or is damaged (no adapter_model.safetensors); "
+        raise RunDamaged(f"{dest}: the run is being written or is damaged (no adapter_model.safetensors); "
                           "retry when training has saved it")
-    raise ConfigError(f"{dest}: no adapter_model.safetensors; did training finish an evaluation?")
+    raise RunDamaged(f"{dest}: no adapter_model.safetensors; did training finish an evaluation?")
 
 
 def folder_kind(path: str | Path) -> str:
     """'run', 'merged' or 'onnx': what `Classifier.load` will find in the folder.
 
     Raises:
-        ConfigError: the folder is none of them.
+        RunDamaged: the folder is none of them.
     """
     path = Path(path)
     if not path.is_dir():
-        raise ConfigError(f"{path}: no such folder; pass a run folder (train) or an exported folder (export)")
+        raise RunDamaged(f"{path}: no such folder; pass a run folder (train) or an exported folder (export)")
     if (path / EXPORT_META).is_file():
         kind = read_export_meta(path).get("format")
         if kind not in ("merged", "onnx"):
-            raise ConfigError(f"{path / EXPORT_META}: the export is damaged (format {kind!r}); export again")
+            raise RunDamaged(f"{path / EXPORT_META}: the export is damaged (format {kind!r}); export again")
         return kind
     if (path / CONFIG).is_file():
         return "run"
     if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
         return "merged"  # any transformers sequence-classification folder
-    raise ConfigError(f"{path}: not a run folder ({CONFIG}), an exported folder ({EXPORT_META}) or a "
+    raise RunDamaged(f"{path}: not a run folder ({CONFIG}), an exported folder ({EXPORT_META}) or a "
                       "transformers model folder (config.json + *.safetensors)")
 
 
@@ -277,7 +331,7 @@ def read_export_meta(folder: str | Path) -> dict:
     """Export metadata beside an exported model ({} for a plain transformers folder)."""
     meta = read_json(Path(folder) / EXPORT_META)
     if meta is not None and not isinstance(meta, dict):
-        raise ConfigError(f"{Path(folder) / EXPORT_META}: the export is damaged (not a JSON object)")
+        raise RunDamaged(f"{Path(folder) / EXPORT_META}: the export is damaged (not a JSON object)")
     return meta or {}
 
 
@@ -293,16 +347,6 @@ def exported_config(folder: str | Path) -> tuple[Config, dict]:
     if "max_length" in meta:
         cfg.data.max_length = int(meta["max_length"])
     return cfg, meta
-
-
-def is_inside_model_folder(path: str | Path) -> Path | None:
-    """The run or model folder that `path` (a file to write) would lie in, else None."""
-    for folder in Path(path).resolve().parents:
-        if (folder / CONFIG).is_file() or (folder / EXPORT_META).is_file() or (folder / "adapter_config.json").is_file():
-            return folder
-        if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
-            return folder
-    return None
 
 
 # ---------------------------------------------------------------- teacher logits and the teacher
@@ -337,7 +381,7 @@ def read_teacher_logits(path: str | Path) -> TeacherLogits | None:
     """The artifact stored at `path`; None when there is none.
 
     Raises:
-        ConfigError: the file is damaged (unreadable, or its parts do not fit together).
+        RunDamaged: the file is damaged (unreadable, or its parts do not fit together).
     """
     path = Path(path)
     if not path.is_file():
@@ -351,11 +395,11 @@ def read_teacher_logits(path: str | Path) -> TeacherLogits | None:
                                      computed_seconds=float(z["seconds"]),
                                      val_overlap=None if overlap < 0 else overlap)
     except NPZ_ERRORS as err:
-        raise ConfigError(f"{path}: the teacher-logit cache is damaged ({type(err).__name__}: {str(err)[:120]}); "
+        raise RunDamaged(f"{path}: the teacher-logit cache is damaged ({type(err).__name__}: {str(err)[:120]}); "
                           "delete it and distill again to recompute it") from None
     if artifact.key != path.stem or len(artifact.train) != len(artifact.train_rows) or \
             len(artifact.val) != len(artifact.val_rows):
-        raise ConfigError(f"{path}: the teacher-logit cache is damaged (its key or row ids do not fit its "
+        raise RunDamaged(f"{path}: the teacher-logit cache is damaged (its key or row ids do not fit its "
                           "logits); delete it and distill again to recompute it")
     return artifact
 
@@ -440,7 +484,7 @@ def writer_lock(run_dir: str | Path) -> Iterator[None]:
     (accelerate), only the main process (RANK 0) locks: the others write nothing of their own.
 
     Raises:
-        ConfigError: another live process is writing this run folder.
+        RunLocked: another live process is writing this run folder.
     """
     run_dir = Path(run_dir)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -455,7 +499,7 @@ def writer_lock(run_dir: str | Path) -> Iterator[None]:
         path = run_dir / LOCK
         fh = _try_lock(path)
         if fh is None:
-            raise ConfigError(f"out_dir: {run_dir} is being written by {_holder(path)}; wait for it to "
+            raise RunLocked(f"out_dir: {run_dir} is being written by {_holder(path)}; wait for it to "
                               "finish, or choose another out_dir/name")
         fh.seek(0)
         fh.truncate()
@@ -473,6 +517,16 @@ def writer_lock(run_dir: str | Path) -> Iterator[None]:
             fh.close()
             if created and not any(run_dir.iterdir()):  # refused before writing: leave no empty folder
                 run_dir.rmdir()
+
+
+def refuse_links(run_dir: str | Path) -> None:
+    """Refuse a run folder holding a symbolic link among its entries (a linked best/ or last/
+    would be written through); the writer calls it before writing anything."""
+    run_dir = Path(run_dir)
+    links = [p.name for p in run_dir.iterdir() if p.is_symlink()] if run_dir.is_dir() else []
+    if links:
+        raise OutputRefused(f"{run_dir}: holds symbolic links ({', '.join(sorted(links))}); the tool never writes "
+                            "through links in its folders; replace them with real folders or files")
 
 
 def recover(run_dir: str | Path) -> None:
@@ -510,6 +564,7 @@ def prepare_run_dir(run_dir: Path, cfg: Config) -> bool:
     Raises:
         ConfigError: a fresh run into a used folder, or a resume with other model/lora/data settings.
     """
+    refuse_links(run_dir)
     recover(run_dir)
     last = run_dir / "last"
     if cfg.train.resume and last.is_dir():
@@ -519,10 +574,85 @@ def prepare_run_dir(run_dir: Path, cfg: Config) -> bool:
             if old.get(section, defaults[section]) != to_dict(cfg)[section]:
                 raise ConfigError(f"train.resume: {section}.* differs from the run in {run_dir}; "
                                   "resume with the same settings or choose another out_dir")
+        write_marker(run_dir, "run")  # a run of a version before the marker
         write_config(cfg, run_dir)  # the run goes on under these train.* settings
         return True
     refuse_existing_run(run_dir, resume=False)
     run_dir.mkdir(parents=True, exist_ok=True)
+    write_marker(run_dir, "run")
     (run_dir / TRAIN_LOG).unlink(missing_ok=True)  # from a start that never reached a checkpoint
     write_config(cfg, run_dir)
     return False
+
+
+# ---------------------------------------------------------------- the run folder as one object
+
+# Where a run lives, not how it is trained: may differ between two invocations of the same run.
+NOT_SETTINGS = ("out_dir", "train.resume", "train.progress", "data.cache_dir", "distill.teacher")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """One run folder: where its files are, what state it is in, and its saved records.
+
+    Commands, experiments and benchmarks ask it instead of spelling a run file's name.
+    `status` is "done" (summary.json: training finished), "resume" (a complete last/
+    checkpoint: `train.resume=true` continues it), "restart" (the tool's folder, interrupted
+    before its first checkpoint), "foreign" (a folder the tool did not write) or "new".
+    """
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path).expanduser())
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def best(self) -> Path:
+        return self.path / "best"
+
+    @property
+    def last(self) -> Path:
+        return self.path / "last"
+
+    @property
+    def status(self) -> str:
+        if (self.path / SUMMARY).is_file():
+            return "done"
+        if (self.last / STATE).is_file():  # last/ is swapped in whole, never half-written
+            return "resume"
+        if not self.path.exists() or (self.path.is_dir() and not any(self.path.iterdir())):
+            return "new"
+        return "restart" if read_marker(self.path) == "run" or (self.path / CONFIG).is_file() else "foreign"
+
+    def steps_done(self) -> int:
+        """The step of the last checkpoint (0 when there is none)."""
+        path = self.last / STATE
+        return int(json.loads(path.read_text())["step"]) if path.is_file() else 0
+
+    def config(self) -> Config:
+        return read_config(self.path)
+
+    def summary(self) -> dict | None:
+        return read_summary(self.path)
+
+    def test_metrics(self) -> dict | None:
+        return read_json(self.path / TEST_METRICS)
+
+    def test_predictions(self) -> dict | None:
+        return read_predictions(self.path / TEST_PREDICTIONS)
+
+    def settings_changes(self, cfg: Config) -> list[str]:
+        """The config keys whose saved value differs from `cfg` (where the run lives ignored)."""
+        saved, now = _flat(to_dict(self.config())), _flat(to_dict(cfg))
+        return [f"{k}: {saved.get(k)!r} there, {now.get(k)!r} now" for k in sorted(saved.keys() | now.keys())
+                if k not in NOT_SETTINGS and saved.get(k) != now.get(k)]

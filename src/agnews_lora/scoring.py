@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Sequence
 
 from agnews_lora import runs
-from agnews_lora.config import ConfigError
 from agnews_lora.data import Split
+from agnews_lora.errors import ConfigError, OutputRefused
+from agnews_lora.outputs import claim_file
 
 EVAL_FILE = runs.EVAL
 
@@ -73,6 +74,7 @@ def evaluate_folder(path: str | Path, data: Sequence[str] | None = None, output:
     from agnews_lora.evaluate import compute_metrics
     from agnews_lora.predict import Classifier
 
+    out = claim_evaluation_outputs(path, data=data, output=output, predictions=predictions)
     clf = Classifier.load(path, precision=precision, threads=threads)
     split = evaluation_split(clf, data)
     logits = clf.predict_logits(split.texts, batch_size=batch_size, progress=progress)
@@ -80,11 +82,35 @@ def evaluate_folder(path: str | Path, data: Sequence[str] | None = None, output:
     metrics["data"] = split.source
     if teacher and (Path(path) / runs.TEACHER).is_file():
         metrics["teacher"] = evaluate_teacher(path, split, batch_size=batch_size, precision=precision)
-    out = Path(output) if output else Path(path) / EVAL_FILE
     runs.write_eval(out, metrics)
     if predictions is not None:
         runs.write_predictions(predictions, split.labels, logits, split.source)
     return Evaluation(metrics=metrics, output=out, classifier=clf)
+
+
+def claim_evaluation_outputs(path: str | Path, data: Sequence[str] | None, output: str | Path | None,
+                             predictions: str | Path | None) -> Path:
+    """Check, before any work, the files `evaluate_folder` will write (outputs.claim_file).
+
+    The metrics may be PATH/eval.json; the predictions may be PATH/test_predictions.npz only
+    for the run's own test rows (no `data`): that is the file train writes for them.
+
+    Returns:
+        The metrics file to write.
+
+    Raises:
+        OutputRefused: an output is an input, a file of the run or another model folder, a
+            folder, or the same file as the other output.
+    """
+    inputs = list(data or [])
+    out = claim_file(output if output else Path(path) / EVAL_FILE, kind="metrics", label="--output",
+                     inputs=inputs, owner=path, owned=(EVAL_FILE,))
+    if predictions is not None:
+        pred = claim_file(predictions, kind="npz", label="--predictions", inputs=inputs, owner=path,
+                          owned=() if data else (runs.TEST_PREDICTIONS,))
+        if pred.resolve() == out.resolve():
+            raise OutputRefused(f"--predictions {predictions}: is also the metrics file; name another file")
+    return out
 
 
 def evaluate_teacher(run_dir: str | Path, split: Split, batch_size: int = 64, precision: str = "auto") -> dict:

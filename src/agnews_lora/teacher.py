@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from agnews_lora import runs
-from agnews_lora.config import Config, ConfigError
+from agnews_lora.config import Config
+from agnews_lora.errors import ConfigError
 from agnews_lora.data import LABEL_NAMES, tokenizer_fingerprint
 from agnews_lora.losses import cross_entropy
 from agnews_lora.precision import autocast_dtype

@@ -15,7 +15,8 @@ import importlib.util
 from dataclasses import asdict
 from pathlib import Path
 
-from agnews_lora.config import Config, ConfigError
+from agnews_lora.config import Config
+from agnews_lora.errors import ConfigError
 from agnews_lora.extras import require
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")

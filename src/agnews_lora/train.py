@@ -20,10 +20,12 @@ from agnews_lora import methods, runs, tracking
 from agnews_lora.averaging import WeightAverage
 from agnews_lora.calibration import expected_calibration_error, fit_temperature, nll, softmax
 from agnews_lora.card import write_run_card
-from agnews_lora.config import Config, ConfigError
+from agnews_lora.config import Config
+from agnews_lora.errors import ConfigError, Diverged
 from agnews_lora.data import LengthGroupedSampler, load_splits, make_loader, row_ids, seed_everything, tokenize
 from agnews_lora.evaluate import compute_metrics
 from agnews_lora.losses import DistillTerm, cross_entropy
+from agnews_lora.outputs import claim_folder
 from agnews_lora.model import (Breakdown, budget_breakdown, build_model, check_budget, check_max_length,
                                count_trainable, load_tokenizer)
 from agnews_lora.perturb import SUITE, augment_texts, parse_specs, perturb_texts
@@ -176,7 +178,7 @@ def train(cfg: Config, distill_term: DistillTerm | None = None) -> Path:
     Returns:
         The run folder holding config.yaml, metrics.jsonl, best/ (adapter + head), summary.json.
     """
-    run_dir = run_dir_for(cfg)
+    run_dir = claim_folder(run_dir_for(cfg), kind="run", label="out_dir")
     breakdown = preflight(cfg)
     with runs.writer_lock(run_dir):  # one writer per run folder; released however train ends
         return _train(cfg, run_dir, breakdown, distill_term)
@@ -475,12 +477,37 @@ class _Window:
     def __init__(self, device: torch.device):
         self.loss, self.batches = torch.zeros((), device=device), 0
         self.tokens = torch.zeros((), dtype=torch.long, device=device)
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # a nan/inf loss or gradient norm
+        self.checked_step = 0  # the last step known to be finite
         self.start = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, attention_mask: torch.Tensor) -> None:
-        self.loss += loss.detach()
+    def add(self, loss: torch.Tensor, attention_mask: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
+        loss = loss.detach()
+        self.loss += loss
         self.batches += 1
         self.tokens += attention_mask.sum()
+        self.nonfinite |= ~torch.isfinite(loss)  # on the device: no wait for the accelerator here
+        if grad_norm is not None:
+            self.nonfinite |= ~torch.isfinite(grad_norm)
+
+    def check(self, prog: Progress, cfg: Config) -> None:
+        """Stop a diverged run before it logs, evaluates or saves anything more (called where the
+        loop reads the device anyway).
+
+        Raises:
+            Diverged: a loss or gradient norm since the last check was not finite.
+        """
+        if not bool(self.nonfinite):
+            self.checked_step = prog.step
+            return
+        clip = f"train.max_grad_norm={cfg.train.max_grad_norm:g}" if cfg.train.max_grad_norm > 0 else \
+            "gradient clipping off (train.max_grad_norm=0)"
+        raise Diverged(
+            f"training diverged: a loss or gradient became nan/inf between step {self.checked_step} and step "
+            f"{prog.step} (train.lr={cfg.train.lr:g}, {clip}, precision {cfg.train.precision}). Likely cause: a "
+            "learning rate too high for this method and size; lower train.lr (or turn clipping on). Nothing was "
+            f"saved from the diverged model: last/ and best/ hold the checkpoints of step {self.checked_step} or "
+            "earlier; start again, or continue with train.resume=true and a lower train.lr")
 
     def flush(self, prog: Progress) -> float:
         """Move the tokens counted on the device into `prog.tokens`; return the training seconds
@@ -520,15 +547,16 @@ def _loop(ctx: _LoopContext, prog: Progress) -> None:
             with acc.accumulate(ctx.model):
                 loss = _loss(ctx, batch)
                 acc.backward(loss)
+                grad_norm = None
                 if acc.sync_gradients and cfg.train.max_grad_norm > 0:
-                    acc.clip_grad_norm_(ctx.model.parameters(), cfg.train.max_grad_norm)
+                    grad_norm = acc.clip_grad_norm_(ctx.model.parameters(), cfg.train.max_grad_norm)
                 ctx.optimizer.step()
                 if ctx.adalora is not None and acc.sync_gradients:  # peft: after the step, before zero_grad
                     ctx.adalora.after_step(prog.step + 1)
                 ctx.optimizer.zero_grad(set_to_none=True)
             prog.batches_in_epoch += 1
             prog.examples += len(batch["labels"])
-            window.add(loss, batch["attention_mask"])
+            window.add(loss, batch["attention_mask"], grad_norm)
             if not acc.sync_gradients:
                 continue
             if ctx.average is not None:
@@ -537,6 +565,7 @@ def _loop(ctx: _LoopContext, prog: Progress) -> None:
             prog.step += 1
             bar.update(1)
             if prog.step % cfg.train.log_every == 0 or prog.step == ctx.total_steps:
+                window.check(prog, cfg)
                 seconds = window.flush(prog)
                 rate = prog.examples / max(seconds, 1e-9)
                 record = {"step": prog.step, "epoch": prog.epoch + 1, "loss": window.take_loss(),
@@ -549,6 +578,7 @@ def _loop(ctx: _LoopContext, prog: Progress) -> None:
             epoch_done = prog.batches_in_epoch >= len(ctx.train_loader)
             eval_now = (cfg.train.eval_every and prog.step % cfg.train.eval_every == 0)
             if eval_now or prog.step == ctx.total_steps or epoch_done:
+                window.check(prog, cfg)  # never evaluate or save a diverged model
                 prog.train_seconds = window.flush(prog)
                 if epoch_done:
                     prog.epoch, prog.batches_in_epoch = prog.epoch + 1, 0
