@@ -349,3 +349,30 @@ def test_18_the_report_title_is_inert(tmp_path):
 
     assert inert("<img src=x onerror=alert(1)>\n## Injected: test accuracy 0.99") == \
         "&lt;img src=x onerror=alert(1)&gt; ## Injected: test accuracy 0.99"
+
+
+def test_the_python_api_applies_the_runs_prior_default_as_the_cli_does(run, ag_files, tmp_path, capsys):
+    """Issue 25.5: predict_file without a prior uses the run's predict.prior, like `predict`."""
+    from agnews_lora.data import read_files
+    from agnews_lora.predict import Classifier, predict_file, resolve_prior
+
+    cfg = runs.read_config(run)
+    cfg.predict.prior = "uniform"
+    runs.write_config(cfg, run)
+    try:
+        clf = Classifier.load(run, precision="fp32")
+        assert resolve_prior(clf, "run") == ("uniform", None) and resolve_prior(clf, "none") == (None, None)
+        _, api = predict_file(clf, [str(ag_files["test"])], tmp_path / "api.csv", progress=False)
+        code, err = cli(["predict", run, "--input", ag_files["test"], "--output", tmp_path / "cli.csv"], capsys)
+        assert code == 0, err
+        assert (tmp_path / "api.csv").read_text() == (tmp_path / "cli.csv").read_text()
+        texts = read_files([ag_files["test"]]).texts
+        uniform = clf.probabilities(clf.predict_logits(texts), prior="uniform")
+        assert api == uniform.argmax(-1).tolist()
+        _, plain = predict_file(clf, [str(ag_files["test"])], tmp_path / "plain.csv", prior=None, progress=False)
+        assert plain == clf.predict_logits(texts).argmax(-1).tolist()  # None: the training prior
+        with pytest.raises(ConfigError, match="shift_threshold goes with prior 'match-shifted'"):
+            resolve_prior(clf, "uniform", 0.5)
+    finally:
+        cfg.predict.prior = ""
+        runs.write_config(cfg, run)

@@ -150,31 +150,29 @@ def cmd_evaluate(args) -> None:
 def cmd_predict(args) -> None:
     from agnews_lora.data import read_files
     from agnews_lora.evaluate import compute_metrics
-    from agnews_lora.predict import Classifier, check_output, parse_prior, predict_file, probabilities_path
-    from agnews_lora.shift import check_threshold
+    from agnews_lora.predict import RUN_PRIOR, Classifier, check_output, predict_file, probabilities_path, resolve_prior
 
     # before the model loads, not after every prediction
     check_output(args.output, inputs=[*args.input, *(args.reference or [])], probs=args.probs)
     _use_threads(args.threads)
     clf = Classifier.load(args.run_dir, precision=args.precision, threads=args.threads)
-    prior, threshold = args.prior, args.shift_threshold
-    if prior is None and clf.cfg.predict.prior:  # the run's own default (config predict.prior)
-        prior = clf.cfg.predict.prior
-        print(f"prior: {prior} (the run's predict.prior; --prior none for the training prior)")
-    if prior == "none":
-        prior = None
-    if prior is not None:
-        parse_prior(prior, clf.num_labels)  # a bad value fails before any prediction
-    if (args.reference or threshold is not None) and prior != "match-shifted":
+    try:  # the library decides (the run's predict.prior when --prior is not given), as from Python
+        prior, threshold = resolve_prior(clf, args.prior or RUN_PRIOR, args.shift_threshold)
+    except ConfigError as err:
+        raise ConfigError(str(err).replace("shift_threshold goes with prior 'match-shifted'", "--reference and "
+                          "--shift-threshold go with --prior match-shifted").replace("shift_threshold",
+                                                                                    "--shift-threshold")) from None
+    if args.reference and prior != "match-shifted":
         raise ConfigError("--reference and --shift-threshold go with --prior match-shifted")
-    if threshold is not None:
-        check_threshold(threshold, "--shift-threshold")
-    if threshold is None and prior == "match-shifted":
-        threshold = clf.cfg.predict.shift_threshold
+    if args.prior is None and prior is not None:
+        print(f"prior: {clf.cfg.predict.prior} (the run's predict.prior; --prior none for the training prior)")
     reference = read_files(args.reference, clf.num_labels).texts if args.reference else None
     split, preds = predict_file(clf, args.input, args.output, batch_size=args.batch_size, prior=prior,
                                 probs=args.probs, reference=reference, shift_threshold=threshold,
                                 reference_files=args.reference or ())
+    skipped = (clf.last_prior or {}).get("skipped")
+    if skipped and prior in ("em", "match"):
+        print(f"prior {prior}: {skipped}; nothing changed")
     if clf.last_shift is not None:
         info = clf.last_shift
         print(f"match-shifted: {info['shifted_rows']:,} of {info['rows']:,} rows scored above {info['threshold']} "

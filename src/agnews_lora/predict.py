@@ -393,23 +393,63 @@ def check_output(output: str | Path, inputs: Sequence[str | Path] = (), probs: b
         claim_file(probabilities_path(output), kind="predictions", label="--probs", inputs=inputs)
 
 
+RUN_PRIOR = "run"  # predict_file's default prior: the run's predict.prior (config); empty = the training prior
+
+
+def resolve_prior(clf: Classifier, prior: str | Sequence[float] | None,
+                  shift_threshold: float | None = None) -> tuple[str | Sequence[float] | None, float | None]:
+    """The prior and shift threshold a prediction call uses, checked before any prediction.
+
+    Args:
+        clf: the loaded model (its config holds the run's defaults).
+        prior: RUN_PRIOR ("run": the run's predict.prior), None or "none" (the training
+            prior), or a prior `Classifier.probabilities` takes.
+        shift_threshold: "match-shifted" only; None: the run's predict.shift_threshold.
+
+    Returns:
+        (prior or None, threshold or None).
+
+    Raises:
+        ConfigError: a bad prior, or a threshold without "match-shifted".
+    """
+    from agnews_lora.shift import check_threshold
+
+    if isinstance(prior, str) and prior == RUN_PRIOR:
+        prior = clf.cfg.predict.prior or None
+    if isinstance(prior, str) and prior == "none":
+        prior = None
+    if prior is not None:
+        parse_prior(prior, clf.num_labels)  # a bad value fails before any prediction
+    if shift_threshold is not None:
+        if not (isinstance(prior, str) and prior == "match-shifted"):
+            raise ConfigError("shift_threshold goes with prior 'match-shifted'")
+        check_threshold(shift_threshold, "shift_threshold")
+    elif isinstance(prior, str) and prior == "match-shifted":
+        shift_threshold = clf.cfg.predict.shift_threshold
+    return prior, shift_threshold
+
+
 def predict_file(clf: Classifier, inputs: Sequence[str], output: str | Path, batch_size: int = 64,
-                 progress: bool = True, prior: str | Sequence[float] | None = None,
+                 progress: bool = True, prior: str | Sequence[float] | None = RUN_PRIOR,
                  probs: bool = False, reference: Sequence[str] | None = None,
                  shift_threshold: float | None = None,
                  reference_files: Sequence[str | Path] = ()) -> tuple[Split, list[int]]:
     """Predict every row of the input file(s) and write `ID,Label` to `output` (checked first).
 
     Args:
-        prior: None, "uniform", "em" (re-estimated over all rows of the input), "match" /
-            "match-shifted" (see `Classifier.probabilities`) or shares per class: labels are then
-            the argmax of the prior-corrected probabilities.
-        reference, shift_threshold: for "match-shifted", as in `Classifier.probabilities`.
+        prior: RUN_PRIOR (default: the run's predict.prior, as `agnews-lora predict` without
+            --prior), None or "none" (the training prior), "uniform", "em" (re-estimated over all
+            rows of the input), "match" / "match-shifted" (see `Classifier.probabilities`) or
+            shares per class: labels are then the argmax of the prior-corrected probabilities
+            (`resolve_prior`).
+        reference, shift_threshold: for "match-shifted", as in `Classifier.probabilities`
+            (threshold default: the run's predict.shift_threshold).
         probs: also write the (temperature-scaled, prior-corrected) probabilities to
             `probabilities_path(output)`.
         reference_files: the files `reference` was read from (never written over).
     """
     check_output(output, [*inputs, *(reference_files or ())], probs=probs)
+    prior, shift_threshold = resolve_prior(clf, prior, shift_threshold)
     split = read_files(inputs, num_labels=clf.num_labels)
     if prior == "match-shifted" and reference is not None:
         from agnews_lora.shift import check_reference
