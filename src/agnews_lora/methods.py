@@ -42,6 +42,11 @@ SMALLEST_SIZE = {"adalora": 2}  # AdaLoRA allocates ranks below init_r: at least
 NAMES = {"lora": "LoRA", "dora": "DoRA", "adalora": "AdaLoRA", "ia3": "IA3", "vera": "VeRA", "loha": "LoHa",
          "lokr": "LoKr", "prompt": "Prompt tuning", "prefix": "Prefix tuning", "bitfit": "BitFit"}
 assert set(SIZE_KEYS) == set(NAMES) == set(PEFT_METHODS)
+# The largest value of any size option: far past every encoder's width (no useful setting is refused,
+# and the planner searches up to it); beyond it a real build needs gigabytes per adapted module and,
+# from about 1e16, even a meta tensor's element count overflows.
+MAX_SIZE = 1 << 20
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed takes (VeRA's projection_prng_key)
 
 
 def with_size(cfg: Config, size: int) -> Config:
@@ -70,6 +75,19 @@ def size_of(cfg: Config) -> int | None:
     for part in key.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def check_sizes(cfg: Config) -> None:
+    """Raise ConfigError when the method's size option exceeds MAX_SIZE or VeRA's projection_prng_key
+    is no 64-bit seed: before peft builds anything (it would fail with an overflow traceback)."""
+    size, key = size_of(cfg), SIZE_KEYS[cfg.peft.method]
+    if size is not None and size > MAX_SIZE:
+        raise ConfigError(f"{key}={size:,} is beyond any useful size; use at most {MAX_SIZE:,} (most methods gain "
+                          "nothing past the backbone's width, e.g. 768 for roberta-base)")
+    seed = cfg.peft.vera.projection_prng_key
+    if cfg.peft.method == "vera" and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise ConfigError(f"peft.vera.projection_prng_key={seed} is not a 64-bit seed; use an integer in "
+                          f"[{SEED_RANGE[0]}, {SEED_RANGE[1]}] (e.g. 0)")
 
 
 def describe(cfg: Config) -> str:
@@ -110,9 +128,13 @@ def peft_config(cfg: Config, target: str | None, feedforward: str | None, module
 
     Returns:
         A peft config for `get_peft_model`.
+
+    Raises:
+        ConfigError: a size option or VeRA's seed out of range (`check_sizes`).
     """
     import peft
 
+    check_sizes(cfg)
     m, p, lora = cfg.peft.method, cfg.peft, cfg.lora
     common = {"task_type": "SEQ_CLS", "modules_to_save": modules_to_save}
     if m in ("lora", "dora"):

@@ -6,7 +6,7 @@ import logging
 import re
 import warnings
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +16,7 @@ from torch import nn
 from agnews_lora import methods
 from agnews_lora.config import Config, ConfigError
 from agnews_lora.data import LABEL_NAMES
+from agnews_lora.errors import BudgetError
 
 # Canonical module names (RoBERTa's) -> path inside one encoder layer, per architecture.
 _BERT_LIKE = {
@@ -33,8 +34,6 @@ GROUPS = {"dense": ["attn_out", "ffn_in", "ffn_out"], "attention": ["query", "ke
           "all": ["query", "key", "value", "attn_out", "ffn_in", "ffn_out"]}
 
 
-class BudgetError(ValueError):
-    """The configuration trains more parameters than the budget allows."""
 
 
 # ---------------------------------------------------------------- loading
@@ -300,7 +299,11 @@ def add_adapters(model: nn.Module, cfg: Config, modules_to_save: list[str], meta
             feedforward = _ia3_feedforward(model, cfg)
     config = methods.peft_config(cfg, target=target, feedforward=feedforward, modules_to_save=modules_to_save,
                                  meta=meta)
-    model = get_peft_model(model, config)
+    # peft creates new adapter tensors (VeRA's shared projections, LoRA's A/B, prompt embeddings) on
+    # the default device and only then moves them beside their layer: for a meta count that default
+    # must be meta too, or counting allocates memory in proportion to the size options.
+    with torch.device("meta") if meta else nullcontext():
+        model = get_peft_model(model, config)
     if method == "adalora":
         # AdaLoRA's rank counter is a frozen Parameter; moved to the meta device it comes back
         # trainable, and a meta count would exceed the real model's by one per adapted module.

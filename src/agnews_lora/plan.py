@@ -63,7 +63,7 @@ def plan_one(cfg: Config, modules: list[str], layers: list[int] | None, head: st
     two = budget_breakdown(_variant(cfg, modules=modules, layers=layers, head=head, r=2))
     per_rank = two.total - one.total
     fixed = one.total - per_rank
-    r = (cfg.budget.max_trainable - fixed) // per_rank
+    r = min(methods.MAX_SIZE, (cfg.budget.max_trainable - fixed) // per_rank)  # larger ranks are refused
     if r < 1:
         return None, one, per_rank
     chosen = {1: one, 2: two}.get(r) or budget_breakdown(_variant(cfg, modules=modules, layers=layers,
@@ -120,7 +120,7 @@ def plan_to_dicts(rows: list[PlanRow]) -> list[dict]:
 
 # ---------------------------------------------------------------- every PEFT method
 
-SEARCH_CAP = 1 << 20  # sizes searched up to this where nothing structural bounds them
+SEARCH_CAP = methods.MAX_SIZE  # sizes searched up to this where nothing structural bounds them
 
 
 @dataclass

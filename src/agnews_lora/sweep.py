@@ -21,8 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agnews_lora import methods
 from agnews_lora.checkpoint import atomic_write_text
 from agnews_lora.config import Config, ConfigError, config_from_dict, to_dict
+from agnews_lora.errors import finite
 
 MAX_RETRIES = 2  # a trial whose worker keeps dying is re-queued at most this often
 _RESERVED = ("out_dir", "name", "sweep.", "train.resume")
@@ -57,11 +59,16 @@ def _label(choice: Any) -> Any:
 def parse_space(cfg: Config) -> list[Param]:
     """Check `sweep.space` and turn it into Params; every bound and choice is tried on the config.
 
+    Everything is checked here, before a sweep creates its folder or storage.
+
     Args:
         cfg: the sweep's base config.
 
     Returns:
         The Params, in file order.
+
+    Raises:
+        ConfigError: naming the key (and the spec's field) that is wrong.
     """
     if not cfg.sweep.space:
         raise ConfigError("sweep.space is empty: give dotted config keys with a spec, e.g. "
@@ -71,33 +78,74 @@ def parse_space(cfg: Config) -> list[Param]:
         where = f"sweep.space.{key}"
         if key.startswith(_RESERVED):
             raise ConfigError(f"{where}: this key is set by the sweep itself and cannot be searched")
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{where}: expected a spec such as {{type: int, low: 4, high: 16}}, got {spec!r}")
         kind = spec.get("type")
         if kind in ("int", "float"):
-            extra = set(spec) - {"type", "low", "high", "step", "log"}
-            if (extra or "low" not in spec or "high" not in spec or not spec["low"] <= spec["high"]
-                    or (spec.get("log") and spec.get("step"))):
-                raise ConfigError(f"{where}: {kind} needs low <= high and optionally step or log (not both), "
-                                  f"got {spec}")
-            param = Param(key, kind, low=spec["low"], high=spec["high"], step=spec.get("step"),
-                          log=bool(spec.get("log", False)))
+            param = _range_param(key, kind=kind, spec=spec)
             values = [param.low, param.high]
         elif kind == "categorical":
-            choices = spec.get("choices")
-            if not isinstance(choices, list) or not choices or set(spec) != {"type", "choices"}:
-                raise ConfigError(f"{where}: categorical needs a non-empty list `choices`, got {spec}")
-            labels = {_label(c): c for c in choices}
-            if len(labels) != len(choices):
-                raise ConfigError(f"{where}: choices repeat a value: {choices}")
-            param, values = Param(key, kind, choices=labels), choices
+            param = _categorical_param(key, spec)
+            values = list(param.choices.values())
         else:
             raise ConfigError(f"{where}: type must be int, float or categorical, got {kind!r}")
         for value in values:
             try:
-                apply_values(cfg, {key: value})
+                methods.check_sizes(apply_values(cfg, {key: value}))  # sizes too large to build are refused now
             except ConfigError as err:
                 raise ConfigError(f"{where}: value {value!r} does not fit the config: {err}") from None
         params.append(param)
     return params
+
+
+def _range_param(key: str, kind: str, spec: dict) -> Param:
+    """An int or float dimension, every field checked (Optuna would fail only at the first trial)."""
+    where = f"sweep.space.{key}"
+    extra = set(spec) - {"type", "low", "high", "step", "log"}
+    if extra or "low" not in spec or "high" not in spec:
+        raise ConfigError(f"{where}: {kind} needs low <= high and optionally step or log (not both), got {spec}")
+    low, high = _number(spec, "low", where, kind=kind), _number(spec, "high", where, kind=kind)
+    if not low <= high:
+        raise ConfigError(f"{where}: {kind} needs low <= high, got low={low} and high={high}")
+    log = spec.get("log", False)
+    if not isinstance(log, bool):
+        raise ConfigError(f"{where}.log: expected true or false, got {log!r}")
+    step = None if spec.get("step") is None else _number(spec, "step", where, kind=kind)
+    if log and step is not None:
+        raise ConfigError(f"{where}: give step or log, not both")
+    if step is not None and step <= 0:
+        raise ConfigError(f"{where}.step: must be > 0, got {step}")
+    if log and low <= 0:
+        raise ConfigError(f"{where}.log: a log scale needs low > 0, got low={low}")
+    return Param(key, kind, low=low, high=high, step=step, log=log)
+
+
+def _number(spec: dict, name: str, where: str, kind: str) -> int | float:
+    """spec[name] as a finite number; an integer for int dimensions."""
+    value = spec[name]
+    if isinstance(value, bool):  # YAML's yes/no: a bool is an int to Python
+        raise ConfigError(f"{where}.{name}: expected a number, got {value!r}")
+    number = finite(value, f"{where}.{name}")
+    if kind == "float":
+        return number
+    if not number.is_integer():
+        raise ConfigError(f"{where}.{name}: an int dimension needs an integer, got {value!r}")
+    return value if isinstance(value, int) else int(number)
+
+
+def _categorical_param(key: str, spec: dict) -> Param:
+    """A categorical dimension: a non-empty list of distinct choices, floats among them finite."""
+    where = f"sweep.space.{key}"
+    choices = spec.get("choices")
+    if not isinstance(choices, list) or not choices or set(spec) != {"type", "choices"}:
+        raise ConfigError(f"{where}: categorical needs a non-empty list `choices`, got {spec}")
+    for choice in choices:
+        if isinstance(choice, float):
+            finite(choice, f"{where}.choices")
+    labels = {_label(c): c for c in choices}
+    if len(labels) != len(choices):
+        raise ConfigError(f"{where}: choices repeat a value: {choices}")
+    return Param(key, "categorical", choices=labels)
 
 
 def apply_values(base: Config, values: dict[str, Any]) -> Config:
@@ -125,12 +173,35 @@ def sweep_dir_for(cfg: Config, study_name: str) -> Path:
 
 
 def mask_url(url: str) -> str:
+    """`url` with its password replaced by ***, also when SQLAlchemy cannot parse it."""
     from sqlalchemy.engine import make_url
 
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # an unparsable URL: show it as given so the user sees the typo
-        return url
+    except Exception:  # an unparsable URL: show it as given (the user sees the typo), all but the password
+        scheme, sep, rest = url.partition("://")
+        userinfo, at, host = rest.rpartition("@")
+        if at and ":" in userinfo:
+            rest = f"{userinfo.split(':', 1)[0]}:***@{host}"
+        return scheme + sep + rest
+
+
+def check_storage_url(url: str) -> None:
+    """Raise ConfigError, naming the problem and never the password, when `url` is no database URL
+    SQLAlchemy can parse or its port is not one (`postgresql://u@h:abc/db`)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        port = make_url(url).port
+    except ArgumentError:
+        raise ConfigError(f"storage URL {mask_url(url)} is not a database URL; expected e.g. "
+                          "sqlite:///PATH or postgresql://USER:PASSWORD@HOST:5432/DB") from None
+    except ValueError:  # SQLAlchemy's int() of the port
+        raise ConfigError(f"storage URL {mask_url(url)}: the port must be a number from 1 to 65535 "
+                          "(postgresql://USER:PASSWORD@HOST:5432/DB)") from None
+    if port is not None and not 1 <= port <= 65535:
+        raise ConfigError(f"storage URL {mask_url(url)}: port {port} is not in 1..65535")
 
 
 def with_driver(url: str) -> str:
@@ -239,6 +310,8 @@ def run_sweep(cfg: Config, trials: int, storage: str | None = None, study_name: 
     from agnews_lora.extras import require
 
     require("sweep", "run_sweep (Optuna trials)")
+    if storage:
+        check_storage_url(storage)
     if storage and storage.startswith("postgresql"):
         require("postgres", f"the study storage {mask_url(storage)}")
     import optuna
