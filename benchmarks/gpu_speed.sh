@@ -20,15 +20,16 @@ export SHARED="${SHARED:-../shared}" STEPS="${STEPS:-400}" WARMUP="${WARMUP:-100
 export COMPILE="${COMPILE:-1}" FULL="${FULL:-0}" ALLOW_CPU="${ALLOW_CPU:-0}" OUT="${OUT:-runs/gpu-speed}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=true TRANSFORMERS_VERBOSITY=error
 exec python - <<'PY'
-import csv, importlib.util, json, math, os, shutil, sys, time
+import csv, importlib.util, math, os, sys, time
 from pathlib import Path
 
 import torch
 
-from agnews_lora.checkpoint import read_jsonl
 from agnews_lora.config import load_config
 from agnews_lora.data import LABEL_NAMES, read_files
 from agnews_lora.model import build_model
+from agnews_lora.outputs import discard_run
+from agnews_lora.runs import TRAIN_LOG, RunFolder, read_records
 from agnews_lora.train import train
 
 env = os.environ
@@ -70,8 +71,14 @@ def overrides(name, max_steps, *extra):
             "train.progress=false", f"out_dir={out / name}", *extra]
 
 
+def fresh(name):
+    """The run folder `name` under OUT, a run of an earlier call of this script removed."""
+    if (out / name).exists():
+        discard_run(out / name)
+
+
 def measure(name, *extra):
-    shutil.rmtree(out / name, ignore_errors=True)
+    fresh(name)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     # Log records land on multiples of log_every: make WARMUP one of them.
@@ -79,7 +86,7 @@ def measure(name, *extra):
     started = time.perf_counter()
     run = train(cfg)
     wall = time.perf_counter() - started
-    log = {r["step"]: r for r in read_jsonl(run / "train_log.jsonl")}
+    log = {r["step"]: r for r in read_records(run / TRAIN_LOG)}
     a, b = log[max(s for s in log if s <= warmup)], log[steps]
     seconds = b["train_seconds"] - a["train_seconds"]
     timed = bench.rebuilt_batches(cfg, start=a["step"], stop=steps, logged_tokens=b["tokens"] - a["tokens"])
@@ -111,11 +118,11 @@ lines.append(f"\nProjected = {EPOCHS} x ceil({PAPER_ROWS:,}/{batch}) steps x the
 if env["FULL"] == "1":
     best = min(results, key=lambda r: r["step_ms"])
     extra = ["train.compile=true"] if best["name"] == "compile" else []
-    shutil.rmtree(out / "full", ignore_errors=True)
+    fresh("full")
     cfg = load_config(overrides=overrides("full", 0, f"train.epochs={EPOCHS}", "train.log_every=50", *extra))
     started = time.perf_counter()
     run = train(cfg)
-    summary = json.loads((run / "summary.json").read_text())
+    summary = RunFolder(run).summary()
     lines.append(f"MEASURED full recipe ({best['name']}): {summary['train_seconds'] / 60:.1f} min of training steps, "
                  f"{(time.perf_counter() - started) / 60:.1f} min end to end (per-epoch evaluation included), "
                  f"best val accuracy {summary['best_val_accuracy']:.4f} (random init: not meaningful).")

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from agnews_lora import runs
 from agnews_lora.data import LABEL_NAMES, read_files
 from agnews_lora.evaluate import compute_metrics
 from agnews_lora.predict import Classifier, package_version
@@ -200,7 +201,7 @@ def machine_header(args, n_rows: int) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     texts, labels = load_rows(args.data, args.rows)
-    exports = ensure_exports(args.run_dir, args.exports or args.run_dir / "export", args.skip)
+    exports = ensure_exports(args.run_dir, args.exports or args.run_dir / runs.EXPORTS, args.skip)
     if args.threads:
         torch.set_num_threads(args.threads)
     results = []

@@ -40,8 +40,8 @@ DEFAULT_REPEATS = {"minilm": 2, "roberta-base": 1}
 def run_child(model_overrides: list[str], rows_file: str, steps: int, batch_size: int, out_dir: str) -> dict:
     """One training run of `steps` steps (model.* and other overrides from `model_overrides`);
     ONEDNN_PRIMITIVE_CACHE_CAPACITY is already in this process's environment."""
-    from agnews_lora.checkpoint import read_jsonl
     from agnews_lora.config import load_config
+    from agnews_lora.runs import TRAIN_LOG, read_records
     from agnews_lora.train import train
 
     cfg = load_config(overrides=model_overrides + [
@@ -49,7 +49,7 @@ def run_child(model_overrides: list[str], rows_file: str, steps: int, batch_size
         f"train.max_steps={steps}", f"train.batch_size={batch_size}", "train.log_every=1",
         "train.progress=false", "train.seed=0", f"out_dir={out_dir}/run"])
     run = train(cfg)
-    log = read_jsonl(run / "train_log.jsonl")
+    log = read_records(run / TRAIN_LOG)
     assert [r["step"] for r in log] == list(range(1, steps + 1)), "train_log.jsonl must have one record per step"
     half = steps // 2
     batches = rebuilt_batches(cfg, stop=steps, logged_tokens=log[-1]["tokens"])

@@ -276,14 +276,14 @@ def run_trainer(variant: str, model: str, rows_file: str, steps: int, batch_size
 
 def run_ours(model: str, rows_file: str, steps: int, batch_size: int, out_dir: str) -> dict:
     """(b): agnews_lora.train.train; timings from its per-step train_log.jsonl."""
-    from agnews_lora.checkpoint import read_jsonl
     from agnews_lora.model import build_model
+    from agnews_lora.runs import TRAIN_LOG, RunFolder, read_records
     from agnews_lora.train import train
 
     cfg = _config(model, rows_file, steps, batch_size, out_dir)
-    run = train(cfg)
-    log = read_jsonl(run / "train_log.jsonl")
-    summary = json.loads((run / "summary.json").read_text())
+    run = RunFolder(train(cfg))
+    log = read_records(run / TRAIN_LOG)
+    summary = run.summary()
     first, last = log[steps - 1], log[2 * steps - 1]
     assert first["step"] == steps and last["step"] == 2 * steps, "train_log.jsonl must have one record per step"
     timed = rebuilt_batches(cfg, epoch=1, logged_tokens=last["tokens"] - first["tokens"])

@@ -55,7 +55,6 @@ import json
 import os
 import platform
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -112,10 +111,11 @@ TEACHER = Row("teacher", "Teacher (row 1's configuration, twice the steps and ro
 def _errors() -> tuple[type[Exception], ...]:
     from agnews_lora.config import ConfigError
     from agnews_lora.data import DataError
+    from agnews_lora.errors import OutputRefused
     from agnews_lora.hub import HubUnreachable
     from agnews_lora.model import BudgetError
 
-    return ConfigError, DataError, HubUnreachable, BudgetError
+    return ConfigError, DataError, HubUnreachable, BudgetError, OutputRefused
 
 
 # ---------------------------------------------------------------- the plan
@@ -187,41 +187,38 @@ class Planned:
     cfg: Config
     overrides: list[str]
     trainable: int
-    status: str  # done | resume | restart | new
+    status: str  # done | resume | restart | new (runs.RunFolder.status; foreign is refused by `checked_status`)
 
     @property
     def run_dir(self) -> Path:
         return Path(self.cfg.out_dir)
 
 
-def row_status(run_dir: Path) -> str:
-    """done (summary.json), resume (a complete last/ checkpoint), restart (folder, no checkpoint), new."""
-    if (run_dir / "summary.json").is_file():
-        return "done"
-    if (run_dir / "last" / "state.json").is_file():  # last/ is swapped in whole, never half-written
-        return "resume"
-    return "restart" if run_dir.exists() else "new"
+def checked_status(name: str, cfg: Config) -> str:
+    """The row's run folder status (runs.RunFolder.status), refused when the folder is not the tool's
+    or holds a run trained with other settings than `cfg`.
 
+    Args:
+        name: the row, for the messages.
+        cfg: the row's resolved config (its out_dir is the row's folder).
 
-# Where things live, not how a row is trained: may differ between invocations.
-_NOT_SETTINGS = {"out_dir", "train.resume", "train.progress", "data.cache_dir", "distill.teacher"}
+    Returns:
+        done | resume | restart | new.
 
+    Raises:
+        ConfigError: naming the row and the folder.
+    """
+    from agnews_lora.config import ConfigError
+    from agnews_lora.runs import RunFolder
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
-def settings_changes(run_dir: Path, cfg: Config) -> list[str]:
-    """Config keys whose value in run_dir/config.yaml differs from `cfg` (locations ignored)."""
-    from agnews_lora.config import to_dict
-    from agnews_lora.runs import read_config
-
-    saved, now = _flat(to_dict(read_config(run_dir))), _flat(to_dict(cfg))
-    return [f"{k}: {saved.get(k)!r} there, {now.get(k)!r} now" for k in sorted(saved.keys() | now.keys())
-            if k not in _NOT_SETTINGS and saved.get(k) != now.get(k)]
+    run = RunFolder(cfg.out_dir)
+    if run.status == "foreign":
+        raise ConfigError(f"row {name}: {run.path} exists and is not a run folder; move it away or choose another --out")
+    changes = run.settings_changes(cfg) if run.status in ("done", "resume") else []
+    if changes:
+        raise ConfigError(f"row {name}: {run.path} was trained with other settings (" + "; ".join(changes[:6])
+                          + "); use another --out, or delete that folder to retrain the row")
+    return run.status
 
 
 def plan(rows: list[Row], args: argparse.Namespace) -> list[Planned]:
@@ -235,7 +232,6 @@ def plan(rows: list[Row], args: argparse.Namespace) -> list[Planned]:
     Returns:
         One Planned per row; raises BudgetError / ConfigError naming the row otherwise.
     """
-    from agnews_lora.config import ConfigError
     from agnews_lora.model import BudgetError, budget_breakdown, check_budget
 
     planned = []
@@ -246,16 +242,7 @@ def plan(rows: list[Row], args: argparse.Namespace) -> list[Planned]:
             check_budget(breakdown, cfg.budget.max_trainable)
         except BudgetError as err:
             raise BudgetError(f"row {row.name}: {err}") from None
-        p = Planned(row, cfg, overrides, breakdown.total, row_status(Path(cfg.out_dir)))
-        if p.status == "restart" and not (p.run_dir / "config.yaml").is_file():
-            raise ConfigError(f"row {row.name}: {p.run_dir} exists and is not a run folder; move it away "
-                              "or choose another --out")
-        changes = settings_changes(p.run_dir, cfg) if p.status in ("done", "resume") else []
-        if changes:
-            raise ConfigError(f"row {row.name}: {p.run_dir} was trained with other settings ("
-                              + "; ".join(changes[:6]) + "); use another --out, or delete that folder to "
-                              "retrain the row")
-        planned.append(p)
+        planned.append(Planned(row, cfg, overrides, breakdown.total, checked_status(row.name, cfg)))
     return planned
 
 
@@ -264,13 +251,13 @@ def plan(rows: list[Row], args: argparse.Namespace) -> list[Planned]:
 
 def measured_seconds_per_step(out: Path) -> float | None:
     """Mean training seconds per step of the finished rows in `out` (None when there are none)."""
+    from agnews_lora.runs import RunFolder
+
     rates = []
     for row in (TEACHER, *ROWS):
-        summary = out / row.name / "summary.json"
-        if summary.is_file():
-            s = json.loads(summary.read_text())
-            if s.get("steps"):
-                rates.append(s["train_seconds"] / s["steps"])
+        s = RunFolder(out / row.name).summary()
+        if s is not None and s.get("steps"):
+            rates.append(s["train_seconds"] / s["steps"])
     return sum(rates) / len(rates) if rates else None
 
 
@@ -278,9 +265,9 @@ def estimate_seconds(p: Planned, per_step: float, with_logits: bool) -> float:
     """Seconds left for one row: its remaining steps, the rows it scores, loading; KD logits once."""
     if p.status == "done":
         return 0.0
-    cfg, done_steps = p.cfg, 0
-    if p.status == "resume":
-        done_steps = json.loads((p.run_dir / "last" / "state.json").read_text())["step"]
+    from agnews_lora.runs import RunFolder
+
+    cfg, done_steps = p.cfg, RunFolder(p.run_dir).steps_done() if p.status == "resume" else 0
     evaluations = 2 if cfg.train.eval_every < cfg.train.max_steps else 1
     scored = TEST_ROWS + evaluations * cfg.data.val_size
     if with_logits:  # the teacher's logits for the student's rows, computed by the first KD row
@@ -330,6 +317,8 @@ def run_row(p: Planned, index: int, count: int, command: str) -> None:
     """Train (or resume, or skip) one row; record the wall time of the call that finishes it."""
     from agnews_lora.checkpoint import atomic_write_json
     from agnews_lora.distill import distill
+    from agnews_lora.outputs import discard_run
+    from agnews_lora.runs import RunFolder
     from agnews_lora.train import train
 
     head = f"[{index}/{count}] {p.row.name} ({p.trainable:,} trainable)"
@@ -338,10 +327,10 @@ def run_row(p: Planned, index: int, count: int, command: str) -> None:
         return
     if p.status == "resume":
         p.cfg.train.resume = True
-        print(f"{head}: resuming from {p.run_dir / 'last'}", flush=True)
+        print(f"{head}: resuming from {RunFolder(p.run_dir).last}", flush=True)
     else:
         if p.status == "restart":  # interrupted before its first checkpoint: nothing worth keeping
-            shutil.rmtree(p.run_dir)
+            discard_run(p.run_dir)
         print(f"{head}: training", flush=True)
     start = time.perf_counter()
     (distill if p.row.distill else train)(p.cfg)
@@ -384,12 +373,14 @@ def _percent(x: float | None) -> str:
 def teacher_seconds(run_dir: Path) -> tuple[float | None, float] | None:
     """(teacher training seconds, seconds for its logits) of a distilled run; None when not distilled.
     The training part is None when the teacher's run folder is gone."""
-    record_file = run_dir / "teacher.json"
-    if not record_file.is_file():
+    from agnews_lora.runs import TEACHER as TEACHER_RECORD
+    from agnews_lora.runs import RunFolder, read_json
+
+    record = read_json(RunFolder(run_dir) / TEACHER_RECORD)
+    if record is None:
         return None
-    record = json.loads(record_file.read_text())
-    summary = Path(record["source"]) / "summary.json"
-    trained = json.loads(summary.read_text())["train_seconds"] if summary.is_file() else None
+    summary = RunFolder(record["source"]).summary()
+    trained = summary["train_seconds"] if summary is not None else None
     return trained, record["logits_computed_seconds"]
 
 
@@ -463,11 +454,13 @@ def verdict_lines(runs: dict) -> list[str]:
 
 
 def teacher_lines(out: Path, runs: dict) -> list[str]:
+    from agnews_lora.report import load_run
+    from agnews_lora.runs import RunFolder
+
     teacher = out / TEACHER.name
     distilled = [run for run in runs.values() if teacher_seconds(run.path)]
-    if not distilled or not (teacher / "summary.json").is_file():
+    if not distilled or RunFolder(teacher).status != "done":
         return []
-    from agnews_lora.report import load_run
 
     t = load_run(teacher)
     trained, logits = t.summary["train_seconds"], teacher_seconds(distilled[0].path)[1]
@@ -550,8 +543,9 @@ def write_table(out: Path, table: Path, argv: list[str]) -> bool:
     """
     from agnews_lora.checkpoint import atomic_write_text
     from agnews_lora.report import load_run, md_table
+    from agnews_lora.runs import SUMMARY, RunFolder
 
-    runs = {r.name: load_run(out / r.name) for r in ROWS if (out / r.name / "summary.json").is_file()}
+    runs = {r.name: load_run(out / r.name) for r in ROWS if RunFolder(out / r.name).status == "done"}
     if not runs:
         return False
     first = next(iter(runs.values()))
@@ -567,7 +561,7 @@ def write_table(out: Path, table: Path, argv: list[str]) -> bool:
              f"- Every row: {conditions_line(first)}", "",
              md_table(["#", "Configuration", "Trainable params", "Val acc", "Test acc", "Train time",
                        "Teacher time"], table_rows(runs), align="llrrrrr"), "",
-             "Train time: optimizer steps only (summary.json `train_seconds`; evaluation and loading excluded). "
+             f"Train time: optimizer steps only ({SUMMARY} `train_seconds`; evaluation and loading excluded). "
              f"Trainable params: the exact count of the run (`model.count_trainable`), each within "
              f"budget.max_trainable = {budget:,}.", ""]
     lines += [f"{line}\n" for line in teacher_lines(out, runs) + verdict_lines(runs)]

@@ -56,7 +56,6 @@ import io
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -184,7 +183,6 @@ def plan_row(backbone: str, method: str, args: argparse.Namespace) -> Planned:
 
 def _checked(p: Planned) -> Planned:
     """Count exactly, check the budget, and compare with an earlier run in the row's folder."""
-    from agnews_lora.config import ConfigError
     from agnews_lora.model import BudgetError, budget_breakdown, check_budget
 
     breakdown = budget_breakdown(p.cfg)
@@ -192,14 +190,7 @@ def _checked(p: Planned) -> Planned:
         check_budget(breakdown, p.cfg.budget.max_trainable)
     except BudgetError as err:
         raise BudgetError(f"row {p.name}: {err}") from None
-    run_dir = Path(p.cfg.out_dir)
-    p.trainable, p.status = breakdown.total, pt.row_status(run_dir)
-    if p.status == "restart" and not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"row {p.name}: {run_dir} exists and is not a run folder; move it away or choose another --out")
-    changes = pt.settings_changes(run_dir, p.cfg) if p.status in ("done", "resume") else []
-    if changes:
-        raise ConfigError(f"row {p.name}: {run_dir} was trained with other settings (" + "; ".join(changes[:6])
-                          + "); use another --out, or delete that folder to retrain the row")
+    p.trainable, p.status = breakdown.total, pt.checked_status(p.name, p.cfg)
     return p
 
 
@@ -238,9 +229,11 @@ def plan(args: argparse.Namespace) -> list[Planned]:
 
 def estimate_seconds(p: Planned, test_rows: int) -> float:
     """Seconds left for one row: its remaining steps, the rows it scores, starting up."""
+    from agnews_lora.runs import RunFolder
+
     if p.status in ("done", "unsupported"):
         return 0.0
-    done = json.loads((Path(p.cfg.out_dir) / "last" / "state.json").read_text())["step"] if p.status == "resume" else 0
+    done = RunFolder(p.cfg.out_dir).steps_done() if p.status == "resume" else 0
     evaluations = -(-p.cfg.train.max_steps // p.cfg.train.eval_every)  # every eval_every steps and the last one
     scored = (test_rows or TEST_ROWS) + evaluations * p.cfg.data.val_size
     key = (p.backbone, _precision(p.cfg))
@@ -279,6 +272,8 @@ def print_plan(planned: list[Planned], args: argparse.Namespace) -> None:
 def run_row(p: Planned, index: int, count: int, command: str) -> None:
     """Train (or resume, or skip) one row in a child process; record its wall time and peak memory."""
     from agnews_lora.checkpoint import atomic_write_json
+    from agnews_lora.outputs import discard_run
+    from agnews_lora.runs import RunFolder
 
     head = f"[{index}/{count}] {p.name} ({'-' if p.trainable is None else f'{p.trainable:,}'} trainable)"
     if p.status == "unsupported":
@@ -291,10 +286,10 @@ def run_row(p: Planned, index: int, count: int, command: str) -> None:
     extra = []
     if p.status == "resume":
         extra = ["train.resume=true"]
-        print(f"{head}: resuming from {run_dir / 'last'}", flush=True)
+        print(f"{head}: resuming from {RunFolder(run_dir).last}", flush=True)
     else:
         if p.status == "restart":  # interrupted before its first checkpoint: nothing worth keeping
-            shutil.rmtree(run_dir)
+            discard_run(run_dir)
         print(f"{head}: training", flush=True)
     start = time.perf_counter()
     child = subprocess.Popen([sys.executable, "-m", "agnews_lora.cli", "train", *p.overrides, *extra], cwd=ROOT)
@@ -313,12 +308,12 @@ def run_row(p: Planned, index: int, count: int, command: str) -> None:
 
 def finished_rows(out: Path) -> dict[str, dict]:
     """Run folder name -> what the table shows of it, for every finished row in `out`."""
-    from agnews_lora import runs
     from agnews_lora.methods import size_of
     from agnews_lora.report import load_run
+    from agnews_lora.runs import RunFolder
 
     rows = {}
-    for folder in sorted(p for p in out.glob("*-*") if (p / "summary.json").is_file() and (p / ROW_FILE).is_file()):
+    for folder in sorted(p for p in out.glob("*-*") if RunFolder(p).status == "done" and (p / ROW_FILE).is_file()):
         run = load_run(folder)
         s, record = run.summary, json.loads((folder / ROW_FILE).read_text())
         rows[folder.name] = {"run": run, "backbone": folder.name.split("-", 1)[0], "method": run.cfg.peft.method,
@@ -326,7 +321,7 @@ def finished_rows(out: Path) -> dict[str, dict]:
                              "val": s.get("best_val_accuracy"), "test": s.get("test_accuracy"),
                              "train_seconds": s["train_seconds"], "step_seconds": s["train_seconds"] / max(1, s["steps"]),
                              "peak_mb": record["peak_rss_mb"], "record": record,
-                             "predictions": runs.read_predictions(folder / runs.TEST_PREDICTIONS)}
+                             "predictions": RunFolder(folder).test_predictions()}
     return rows
 
 
@@ -339,10 +334,10 @@ def backfill_predictions(planned: list[Planned], out: Path) -> None:
     from agnews_lora.scoring import evaluate_folder
 
     for p in planned:
-        folder = Path(p.cfg.out_dir) if p.cfg is not None else None
-        if folder is None or not (folder / "summary.json").is_file() or (folder / runs.TEST_PREDICTIONS).is_file():
+        run = runs.RunFolder(p.cfg.out_dir) if p.cfg is not None else None
+        if run is None or run.status != "done" or (run / runs.TEST_PREDICTIONS).is_file():
             continue
-        recorded = json.loads((folder / "summary.json").read_text()).get("test_accuracy")
+        folder, recorded = run.path, run.summary().get("test_accuracy")
         if recorded is None:
             continue
         print(f"{p.name}: scoring best/ on its test rows again for the paired comparison "

@@ -68,10 +68,13 @@ def combined_overrides() -> list[str]:
 
 
 def train_arm(arm: str, overrides: list[str], out: Path, stage: dict) -> Path:
+    from agnews_lora.runs import RunFolder
+
     run = out / arm
-    if (run / "summary.json").is_file():
+    status = RunFolder(run).status
+    if status == "done":
         return run
-    resume = ["train.resume=true"] if (run / "last" / "state.json").is_file() else []
+    resume = ["train.resume=true"] if status == "resume" else []
     cmd = [sys.executable, "-m", "agnews_lora.cli", "train", "--config", str(ROOT / "configs/cpu-minilm.yaml"),
            f"name={arm}", f"out_dir={run}", f"data.max_train_rows={stage['rows']}",
            f"train.eval_every={stage['eval_every']}", "train.progress=false", *overrides, *resume]
@@ -102,10 +105,11 @@ def score_run(run: Path, hidden: tuple, prior_arms: bool, unlabelled_report: boo
         return json.loads(cache.read_text())
     from agnews_lora.calibration import em_prior, softmax
     from agnews_lora.predict import Classifier
+    from agnews_lora.runs import RunFolder
 
     robust = _robustness(run, unlabelled_report, max_rows)
-    summary = json.loads((run / "summary.json").read_text())
-    test = json.loads((run / "test_metrics.json").read_text())
+    folder = RunFolder(run)
+    summary, test = folder.summary(), folder.test_metrics()
     texts, dev, ag = hidden
     clf = Classifier.load(run)
     logits = clf.predict_logits(texts, batch_size=64)
@@ -140,6 +144,7 @@ def score_matching(run: Path, hidden: tuple, max_rows: int) -> dict:
     from agnews_lora.perturb import SUITE
     from agnews_lora.predict import Classifier, load_run_config
     from agnews_lora.robustness import load_inputs, score
+    from agnews_lora.runs import ROBUSTNESS_JSON, RunFolder
 
     clf = Classifier.load(run)
     reference = clf.training_texts()
@@ -147,10 +152,10 @@ def score_matching(run: Path, hidden: tuple, max_rows: int) -> dict:
     test = read_file(TEST)
     test_logits = clf.predict_logits(test.texts, batch_size=64)
     hidden_logits = clf.predict_logits(texts, batch_size=64)
-    seed = json.loads((run / "robustness.json").read_text())["data"]["seed"]
+    seed = json.loads((run / ROBUSTNESS_JSON).read_text())["data"]["seed"]
     inputs = load_inputs(load_run_config(run), data=None, unlabelled=None, max_rows=max_rows, seed=seed)
     suite_logits, variants = score(clf, inputs, list(SUITE), seed=seed, batch_size=64)
-    summary = json.loads((run / "summary.json").read_text())
+    summary = RunFolder(run).summary()
     out = {"": {"dev_ece": _hidden_figures(clf.probabilities(hidden_logits), dev, ag)["dev_ece"]}}
     for suffix, prior in MATCH_LEVERS.items():
         def corrected(logits, batch, temperature=None):
@@ -178,7 +183,9 @@ def score_matching(run: Path, hidden: tuple, max_rows: int) -> dict:
 
 def _robustness(run: Path, unlabelled_report: bool, max_rows: int) -> dict:
     """robustness.json of the run, made by `agnews-lora robustness` unless one with these settings exists."""
-    path = run / "robustness.json"
+    from agnews_lora.runs import ROBUSTNESS_JSON
+
+    path = run / ROBUSTNESS_JSON
     if path.is_file():
         old = json.loads(path.read_text())
         if old["data"]["max_rows"] == max_rows and (old["unlabelled"] is not None) == unlabelled_report:
@@ -245,10 +252,12 @@ def main() -> None:
             train_arm(arm, overrides, out, stage)
     if args.train_only:
         return
+    from agnews_lora.runs import RunFolder
+
     hidden = read_hidden()
     rows = []
     for arm in arms:
-        if not (out / arm / "summary.json").is_file():
+        if RunFolder(out / arm).status != "done":
             continue
         scores = score_run(out / arm, hidden, prior_arms=arm in ("plain", "combined"), unlabelled_report=args.stage == "final",
                            max_rows=stage["suite_rows"])

@@ -14,6 +14,8 @@ import pytest
 import yaml
 from conftest import make_tiny_roberta
 
+from agnews_lora import runs
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -193,7 +195,8 @@ def test_interrupted_row_resumes_from_its_checkpoint(first_run, capsys):
 def test_row_interrupted_before_a_checkpoint_restarts_cleanly(first_run, capsys):
     out = first_run["out"]
     run = out / "1-lora-only"
-    run.mkdir()  # what train leaves when killed before its first evaluation: config + a few log lines
+    run.mkdir()  # what train leaves when killed before its first evaluation: marker, config, a few log lines
+    runs.write_marker(run, "run")
     shutil.copy(out / "6-linear-all" / "config.yaml", run / "config.yaml")
     (run / "train_log.jsonl").write_text('{"step": 1, "loss": 9.875}\n')
     capsys.readouterr()
@@ -221,17 +224,20 @@ def test_changed_settings_are_refused_for_finished_rows(first_run, capsys):
 
 
 def test_row_status(tmp_path):
-    run = tmp_path / "row"
-    assert pt.row_status(run) == "new"
-    run.mkdir()
-    (run / "config.yaml").write_text("{}")
-    assert pt.row_status(run) == "restart"  # interrupted before its first checkpoint
-    (run / "last").mkdir()
-    assert pt.row_status(run) == "restart"  # a last/ without state.json is not a checkpoint
-    (run / "last" / "state.json").write_text("{}")
-    assert pt.row_status(run) == "resume"
-    (run / "summary.json").write_text("{}")
-    assert pt.row_status(run) == "done"
+    run = runs.RunFolder(tmp_path / "row")
+    assert run.status == "new"
+    run.path.mkdir()
+    (run / "notes.txt").write_text("mine")
+    assert run.status == "foreign"  # the rows refuse it: "exists and is not a run folder"
+    (run / "notes.txt").unlink()
+    (run / runs.CONFIG).write_text("{}")
+    assert run.status == "restart"  # interrupted before its first checkpoint
+    run.last.mkdir()
+    assert run.status == "restart"  # a last/ without state.json is not a checkpoint
+    (run.last / runs.STATE).write_text("{}")
+    assert run.status == "resume"
+    (run / runs.SUMMARY).write_text("{}")
+    assert run.status == "done"
 
 
 def test_table_only_without_finished_rows_is_an_error(tmp_path, capsys):
