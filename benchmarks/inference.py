@@ -126,7 +126,7 @@ def ensure_exports(run_dir: Path, exports: Path, skip: list[str]) -> dict[str, P
         folder = exports / name
         if name in skip:
             continue
-        if not (folder / "parity.json").is_file():
+        if not (folder / runs.PARITY).is_file():
             print(f"exporting {name} to {folder} ...", flush=True)
             try:
                 export(run_dir, fmt, output=folder, quantize=quantize)

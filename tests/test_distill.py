@@ -269,6 +269,7 @@ def test_every_check_comes_before_the_teacher_runs(tiny_model_dir, tiny_override
     # A fresh run into a used folder is refused before the teacher runs (train would only refuse it after).
     run = Path(cfg.out_dir)
     run.mkdir(parents=True)
+    runs.write_marker(run, "run")  # a run of the tool's that already trained
     (run / "metrics.jsonl").write_text("")
     err = _error_line(capsys, ["distill", "--teacher", str(tiny_model_dir), *tiny_overrides])
     assert "already holds a run" in err and "train.resume=true" in err

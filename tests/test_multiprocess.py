@@ -175,7 +175,7 @@ def test_one_writer_one_summary_one_report(two_process_run):
         assert any(op[1].endswith(runs.TRAIN_LOG) for op in written[0])  # the probe sees the writer's writes
     assert list(run.rglob("summary*.json")) == [run / runs.SUMMARY]
     assert list(run.rglob("report*.md")) == [run / "report.md"]
-    assert [p.name for p in run.iterdir() if p.name.startswith(".")] == []  # no lock, temporary or old folder
+    assert [p.name for p in run.iterdir() if p.name.startswith(".")] == [runs.MARKER]  # no lock, temporary or old folder
     assert not (run / "tensorboard").exists()
     for name in (runs.METRICS, runs.TRAIN_LOG):
         steps = _steps(run / name)

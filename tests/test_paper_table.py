@@ -231,6 +231,8 @@ def test_row_status(tmp_path):
     assert run.status == "foreign"  # the rows refuse it: "exists and is not a run folder"
     (run / "notes.txt").unlink()
     (run / runs.CONFIG).write_text("{}")
+    assert run.status == "foreign"  # a config.yaml alone: not recognisably the tool's run
+    runs.write_marker(run.path, "run")
     assert run.status == "restart"  # interrupted before its first checkpoint
     run.last.mkdir()
     assert run.status == "restart"  # a last/ without state.json is not a checkpoint

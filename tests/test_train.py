@@ -12,6 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from agnews_lora import runs
 from agnews_lora import train as train_mod
 from agnews_lora import checkpoint as ckpt
 from agnews_lora.checkpoint import read_jsonl, recover_swap, replace_dir
@@ -99,7 +100,7 @@ def test_used_run_folder_is_refused(make_cfg, reference_run):
 
 
 def test_no_temporary_folders_are_left(reference_run):
-    assert sorted(p.name for p in reference_run.iterdir() if p.name.startswith(".")) == []
+    assert sorted(p.name for p in reference_run.iterdir() if p.name.startswith(".")) == [runs.MARKER]
     for folder in ("best", "last"):
         names = {p.name for p in (reference_run / folder).iterdir()}
         assert {"adapter_model.safetensors", "adapter_config.json"} <= names

@@ -71,7 +71,7 @@ def build_card(run_dir: str | Path, kind: str = "adapter", export_meta: dict | N
 
 def write_run_card(run_dir: str | Path) -> Path:
     """Write the run's card to RUN_DIR/best/README.md (replacing peft's placeholder card)."""
-    path = claim_file(Path(run_dir) / "best" / CARD, kind="markdown", label="card", owner=run_dir,
+    path = claim_file(Path(run_dir) / runs.BEST / CARD, kind="markdown", label="card", owner=run_dir,
                       owned=(f"best/{CARD}",))
     atomic_write_text(path, str(build_card(run_dir)))
     return path

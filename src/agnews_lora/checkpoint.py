@@ -98,6 +98,7 @@ def replace_dir(build, dest: Path) -> None:
 
 
 ADAPTER_FILE = "adapter_model.safetensors"
+STATE_FILE = "state.json"  # a training-state checkpoint's step, epoch and counters
 BITFIT_FILE = "bitfit.json"  # beside a BitFit checkpoint's adapter_model.safetensors
 
 
@@ -149,7 +150,7 @@ def save_training_state(model, optimizer, scheduler, state: dict, dest: Path,
             rng["cuda_rng"] = torch.cuda.get_rng_state_all()
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **rng},
                    tmp / "optim.pt")
-        atomic_write_json(tmp / "state.json", state)
+        atomic_write_json(tmp / STATE_FILE, state)
 
     replace_dir(build, dest)
 
@@ -162,7 +163,7 @@ def load_training_state(src: Path) -> dict:
     path = Path(src) / "optim.pt"
     try:
         extra = torch.load(path, weights_only=True)
-        extra["state"] = json.loads((Path(src) / "state.json").read_text())
+        extra["state"] = json.loads((Path(src) / STATE_FILE).read_text())
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
         raise RunDamaged(f"{src}: the checkpoint is damaged or unsafe ({str(err).splitlines()[0][:200]}); "
                           "remove it to start over, or restore it") from None

@@ -200,7 +200,9 @@ def distill(cfg: Config) -> Path:
     preflight(cfg)  # the student's budget; the teacher does not count
     spec = resolve_teacher(cfg.distill.teacher, mode=cfg.distill.teacher_mode,
                            num_labels=cfg.model.num_labels, max_length=cfg.data.max_length)
-    run_dir = claim_folder(run_dir_for(cfg), kind="run", label="out_dir")
+    run_dir = run_dir_for(cfg)
+    if runs.writer_process():
+        claim_folder(run_dir, kind="run", label="out_dir")
     # train() takes the lock again (re-entrant) and refuses a used folder too, but only after the
     # teacher logits were paid for; holding it here also covers teacher.json, written after train().
     with runs.writer_lock(run_dir):

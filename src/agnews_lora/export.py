@@ -27,7 +27,7 @@ from agnews_lora.methods import merge
 from agnews_lora.model import quiet_logger
 from agnews_lora.predict import Classifier, package_version
 from agnews_lora.outputs import claim_folder, remove_stale
-from agnews_lora.runs import EXPORTS, ONNX_FILE, folder_kind, write_config, write_export_meta, write_marker
+from agnews_lora.runs import EXPORTS, ONNX_FILE, PARITY, folder_kind, write_config, write_export_meta, write_marker
 
 FORMATS = ("merged", "onnx")
 QUANTIZE = ("int8",)
@@ -106,7 +106,7 @@ def export(run_dir: str | Path, fmt: str, output: str | Path | None = None, quan
         write_export_card(tmp, run_dir, meta)
         got = Classifier.load(tmp, precision="fp32").predict_logits(texts, batch_size=32)
         parity = check_parity(expected, got, tolerance=TOLERANCES[name], name=name)
-        atomic_write_json(tmp / "parity.json", {**parity, "sample": source})
+        atomic_write_json(tmp / PARITY, {**parity, "sample": source})
         for f in tmp.iterdir():
             os.chmod(f, 0o644)  # some writers make private files; an export is a shared artefact
 
@@ -276,6 +276,6 @@ def quantize_int8(src: Path, dest: Path) -> None:
 
 def format_parity(folder: str | Path) -> str:
     """One line about an export folder's parity check."""
-    p = json.loads((Path(folder) / "parity.json").read_text())
+    p = json.loads((Path(folder) / PARITY).read_text())
     return (f"parity ({p['export']}, {p['rows']} texts: {p['sample']}): labels agree {p['label_agreement']:.2%}, "
             f"max |logit diff| {p['max_abs_logit_diff']:.2e} (tolerance {p['tolerance']:g})")

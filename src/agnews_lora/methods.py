@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from agnews_lora.config import PEFT_METHODS, Config, ConfigError
+from agnews_lora.hub import resolve_model_path
 
 # peft folds these into the backbone's weights (merge_and_unload); prompt/prefix tuning add inputs,
 # BitFit's trained biases are the backbone's own weights already.
@@ -177,8 +178,6 @@ def peft_config(cfg: Config, target: str | None, feedforward: str | None, module
 
 
 def _model_folder(cfg: Config) -> str:
-    from agnews_lora.model import resolve_model_path
-
     return resolve_model_path(cfg.model.name)
 
 

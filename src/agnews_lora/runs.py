@@ -41,7 +41,7 @@ from typing import Iterator
 import numpy as np
 import yaml
 
-from agnews_lora.checkpoint import atomic_write_json, atomic_write_text, read_jsonl, recover_swap
+from agnews_lora.checkpoint import STATE_FILE, atomic_write_json, atomic_write_text, read_jsonl, recover_swap
 from agnews_lora.config import Config, config_from_dict, parse_yaml, to_dict
 from agnews_lora.errors import ConfigError, OutputRefused, RunDamaged, RunLocked
 
@@ -58,6 +58,7 @@ EVAL = "eval.json"  # written by `evaluate` (scoring.evaluate_folder)
 TEACHER_LOGITS = "teacher_logits"  # the folder of teacher-logit artifacts under data.cache_dir
 EXPORT_META = "agnews_lora.json"  # written by export beside every exported model
 ONNX_FILE = "model.onnx"
+PARITY = "parity.json"  # beside an exported model: how closely it reproduces the PyTorch model
 LOCK = ".lock"
 MARKER = ".agnews-lora"  # written by the tool into every run, export and sweep folder it creates
 MARKED_KINDS = ("run", "export", "sweep")
@@ -65,9 +66,10 @@ REPORT = "report.md"
 ROBUSTNESS = "robustness.md"  # robustness.py: with ROBUSTNESS_JSON and PNGs beside it
 ROBUSTNESS_JSON = "robustness.json"  # every number of robustness.md (the model card reads it)
 PSEUDO_LABELS = "pseudo_labels.json"  # self-training's pseudo-labelled rows
-STATE = "state.json"  # in last/: the step, epoch and sampler state to resume from
+STATE = STATE_FILE  # in last/: the step, epoch and sampler state to resume from (checkpoint.py writes it)
 EXPORTS = "export"  # RUN/export/FORMAT: export's default folders
-CHECKPOINTS = ("best", "last")
+BEST, LAST = "best", "last"  # the best checkpoint (by validation) and the latest (to resume from)
+CHECKPOINTS = (BEST, LAST)
 CHECKPOINT_NAMES = CHECKPOINTS + tuple(f".{name}.old" for name in CHECKPOINTS)  # .NAME.old: mid-swap
 NPZ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)  # a damaged or foreign .npz
 # The AG News classes in label order; other label counts get generic names.
@@ -476,6 +478,17 @@ def _try_lock(path: Path):
         fh.close()
 
 
+def writer_process() -> bool:
+    """False in the other processes of a multi-process launch: only the main one (RANK 0) claims,
+    locks and writes a run folder."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def holds_lock(run_dir: str | Path) -> bool:
+    """True while this process holds the run folder's writer lock (`writer_lock`)."""
+    return str(Path(run_dir).resolve()) in _held
+
+
 @contextlib.contextmanager
 def writer_lock(run_dir: str | Path) -> Iterator[None]:
     """Hold the run folder's exclusive writer lock (creating the folder) for the block.
@@ -487,7 +500,7 @@ def writer_lock(run_dir: str | Path) -> Iterator[None]:
         RunLocked: another live process is writing this run folder.
     """
     run_dir = Path(run_dir)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not writer_process():
         yield
         return
     created = not run_dir.exists()
@@ -618,11 +631,11 @@ class RunFolder:
 
     @property
     def best(self) -> Path:
-        return self.path / "best"
+        return self.path / BEST
 
     @property
     def last(self) -> Path:
-        return self.path / "last"
+        return self.path / LAST
 
     @property
     def status(self) -> str:
@@ -632,7 +645,7 @@ class RunFolder:
             return "resume"
         if not self.path.exists() or (self.path.is_dir() and not any(self.path.iterdir())):
             return "new"
-        return "restart" if read_marker(self.path) == "run" or (self.path / CONFIG).is_file() else "foreign"
+        return "restart" if is_run_folder(self.path) else "foreign"
 
     def steps_done(self) -> int:
         """The step of the last checkpoint (0 when there is none)."""

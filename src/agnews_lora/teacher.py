@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from agnews_lora import runs
+from agnews_lora.checkpoint import ADAPTER_FILE
 from agnews_lora.config import Config
 from agnews_lora.errors import ConfigError
 from agnews_lora.data import LABEL_NAMES, tokenizer_fingerprint
@@ -137,7 +138,7 @@ def _run_teacher(path: Path, mode: str, num_labels: int) -> TeacherSpec:
 
     tcfg = runs.read_config(path)
     try:
-        adapter = runs.checkpoint_dir(path, "best") / "adapter_model.safetensors"  # read, never repaired
+        adapter = runs.checkpoint_dir(path, runs.BEST) / ADAPTER_FILE  # read, never repaired
     except ConfigError as err:
         raise ConfigError(f"distill.teacher: {err}") from None
     from agnews_lora.hub import HubUnreachable
@@ -149,7 +150,7 @@ def _run_teacher(path: Path, mode: str, num_labels: int) -> TeacherSpec:
     identity = {"backbone": _model_identity(backbone)}
     if mode == "finetuned":
         _check_labels(str(path), tcfg.model.num_labels, num_labels)
-        identity.update(adapter_sha256=_sha256(adapter), config_sha256=_sha256(path / "config.yaml"))
+        identity.update(adapter_sha256=_sha256(adapter), config_sha256=_sha256(path / runs.CONFIG))
     elif tcfg.model.init == "random":
         raise ConfigError(f"distill.teacher: {path} was trained from a randomly initialized backbone "
                           "(model.init=random); frozen mode needs pretrained weights to probe")

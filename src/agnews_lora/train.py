@@ -178,7 +178,9 @@ def train(cfg: Config, distill_term: DistillTerm | None = None) -> Path:
     Returns:
         The run folder holding config.yaml, metrics.jsonl, best/ (adapter + head), summary.json.
     """
-    run_dir = claim_folder(run_dir_for(cfg), kind="run", label="out_dir")
+    run_dir = run_dir_for(cfg)
+    if runs.writer_process() and not runs.holds_lock(run_dir):  # else distill claimed it before locking
+        claim_folder(run_dir, kind="run", label="out_dir")
     breakdown = preflight(cfg)
     with runs.writer_lock(run_dir):  # one writer per run folder; released however train ends
         return _train(cfg, run_dir, breakdown, distill_term)
@@ -366,19 +368,19 @@ def _peek_progress(run_dir: Path) -> Progress:
     """The counters of `last/` without loading anything else (which round to rebuild)."""
     import json
 
-    return Progress(**json.loads((run_dir / "last" / "state.json").read_text()))
+    return Progress(**json.loads((run_dir / runs.LAST / runs.STATE).read_text()))
 
 
 def _resume(ctx: "_LoopContext", total_steps: int) -> Progress:
     """Load `last/` into the context's model, optimizer, scheduler and weight average."""
     acc = ctx.accelerator
-    prog = _restore(ctx.run_dir / "last", acc.unwrap_model(ctx.model), ctx.optimizer, ctx.scheduler)
+    prog = _restore(ctx.run_dir / runs.LAST, acc.unwrap_model(ctx.model), ctx.optimizer, ctx.scheduler)
     if ctx.average is not None or ctx.adalora is not None:
         from safetensors.torch import load_file
 
         for name, state in (("average", ctx.average), ("adalora", ctx.adalora)):
             if state is not None:
-                state.load_state_dict(load_file(str(ctx.run_dir / "last" / f"{name}.safetensors")))
+                state.load_state_dict(load_file(str(ctx.run_dir / runs.LAST / f"{name}.safetensors")))
     if acc.is_main_process:
         runs.drop_records_after(ctx.run_dir, prog.step)
     acc.print(f"resuming {ctx.run_dir} at step {prog.step}/{total_steps}")
@@ -599,14 +601,14 @@ def _evaluate_and_save(ctx: _LoopContext, prog: Progress, completed_epoch: bool)
         score = _score(ctx, prog, record)
         if acc.is_main_process and score > prog.best_accuracy:
             prog.best_accuracy, prog.best_step = score, prog.step
-            ckpt.save_adapter(unwrapped, ctx.run_dir / "best", extra={"step": prog.step, **record})
+            ckpt.save_adapter(unwrapped, ctx.run_dir / runs.BEST, extra={"step": prog.step, **record})
             record["best"] = True
     if acc.is_main_process:
         runs.append_record(ctx.run_dir / runs.METRICS, record)
         tensors = {name: state.state_dict() for name, state in (("average", ctx.average), ("adalora", ctx.adalora))
                    if state is not None}
         ckpt.save_training_state(unwrapped, ctx.optimizer, ctx.scheduler, vars(prog).copy(),
-                                 ctx.run_dir / "last", tensors=tensors or None)
+                                 ctx.run_dir / runs.LAST, tensors=tensors or None)
     tracking.log(acc, record, "eval")
     acc.wait_for_everyone()
     if "val_accuracy" in record and acc.is_main_process:
@@ -645,7 +647,7 @@ def _self_train(ctx: _LoopContext, prog: Progress, train_split, tok, resume: boo
     from agnews_lora.data import Split
 
     cfg, acc = ctx.cfg, ctx.accelerator
-    path = ctx.run_dir / "pseudo_labels.json"
+    path = ctx.run_dir / runs.PSEUDO_LABELS
     unlabelled = _read_unlabelled(cfg)
     info = json.loads(path.read_text()) if resume else _pseudo_label(ctx, prog, tok, unlabelled)
     if not resume and acc.is_main_process:
@@ -695,7 +697,7 @@ def _pseudo_label(ctx: _LoopContext, prog: Progress, tok, unlabelled) -> dict:
 
     cfg, acc = ctx.cfg, ctx.accelerator
     model = acc.unwrap_model(ctx.model)
-    ckpt.load_adapter_weights(model, ctx.run_dir / "best")
+    ckpt.load_adapter_weights(model, ctx.run_dir / runs.BEST)
     temperature = _calibration(ctx)["temperature"]
     loader = acc.prepare(make_loader(tok(Split(unlabelled.texts, None)), None, cfg.train.eval_batch_size,
                                      ctx.pad_id, shuffle=False,
@@ -725,7 +727,7 @@ def _finish(ctx: _LoopContext, prog: Progress, breakdown, tokenizer, test_split)
     """Reload the best checkpoint, score the test split if labelled, and build the summary."""
     acc, cfg = ctx.accelerator, ctx.cfg
     model = acc.unwrap_model(ctx.model)
-    ckpt.load_adapter_weights(model, ctx.run_dir / "best")
+    ckpt.load_adapter_weights(model, ctx.run_dir / runs.BEST)
     # Each DDP process counted its own rows; the summary's rates are for all processes together.
     examples, tokens = acc.reduce(torch.tensor([prog.examples, prog.tokens], device=acc.device), "sum").tolist()
     summary = {"run": str(ctx.run_dir), "model": cfg.model.name, "head": cfg.model.head,
