@@ -376,3 +376,20 @@ def test_the_python_api_applies_the_runs_prior_default_as_the_cli_does(run, ag_f
     finally:
         cfg.predict.prior = ""
         runs.write_config(cfg, run)
+
+
+def test_a_sweep_folder_is_the_tools_and_holds_its_trials(tmp_path, user_folder):
+    from agnews_lora.config import load_config
+    from agnews_lora.sweep import run_sweep
+
+    cfg = load_config(overrides=[f"out_dir={user_folder}", "sweep.space={lora.r: {type: int, low: 4, high: 8}}"])
+    before = snapshot(user_folder)
+    with pytest.raises(OutputRefused, match="did not create and it is not empty"):
+        run_sweep(cfg, trials=1)
+    assert snapshot(user_folder) == before and not (user_folder / runs.STUDY_DB).exists()
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    runs.write_marker(sweep, "sweep")
+    assert outputs.claim_folder(sweep / "trial-000", kind="run") == sweep / "trial-000"  # trials inside it
+    with pytest.raises(OutputRefused, match="inside the sweep folder"):
+        outputs.claim_folder(sweep / "a" / "b", kind="run")

@@ -59,10 +59,24 @@ def holder_of(folder: PathLike) -> Holder | None:
         return Holder(folder, "run")  # written by an older version, before the marker
     if (folder / runs.EXPORT_META).is_file():
         return Holder(folder, "export")
+    if _is_sweep_folder(folder):
+        return Holder(folder, "sweep")  # written by an older version, or a study created for the sweep first
     if (folder / "adapter_config.json").is_file() or \
             ((folder / "config.json").is_file() and any(folder.glob("*.safetensors"))):
         return Holder(folder, "model")
     return None
+
+
+def _is_sweep_folder(folder: Path) -> bool:
+    """A folder holding only what a sweep writes, with its SQLite study (created by `sweep`, or by
+    the user with optuna.create_study to enqueue trials) or its summary."""
+    db = folder / runs.STUDY_DB
+    has_study = db.is_file() and _first_bytes(db, 16) == b"SQLite format 3\x00"
+    if not (has_study or (folder / runs.SWEEP_SUMMARY).is_file()):
+        return False
+    own = {runs.STUDY_DB, runs.SWEEP_SUMMARY, runs.BEST_TRIAL, runs.COMPARISON,
+           Path(runs.COMPARISON).with_suffix(".png").name, runs.MARKER}
+    return all(p.name in own or (p.name.startswith("trial-") and p.is_dir()) for p in folder.iterdir())
 
 
 def enclosing_holder(path: PathLike) -> Holder | None:

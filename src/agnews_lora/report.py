@@ -465,20 +465,24 @@ def plot_accuracy_vs_params(runs: Sequence[Run], path: Path) -> None:
     _save(fig, path)
 
 
-def compare_runs(run_dirs: Sequence[str | Path], output: str | Path) -> tuple[str, Path]:
+def compare_runs(run_dirs: Sequence[str | Path], output: str | Path,
+                 owner: str | Path | None = None) -> tuple[str, Path]:
     """Write the comparison table to `output` and the accuracy-vs-parameters PNG beside it.
 
     Args:
         run_dirs: finished run folders.
         output: the Markdown file to write; the plot is OUTPUT_STEM.png next to it.
+        owner: the tool's folder `output` may lie in as its own file (a sweep's comparison.md).
 
     Returns:
         (the Markdown table, the plot's path).
     """
     if not run_dirs:
         raise ConfigError("compare: pass at least one run folder")
-    output = claim_file(output, kind="markdown", label="--output", inputs=run_dirs)
-    plot = claim_file(output.with_suffix(".png"), kind="png", label="--output (its plot)", inputs=run_dirs)
+    owned = (Path(output).name, Path(output).with_suffix(".png").name) if owner is not None else ()
+    output = claim_file(output, kind="markdown", label="--output", inputs=run_dirs, owner=owner, owned=owned)
+    plot = claim_file(output.with_suffix(".png"), kind="png", label="--output (its plot)", inputs=run_dirs,
+                      owner=owner, owned=owned)
     runs = [load_run(d) for d in run_dirs]
     output.parent.mkdir(parents=True, exist_ok=True)
     plot_accuracy_vs_params(runs, plot)

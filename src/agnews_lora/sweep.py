@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agnews_lora import methods
-from agnews_lora.checkpoint import atomic_write_text
-from agnews_lora.config import Config, ConfigError, config_from_dict, to_dict
-from agnews_lora.errors import finite
+from agnews_lora import methods, runs
+from agnews_lora.checkpoint import atomic_write_json, atomic_write_text
+from agnews_lora.config import Config, config_from_dict, to_dict
+from agnews_lora.errors import ConfigError, finite
+from agnews_lora.outputs import claim_folder
 
 MAX_RETRIES = 2  # a trial whose worker keeps dying is re-queued at most this often
 _RESERVED = ("out_dir", "name", "sweep.", "train.resume")
@@ -246,9 +247,8 @@ def open_study(url: str, study_name: str, cfg: Config, heartbeat: int):
 
 def best_value(run_dir: Path, metric: str, direction: str) -> float:
     """The best `metric` over a run's evaluations (max or min as `direction` says)."""
-    from agnews_lora.runs import METRICS, read_records
 
-    values = [e[metric] for e in read_records(run_dir / METRICS) if metric in e]
+    values = [e[metric] for e in runs.read_records(run_dir / runs.METRICS) if metric in e]
     if not values:
         raise RuntimeError(f"{run_dir}/metrics.jsonl holds no {metric}")
     return max(values) if direction == "maximize" else min(values)
@@ -285,9 +285,8 @@ class Objective:
             raise optuna.TrialPruned(reason)
         reset_accelerator_state()  # trials run one after another in this process; each sets its own precision
         run_dir = train(cfg)
-        from agnews_lora.runs import read_summary
 
-        summary = read_summary(run_dir) or {}
+        summary = runs.read_summary(run_dir) or {}
         for key in ("test_accuracy", "train_seconds"):
             trial.set_user_attr(key, summary.get(key))
         return best_value(run_dir, metric=cfg.sweep.metric, direction=cfg.sweep.direction)
@@ -324,9 +323,10 @@ def run_sweep(cfg: Config, trials: int, storage: str | None = None, study_name: 
     if trials < 1 or heartbeat < 1:
         raise ConfigError(f"--trials {trials} --heartbeat {heartbeat}: both must be >= 1")
     study_name = study_name or cfg.name or "sweep"
-    sweep_dir = sweep_dir_for(cfg, study_name)
+    sweep_dir = claim_folder(sweep_dir_for(cfg, study_name), kind="sweep", label="out_dir")
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    url = storage or f"sqlite:///{(sweep_dir / 'study.db').resolve()}"
+    runs.write_marker(sweep_dir, "sweep")  # its trial runs may be written inside it
+    url = storage or f"sqlite:///{(sweep_dir / runs.STUDY_DB).resolve()}"
     with warnings.catch_warnings():  # heartbeats and retries are marked experimental in Optuna
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study = open_study(url, study_name=study_name, cfg=cfg, heartbeat=heartbeat)
@@ -374,7 +374,6 @@ def write_sweep_summary(study, sweep_dir: Path, url: str, metric: str) -> Path:
     Returns:
         The path of sweep.md.
     """
-    from agnews_lora.checkpoint import atomic_write_json
     from agnews_lora.report import compare_runs, md_table
 
     parts = [f"# Sweep {study.study_name}", "",
@@ -383,7 +382,7 @@ def write_sweep_summary(study, sweep_dir: Path, url: str, metric: str) -> Path:
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     if complete:
         best = study.best_trial
-        atomic_write_json(sweep_dir / "best_trial.json",
+        atomic_write_json(sweep_dir / runs.BEST_TRIAL,
                           {**best.user_attrs, "number": best.number, "value": best.value, "params": best.params,
                            "run_dir": str(sweep_dir / best.user_attrs["run_dir"])})
         parts += [f"**Best trial: {best.number}**, {metric} {best.value:.4f}, run folder "
@@ -391,10 +390,10 @@ def write_sweep_summary(study, sweep_dir: Path, url: str, metric: str) -> Path:
     parts += ["## Trials", "", md_table(["Trial", "State", metric, "Trainable", "Parameters", "Run", "Note"],
                                         _trial_rows(study), align="rlrrlll"), ""]
     finished = [sweep_dir / t.user_attrs["run_dir"] for t in complete]
-    finished = [d for d in finished if (d / "summary.json").is_file()]  # other workers' folders may be elsewhere
+    finished = [d for d in finished if (d / runs.SUMMARY).is_file()]  # other workers' folders may be elsewhere
     if finished:
-        table, plot = compare_runs(finished, sweep_dir / "comparison.md")
+        table, plot = compare_runs(finished, sweep_dir / runs.COMPARISON, owner=sweep_dir)
         parts += ["## Comparison of the finished trials", "", table, "", f"![accuracy vs parameters]({plot.name})", ""]
-    out = sweep_dir / "sweep.md"
+    out = sweep_dir / runs.SWEEP_SUMMARY
     atomic_write_text(out, "\n".join(parts))
     return out
