@@ -10,6 +10,8 @@ import warnings
 from pathlib import Path
 
 from agnews_lora.errors import ConfigError, UserError, finite
+from agnews_lora.registry import NAMES as PEFT_METHODS
+
 
 def at_least(low: float, kind: type = int):
     """An argparse type: a number of `kind` that is >= low (every numeric option has a range)."""
@@ -84,8 +86,6 @@ def cmd_distill(args) -> None:
 
 def _method_names(spec: str) -> list[str]:
     """--methods: "all" or comma-separated names of PEFT_METHODS."""
-    from agnews_lora.config import PEFT_METHODS
-
     names = list(PEFT_METHODS) if spec.strip() == "all" else [m.strip() for m in spec.split(",") if m.strip()]
     unknown = [m for m in names if m not in PEFT_METHODS]
     if unknown or not names:
@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", action="store_true", help="largest rank within the budget for each common "
                    "placement (all layers, and lora.layers when set) with either head")
     p.add_argument("--methods", metavar="all|M1,M2", help="with --plan: the largest size of each PEFT method "
-                   "(lora, dora, adalora, ia3, vera, loha, lokr, prompt, prefix, bitfit) per placement and head "
+                   f"({', '.join(PEFT_METHODS)}) per placement and head "
                    "instead (exact counts; about a minute for all on roberta-base)")
     p.set_defaults(func=cmd_budget)
 

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 
+from agnews_lora import registry
 from agnews_lora.errors import ConfigError, finite  # noqa: F401  (ConfigError: re-exported)
 
 
@@ -62,102 +63,18 @@ class LoraConfig:
 
 # ---------------------------------------------------------------- PEFT methods
 # `peft.method` picks the method; each method reads its own `peft.<method>.*` options and, where it
-# places adapters on Linear layers, the placement keys `lora.target_modules` / `lora.layers`. LoRA and
-# DoRA take lora.r/alpha/dropout; AdaLoRA takes lora.alpha/dropout with peft.adalora.init_r/target_r.
+# places adapters on Linear layers, the placement keys `lora.target_modules` / `lora.layers`. What
+# each method is (its options, the lora.* keys it reads, its ranges) is its entry in registry.py:
+# the `peft` section below is built from the entries.
 
-PEFT_METHODS = ("lora", "dora", "adalora", "ia3", "vera", "loha", "lokr", "prompt", "prefix", "bitfit")
-
-
-@dataclass
-class AdaLoraOptions:
-    init_r: int = 12  # rank each adapter starts with (what the budget counts: all of it is trained)
-    target_r: int = 8  # average rank per adapter after the allocation
-    tinit: int = 0  # optimizer steps before ranks start to shrink
-    tfinal: int = 0  # optimizer steps at the end with the final ranks fixed
-    deltaT: int = 1  # optimizer steps between two allocations
-    beta1: float = 0.85  # EMA of the sensitivity
-    beta2: float = 0.85  # EMA of its uncertainty
-    orth_reg_weight: float = 0.5  # weight of the orthogonality penalty on the singular vectors
-
-
-@dataclass
-class IA3Options:
-    # Of lora.target_modules, those whose input is scaled (the IA3 paper's FFN rescaling) instead of
-    # their output; names as in lora.target_modules.
-    feedforward_modules: list[str] = field(default_factory=lambda: ["ffn_out"])
-
-
-@dataclass
-class VeraOptions:
-    r: int = 256  # rank of the shared random projections (trainable: r + out_features per module)
-    dropout: float = 0.0
-    d_initial: float = 0.1  # initial value of the scaling vector d
-    projection_prng_key: int = 0  # seed of the shared random matrices
-    save_projection: bool = True  # store the shared matrices in the adapter (loading needs no seed)
-
-
-@dataclass
-class LohaOptions:
-    r: int = 8
-    alpha: float = 8.0
-    rank_dropout: float = 0.0
-    module_dropout: float = 0.0
-
-
-@dataclass
-class LokrOptions:
-    r: int = 8  # rank of the decomposed Kronecker factor (a factor needing no more is stored full)
-    alpha: float = 8.0
-    rank_dropout: float = 0.0
-    module_dropout: float = 0.0
-    decompose_both: bool = False  # also decompose the smaller Kronecker factor
-    decompose_factor: int = -1  # size of the smaller factor's dimensions; -1 = as square as possible
-
-
-@dataclass
-class PromptOptions:
-    num_virtual_tokens: int = 20  # trainable embeddings put before every input's tokens
-    # their start: random; embeddings of tokens drawn from the vocabulary; those of init_text's tokens
-    init: Literal["random", "vocab", "text"] = "random"
-    init_text: str = ""  # for init=text (repeated or cut to num_virtual_tokens tokens)
-
-
-@dataclass
-class PrefixOptions:
-    # Trainable keys and values per layer put before every input's. (peft's MLP reparametrisation,
-    # prefix_projection, is not offered: peft saves only its output, so a run could not resume.)
-    num_virtual_tokens: int = 20
-
-
-@dataclass
-class PeftMethodConfig:
-    method: Literal["lora", "dora", "adalora", "ia3", "vera", "loha", "lokr", "prompt", "prefix", "bitfit"] = "lora"
-    adalora: AdaLoraOptions = field(default_factory=AdaLoraOptions)
-    ia3: IA3Options = field(default_factory=IA3Options)
-    vera: VeraOptions = field(default_factory=VeraOptions)
-    loha: LohaOptions = field(default_factory=LohaOptions)
-    lokr: LokrOptions = field(default_factory=LokrOptions)
-    prompt: PromptOptions = field(default_factory=PromptOptions)
-    prefix: PrefixOptions = field(default_factory=PrefixOptions)
-
-
-# lora.* keys each method reads; set away from their defaults under another method, they are errors.
-LORA_KEYS_USED = {
-    "lora": {"r", "alpha", "dropout", "target_modules", "layers"},
-    "dora": {"r", "alpha", "dropout", "target_modules", "layers"},
-    "adalora": {"alpha", "dropout", "target_modules", "layers"},
-    "ia3": {"target_modules", "layers"}, "vera": {"target_modules", "layers"},
-    "loha": {"target_modules", "layers"}, "lokr": {"target_modules", "layers"},
-    "prompt": set(), "prefix": set(), "bitfit": set(),
-}
-_NOT_USED_WHY = {
-    "adalora": {"r": "use peft.adalora.init_r and peft.adalora.target_r"},
-    "ia3": "IA3 learns scaling vectors: it has no rank, scaling or dropout",
-    "vera": "its options are peft.vera.*", "loha": "its options are peft.loha.*", "lokr": "its options are peft.lokr.*",
-    "prompt": "prompt tuning adds virtual tokens to the input: no adapters are placed on layers",
-    "prefix": "prefix tuning adds keys and values to every layer's attention: no adapters are placed on Linear layers",
-    "bitfit": "BitFit trains every bias of the backbone (and the head): no adapters, no placement",
-}
+PEFT_METHODS = registry.NAMES
+PeftMethodConfig = dataclasses.make_dataclass(
+    "PeftMethodConfig",
+    [("method", Literal[PEFT_METHODS], field(default="lora"))]
+    + [(m.name, m.options, field(default_factory=m.options)) for m in registry.METHODS.values() if m.options],
+)
+PeftMethodConfig.__module__ = __name__
+PeftMethodConfig.__doc__ = "peft.method and every method's own options (peft.<method>.*), from registry.py."
 
 
 @dataclass
@@ -523,39 +440,8 @@ def validate(cfg: Config) -> None:
 
 
 def _peft_checks(cfg: Config) -> list[tuple[str, bool, str]]:
-    """Ranges of the peft.<method>.* options (all sections: their defaults are valid)."""
-    p = cfg.peft
-    a = p.adalora
-    checks = [
-        ("peft.adalora.init_r", a.init_r >= 2, "must be >= 2 (ranks are allocated below it)"),
-        # equal ranks would leave the allocation nothing to remove (peft fails then: kthvalue k=0)
-        ("peft.adalora.target_r", 1 <= a.target_r < a.init_r, f"must be in [1, peft.adalora.init_r={a.init_r})"),
-        ("peft.adalora.tinit", a.tinit >= 0, "must be >= 0"),
-        ("peft.adalora.tfinal", a.tfinal >= 0, "must be >= 0"),
-        ("peft.adalora.deltaT", a.deltaT >= 1, "must be >= 1"),
-        ("peft.adalora.beta1", 0 < a.beta1 < 1, "must be in (0, 1)"),
-        ("peft.adalora.beta2", 0 < a.beta2 < 1, "must be in (0, 1)"),
-        ("peft.adalora.orth_reg_weight", a.orth_reg_weight >= 0, "must be >= 0 (0 = no orthogonality penalty)"),
-        ("peft.vera.r", p.vera.r >= 1, "must be >= 1"),
-        ("peft.vera.dropout", 0 <= p.vera.dropout < 1, "must be in [0, 1)"),
-        ("peft.prompt.num_virtual_tokens", p.prompt.num_virtual_tokens >= 1, "must be >= 1"),
-        ("peft.prefix.num_virtual_tokens", p.prefix.num_virtual_tokens >= 1, "must be >= 1"),
-        ("peft.lokr.decompose_factor", p.lokr.decompose_factor == -1 or p.lokr.decompose_factor >= 1,
-         "must be -1 (as square as possible) or >= 1"),
-    ]
-    for name in ("loha", "lokr"):
-        o = getattr(p, name)
-        checks += [(f"peft.{name}.r", o.r >= 1, "must be >= 1"), (f"peft.{name}.alpha", o.alpha > 0, "must be > 0"),
-                   (f"peft.{name}.rank_dropout", 0 <= o.rank_dropout < 1, "must be in [0, 1)"),
-                   (f"peft.{name}.module_dropout", 0 <= o.module_dropout < 1, "must be in [0, 1)")]
-    checks.append(("peft.prompt.init_text", bool(p.prompt.init_text.strip()) == (p.prompt.init == "text"),
-                   "must be given with peft.prompt.init=text, and only then"))
-    if p.method == "adalora" and cfg.train.max_steps > 0:
-        # peft refuses a schedule without a rank-allocation phase; say so with our keys, before anything loads
-        checks.append(("peft.adalora.tinit", a.tinit < cfg.train.max_steps - a.tfinal,
-                       f"must be < train.max_steps - peft.adalora.tfinal = {cfg.train.max_steps - a.tfinal} "
-                       "(ranks are allocated between tinit and max_steps - tfinal)"))
-    return checks
+    """Ranges of the peft.<method>.* options (every method's section: their defaults are valid)."""
+    return [check for m in registry.METHODS.values() for check in m.checks(cfg)]
 
 
 def check_peft_applicability(cfg: Config) -> None:
@@ -563,12 +449,11 @@ def check_peft_applicability(cfg: Config) -> None:
     default: lora.* keys the method has no use for, and the options of other methods."""
     method = cfg.peft.method
     defaults = Config()
-    used = LORA_KEYS_USED[method]
+    entry = registry.METHODS[method]
     for f in dataclasses.fields(LoraConfig):
         value, default = getattr(cfg.lora, f.name), getattr(defaults.lora, f.name)
-        if f.name not in used and value != default:
-            why = _NOT_USED_WHY.get(method, "")
-            why = why.get(f.name, "") if isinstance(why, dict) else why
+        if f.name not in entry.lora_keys and value != default:
+            why = entry.why_not(f.name)
             raise ConfigError(f"lora.{f.name}={value!r} does not apply to peft.method={method}"
                               + (f" ({why})" if why else "") + f"; leave it at its default ({default!r})")
     for f in dataclasses.fields(PeftMethodConfig):

@@ -1,9 +1,10 @@
-"""PEFT methods beside LoRA: the peft config each one gets, its size knob, and what training needs.
+"""PEFT methods at work: their peft configs, sizes, BitFit, merging, and what training needs.
 
-`peft.method` (config.py) picks one of PEFT_METHODS. model.py builds the backbone and calls
-`peft_config` here for every method peft implements; BitFit (biases only) is no peft method:
-`apply_bitfit` unfreezes the backbone's biases and the head. The planner (plan.py) and the
-experiment scripts change a method's size through `SIZE_KEYS` / `with_size`.
+What each method is (its options, size option, placement, peft config builder) is its entry in
+registry.py; the sets here (MERGEABLE, PLACED, SIZE_KEYS, NAMES, ...) are views of it. model.py
+builds the backbone and calls `peft_config` for every method peft implements; BitFit (biases
+only) is no peft method: `apply_bitfit` unfreezes the backbone's biases and the head. The planner
+(plan.py) and the experiment scripts change a method's size through `with_size`.
 
 Two things here exist because of the libraries' versions (peft 0.21, transformers 5):
 - Prefix tuning: peft hands the prefix to the model as `past_key_values` and first checks the
@@ -27,22 +28,17 @@ import types
 import torch
 from torch import nn
 
-from agnews_lora.config import PEFT_METHODS, Config, ConfigError
-from agnews_lora.hub import resolve_model_path
+from agnews_lora.config import Config
+from agnews_lora.errors import ConfigError
+from agnews_lora.registry import METHODS, provisional_total_step  # noqa: F401  (re-exported)
 
-# peft folds these into the backbone's weights (merge_and_unload); prompt/prefix tuning add inputs,
-# BitFit's trained biases are the backbone's own weights already.
-MERGEABLE = frozenset({"lora", "dora", "adalora", "ia3", "vera", "loha", "lokr"})
-PROMPT_LEARNING = frozenset({"prompt", "prefix"})
-PLACED = frozenset({"lora", "dora", "adalora", "ia3", "vera", "loha", "lokr"})  # use lora.target_modules/layers
-# The option that sets each method's size (None: the size is the placement itself).
-SIZE_KEYS = {"lora": "lora.r", "dora": "lora.r", "adalora": "peft.adalora.init_r", "ia3": None,
-             "vera": "peft.vera.r", "loha": "peft.loha.r", "lokr": "peft.lokr.r",
-             "prompt": "peft.prompt.num_virtual_tokens", "prefix": "peft.prefix.num_virtual_tokens", "bitfit": None}
-SMALLEST_SIZE = {"adalora": 2}  # AdaLoRA allocates ranks below init_r: at least 2 (the others: 1)
-NAMES = {"lora": "LoRA", "dora": "DoRA", "adalora": "AdaLoRA", "ia3": "IA3", "vera": "VeRA", "loha": "LoHa",
-         "lokr": "LoKr", "prompt": "Prompt tuning", "prefix": "Prefix tuning", "bitfit": "BitFit"}
-assert set(SIZE_KEYS) == set(NAMES) == set(PEFT_METHODS)
+# Views of the registry (registry.py: one entry per method), for the code that asks one question.
+MERGEABLE = frozenset(n for n, m in METHODS.items() if m.mergeable)  # peft folds it into the weights
+PROMPT_LEARNING = frozenset(n for n, m in METHODS.items() if m.virtual_tokens)
+PLACED = frozenset(n for n, m in METHODS.items() if m.placed)  # on lora.target_modules / lora.layers
+SIZE_KEYS = {n: m.size_key for n, m in METHODS.items()}  # the option that sets its size (None: fixed)
+SMALLEST_SIZE = {n: m.smallest_size for n, m in METHODS.items()}
+NAMES = {n: m.title for n, m in METHODS.items()}
 # The largest value of any size option: far past every encoder's width (no useful setting is refused,
 # and the planner searches up to it); beyond it a real build needs gigabytes per adapted module and,
 # from about 1e16, even a meta tensor's element count overflows.
@@ -93,23 +89,10 @@ def check_sizes(cfg: Config) -> None:
 
 def describe(cfg: Config) -> str:
     """One line: the method and the options it uses (placement included)."""
-    m, p, lora = cfg.peft.method, cfg.peft, cfg.lora
+    entry, lora = METHODS[cfg.peft.method], cfg.lora
     layers = "all" if lora.layers is None else ",".join(map(str, lora.layers))
-    place = f"modules={','.join(lora.target_modules)}, layers={layers}"
-    text = {
-        "lora": f"r={lora.r}, alpha={lora.alpha:g}, dropout={lora.dropout:g}",
-        "dora": f"r={lora.r}, alpha={lora.alpha:g}, dropout={lora.dropout:g}",
-        "adalora": f"init_r={p.adalora.init_r}, target_r={p.adalora.target_r}, tinit={p.adalora.tinit}, "
-                   f"tfinal={p.adalora.tfinal}, deltaT={p.adalora.deltaT}, alpha={lora.alpha:g}",
-        "ia3": f"feedforward={','.join(p.ia3.feedforward_modules) or '-'}",
-        "vera": f"r={p.vera.r}, d_initial={p.vera.d_initial:g}",
-        "loha": f"r={p.loha.r}, alpha={p.loha.alpha:g}",
-        "lokr": f"r={p.lokr.r}, alpha={p.lokr.alpha:g}, decompose_factor={p.lokr.decompose_factor}",
-        "prompt": f"{p.prompt.num_virtual_tokens} virtual tokens, init={p.prompt.init}",
-        "prefix": f"{p.prefix.num_virtual_tokens} virtual tokens per layer",
-        "bitfit": "every bias of the backbone",
-    }[m]
-    return f"{NAMES[m]} {text}" + (f", {place}" if m in PLACED else "")
+    place = f", modules={','.join(lora.target_modules)}, layers={layers}" if entry.placed else ""
+    return f"{entry.title} {entry.describe(cfg)}{place}"
 
 
 # ---------------------------------------------------------------- building
@@ -133,59 +116,12 @@ def peft_config(cfg: Config, target: str | None, feedforward: str | None, module
     Raises:
         ConfigError: a size option or VeRA's seed out of range (`check_sizes`).
     """
-    import peft
-
     check_sizes(cfg)
-    m, p, lora = cfg.peft.method, cfg.peft, cfg.lora
+    build = METHODS[cfg.peft.method].build
+    if build is None:
+        raise ValueError(f"peft.method={cfg.peft.method} is not a peft method")
     common = {"task_type": "SEQ_CLS", "modules_to_save": modules_to_save}
-    if m in ("lora", "dora"):
-        return peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target,
-                               use_dora=m == "dora", **common)
-    if m == "adalora":
-        a = p.adalora
-        return peft.AdaLoraConfig(init_r=a.init_r, target_r=a.target_r, tinit=a.tinit, tfinal=a.tfinal,
-                                  deltaT=a.deltaT, beta1=a.beta1, beta2=a.beta2, orth_reg_weight=a.orth_reg_weight,
-                                  lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target,
-                                  total_step=provisional_total_step(cfg), **common)
-    if m == "ia3":
-        # an empty feedforward set: a regex that matches no module name
-        return peft.IA3Config(target_modules=target, feedforward_modules=feedforward or r"(?!)", **common)
-    if m == "vera":
-        v = p.vera
-        return peft.VeraConfig(r=v.r, vera_dropout=v.dropout, d_initial=v.d_initial,
-                               projection_prng_key=v.projection_prng_key, save_projection=v.save_projection,
-                               target_modules=target, **common)
-    if m == "loha":
-        o = p.loha
-        return peft.LoHaConfig(r=o.r, alpha=o.alpha, rank_dropout=o.rank_dropout, module_dropout=o.module_dropout,
-                               target_modules=target, **common)
-    if m == "lokr":
-        o = p.lokr
-        return peft.LoKrConfig(r=o.r, alpha=o.alpha, rank_dropout=o.rank_dropout, module_dropout=o.module_dropout,
-                               decompose_both=o.decompose_both, decompose_factor=o.decompose_factor,
-                               target_modules=target, **common)
-    if m == "prompt":
-        o = p.prompt
-        init = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}["random" if meta else o.init]
-        text = {"prompt_tuning_init_text": o.init_text, "tokenizer_name_or_path": _model_folder(cfg)} \
-            if init == "TEXT" else {}
-        return peft.PromptTuningConfig(num_virtual_tokens=o.num_virtual_tokens, prompt_tuning_init=init, **text,
-                                       **common)
-    if m == "prefix":
-        o = p.prefix
-        return peft.PrefixTuningConfig(num_virtual_tokens=o.num_virtual_tokens, **common)
-    raise ValueError(f"peft.method={m} is not a peft method")
-
-
-def _model_folder(cfg: Config) -> str:
-    return resolve_model_path(cfg.model.name)
-
-
-def provisional_total_step(cfg: Config) -> int:
-    """AdaLoRA's total_step before the run knows its step count (train.max_steps when set): peft
-    requires one when the adapter is built; `AdaLoraSteps.start` sets the run's own."""
-    a = cfg.peft.adalora
-    return cfg.train.max_steps or a.tinit + a.tfinal + 1
+    return build(cfg, target=target, feedforward=feedforward, common=common, meta=meta)
 
 
 def apply_bitfit(model: nn.Module, head_modules: list[str]) -> nn.Module:

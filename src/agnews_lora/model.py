@@ -17,6 +17,7 @@ from agnews_lora import methods
 from agnews_lora.config import Config, ConfigError
 from agnews_lora.data import LABEL_NAMES
 from agnews_lora.errors import BudgetError
+from agnews_lora.registry import METHODS
 from agnews_lora.hub import resolve_model_path  # noqa: F401  (re-exported: where a model comes from)
 
 # Canonical module names (RoBERTa's) -> path inside one encoder layer, per architecture.
@@ -135,8 +136,8 @@ def position_limit(config) -> int | None:
 
 def virtual_tokens(cfg: Config) -> int:
     """Positions that prompt or prefix tuning put before every input's tokens (0 for other methods)."""
-    method = cfg.peft.method
-    return getattr(cfg.peft, method).num_virtual_tokens if method in ("prompt", "prefix") else 0
+    entry = METHODS[cfg.peft.method]
+    return methods.size_of(cfg) if entry.virtual_tokens else 0
 
 
 def check_max_length(cfg: Config) -> None:
@@ -147,7 +148,7 @@ def check_max_length(cfg: Config) -> None:
     extra = virtual_tokens(cfg)
     if limit is not None and cfg.data.max_length + extra > limit:
         if extra:
-            key = f"peft.{cfg.peft.method}.num_virtual_tokens"
+            key = METHODS[cfg.peft.method].size_key
             raise ConfigError(f"data.max_length={cfg.data.max_length} + {key}={extra} exceeds what {cfg.model.name} "
                               f"can read ({limit} positions); keep their sum <= {limit}")
         raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds what {cfg.model.name} can read "
@@ -260,7 +261,7 @@ def add_adapters(model: nn.Module, cfg: Config, modules_to_save: list[str], meta
     from peft import get_peft_model
 
     method = cfg.peft.method
-    if method == "bitfit":
+    if METHODS[method].build is None:  # BitFit: no peft adapters, the backbone's own biases
         return methods.apply_bitfit(model, modules_to_save)
     target = feedforward = None
     if method in methods.PLACED:
@@ -364,10 +365,12 @@ class Breakdown:
                 "bias_by_layer": {str(k): v for k, v in self.bias_by_layer.items()}}
 
 
-_ADAPTER_RE = re.compile(r"encoder\.layer\.(\d+)\.(.+?)\.(?:lora_|ia3_|vera_|hada_|lokr_)")
+_ADAPTER_RE = re.compile(r"encoder\.layer\.(\d+)\.(.+?)\.(?:"
+                         + "|".join(sorted({re.escape(m.adapter_marker) for m in METHODS.values() if m.adapter_marker}))
+                         + ")")
 _LAYER_BIAS_RE = re.compile(r"encoder\.layer\.(\d+)\.(.+)\.bias$")
-_PEFT_METHODS = {"LORA": "lora", "ADALORA": "adalora", "IA3": "ia3", "VERA": "vera", "LOHA": "loha", "LOKR": "lokr",
-                 "PROMPT_TUNING": "prompt", "PREFIX_TUNING": "prefix"}
+# peft's type of a config -> the method (the first entry of a type: LORA is lora, or dora by use_dora)
+_PEFT_METHODS = {m.peft_type: name for name, m in reversed(METHODS.items()) if m.peft_type}
 
 
 def _method_of(model: nn.Module) -> str:

@@ -9,11 +9,13 @@ chosen rank is then counted once more to confirm it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import asdict, dataclass
 
 from agnews_lora import methods
 from agnews_lora.config import Config
 from agnews_lora.model import Breakdown, budget_breakdown
+from agnews_lora.registry import METHODS
 
 # Placement name -> canonical module names model.py understands.
 PLACEMENTS: dict[str, list[str]] = {
@@ -221,17 +223,12 @@ def method_config(cfg: Config, method: str, modules: list[str] | None, layers: l
     """cfg with another method, placement and head (the config a plan row counts): the keys `method`
     does not read at their defaults,
     those it reads (its own peft.<method> options, lora.alpha, ...) as cfg has them."""
-    import dataclasses
-
-    from agnews_lora.config import LORA_KEYS_USED
-    from agnews_lora.config import Config as Defaults
-
-    c, defaults = copy.deepcopy(cfg), Defaults()
+    c, defaults = copy.deepcopy(cfg), Config()
     for f in dataclasses.fields(c.peft):
         if f.name not in ("method", method):
             setattr(c.peft, f.name, copy.deepcopy(getattr(defaults.peft, f.name)))
     for f in dataclasses.fields(c.lora):
-        if f.name not in LORA_KEYS_USED[method]:
+        if f.name not in METHODS[method].lora_keys:
             setattr(c.lora, f.name, copy.deepcopy(getattr(defaults.lora, f.name)))
     c.peft.method, c.model.head = method, head
     if method in methods.PLACED:
@@ -267,18 +264,16 @@ def plan_methods(cfg: Config, names: list[str] | None = None) -> list[MethodPlan
 
     Args:
         cfg: the resolved config (backbone, budget, data.max_length, optional lora.layers).
-        names: the methods (default: all of PEFT_METHODS).
+        names: the methods (default: every entry of the registry).
 
     Returns:
         One MethodPlanRow per method x placement x layer set x head.
     """
-    from agnews_lora.config import PEFT_METHODS
-
     layer_sets: list[list[int] | None] = [None]
     if cfg.lora.layers is not None:
         layer_sets.append(sorted(set(cfg.lora.layers)))
     rows = []
-    for method in names or PEFT_METHODS:
+    for method in names or list(METHODS):
         for head in HEADS:
             if method not in methods.PLACED:
                 rows.append(plan_method(cfg, method, modules=None, layers=None, head=head))
