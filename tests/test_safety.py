@@ -247,17 +247,18 @@ def test_08_float_options_are_finite(run, tmp_path, capsys):
 def test_09_divergence_stops_the_run_and_saves_nothing_from_it(make_cfg, tmp_path, monkeypatch):
     import torch
 
+    from agnews_lora import loop
     from agnews_lora import train as train_mod
 
     calls = {"n": 0}
-    real_loss = train_mod._loss
+    real_loss = loop._loss
 
     def diverging(ctx, batch):  # step 5's loss is nan, as from a learning rate far too high
         calls["n"] += 1
         loss = real_loss(ctx, batch)
         return loss * torch.tensor(float("nan")) if calls["n"] == 5 else loss
 
-    monkeypatch.setattr(train_mod, "_loss", diverging)
+    monkeypatch.setattr(loop, "_loss", diverging)
     cfg = make_cfg(tmp_path / "div")
     with pytest.raises(Diverged, match=r"between step 4 and step 5 .*train.lr=0.001.*lower train.lr"):
         train_mod.train(cfg)
@@ -273,15 +274,16 @@ def test_09_divergence_stops_the_run_and_saves_nothing_from_it(make_cfg, tmp_pat
 
 
 def test_09_cli_says_diverged_in_one_line(make_cfg, tmp_path, monkeypatch, capsys):
-    from agnews_lora import train as train_mod
+    from agnews_lora import loop
+    from agnews_lora.losses import cross_entropy
 
     def nan_loss(ctx, batch):
         import torch
 
-        return train_mod.cross_entropy(torch.full((len(batch["labels"]), 4), float("nan"), requires_grad=True),
-                                       batch["labels"], 0.0)
+        return cross_entropy(torch.full((len(batch["labels"]), 4), float("nan"), requires_grad=True),
+                             batch["labels"], 0.0)
 
-    monkeypatch.setattr(train_mod, "_loss", nan_loss)
+    monkeypatch.setattr(loop, "_loss", nan_loss)
     monkeypatch.setattr("agnews_lora.cli._main_process", lambda: True)
     cfg = make_cfg(tmp_path / "div2")
     from agnews_lora.runs import write_config
@@ -393,3 +395,16 @@ def test_a_sweep_folder_is_the_tools_and_holds_its_trials(tmp_path, user_folder)
     assert outputs.claim_folder(sweep / "trial-000", kind="run") == sweep / "trial-000"  # trials inside it
     with pytest.raises(OutputRefused, match="inside the sweep folder"):
         outputs.claim_folder(sweep / "a" / "b", kind="run")
+
+
+def test_predict_mid_swap_never_touches_the_trainers_folder(run, ag_files, tmp_path, capsys):
+    """Re-tested with the guard: a CLI predict while the trainer is between its two renames reads
+    .best.old where it lies, writes only its own output, and leaves the swap to the writer."""
+    copy = Path(shutil.copytree(run, tmp_path / "run"))
+    (copy / "best").rename(copy / ".best.old")
+    before = snapshot(copy)
+    code, err = cli(["predict", copy, "--input", ag_files["test"], "--output", tmp_path / "p.csv"], capsys)
+    assert code == 0, err
+    assert snapshot(copy) == before and not (copy / "best").exists()
+    runs.recover(copy)  # what the writer does on its next start
+    assert (copy / "best").is_dir() and not (copy / ".best.old").exists()

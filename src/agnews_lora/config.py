@@ -16,9 +16,10 @@ from typing import Any, Literal
 
 import yaml
 
-
 from agnews_lora import registry
+from agnews_lora.calibration import parse_prior
 from agnews_lora.errors import ConfigError, finite  # noqa: F401  (ConfigError: re-exported)
+from agnews_lora.perturb import parse_specs
 
 
 @dataclass
@@ -425,14 +426,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={_value(cfg, key)!r} {why}")
     check_peft_applicability(cfg)
     if cfg.predict.prior:
-        from agnews_lora.calibration import parse_prior
-
         try:
             parse_prior(cfg.predict.prior, cfg.model.num_labels)
         except ConfigError as err:
             raise ConfigError(f"predict.prior: {err} (or empty for the training prior)") from None
-    from agnews_lora.perturb import parse_specs
-
     try:
         parse_specs(cfg.data.augment, key="data.augment")
     except ValueError as err:
