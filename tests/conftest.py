@@ -85,10 +85,13 @@ def tiny_run(tmp_path_factory, tiny_model_dir, ag_files) -> Path:
     """A trained seconds-long run (tiny_run_overrides), shared by the tests that only read it."""
     from agnews_lora.config import load_config
     from agnews_lora.train import reset_accelerator_state, train
+    from agnews_lora.writeup import finish_run
 
     reset_accelerator_state()  # session-scoped: set up before the per-test reset runs
     base = tmp_path_factory.mktemp("tiny-run")
-    return train(load_config(overrides=tiny_run_overrides(tiny_model_dir, ag_files, base / "cache", base / "run")))
+    run = train(load_config(overrides=tiny_run_overrides(tiny_model_dir, ag_files, base / "cache", base / "run")))
+    finish_run(run)  # report.md and best/README.md, as `agnews-lora train` writes them
+    return run
 
 
 @contextmanager
@@ -139,10 +142,11 @@ def make_cfg(tiny_model_dir, ag_files, tmp_path_factory):
 
 def train_interrupted(cfg, monkeypatch, at_call: int) -> None:
     """train(cfg) stopped by a KeyboardInterrupt at its `at_call`-th loss computation (a kill)."""
+    from agnews_lora import loop
     from agnews_lora import train as train_mod
 
     calls = {"n": 0}
-    real_loss = train_mod._loss
+    real_loss = loop._loss
 
     def interrupted(ctx, batch):
         calls["n"] += 1
@@ -151,6 +155,6 @@ def train_interrupted(cfg, monkeypatch, at_call: int) -> None:
         return real_loss(ctx, batch)
 
     with monkeypatch.context() as m:
-        m.setattr(train_mod, "_loss", interrupted)
+        m.setattr(loop, "_loss", interrupted)
         with pytest.raises(KeyboardInterrupt):
             train_mod.train(cfg)

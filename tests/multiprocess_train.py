@@ -53,12 +53,13 @@ def _install_probes() -> None:
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
+    from agnews_lora import loop
     from agnews_lora import train as train_mod
 
     global _log
     _log = open(PROBES / f"writes-rank{RANK}.jsonl", "w", buffering=1)
     sys.addaudithook(_audit)
-    real_finish, real_loss = train_mod._finish, train_mod._loss
+    real_finish, real_loss = train_mod._finish, loop._loss
 
     def finish(ctx, *args, **kwargs):
         model = ctx.accelerator.unwrap_model(ctx.model)
@@ -77,7 +78,7 @@ def _install_probes() -> None:
                 os._exit(3)
             return real_loss(ctx, batch)
 
-        train_mod._loss = loss
+        loop._loss = loss
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ from agnews_lora.data import read_files
 from agnews_lora.methods import MERGEABLE, PLACED, SIZE_KEYS, with_size
 from agnews_lora.model import BudgetError, budget_breakdown, build_model, count_trainable
 from agnews_lora.predict import Classifier
-from agnews_lora.train import speed_up, train
+from agnews_lora.speed import speed_up
+from agnews_lora.train import train
 
 from conftest import ROBERTA_BASE
 

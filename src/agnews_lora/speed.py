@@ -2,8 +2,8 @@
 autocast dtype, one cast per shared input, a last layer computed for the first token only, a
 larger oneDNN kernel cache, and optional regional torch.compile.
 
-Each is a named patch behind its own `train.*` flag; `train.speed_up` applies them and records
-in the run folder (speed_patches.json) which were applied and why any was not. Each has a
+Each is a named patch behind its own `train.*` flag; `speed_up` applies them and `record_patches`
+records in the run folder (speed_patches.json) which were applied and why any was not. Each has a
 logits-parity test against the unpatched model on RoBERTa, BERT and MPNet, with SDPA and eager
 attention (tests/test_speed_patches.py).
 
@@ -36,9 +36,15 @@ import sys
 import types
 from dataclasses import dataclass
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import nn
+
+from agnews_lora import runs
+from agnews_lora.config import Config
+from agnews_lora.precision import autocast_dtype, resolve_precision
 
 ATTN_IMPLEMENTATION = "sdpa_fast_dropout"
 _LEVELS = 1 << 16
@@ -401,3 +407,70 @@ def compile_layers(model: nn.Module, backend: str = "inductor") -> int:
     for layer in layers:
         layer.compile(dynamic=True, backend=backend)
     return len(layers)
+
+
+# ---------------------------------------------------------------- applying them to a run
+
+
+def speed_up(model, cfg: Config, accelerator) -> list[PatchResult]:
+    """Same recipe, less time: apply the speed patches that `cfg.train` switches on.
+
+    Args:
+        model: the model `build_model` returned, before `accelerator.prepare`.
+        cfg: the run's config (train.kernel_cache, first_token_last_layer, fast_dropout,
+            cast_frozen_linears, cast_inputs_once, compile).
+        accelerator: the run's Accelerator (its device and mixed precision).
+
+    Returns:
+        One PatchResult per patch, in the order applied: what it changed, or why it did not
+        apply (its flag is off, or the device, precision or architecture does not allow it).
+    """
+    t, cpu = cfg.train, accelerator.device.type == "cpu"
+    dtype = autocast_dtype(resolve_precision(accelerator.mixed_precision, accelerator.device))
+    expected: list[PatchResult] = []  # skipped by the run's own settings (flag, device, precision)
+
+    def off(name: str, why: str) -> PatchResult:
+        expected.append(PatchResult(name, False, why))
+        return expected[-1]
+
+    flag_off = lambda name: off(name, f"train.{name}=false")  # noqa: E731
+    results = [set_kernel_cache(t.kernel_cache) if cpu else off("kernel_cache", "not a CPU run")]
+    results.append(first_token_last_layer(model) if t.first_token_last_layer else flag_off("first_token_last_layer"))
+    if not t.fast_dropout:
+        results.append(flag_off("fast_dropout"))
+    else:
+        results.append(_fast_dropout(model) if cpu else off("fast_dropout", "not a CPU run: torch's fused dropout"))
+    if not t.cast_frozen_linears:
+        results.append(flag_off("cast_frozen_linears"))
+    else:
+        results.append(_counted("cast_frozen_linears", cast_frozen_linears(model, dtype), "frozen Linear layers")
+                       if dtype else off("cast_frozen_linears", "no autocast (fp32)"))
+    if not t.cast_inputs_once:
+        results.append(flag_off("cast_inputs_once"))
+    elif dtype and cpu and cast_inputs_once_blocker(model):
+        results.append(off("cast_inputs_once", f"peft.method={cfg.peft.method}: {cast_inputs_once_blocker(model)}"))
+    else:
+        results.append(_counted("cast_inputs_once", cast_inputs_once(model), "attention blocks and LoRA layers")
+                       if dtype and cpu else off("cast_inputs_once", "only under CPU autocast"))
+    results.append(_counted("compile", compile_layers(model), "encoder layers") if t.compile else flag_off("compile"))
+    for r in results:  # say only what the settings do not explain (speed_patches.json has all)
+        if not r.applied and not any(r is e for e in expected):
+            accelerator.print(f"speed patch {r.name} not applied: {r.detail}")
+    return results
+
+
+def _counted(name: str, count: int, what: str) -> PatchResult:
+    return PatchResult(name, count > 0, f"{count} {what}" if count else f"no {what} in the model")
+
+
+def _fast_dropout(model) -> PatchResult:
+    swapped = use_fast_dropout(model)
+    impl = getattr(model.config, "_attn_implementation", None)
+    note = "" if impl == ATTN_IMPLEMENTATION else f"; {impl} attention keeps torch's attention-probability dropout"
+    return PatchResult("fast_dropout", swapped > 0, f"{swapped} dropout modules, {impl} attention{note}")
+
+
+def record_patches(run_dir: Path, patches: list[PatchResult], accelerator) -> None:
+    """Write what `speed_up` did to RUN_DIR/speed_patches.json (main process)."""
+    if accelerator.is_main_process:
+        runs.write_speed_patches(run_dir, [p.to_dict() for p in patches])

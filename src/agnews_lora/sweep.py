@@ -266,6 +266,7 @@ class Objective:
 
         from agnews_lora.model import budget_breakdown
         from agnews_lora.train import reset_accelerator_state, train
+        from agnews_lora.writeup import finish_run
 
         values = {p.key: p.suggest(trial) for p in self.params}
         frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
@@ -285,6 +286,7 @@ class Objective:
             raise optuna.TrialPruned(reason)
         reset_accelerator_state()  # trials run one after another in this process; each sets its own precision
         run_dir = train(cfg)
+        finish_run(run_dir)
 
         summary = runs.read_summary(run_dir) or {}
         for key in ("test_accuracy", "train_seconds"):
