@@ -20,7 +20,7 @@ export SHARED="${SHARED:-../shared}" STEPS="${STEPS:-400}" WARMUP="${WARMUP:-100
 export COMPILE="${COMPILE:-1}" FULL="${FULL:-0}" ALLOW_CPU="${ALLOW_CPU:-0}" OUT="${OUT:-runs/gpu-speed}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=true TRANSFORMERS_VERBOSITY=error
 exec python - <<'PY'
-import csv, importlib.util, math, os, sys, time
+import csv, importlib.util, math, os, time
 from pathlib import Path
 
 import torch
@@ -30,6 +30,7 @@ from agnews_lora.data import LABEL_NAMES, read_files
 from agnews_lora.model import build_model
 from agnews_lora.outputs import discard_run
 from agnews_lora.runs import TRAIN_LOG, RunFolder, read_records
+from agnews_lora.study import rebuilt_batches
 from agnews_lora.train import train
 
 env = os.environ
@@ -39,7 +40,6 @@ if not torch.cuda.is_available() and env["ALLOW_CPU"] != "1":
     raise SystemExit("no CUDA device: this benchmark is for a GPU machine (ALLOW_CPU=1 to check the script)")
 if not 0 < warmup < steps:
     raise SystemExit(f"need 0 < WARMUP ({warmup}) < STEPS ({steps})")
-sys.path.insert(0, "benchmarks")  # as when the script runs: its shared `common` module
 spec = importlib.util.spec_from_file_location("train_speed", Path("benchmarks/train_speed.py"))
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
@@ -89,7 +89,7 @@ def measure(name, *extra):
     log = {r["step"]: r for r in read_records(run / TRAIN_LOG)}
     a, b = log[max(s for s in log if s <= warmup)], log[steps]
     seconds = b["train_seconds"] - a["train_seconds"]
-    timed = bench.rebuilt_batches(cfg, start=a["step"], stop=steps, logged_tokens=b["tokens"] - a["tokens"])
+    timed = rebuilt_batches(cfg, start=a["step"], stop=steps, logged_tokens=b["tokens"] - a["tokens"])
     shape = bench._shape(build_model(cfg, device="meta"))
     flops = bench.model_flops(shape, tokens=sum(t[1] for t in timed), sum_sq_len=sum(t[3] for t in timed))
     step_s = seconds / (steps - a["step"])

@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -37,6 +35,7 @@ from agnews_lora import runs
 from agnews_lora.data import LABEL_NAMES, read_files
 from agnews_lora.evaluate import compute_metrics
 from agnews_lora.predict import Classifier, package_version
+from agnews_lora.study import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST = ROOT.parent / "shared" / "data" / "ag_news" / "test.csv.gz"
@@ -187,15 +186,10 @@ def verdicts(results: list[Result]) -> list[str]:
 
 def machine_header(args, n_rows: int) -> str:
     import onnxruntime
-    import transformers
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() \
-        else platform.processor()
     return (f"Inference benchmark: `{args.run_dir}` on {n_rows:,} rows of `{args.data.name}`, "
-            f"{datetime.now(timezone.utc):%Y-%m-%d}; {cpu}, {os.cpu_count()} CPUs, torch threads "
-            f"{torch.get_num_threads()}; torch {torch.__version__}, transformers {transformers.__version__}, "
-            f"onnxruntime {onnxruntime.__version__}, agnews-lora {package_version()}.")
+            f"{datetime.now(timezone.utc):%Y-%m-%d}; {machine()}; onnxruntime {onnxruntime.__version__}, "
+            f"agnews-lora {package_version()}.")
 
 
 def main(argv: list[str] | None = None) -> None:

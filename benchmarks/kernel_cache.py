@@ -25,12 +25,18 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import (MODELS, add_models_option, machine, model_list, peak_rss_mib, per_model, rebuilt_batches,
-                    spawn, write_rows)
+from agnews_lora.study import (add_models_option, benchmark_models, machine, model_list, peak_rss_mib, per_model,
+                               rebuilt_batches, run_command, spawn, write_rows)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+MODELS = benchmark_models(SHARED)
+ROWS_SOURCE = SHARED / "data" / "ag_news" / "train_partial.csv.gz"
 
 ONEDNN_DEFAULT = 1024
 DEFAULT_STEPS = {"minilm": 600, "roberta-base": 150}
@@ -91,9 +97,9 @@ def render(results: dict, ours: int, batch_size: int, wall: float) -> str:
     return "\n".join(lines + [""] + ratios) + "\n"
 
 
-def main() -> None:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_models_option(parser, default=["minilm"])
+    add_models_option(parser, MODELS, default=["minilm"])
     parser.add_argument("--steps", type=int, nargs="+",
                         help="steps per model (default: minilm 600, roberta-base 150)")
     parser.add_argument("--repeats", type=int, nargs="+",
@@ -104,7 +110,10 @@ def main() -> None:
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--rows-file", help=argparse.SUPPRESS)
     parser.add_argument("--work-dir", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> None:
     if args.child:
         result = run_child(MODELS[args.model], args.rows_file, args.steps[0], args.batch_size, args.work_dir)
         print("RESULT " + json.dumps(result), flush=True)
@@ -114,21 +123,21 @@ def main() -> None:
 
     ours = TrainConfig().kernel_cache
     models = model_list(args.models)
-    steps = per_model(args.steps, models, DEFAULT_STEPS, "steps")
-    repeats = per_model(args.repeats, models, DEFAULT_REPEATS, "repeats")
+    steps = per_model(args.steps, models, DEFAULT_STEPS, "--steps")
+    repeats = per_model(args.repeats, models, DEFAULT_REPEATS, "--repeats")
     start = time.perf_counter()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for model in models:
-            rows = write_rows(steps[model] * args.batch_size, Path(tmp) / f"rows_{model}.csv")
+            rows = write_rows(ROWS_SOURCE, steps[model] * args.batch_size, Path(tmp) / f"rows_{model}.csv")
             results[model] = []
             for i in range(2 * repeats[model]):
                 cap = (ONEDNN_DEFAULT, ours)[(i + i // 2) % 2]  # default, ours, ours, default, ...
                 work = Path(tmp) / f"{model}_{i}"
-                argv = ["--child", "--model", model, "--rows-file", str(rows), "--steps", str(steps[model]),
-                        "--batch-size", str(args.batch_size), "--work-dir", str(work)]
-                os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(cap)  # _spawn passes os.environ on
-                result = spawn(argv, timeout=3600, script=__file__)
+                child = ["--child", "--model", model, "--rows-file", str(rows), "--steps", str(steps[model]),
+                         "--batch-size", str(args.batch_size), "--work-dir", str(work)]
+                os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(cap)  # spawn passes os.environ on
+                result = spawn(__file__, child, timeout=3600, cwd=ROOT)
                 print(f"{model} cache {cap}: steady {result['steady']['examples_per_s']:.1f} ex/s, "
                       f"all {result['all']['examples_per_s']:.1f} ex/s, {result['widths']} widths", flush=True)
                 results[model].append(result)
@@ -139,5 +148,10 @@ def main() -> None:
         args.output.write_text(report, encoding="utf-8")
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit status (2 for a user error, printed as one line)."""
+    return run_command(parse_args, run, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

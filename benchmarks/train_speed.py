@@ -67,12 +67,18 @@ import dataclasses
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import (MODELS, ROWS_SOURCE, add_models_option, machine, model_list, peak_rss_mib, per_model,
-                    rebuilt_batches, spawn, write_rows)
+from agnews_lora.study import (add_models_option, benchmark_models, machine, model_list, peak_rss_mib, per_model,
+                               rebuilt_batches, run_command, spawn, write_rows)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+MODELS = benchmark_models(SHARED)
+ROWS_SOURCE = SHARED / "data" / "ag_news" / "train_partial.csv.gz"
 
 VARIANTS = {
     "a": "course: Trainer, padding=True in map, fp32",
@@ -325,33 +331,33 @@ def child_main(args) -> None:
 
 def parent_main(args) -> None:
     models = model_list(args.models)
-    steps = per_model(args.steps, models, DEFAULT_STEPS, "steps")
-    repeats = per_model(args.repeats, models, DEFAULT_REPEATS, "repeats")
+    steps = per_model(args.steps, models, DEFAULT_STEPS, "--steps")
+    repeats = per_model(args.repeats, models, DEFAULT_REPEATS, "--repeats")
     if not ROWS_SOURCE.is_file():
         raise SystemExit(f"{ROWS_SOURCE} is missing: the benchmark reads the shared AG News rows")
     started, load_before = time.perf_counter(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="agnews-speed-") as tmp:
-        full_rows = write_rows(args.rows, Path(tmp) / "rows.csv")
-        peaks = [spawn(["--child", "peak"], timeout=600, script=__file__)]
+        full_rows = write_rows(ROWS_SOURCE, args.rows, Path(tmp) / "rows.csv")
+        peaks = [spawn(__file__, ["--child", "peak"], timeout=600, cwd=ROOT)]
         print(f"matmul peak: {peaks[0]}", flush=True)
         results: dict = {m: {v: [] for v in VARIANTS} for m in models}
         ceilings: dict = {}
         for index, model in enumerate(models):
             if index:  # the peak again between models: the host's speed drifts
-                peaks.append(spawn(["--child", "peak"], timeout=600, script=__file__))
+                peaks.append(spawn(__file__, ["--child", "peak"], timeout=600, cwd=ROOT))
             n_rows = steps[model] * args.batch_size  # epochs of S steps
             if n_rows > args.rows:
                 raise SystemExit(f"--rows {args.rows} is less than steps x batch = {n_rows}")
-            rows_file = write_rows(n_rows, Path(tmp) / f"rows-{model}.csv")
+            rows_file = write_rows(ROWS_SOURCE, n_rows, Path(tmp) / f"rows-{model}.csv")
             for rep in range(repeats[model]):
                 for variant in VARIANTS:
                     if variant == "a" and rep >= args.course_repeats:
                         continue
                     work = Path(tmp) / f"{model}-{rep}-{variant.replace(chr(39), 'p')}"
-                    r = spawn(["--child", variant, "--model", model, "--rows-file", str(rows_file),
-                                "--full-rows-file", str(full_rows), "--steps", str(steps[model]),
-                                "--batch-size", str(args.batch_size), "--work-dir", str(work)], timeout=3600,
-                              script=__file__)
+                    r = spawn(__file__, ["--child", variant, "--model", model, "--rows-file", str(rows_file),
+                                         "--full-rows-file", str(full_rows), "--steps", str(steps[model]),
+                                         "--batch-size", str(args.batch_size), "--work-dir", str(work)],
+                              timeout=3600, cwd=ROOT)
                     results[model][variant].append(r)
                     print(f"{model} repeat {rep + 1} ({variant}): {r['seconds']:.1f} s, "
                           f"{r['examples_per_s']:.2f} ex/s, {r['tokens_per_s']:.0f} tok/s, "
@@ -360,10 +366,10 @@ def parent_main(args) -> None:
             spec = Path(tmp) / f"ceiling-{model}.json"
             spec.write_text(json.dumps({"shape": {k: b[k] for k in ("hidden", "intermediate", "layers")},
                                         "batch_shapes": b["batch_shapes"], "precision": b["precision"]}))
-            ceilings[model] = spawn(["--child", "ceiling", "--spec-file", str(spec)], timeout=1200,
-                                    script=__file__)["seconds"]
+            ceilings[model] = spawn(__file__, ["--child", "ceiling", "--spec-file", str(spec)], timeout=1200,
+                                    cwd=ROOT)["seconds"]
             print(f"{model}: dense matmuls alone at (b)'s shapes: {ceilings[model]:.1f} s", flush=True)
-        peaks.append(spawn(["--child", "peak"], timeout=600, script=__file__))
+        peaks.append(spawn(__file__, ["--child", "peak"], timeout=600, cwd=ROOT))
     peak = {k: max(p[k]["gflops"] for p in peaks) for k in ("bf16", "fp32") if all(k in p for p in peaks)}
     table = render(results, peak=peak, ceilings=ceilings, batch_size=args.batch_size, rows=args.rows,
                    wall=time.perf_counter() - started, load=(load_before, os.getloadavg()[0]))
@@ -425,10 +431,10 @@ def render(results: dict, peak: dict, ceilings: dict, batch_size: int, rows: int
     return "\n".join(lines)
 
 
-def main() -> None:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_models_option(p, default=list(MODELS))
+    add_models_option(p, MODELS, default=list(MODELS))
     p.add_argument("--steps", type=int, nargs="+", help="optimizer steps per epoch S, one value or one per model "
                    f"(default {DEFAULT_STEPS}); two epochs run, the second is timed")
     p.add_argument("--repeats", type=int, nargs="+", help=f"alternating repeats of (a') and (b) per model (default "
@@ -445,7 +451,10 @@ def main() -> None:
     p.add_argument("--full-rows-file", help=argparse.SUPPRESS)
     p.add_argument("--spec-file", help=argparse.SUPPRESS)
     p.add_argument("--work-dir", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> None:
     if args.child:
         args.steps = args.steps[0] if args.steps else 0
         child_main(args)
@@ -453,5 +462,10 @@ def main() -> None:
         parent_main(args)
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit status (2 for a user error, printed as one line)."""
+    return run_command(parse_args, run, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

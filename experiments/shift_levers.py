@@ -25,8 +25,11 @@ reported beside AG News test and the perturbation suite, which nothing was tuned
 arms read the hidden file's texts (never labels); 4,000 of them are AG News test texts, so their
 AG News test figure is transductive (stated in the table).
 
-Resumable: an arm whose folder holds summary.json is not retrained; one with a checkpoint resumes
-(train.resume=true); scores are cached per run in shift_scores.json. Writes docs/shift_levers_<stage>.md.
+Every arm is planned before any trains (exact trainable count, its run folder; agnews_lora.study)
+and trained by `agnews-lora train` in a child process. Resumable: an arm whose folder holds
+summary.json is not retrained; one with a checkpoint resumes (train.resume=true); one interrupted
+before its first checkpoint restarts; a finished arm trained with other settings is an error. Scores
+are cached per run in shift_scores.json. Writes docs/shift_levers_<stage>.md.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from agnews_lora import study
 from agnews_lora.perturb import SUITE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,20 +71,12 @@ def combined_overrides() -> list[str]:
     return ARMS["augment"] + ARMS["ema"] + SELF_TRAIN
 
 
-def train_arm(arm: str, overrides: list[str], out: Path, stage: dict) -> Path:
-    from agnews_lora.runs import RunFolder
-
-    run = out / arm
-    status = RunFolder(run).status
-    if status == "done":
-        return run
-    resume = ["train.resume=true"] if status == "resume" else []
-    cmd = [sys.executable, "-m", "agnews_lora.cli", "train", "--config", str(ROOT / "configs/cpu-minilm.yaml"),
-           f"name={arm}", f"out_dir={run}", f"data.max_train_rows={stage['rows']}",
-           f"train.eval_every={stage['eval_every']}", "train.progress=false", *overrides, *resume]
-    print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
-    return run
+def arm_row(arm: str, overrides: list[str], out: Path, stage: dict) -> study.Row:
+    """One arm as a study row: configs/cpu-minilm.yaml with the stage's rows and validation steps,
+    then the lever's keys."""
+    return study.Row(arm, (f"name={arm}", f"out_dir={out / arm}", f"data.max_train_rows={stage['rows']}",
+                           f"train.eval_every={stage['eval_every']}", "train.progress=false", *overrides),
+                     config=str(ROOT / "configs" / "cpu-minilm.yaml"))
 
 
 def read_hidden() -> tuple[list[str], dict[int, int], dict[int, int]]:
@@ -235,21 +231,25 @@ def table(rows: list[tuple[str, dict]], suite_rows: int) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=list(STAGES), required=True)
     p.add_argument("--out", default="runs/shift_levers")
     p.add_argument("--score-only", action="store_true", help="score finished arms, train nothing")
     p.add_argument("--train-only", action="store_true", help="train the arms, score nothing")
     p.add_argument("--arms", help="comma-separated subset of the stage's arms (default: all)")
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> None:
     stage = STAGES[args.stage]
     out = ROOT / args.out / args.stage
     names = args.arms.split(",") if args.arms else stage["arms"]
     arms = {a: (combined_overrides() if a == "combined" else ARMS[a]) for a in names}
-    if not args.score_only:
-        for arm, overrides in arms.items():
-            train_arm(arm, overrides, out, stage)
+    if not args.score_only:  # every arm planned (budget, folder, settings) before any trains
+        planned = study.plan(arm_row(arm, overrides, out, stage) for arm, overrides in arms.items())
+        for index, row in enumerate(planned, 1):
+            study.run_row(row, index=index, count=len(planned))
     if args.train_only:
         return
     from agnews_lora.runs import RunFolder
@@ -274,5 +274,10 @@ def main() -> None:
     print(doc.read_text())
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit status (2 for a user error, printed as one line)."""
+    return study.run_command(parse_args, run, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

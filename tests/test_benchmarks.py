@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 
 import pytest
 
+from agnews_lora import study
 from conftest import ROOT, needs_shared, tiny_run_overrides
 
 
 def _load_benchmark(name: str):
-    # As when the script runs: its folder is on sys.path, for the scripts' shared `common` module.
-    if str(ROOT / "benchmarks") not in sys.path:
-        sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -137,19 +134,37 @@ def test_kernel_cache_report(cache_bench):
 
 @needs_shared
 def test_rows_file_takes_the_first_rows_and_refuses_more_than_there_are(bench, tmp_path):
-    common = _load_benchmark("common")
-    assert len(common.write_rows(5, tmp_path / "rows.csv").read_text(encoding="utf-8").splitlines()) == 5
-    with pytest.raises(SystemExit, match="20,000 asked for: use fewer steps or rows"):
-        common.write_rows(20_000, tmp_path / "more.csv")
+    from agnews_lora.errors import DataError
+
+    assert len(study.write_rows(bench.ROWS_SOURCE, 5, tmp_path / "rows.csv").read_text(encoding="utf-8")
+               .splitlines()) == 5
+    with pytest.raises(DataError, match="20,000 asked for: use fewer steps or rows"):
+        study.write_rows(bench.ROWS_SOURCE, 20_000, tmp_path / "more.csv")
 
 
-def test_both_speed_benchmarks_take_models_the_same_way():
+def test_both_speed_benchmarks_take_models_the_same_way(bench, cache_bench):
     import argparse
 
-    common = _load_benchmark("common")
+    assert bench.MODELS == cache_bench.MODELS
     for argv in (["--models", "minilm", "roberta-base"], ["--models", "minilm,roberta-base"]):
-        parser = argparse.ArgumentParser()
-        common.add_models_option(parser, default=["minilm"])
-        assert common.model_list(parser.parse_args(argv).models) == ["minilm", "roberta-base"]
+        for script in (bench, cache_bench):
+            args = script.parse_args(argv)
+            assert study.model_list(args.models) == ["minilm", "roberta-base"]
+    parser = argparse.ArgumentParser()
+    study.add_models_option(parser, bench.MODELS, default=["minilm"])
     with pytest.raises(SystemExit):
         parser.parse_args(["--models", "minilm,gpt2"])
+
+
+def test_the_benchmarks_import_nothing_but_the_library():
+    """No shared module beside the scripts and no edits of the import path: each script loads by
+    its path alone, its shared helpers come from agnews_lora.study."""
+    import ast
+
+    for name in ("train_speed", "kernel_cache", "inference"):
+        tree = ast.parse((ROOT / "benchmarks" / f"{name}.py").read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names} | \
+                   {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert "common" not in imported, name
+        assert not [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "path"
+                    and isinstance(n.value, ast.Name) and n.value.id == "sys"], name

@@ -57,7 +57,9 @@ def setup(tiny12_dir, ag_files, tmp_path_factory) -> dict:
             "--set", f"data.train={ag_files['train']}", "--set", f"data.test={ag_files['test']}",
             "--set", f"data.cache_dir={base / 'cache'}", "--set", "train.precision=fp32",
             "--set", "train.progress=false", "--set", "budget.max_trainable=30000"]
-    return {"args": args, "out": base / "runs", "table": base / "docs" / "table.md"}
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("OMP_NUM_THREADS", "1")  # the rows train in child processes
+        yield {"args": args, "out": base / "runs", "table": base / "docs" / "table.md"}
 
 
 def _cells(md: str, start: str) -> list[str]:
@@ -123,6 +125,8 @@ def test_table_holds_the_runs_numbers(first_run):
     kd_cells = _cells(md, "| 2 | ")
     assert kd_cells[6] == _minutes(_summary(out, "teacher")["train_seconds"] + teacher["logits_computed_seconds"])
     assert _cells(md, "| 6 | ")[6] == "-"
+    for row in ("teacher", "2-distill", "6-linear-all"):  # each row is `agnews-lora train|distill`: its write-up too
+        assert (out / row / "report.md").is_file() and (out / row / "best" / "README.md").is_file()
     # the planner's rank, with alpha = 4 r
     cfg = yaml.safe_load((out / "6-linear-all" / "config.yaml").read_text())
     assert (cfg["lora"]["r"], cfg["lora"]["alpha"], cfg["model"]["head"]) == (5, 20.0, "linear")

@@ -15,7 +15,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load_script():
-    sys.path.insert(0, str(ROOT / "experiments"))
     spec = importlib.util.spec_from_file_location("peft_methods", ROOT / "experiments" / "peft_methods.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["peft_methods"] = module  # dataclasses look their module up there
