@@ -69,3 +69,26 @@ def test_errors_is_a_leaf_and_config_sits_just_above_it():
 def test_the_cycle_finder_finds_a_hidden_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def closure(graph: dict[str, set[str]], module: str) -> set[str]:
+    """Every package module `module` imports, directly or through others."""
+    seen, todo = set(), [module]
+    while todo:
+        for dep in graph[todo.pop()] - seen:
+            seen.add(dep)
+            todo.append(dep)
+    return seen
+
+
+def test_serving_and_prediction_never_import_training():
+    graph = import_graph()
+    training = {"train", "loop", "selftrain", "augment", "distill", "teacher", "sweep", "study", "writeup"}
+    for module in ("serve", "predict", "export"):
+        assert not closure(graph, module) & training, module
+
+
+def test_the_run_folder_contract_sits_below_every_command():
+    graph = import_graph()
+    for module in ("train", "distill", "predict", "scoring", "export", "report", "card", "robustness", "sweep"):
+        assert "runs" in closure(graph, module) and "outputs" not in graph["runs"], module

@@ -20,6 +20,10 @@ from agnews_lora.errors import ConfigError
 from agnews_lora.outputs import claim_file, holder_of, remove_stale
 from agnews_lora.precision import display_name
 from agnews_lora.report import _f4, _layers, _per_class_table, inert, md_table
+from agnews_lora.evaluate import compute_metrics
+from agnews_lora.methods import NAMES, describe
+from agnews_lora.predict import package_version
+from agnews_lora.report import load_run, trainable_rows
 
 CARD = "README.md"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
@@ -41,8 +45,6 @@ def build_card(run_dir: str | Path, kind: str = "adapter", export_meta: dict | N
         A `huggingface_hub.ModelCard`.
     """
     from huggingface_hub import ModelCard, ModelCardData
-
-    from agnews_lora.report import load_run
 
     if kind not in _LIBRARY:
         raise ConfigError(f"model card kind {kind!r}: use one of {', '.join(_LIBRARY)}")
@@ -162,8 +164,6 @@ def _eval_results(run, dataset: str | None) -> list:
 
 
 def _summary(run, kind: str, meta: dict | None) -> str:
-    from agnews_lora.methods import NAMES
-
     cfg = run.cfg
     method = NAMES[cfg.peft.method]
     what = {"adapter": f"A {method} adapter and classification head (plain `peft` format)",
@@ -214,8 +214,6 @@ def _usage(run, kind: str) -> str:
 
 def _placement(cfg) -> str:
     if cfg.peft.method != "lora":
-        from agnews_lora.methods import NAMES, describe
-
         return _table(["", ""], [["method", NAMES[cfg.peft.method]], ["settings", inert(describe(cfg))],
                                  ["head", inert(cfg.model.head)]])
     rows = [["method", "LoRA"], ["target modules", inert(", ".join(cfg.lora.target_modules))],
@@ -225,8 +223,6 @@ def _placement(cfg) -> str:
 
 
 def _trainable(run) -> str:
-    from agnews_lora.report import trainable_rows
-
     t = run.summary["trainable"]
     rows = [[part, inert(name), f"{n:,}"] for part, name, n in trainable_rows(run)]
     rows.append(["total", "", f"{t['total']:,} of {run.cfg.budget.max_trainable:,}"])
@@ -267,8 +263,6 @@ def _results(run) -> str:
 
 
 def _per_class(run) -> tuple[str, str]:
-    from agnews_lora.evaluate import compute_metrics
-
     if run.test and run.test.get("per_class"):
         return "test", _per_class_table(run.test)
     confusion = (run.best_eval or {}).get("val_confusion")
@@ -314,8 +308,6 @@ def _limitations(run, robustness: dict | None) -> str:
 
 
 def _provenance(run, kind: str, meta: dict | None) -> str:
-    from agnews_lora.predict import package_version
-
     rows = [["run folder", f"`{inert(run.path)}`"], ["backbone", f"`{inert(run.cfg.model.name)}`"],
             ["agnews-lora", package_version()]]
     if meta:

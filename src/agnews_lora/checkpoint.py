@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from agnews_lora.errors import RunDamaged
+from agnews_lora.methods import at_initial_ranks
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -110,8 +111,6 @@ def save_trainable(model, folder: Path) -> None:
 
     An AdaLoRA adapter is saved at its initial ranks, pruned singular values as zeros
     (`methods.at_initial_ranks`), as `load_adapter_weights` reads it back."""
-    from agnews_lora.methods import at_initial_ranks
-
     if hasattr(model, "peft_config"):
         with at_initial_ranks(model):
             model.save_pretrained(folder, safe_serialization=True)
@@ -183,8 +182,6 @@ def load_adapter_weights(model, src: Path) -> None:
         load_plain_weights(model, weights, src)
         return
     from peft import set_peft_model_state_dict
-
-    from agnews_lora.methods import at_initial_ranks
 
     with at_initial_ranks(model):
         result = set_peft_model_state_dict(model, weights)

@@ -7,7 +7,6 @@ import contextlib
 import json
 import sys
 import warnings
-from pathlib import Path
 
 from agnews_lora.errors import ConfigError, UserError, finite
 from agnews_lora.registry import NAMES as PEFT_METHODS

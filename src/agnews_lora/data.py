@@ -20,6 +20,8 @@ import torch
 
 from agnews_lora.config import DataConfig
 from agnews_lora.errors import DataError
+from agnews_lora.hub import ensure_hub_reachable
+from agnews_lora.unpickle import ForbiddenGlobal, safe_load
 
 LABEL_NAMES = ["World", "Sports", "Business", "Sci/Tech"]
 
@@ -241,8 +243,6 @@ def _read_parquet(path: Path, num_labels: int) -> Split:
 
 def _read_pickle(path: Path, num_labels: int) -> Split:
     # Restricted: a pickle from the internet must not be able to run code (see unpickle.py).
-    from agnews_lora.unpickle import ForbiddenGlobal, safe_load
-
     with open(path, "rb") as fh:
         try:
             obj = safe_load(fh)
@@ -321,8 +321,6 @@ def read_files(paths: Sequence[str | Path], num_labels: int = 4) -> Split:
 
 def load_hub_split(dataset: str, split: str) -> Split:
     """Load a split of a Hub dataset with `text`/`label` columns (real `datasets` code path)."""
-    from agnews_lora.hub import ensure_hub_reachable
-
     ensure_hub_reachable(dataset, kind="dataset", hint="set data.train (and data.test) to local files")
     import datasets
 

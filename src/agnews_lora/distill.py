@@ -36,6 +36,9 @@ from agnews_lora.outputs import claim_folder
 from agnews_lora.precision import resolve_precision
 from agnews_lora.teacher import (TeacherSpec, fit_linear_probe, resolve_teacher, run_teacher, teacher_device,
                                  to_logits)
+from agnews_lora.data import DataError
+from agnews_lora.hub import HubUnreachable
+from agnews_lora import train as recipe  # train(): the student's run
 
 TEACHER_FILE = runs.TEACHER
 PROBE_FILE = runs.TEACHER_PROBE
@@ -136,8 +139,6 @@ def _val_overlap(spec: TeacherSpec, val: Split) -> int | None:
     """How many student validation rows a finetuned teacher run was trained on (None: unknown)."""
     if spec.kind != "run" or spec.mode != "finetuned" or not len(val):
         return None
-    from agnews_lora.data import DataError
-    from agnews_lora.hub import HubUnreachable
     tcfg = runs.read_config(spec.source)
     try:
         teacher_train, _, _ = load_splits(tcfg.data, seed=tcfg.train.seed, num_labels=tcfg.model.num_labels)
@@ -194,13 +195,11 @@ def distill(cfg: Config) -> Path:
         The run folder: what `train` writes, plus teacher.json (and teacher_probe.npz in
         frozen mode); summary.json gains a "distill" entry.
     """
-    from agnews_lora.train import preflight, run_dir_for, train
-
     validate(cfg)  # also a Config changed after loading (cli sets distill.teacher)
-    preflight(cfg)  # the student's budget; the teacher does not count
+    recipe.preflight(cfg)  # the student's budget; the teacher does not count
     spec = resolve_teacher(cfg.distill.teacher, mode=cfg.distill.teacher_mode,
                            num_labels=cfg.model.num_labels, max_length=cfg.data.max_length)
-    run_dir = run_dir_for(cfg)
+    run_dir = recipe.run_dir_for(cfg)
     if runs.writer_process():
         claim_folder(run_dir, kind="run", label="out_dir")
     # train() takes the lock again (re-entrant) and refuses a used folder too, but only after the
@@ -211,7 +210,7 @@ def distill(cfg: Config) -> Path:
         out = teacher_logits(spec, cfg, train=train_split, val=val_split)
         record = teacher_record(spec, cfg, out, train=train_split, val=val_split)
         _print_teacher(record)
-        run_dir = train(cfg, distill_term=distill_term(cfg, out, record))
+        run_dir = recipe.train(cfg, distill_term=distill_term(cfg, out, record))
         runs.write_teacher(run_dir, record, probe=out.artifact.probe)
     return run_dir
 

@@ -28,6 +28,9 @@ from agnews_lora.model import quiet_logger
 from agnews_lora.predict import Classifier, package_version
 from agnews_lora.outputs import claim_folder, remove_stale
 from agnews_lora.runs import EXPORTS, ONNX_FILE, PARITY, folder_kind, write_config, write_export_meta, write_marker
+from agnews_lora.extras import require
+from agnews_lora.methods import MERGEABLE, NAMES
+from agnews_lora.runs import checkpoint_dir, read_config
 
 FORMATS = ("merged", "onnx")
 QUANTIZE = ("int8",)
@@ -116,8 +119,6 @@ def export(run_dir: str | Path, fmt: str, output: str | Path | None = None, quan
 
 def _check_options(run_dir: str | Path, fmt: str, quantize: str | None, parity_rows: int) -> None:
     if fmt == "onnx":
-        from agnews_lora.extras import require
-
         require("onnx", "exporting to ONNX")
     if fmt not in FORMATS:
         raise ConfigError(f"export --format {fmt!r}: use one of {', '.join(FORMATS)}")
@@ -131,9 +132,6 @@ def _check_options(run_dir: str | Path, fmt: str, quantize: str | None, parity_r
 
 def _check_mergeable(run_dir: str | Path, fmt: str, checkpoint: str) -> None:
     """Refuse, before loading anything, to export a method whose adapter cannot become plain weights."""
-    from agnews_lora.methods import MERGEABLE, NAMES
-    from agnews_lora.runs import checkpoint_dir, read_config
-
     method = read_config(run_dir).peft.method
     if method in MERGEABLE or method == "bitfit":
         return

@@ -30,7 +30,8 @@ from torch import nn
 
 from agnews_lora.config import Config
 from agnews_lora.errors import ConfigError
-from agnews_lora.registry import METHODS, provisional_total_step  # noqa: F401  (re-exported)
+from agnews_lora.registry import METHODS
+from agnews_lora.losses import orthogonality_penalty
 
 # Views of the registry (registry.py: one entry per method), for the code that asks one question.
 MERGEABLE = frozenset(n for n, m in METHODS.items() if m.mergeable)  # peft folds it into the weights
@@ -218,8 +219,6 @@ class AdaLoraSteps:
 
     def penalty(self) -> torch.Tensor | float:
         """orth_reg_weight x the orthogonality penalty of the singular vectors (losses.py)."""
-        from agnews_lora.losses import orthogonality_penalty
-
         if self.weight == 0:
             return 0.0
         left = [p for n, p in self.model.named_parameters() if ".lora_A." in n and p.requires_grad]

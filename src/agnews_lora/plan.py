@@ -16,6 +16,8 @@ from agnews_lora import methods
 from agnews_lora.config import Config
 from agnews_lora.model import Breakdown, budget_breakdown
 from agnews_lora.registry import METHODS
+from agnews_lora.config import ConfigError
+from agnews_lora.model import load_backbone_config, position_limit
 
 # Placement name -> canonical module names model.py understands.
 PLACEMENTS: dict[str, list[str]] = {
@@ -153,8 +155,6 @@ def size_cap(cfg: Config) -> int:
     beside data.max_length, else SEARCH_CAP."""
     if cfg.peft.method not in methods.PROMPT_LEARNING:
         return SEARCH_CAP
-    from agnews_lora.model import load_backbone_config, position_limit
-
     limit = position_limit(load_backbone_config(cfg.model.name, cfg.model.num_labels))
     return SEARCH_CAP if limit is None else max(0, limit - cfg.data.max_length)
 
@@ -239,8 +239,6 @@ def method_config(cfg: Config, method: str, modules: list[str] | None, layers: l
 def plan_method(cfg: Config, method: str, modules: list[str] | None, layers: list[int] | None,
                 head: str, placement: str | None = None) -> MethodPlanRow:
     """The largest size of `method` on one placement with one head (see `largest_size`)."""
-    from agnews_lora.config import ConfigError
-
     c = method_config(cfg, method, modules=modules, layers=layers, head=head)
     row = dict(method=method, size_key=methods.SIZE_KEYS[method], placement=placement,
                modules=list(modules) if modules is not None else None, layers=layers, head=head)

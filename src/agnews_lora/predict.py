@@ -23,6 +23,15 @@ from agnews_lora.data import Split, clean_text, pad_batch, read_files, tokenize
 from agnews_lora.outputs import claim_file
 from agnews_lora.precision import autocast_dtype, resolve_precision
 from agnews_lora.runs import ONNX_FILE, folder_kind  # noqa: F401  (re-exported: export, tests)
+from agnews_lora import shift
+from agnews_lora.calibration import adjust_to_prior, batch_prior, softmax
+from agnews_lora.checkpoint import atomic_write_text, load_adapter_weights
+from agnews_lora.data import load_splits
+from agnews_lora.extras import require
+from agnews_lora.methods import MERGEABLE, merge as merge_adapters
+from agnews_lora.model import budget_breakdown, build_model, load_tokenizer, peft_notes_silenced
+from agnews_lora.shift import check_reference, check_threshold
+from agnews_lora.speed import cast_frozen_linears
 
 load_run_config = runs.read_config  # the old name, kept for callers outside the package
 
@@ -40,8 +49,6 @@ class OnnxModel:
     """An exported ONNX classifier run by ONNX Runtime on CPU; `config` is the transformers config."""
 
     def __init__(self, path: str | Path, config, threads: int | None = None):
-        from agnews_lora.extras import require
-
         require("onnx", "running an ONNX model")
         import onnxruntime as ort
 
@@ -125,8 +132,6 @@ class Classifier:
         clf = cls(model, tokenizer, cfg, precision=precision, info=info)
         dtype = autocast_dtype(clf.precision)
         if dtype is not None and not hasattr(model, "peft_config"):
-            from agnews_lora.speed import cast_frozen_linears
-
             # Bit-identical under autocast, without casting every weight on every batch.
             cast_frozen_linears(model.requires_grad_(False), dtype)
         return clf
@@ -134,8 +139,6 @@ class Classifier:
     def training_texts(self) -> list[str]:
         """The run's training rows (the same seeded carve as training, validation rows left out),
         the reference of `prior="match-shifted"`; a clear error when its data cannot be read."""
-        from agnews_lora.data import load_splits
-
         try:
             train, _, _ = load_splits(self.cfg.data, seed=self.cfg.train.seed, num_labels=self.num_labels)
         except (ConfigError, ValueError, OSError) as err:
@@ -213,8 +216,6 @@ class Classifier:
         Returns:
             float32 [n, classes], rows summing to 1.
         """
-        from agnews_lora.calibration import adjust_to_prior, batch_prior, softmax
-
         probs = softmax(logits, self.temperature if temperature is None else temperature)
         if prior is None:
             return probs.astype(np.float32)
@@ -222,8 +223,6 @@ class Classifier:
             out, self.last_prior = batch_prior(probs, prior, self.class_prior)
             return out.astype(np.float32)
         if isinstance(prior, str) and prior == "match-shifted":
-            from agnews_lora import shift
-
             if texts is None or len(texts) != len(probs):
                 raise ConfigError("prior 'match-shifted' needs the texts of the rows (one per row of logits)")
             threshold = shift.DEFAULT_THRESHOLD if shift_threshold is None else shift_threshold
@@ -275,8 +274,6 @@ def _run_trainable(run_dir: Path, cfg: Config) -> int:
     summary = runs.read_summary(run_dir)
     if summary and isinstance(summary.get("trainable"), dict) and "total" in summary["trainable"]:
         return int(summary["trainable"]["total"])
-    from agnews_lora.model import budget_breakdown
-
     return budget_breakdown(cfg).total
 
 
@@ -291,16 +288,12 @@ def _run_calibration(run_dir: Path) -> dict:
 def _load_run(run_dir: Path, checkpoint: str, device: str, merge: bool):
     from peft import PeftModel
 
-    from agnews_lora.model import build_model, load_tokenizer, peft_notes_silenced
-
     cfg = runs.read_config(run_dir)
     adapter = runs.checkpoint_dir(run_dir, checkpoint)  # never moves files: the trainer may be mid-swap
     from safetensors import SafetensorError
 
     try:
         if cfg.peft.method == "bitfit":  # no peft: the trained biases and head go into the built model
-            from agnews_lora.checkpoint import load_adapter_weights
-
             model = build_model(cfg, device=device)
             load_adapter_weights(model, adapter)
         else:
@@ -311,8 +304,6 @@ def _load_run(run_dir: Path, checkpoint: str, device: str, merge: bool):
             raise
         raise RunDamaged(f"{adapter}: the run is damaged ({type(err).__name__}: {str(err)[:200]}); "
                           "restore the checkpoint or train again") from None
-    from agnews_lora.methods import MERGEABLE, merge as merge_adapters
-
     if merge and cfg.peft.method in MERGEABLE:
         model = merge_adapters(model)
     info = {"source": str(run_dir), "format": "run", "checkpoint": checkpoint, "model": cfg.model.name,
@@ -365,7 +356,6 @@ def write_probabilities(probs: np.ndarray, label_names: Sequence[str], output: s
 
 
 def _write_csv(header: list[str], rows, output: str | Path) -> None:
-    from agnews_lora.checkpoint import atomic_write_text
     import io
 
     buf = io.StringIO()
@@ -412,8 +402,6 @@ def resolve_prior(clf: Classifier, prior: str | Sequence[float] | None,
     Raises:
         ConfigError: a bad prior, or a threshold without "match-shifted".
     """
-    from agnews_lora.shift import check_threshold
-
     if isinstance(prior, str) and prior == RUN_PRIOR:
         prior = clf.cfg.predict.prior or None
     if isinstance(prior, str) and prior == "none":
@@ -452,8 +440,6 @@ def predict_file(clf: Classifier, inputs: Sequence[str], output: str | Path, bat
     prior, shift_threshold = resolve_prior(clf, prior, shift_threshold)
     split = read_files(inputs, num_labels=clf.num_labels)
     if prior == "match-shifted" and reference is not None:
-        from agnews_lora.shift import check_reference
-
         check_reference(reference)  # a reference the shift classifier cannot use fails before predicting
     logits = clf.predict_logits(split.texts, batch_size=batch_size, progress=progress)
     p = clf.probabilities(logits, prior=prior, texts=split.texts, reference=reference,

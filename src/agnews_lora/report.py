@@ -17,6 +17,8 @@ from agnews_lora.checkpoint import atomic_write_text
 from agnews_lora.config import Config
 from agnews_lora.errors import ConfigError
 from agnews_lora.outputs import claim_file
+from agnews_lora.methods import NAMES, PLACED, SIZE_KEYS, describe, size_of
+from agnews_lora.precision import display_name
 
 
 @dataclass
@@ -154,8 +156,6 @@ def _per_class_table(test: dict) -> str:
 def trainable_rows(run: Run) -> list[tuple[str, str, int]]:
     """(part, module, parameters) for every trainable group: the adapters (named after the method),
     virtual tokens, biases, then the head."""
-    from agnews_lora.methods import NAMES
-
     t = run.summary["trainable"]
     name = NAMES.get(t.get("method", "lora"), "LoRA")  # summaries before peft.method: LoRA
     rows = [(name, k, v) for k, v in sorted(t["lora_by_module"].items())]
@@ -167,8 +167,6 @@ def trainable_rows(run: Run) -> list[tuple[str, str, int]]:
 
 
 def _trainable_table(run: Run) -> str:
-    from agnews_lora.methods import NAMES
-
     t, budget = run.summary["trainable"], run.cfg.budget.max_trainable
     rows = [[part, f"`{module}`", f"{n:,}", f"{n / t['total']:.1%}"] for part, module, n in trainable_rows(run)]
     parts = [(NAMES.get(t.get("method", "lora"), "LoRA"), t["lora"]), ("virtual tokens", t.get("prompt", 0)),
@@ -293,8 +291,6 @@ def _layers(cfg: Config) -> str:
 
 
 def _parts(t: dict) -> str:
-    from agnews_lora.methods import NAMES
-
     if t.get("prompt"):
         return f"virtual tokens {t['prompt']:,}"
     if t.get("bias"):
@@ -305,8 +301,6 @@ def _parts(t: dict) -> str:
 def _method_columns(cfg: Config) -> tuple[str, str, bool]:
     """The method's display name, its size ("r=8, alpha=16" for LoRA/DoRA, "-" without a size option),
     and whether it is placed on target_modules/layers."""
-    from agnews_lora.methods import NAMES, PLACED, SIZE_KEYS, size_of
-
     method, key = cfg.peft.method, SIZE_KEYS[cfg.peft.method]
     if method in ("lora", "dora"):
         size = f"r={cfg.lora.r}, alpha={cfg.lora.alpha:g}"
@@ -316,14 +310,10 @@ def _method_columns(cfg: Config) -> tuple[str, str, bool]:
 
 
 def _describe_method(cfg: Config) -> str:
-    from agnews_lora.methods import describe
-
     return describe(cfg)
 
 
 def _precision(summary: dict) -> str:
-    from agnews_lora.precision import display_name
-
     return display_name(summary.get("precision"))
 
 
@@ -429,10 +419,10 @@ def sort_key(run: Run) -> float:
     return -1.0 if value is None else value
 
 
-def compare_table(runs: Sequence[Run]) -> str:
+def compare_table(loaded: Sequence[Run]) -> str:
     """The paper's Table 2: one row per run, best first."""
     rows = []
-    for run in sorted(runs, key=sort_key, reverse=True):
+    for run in sorted(loaded, key=sort_key, reverse=True):
         cfg, s = run.cfg, run.summary
         method, size, placed = _method_columns(cfg)
         rows.append([inert(run.name), inert(_short_model(cfg.model.name)), cfg.model.head, method, size,
@@ -444,12 +434,12 @@ def compare_table(runs: Sequence[Run]) -> str:
                      "Val acc", "Test acc", "Precision", "Seed", "Train s"], rows, align="lllrrllrrrrrlrr")
 
 
-def plot_accuracy_vs_params(runs: Sequence[Run], path: Path) -> None:
+def plot_accuracy_vs_params(loaded: Sequence[Run], path: Path) -> None:
     """Accuracy (test and validation) against trainable parameters; points named by run."""
     fig, ax = _figure(7, 4.5)
-    has_test = any(r.summary.get("test_accuracy") is not None for r in runs)
+    has_test = any(r.summary.get("test_accuracy") is not None for r in loaded)
     for key, label, marker in (("test_accuracy", "test", "o"), ("best_val_accuracy", "validation", "s")):
-        pts = [(r.summary["trainable"]["total"], r.summary[key], r.name) for r in runs
+        pts = [(r.summary["trainable"]["total"], r.summary[key], r.name) for r in loaded
                if r.summary.get(key) is not None]
         if not pts:
             continue
@@ -457,7 +447,7 @@ def plot_accuracy_vs_params(runs: Sequence[Run], path: Path) -> None:
         if key == ("test_accuracy" if has_test else "best_val_accuracy"):  # name each run once
             for x, y, name in pts:
                 ax.annotate(name, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    for budget in sorted({r.cfg.budget.max_trainable for r in runs}):
+    for budget in sorted({r.cfg.budget.max_trainable for r in loaded}):
         ax.axvline(budget, color="red", linestyle="--", linewidth=1, label=f"budget {budget:,}")
     ax.set(xlabel="trainable parameters", ylabel="accuracy", title="Accuracy vs trainable parameters")
     ax.grid(alpha=0.3)
@@ -483,10 +473,10 @@ def compare_runs(run_dirs: Sequence[str | Path], output: str | Path,
     output = claim_file(output, kind="markdown", label="--output", inputs=run_dirs, owner=owner, owned=owned)
     plot = claim_file(output.with_suffix(".png"), kind="png", label="--output (its plot)", inputs=run_dirs,
                       owner=owner, owned=owned)
-    runs = [load_run(d) for d in run_dirs]
+    loaded = [load_run(d) for d in run_dirs]
     output.parent.mkdir(parents=True, exist_ok=True)
-    plot_accuracy_vs_params(runs, plot)
-    table = compare_table(runs)
+    plot_accuracy_vs_params(loaded, plot)
+    table = compare_table(loaded)
     atomic_write_text(output, f"# Run comparison\n\nSorted by test accuracy (validation when a run has no test "
                               f"score).\n\n{table}\n\n![accuracy vs trainable parameters]({plot.name})\n")
     return table, plot

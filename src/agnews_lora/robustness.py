@@ -19,6 +19,11 @@ from agnews_lora.config import Config, ConfigError
 from agnews_lora.data import Split, load_hub_split, load_splits, read_files, stratified_indices
 from agnews_lora.outputs import claim_file
 from agnews_lora.perturb import PERTURBATIONS, SUITE, Spec, parse_specs, perturb_texts
+from agnews_lora.card import rebuild
+from agnews_lora.checkpoint import atomic_write_json, atomic_write_text
+from agnews_lora.evaluate import compute_metrics
+from agnews_lora.predict import Classifier, load_run_config
+from agnews_lora.report import _f4, _figure, _save, md_table
 
 ECE_BINS = 15  # Guo et al. 2017
 HIST_BINS = 20
@@ -115,8 +120,6 @@ def score(clf, inputs: Inputs, specs: Sequence[Spec], seed: int, batch_size: int
 
 
 def _headline(labels: Sequence[int], logits: np.ndarray, names: Sequence[str]) -> dict:
-    from agnews_lora.evaluate import compute_metrics
-
     m = compute_metrics(labels, logits.argmax(-1).tolist(), names)
     return {"accuracy": m["accuracy"], "f1_macro": m["f1_macro"], "n": m["n"]}
 
@@ -235,8 +238,6 @@ def unlabelled_section(split: Split, logits: np.ndarray, reference_logits: np.nd
 
 def plot_perturbations(result: dict, path: Path) -> None:
     """Accuracy under each perturbation (bars) against the clean accuracy (line)."""
-    from agnews_lora.report import _figure, _save
-
     rows = result["perturbations"]
     fig, ax = _figure(7, 0.9 + 0.35 * len(rows))
     ax.barh([r["label"] for r in rows][::-1], [r["accuracy"] for r in rows][::-1], color="tab:orange")
@@ -249,8 +250,6 @@ def plot_perturbations(result: dict, path: Path) -> None:
 
 def plot_reliability(calibration: dict, path: Path) -> None:
     """Reliability diagram: accuracy against mean confidence per bin, before and after T."""
-    from agnews_lora.report import _figure, _save
-
     fig, ax = _figure(5.5, 5)
     ax.plot([0, 1], [0, 1], color="0.6", linestyle=":", label="perfect calibration")
     for key, label in (("before", "before (T=1)"), ("after", f"after (T={calibration['temperature']:.3f})")):
@@ -266,8 +265,6 @@ def plot_reliability(calibration: dict, path: Path) -> None:
 
 def plot_classes(names: Sequence[str], shift: dict, path: Path) -> None:
     """Predicted class shares of the unlabelled rows (raw, after prior correction) vs the training prior."""
-    from agnews_lora.report import _figure, _save
-
     bars = [("predicted", shift["predicted_share"]), ("predicted after EM prior correction",
                                                       shift["predicted_share_em"]),
             ("training prior", shift["train_prior"])]
@@ -285,8 +282,6 @@ def plot_classes(names: Sequence[str], shift: dict, path: Path) -> None:
 def plot_histograms(hist: dict, series: Sequence[tuple[str, str]], xlabel: str, title: str, path: Path,
                     threshold: float | None = None) -> None:
     """Share of rows per bin for each (key, label) in `series`, as outline histograms."""
-    from agnews_lora.report import _figure, _save
-
     edges = np.asarray(hist["edges"])
     fig, ax = _figure(6.5, 3.8)
     for key, label in series:
@@ -327,8 +322,6 @@ def _points(x: float) -> str:
 
 def perturbation_table(result: dict) -> str:
     """Clean first, then one row per perturbation; drops in points (positive: worse than clean)."""
-    from agnews_lora.report import _f4, md_table
-
     c = result["clean"]
     rows = [["clean", "", "-", _f4(c["accuracy"]), "", _f4(c["f1_macro"]), ""]]
     rows += [[f"`{r['label']}`", r["setting"], f"{r['changed_share']:.1%}", _f4(r["accuracy"]), _points(r["drop"]),
@@ -338,8 +331,6 @@ def perturbation_table(result: dict) -> str:
 
 
 def _calibration_md(cal: dict) -> list[str]:
-    from agnews_lora.report import _f4, md_table
-
     fit = (f"fitted on the run's {cal['fit_rows']:,} validation rows" if cal["fit_rows"]
            else "the run has no validation rows, so T = 1")
     rows = [["before (T = 1)", _f4(cal["before"]["ece"]), _f4(cal["before"]["nll"]), _f4(cal["before"]["accuracy"])],
@@ -356,8 +347,6 @@ def _shares(values: list[float] | None, i: int) -> str:
 
 
 def _unlabelled_md(names: Sequence[str], u: dict) -> list[str]:
-    from agnews_lora.report import _f4, md_table
-
     classes = [[n, _shares(u["predicted_share"], i), _shares(u["predicted_share_em"], i),
                 _shares(u["estimated_prior_em"], i), _shares(u["train_prior"], i)] for i, n in enumerate(names)]
     b, r = u["before_temperature"], u["reference"]
@@ -429,9 +418,6 @@ def robustness_report(run_dir: str | Path, data: Sequence[str] | None = None, un
         The path of robustness.md. Written into the run folder, the run's model cards (best/ and
         its exports) are rebuilt to report the figures.
     """
-    from agnews_lora.checkpoint import atomic_write_json, atomic_write_text
-    from agnews_lora.predict import Classifier, load_run_config
-
     specs = resolve_suite(perturbations)
     _check_args(max_rows, batch_size, low_confidence, seed)
     folder = claim_outputs(run_dir, output=output, inputs=[*(data or []), *(unlabelled or [])])
@@ -445,8 +431,6 @@ def robustness_report(run_dir: str | Path, data: Sequence[str] | None = None, un
     atomic_write_json(folder / runs.ROBUSTNESS_JSON, result)
     atomic_write_text(folder / runs.ROBUSTNESS, render_markdown(result))
     if folder.resolve() == Path(run_dir).resolve() and (folder / runs.SUMMARY).is_file():
-        from agnews_lora.card import rebuild
-
         rebuild(run_dir)  # the model cards' limitations now report these figures
     return folder / "robustness.md"
 

@@ -17,6 +17,12 @@ from agnews_lora import runs
 from agnews_lora.data import Split
 from agnews_lora.errors import ConfigError, OutputRefused
 from agnews_lora.outputs import claim_file
+from agnews_lora.data import load_hub_split, read_files
+from agnews_lora.evaluate import compute_metrics
+from agnews_lora.hub import HubUnreachable
+from agnews_lora.precision import resolve_precision
+from agnews_lora.predict import Classifier
+from agnews_lora.teacher import resolve_teacher, run_teacher, teacher_device, to_logits
 
 EVAL_FILE = runs.EVAL
 
@@ -36,8 +42,6 @@ def evaluation_split(clf, data: Sequence[str] | None = None) -> Split:
     Raises:
         ConfigError: the rows have no labels.
     """
-    from agnews_lora.data import load_hub_split, read_files
-
     if data:
         split = read_files(data, clf.num_labels)
     elif clf.cfg.data.test:
@@ -71,9 +75,6 @@ def evaluate_folder(path: str | Path, data: Sequence[str] | None = None, output:
         An Evaluation: the metrics (accuracy, P/R/F1, confusion, data source, "teacher"), the
         file written and the Classifier.
     """
-    from agnews_lora.evaluate import compute_metrics
-    from agnews_lora.predict import Classifier
-
     out = claim_evaluation_outputs(path, data=data, output=output, predictions=predictions)
     clf = Classifier.load(path, precision=precision, threads=threads)
     split = evaluation_split(clf, data)
@@ -127,11 +128,6 @@ def evaluate_teacher(run_dir: str | Path, split: Split, batch_size: int = 64, pr
         the teacher can no longer be loaded, {"available": False, "reason": ...} and the
         recorded figures.
     """
-    from agnews_lora.evaluate import compute_metrics
-    from agnews_lora.hub import HubUnreachable
-    from agnews_lora.precision import resolve_precision
-    from agnews_lora.teacher import resolve_teacher, run_teacher, teacher_device, to_logits
-
     record = runs.read_teacher(run_dir)
     cfg = runs.read_config(run_dir)
     base = {"source": record["source"], "mode": record["mode"], "recorded_val_accuracy": record["val_accuracy"]}

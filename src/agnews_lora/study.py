@@ -11,7 +11,7 @@ compare each row with the best on the same test rows (`paired`), and `machine` s
 figures were measured. The benchmark helpers at the end (child scripts that print a RESULT
 line, the first rows of a file, the batches a run drew) serve benchmarks/.
 
-Importing this module runs nothing; torch is imported by the functions that need it.
+Importing this module runs nothing (its imports load torch, as every training module does).
 """
 
 from __future__ import annotations
@@ -34,6 +34,11 @@ from agnews_lora.checkpoint import atomic_write_json
 from agnews_lora.config import Config, load_config
 from agnews_lora.errors import BudgetError, ConfigError, DataError, UserError
 from agnews_lora.runs import RunFolder, read_json
+from agnews_lora.data import LengthGroupedSampler, load_splits, padded_width, tokenize
+from agnews_lora.evaluate import paired_difference
+from agnews_lora.model import budget_breakdown, check_budget, load_tokenizer
+from agnews_lora.outputs import discard_run
+from agnews_lora.precision import cpu_has_bf16
 
 # The offline AG News files the experiments read (../shared/data/ag_news); never the test file
 # for training.
@@ -113,8 +118,6 @@ def checked_count(name: str, cfg: Config) -> int:
     Raises:
         BudgetError: naming the row, the count and the budget.
     """
-    from agnews_lora.model import budget_breakdown, check_budget
-
     breakdown = budget_breakdown(cfg)
     try:
         check_budget(breakdown, cfg.budget.max_trainable)
@@ -203,8 +206,6 @@ def run_row(p: Planned, *, index: int, count: int, command: str = "", record: st
         UserError: the child stopped with a user error (exit 2; it printed the message).
         RuntimeError: the child failed otherwise.
     """
-    from agnews_lora.outputs import discard_run
-
     head = f"[{index}/{count}] {p.name} ({'-' if p.trainable is None else f'{p.trainable:,}'} trainable)"
     if p.status in ("unsupported", "done"):
         print(f"{head}: " + (f"not supported here: {p.row.unsupported}" if p.status == "unsupported"
@@ -377,8 +378,6 @@ def paired(predictions: dict | None, best: dict | None) -> dict | None:
     Returns:
         {"difference", "se", ...}, or None without both or when their test rows differ.
     """
-    from agnews_lora.evaluate import paired_difference
-
     a, b = predictions, best
     if a is None or b is None or len(a["labels"]) != len(b["labels"]) or (a["labels"] != b["labels"]).any():
         return None
@@ -447,8 +446,6 @@ class Machine:
 def machine() -> Machine:
     """This machine: CPU model, cores, native bf16, torch threads, GPU, library versions."""
     import torch
-
-    from agnews_lora.precision import cpu_has_bf16
 
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -576,9 +573,6 @@ def rebuilt_batches(cfg: Config, logged_tokens: int, epoch: int = 0, start: int 
         RuntimeError: the rebuilt batches' tokens differ from `logged_tokens`.
     """
     import numpy as np
-
-    from agnews_lora.data import LengthGroupedSampler, load_splits, padded_width, tokenize
-    from agnews_lora.model import load_tokenizer
 
     rows, _, _ = load_splits(cfg.data, seed=cfg.train.seed)
     ids = tokenize(rows.texts, load_tokenizer(cfg.model.name), cfg.data.max_length, cfg.data.cache_dir)

@@ -26,6 +26,11 @@ from agnews_lora.checkpoint import atomic_write_json, atomic_write_text
 from agnews_lora.config import Config, config_from_dict, to_dict
 from agnews_lora.errors import ConfigError, finite
 from agnews_lora.outputs import claim_folder
+from agnews_lora.extras import require
+from agnews_lora.model import budget_breakdown
+from agnews_lora.report import compare_runs, md_table
+from agnews_lora import train as recipe  # each trial: recipe.train(cfg)
+from agnews_lora.writeup import finish_run
 
 MAX_RETRIES = 2  # a trial whose worker keeps dying is re-queued at most this often
 _RESERVED = ("out_dir", "name", "sweep.", "train.resume")
@@ -264,10 +269,6 @@ class Objective:
         import optuna
         from optuna.storages import RetryHeartbeatStaleTrialCallback
 
-        from agnews_lora.model import budget_breakdown
-        from agnews_lora.train import reset_accelerator_state, train
-        from agnews_lora.writeup import finish_run
-
         values = {p.key: p.suggest(trial) for p in self.params}
         frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
         original = RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
@@ -284,8 +285,8 @@ class Objective:
             reason = f"over budget: {trainable:,} > {cfg.budget.max_trainable:,} trainable parameters"
             trial.set_user_attr("pruned", reason)
             raise optuna.TrialPruned(reason)
-        reset_accelerator_state()  # trials run one after another in this process; each sets its own precision
-        run_dir = train(cfg)
+        recipe.reset_accelerator_state()  # trials run one after another in this process; each sets its own precision
+        run_dir = recipe.train(cfg)
         finish_run(run_dir)
 
         summary = runs.read_summary(run_dir) or {}
@@ -308,8 +309,6 @@ def run_sweep(cfg: Config, trials: int, storage: str | None = None, study_name: 
     Returns:
         The sweep summary (sweep.md) in the sweep folder.
     """
-    from agnews_lora.extras import require
-
     require("sweep", "run_sweep (Optuna trials)")
     if storage:
         check_storage_url(storage)
@@ -376,8 +375,6 @@ def write_sweep_summary(study, sweep_dir: Path, url: str, metric: str) -> Path:
     Returns:
         The path of sweep.md.
     """
-    from agnews_lora.report import compare_runs, md_table
-
     parts = [f"# Sweep {study.study_name}", "",
              f"Objective: {study.direction.name.lower()} {metric} (best over each run's evaluations). "
              f"Storage: `{mask_url(url)}`.", ""]

@@ -32,6 +32,9 @@ from agnews_lora.errors import ConfigError
 from agnews_lora.data import LABEL_NAMES, tokenizer_fingerprint
 from agnews_lora.losses import cross_entropy
 from agnews_lora.precision import autocast_dtype
+from agnews_lora.hub import HubUnreachable, ensure_hub_reachable
+from agnews_lora.model import load_tokenizer, resolve_model_path
+from agnews_lora.predict import Classifier, batched_outputs
 
 
 @dataclass
@@ -112,9 +115,6 @@ def resolve_teacher(source: str, mode: str, num_labels: int, max_length: int) ->
     if not path.is_dir() and _looks_local(source):
         raise ConfigError(f"distill.teacher: {path} does not exist; pass a run folder written by "
                           "`agnews-lora train` or a Hugging Face model folder or id")
-    from agnews_lora.hub import HubUnreachable, ensure_hub_reachable
-    from agnews_lora.model import resolve_model_path
-
     try:
         if not path.is_dir() and not source.startswith("pkg:"):
             ensure_hub_reachable(source, kind="model", hint="pass --teacher a run folder of agnews-lora or a "
@@ -134,15 +134,11 @@ def _check_labels(source: str, teacher_labels: int, num_labels: int) -> None:
 
 
 def _run_teacher(path: Path, mode: str, num_labels: int) -> TeacherSpec:
-    from agnews_lora.model import load_tokenizer, resolve_model_path
-
     tcfg = runs.read_config(path)
     try:
         adapter = runs.checkpoint_dir(path, runs.BEST) / ADAPTER_FILE  # read, never repaired
     except ConfigError as err:
         raise ConfigError(f"distill.teacher: {err}") from None
-    from agnews_lora.hub import HubUnreachable
-
     try:
         backbone = resolve_model_path(tcfg.model.name)
     except (ConfigError, HubUnreachable) as err:
@@ -213,8 +209,6 @@ def run_teacher(spec: TeacherSpec, texts: Sequence[Sequence[str]], device: str, 
     """
     from transformers import AutoModel, AutoModelForSequenceClassification
 
-    from agnews_lora.predict import Classifier
-
     if spec.mode == "frozen":
         backbone = AutoModel.from_pretrained(spec.model_path).to(device).eval()
         return [pooled_features(backbone, spec.tokenizer, t, max_length=spec.max_length, batch_size=batch_size,
@@ -246,8 +240,6 @@ def pooled_features(backbone: nn.Module, tokenizer, texts: Sequence[str], max_le
     Returns:
         float32 features [n, hidden] in input order.
     """
-    from agnews_lora.predict import batched_outputs
-
     device = next(backbone.parameters()).device
     dtype = autocast_dtype(precision)
 
