@@ -168,3 +168,20 @@ def test_the_benchmarks_import_nothing_but_the_library():
         assert "common" not in imported, name
         assert not [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "path"
                     and isinstance(n.value, ast.Name) and n.value.id == "sys"], name
+
+
+def test_ab_commits_pairs_steps_across_the_arms(tmp_path):
+    """The A/B of two commits compares step i of repeat r in both arms (the same batch), so a
+    machine that drifts between runs does not move the figure; and it reads train_log.jsonl."""
+    ab = _load_benchmark("ab_commits")
+    base = [{"steps": [100.0, 110.0, 120.0]}, {"steps": [200.0, 220.0, 240.0]}]  # the machine halved its speed
+    head = [{"steps": [101.0, 111.1, 121.2]}, {"steps": [202.0, 222.2, 242.4]}]  # 1% slower, step by step
+    assert ab.paired_step_ratio(base, head) == pytest.approx(1.01)
+    from agnews_lora import runs
+
+    log = [{"step": i, "examples": 16 * i, "train_seconds": 0.5 * i} for i in range(1, 9)]
+    runs.append_record(tmp_path / runs.TRAIN_LOG, log[0])
+    for record in log[1:]:
+        runs.append_record(tmp_path / runs.TRAIN_LOG, record)
+    rate, steps = ab._train_rates(tmp_path)
+    assert rate == pytest.approx(32.0) and steps == pytest.approx([500.0] * 4)

@@ -432,7 +432,7 @@ def robustness_report(run_dir: str | Path, data: Sequence[str] | None = None, un
     atomic_write_text(folder / runs.ROBUSTNESS, render_markdown(result))
     if folder.resolve() == Path(run_dir).resolve() and (folder / runs.SUMMARY).is_file():
         rebuild(run_dir)  # the model cards' limitations now report these figures
-    return folder / "robustness.md"
+    return folder / runs.ROBUSTNESS
 
 
 def claim_outputs(run_dir: str | Path, output: str | Path | None, inputs: Sequence[str | Path]) -> Path:
