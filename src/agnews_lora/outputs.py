@@ -147,6 +147,23 @@ def _check_inputs(out: Path, label: str, inputs: Sequence[PathLike]) -> None:
         raise OutputRefused(f"{label} {out}: {why} of this command ({item}); write the output elsewhere")
 
 
+def _owned(resolved: Path, holder: Holder, owner: PathLike | None, owned: Sequence[str]) -> bool:
+    """True when `resolved`, inside `holder`, is one of the paths `owner` owns (`owned`: patterns
+    relative to `owner`, which is the holder itself or the run whose checkpoint the holder is)."""
+    if owner is None:
+        return False
+    top = Path(owner).expanduser().resolve()
+    if top != holder.path and not (holder.kind == "checkpoint" and holder.path.parent == top):
+        return False
+    return any(fnmatch.fnmatchcase(str(resolved.relative_to(top)), pattern) for pattern in owned)
+
+
+def _where(holder: Holder) -> str:
+    if holder.kind == "checkpoint":
+        return f"the run folder {holder.path.parent}, in its checkpoint folder {holder.path.name}/"
+    return f"the {holder.kind} folder {holder.path}"
+
+
 def _refuse_links_below(path: Path, owner: PathLike | None, label: str) -> None:
     """Refuse a symbolic link at `path` or at any folder between the tool's folder `owner`
     (exclusive) and it: the tool never writes through a link inside its folders."""
@@ -205,14 +222,8 @@ def claim_file(path: PathLike, kind: str, label: str = "output", inputs: Sequenc
     _check_inputs(resolved, label, inputs)
     holder = enclosing_holder(resolved)
     if holder is not None:
-        top = Path(owner).expanduser().resolve() if owner is not None else None
-        rel = resolved.relative_to(holder.path) if top == holder.path else None
-        if rel is None and top is not None and holder.kind == "checkpoint" and holder.path.parent == top:
-            rel = resolved.relative_to(top)
-        if rel is None or not any(fnmatch.fnmatchcase(str(rel), pattern) for pattern in owned):
-            where = f"the run folder {holder.path.parent}, in its checkpoint folder {holder.path.name}/" \
-                if holder.kind == "checkpoint" else f"the {holder.kind} folder {holder.path}"
-            raise OutputRefused(f"{label} {out}: lies inside {where}; writing there could break it; "
+        if not _owned(resolved, holder, owner, owned):
+            raise OutputRefused(f"{label} {out}: lies inside {_where(holder)}; writing there could break it; "
                                 "write the output elsewhere")
     elif out.exists() and not KINDS[kind](out):
         raise OutputRefused(f"{label} {out}: exists and is not a {kind} file that agnews-lora writes; the tool "
@@ -252,13 +263,10 @@ def claim_folder(path: PathLike, kind: str, label: str = "output", inputs: Seque
     if owner is not None and resolved == Path(owner).expanduser().resolve():
         raise OutputRefused(f"{label} {out}: is the folder this command reads; name a new folder")
     holder = enclosing_holder(resolved)
-    if holder is not None:
-        top = Path(owner).expanduser().resolve() if owner is not None else None
-        allowed = (top == holder.path and any(fnmatch.fnmatchcase(str(resolved.relative_to(top)), p) for p in owned)) \
-            or (holder.kind == "sweep" and kind == "run" and resolved.parent == holder.path)
-        if not allowed:
-            raise OutputRefused(f"{label} {out}: lies inside the {holder.kind} folder {holder.path}; writing there "
-                                "could break it; name a folder outside it")
+    trial = holder is not None and holder.kind == "sweep" and kind == "run" and resolved.parent == holder.path
+    if holder is not None and not trial and not _owned(resolved, holder, owner, owned):
+        raise OutputRefused(f"{label} {out}: lies inside {_where(holder)}; writing there could break it; "
+                            "name a folder outside it")
     if out.is_dir():
         own = holder_of(out)
         if own is not None and own.kind != kind:

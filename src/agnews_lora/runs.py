@@ -110,8 +110,9 @@ def is_run_folder(folder: str | Path) -> bool:
     """True for a run folder of this tool: marked, or written by a version before the marker
     (a config.yaml the tool can read beside metrics.jsonl)."""
     folder = Path(folder)
-    if read_marker(folder) is not None:
-        return read_marker(folder) == "run"
+    marked = read_marker(folder)
+    if marked is not None:
+        return marked == "run"
     if not (folder / CONFIG).is_file() or not (folder / METRICS).is_file():
         return False
     try:
