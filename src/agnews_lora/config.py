@@ -371,8 +371,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
-def validate(cfg: Config) -> None:
-    """Check value ranges that types alone cannot express."""
+def range_checks(cfg: Config) -> list[registry.Check]:
+    """Every range check as (dotted key, holds for `cfg`, what the value must be); the methods'
+    own come from their registry entries. validate() raises on the first that fails; the
+    configuration reference (docs) lists each key's conditions from here."""
     checks = [
         ("lora.r", cfg.lora.r >= 1, "must be >= 1"),
         ("lora.alpha", cfg.lora.alpha > 0, "must be > 0"),
@@ -420,8 +422,12 @@ def validate(cfg: Config) -> None:
         checks.append(("lora.layers", all(i >= 0 for i in cfg.lora.layers), "layer indices must be >= 0"))
         # An empty list would give peft no target at all; say so here, not as a module error.
         checks.append(("lora.layers", bool(cfg.lora.layers), "must list at least one layer (null = all layers)"))
-    checks += _peft_checks(cfg)
-    for key, ok, why in checks:
+    return checks + _peft_checks(cfg)
+
+
+def validate(cfg: Config) -> None:
+    """Check value ranges that types alone cannot express."""
+    for key, ok, why in range_checks(cfg):
         if not ok:
             raise ConfigError(f"{key}={_value(cfg, key)!r} {why}")
     check_peft_applicability(cfg)
