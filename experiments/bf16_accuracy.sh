@@ -3,7 +3,7 @@
 # stand-in (configs/cpu-minilm.yaml on 10,000 of its rows: 625 steps of batch 16) twice per seed:
 # our default (train.precision=auto -> bf16 on CPUs with AVX-512 BF16/AMX, fast dropout) and plain
 # fp32 with torch's dropout. Same rows, batches and schedule per seed; test accuracy on all 7,600
-# test rows. Writes docs/bf16_accuracy.md (+ .png) with `agnews-lora compare`. Resumable: finished
+# test rows. Writes docs/results/generated/bf16_accuracy.md (+ .png) with `agnews-lora compare`. Resumable: finished
 # runs are kept. About 25 min on 2 CPU cores.
 #
 #   bash experiments/bf16_accuracy.sh [OUT_DIR]   # default runs/bf16_accuracy
@@ -24,4 +24,4 @@ for seed in ${SEEDS:-42 7}; do
       data.max_train_rows="$rows" train.seed="$seed" train.progress=false "${extra[@]}"
   done
 done
-agnews-lora compare "${runs[@]}" --output docs/bf16_accuracy.md
+agnews-lora compare "${runs[@]}" --output docs/results/generated/bf16_accuracy.md

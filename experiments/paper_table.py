@@ -2,9 +2,9 @@
 """The paper's Table 2 on MPNet-base at the real 1,000,000-parameter budget, plus rows of our own.
 
 One resumable command trains and tests every row under the same conditions and writes
-docs/paper_table.md (the table) and docs/paper_table.png (accuracy vs trainable parameters):
+docs/results/generated/paper_table.md (the table) and .png beside it (accuracy vs trainable parameters):
 
-    python experiments/paper_table.py              # all rows -> runs/paper_table/<row>/, docs/paper_table.*
+    python experiments/paper_table.py              # all rows -> runs/paper_table/<row>/, docs/results/generated/paper_table.*
     python experiments/paper_table.py --dry-run    # the plan: rows, exact trainable counts, time left
     python experiments/paper_table.py --rows 1,5   # a subset (the teacher comes along for KD rows)
 
@@ -392,7 +392,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "runs" / "paper_table"), help="folder of the row runs")
-    p.add_argument("--table", default=str(ROOT / "docs" / "paper_table.md"),
+    p.add_argument("--table", default=str(ROOT / "docs" / "results" / "generated" / "paper_table.md"),
                    help="Markdown table to write; the plot goes beside it as .png")
     p.add_argument("--rows", help="comma-separated row names or numbers (default: all), e.g. 1,5,6")
     p.add_argument("--steps", type=int, default=400, help="optimizer steps of every row")

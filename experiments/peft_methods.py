@@ -42,7 +42,7 @@ Each row is trained by `agnews-lora train` in a child process (agnews_lora.study
 memory (the child's maximum resident set size) is its own. Resumable as paper_table.py: a row whose folder holds
 summary.json is not rerun; one with a checkpoint resumes; one interrupted before its first
 checkpoint restarts; a finished row trained with other settings is an error. The table
-(docs/peft_methods.md) and plot (docs/peft_methods.png) are rewritten after every row.
+(docs/results/generated/peft_methods.md) and plot (.png beside it) are rewritten after every row.
 
 The winner is compared with every other row on the same test rows (column "vs best (paired)": the
 accuracy difference and its paired standard error, from each run's RUN/test_predictions.npz); rows
@@ -426,7 +426,7 @@ def plot_table(rows: dict[str, dict], path: Path, budget: int) -> None:
 
 
 def write_table(out: Path, table: Path, argv: list[str], planned: list[Planned] | None = None) -> bool:
-    """docs/peft_methods.md and .png from the finished rows in `out` (False when none has finished)."""
+    """docs/results/generated/peft_methods.md and .png from the finished rows in `out` (False when none has finished)."""
     from agnews_lora.checkpoint import atomic_write_text
 
     rows = finished_rows(out)
@@ -487,7 +487,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "runs" / "peft_methods"), help="folder of the row runs")
-    p.add_argument("--table", default=str(ROOT / "docs" / "peft_methods.md"),
+    p.add_argument("--table", default=str(ROOT / "docs" / "results" / "generated" / "peft_methods.md"),
                    help="Markdown table to write; the plot goes beside it as .png")
     p.add_argument("--methods", default=",".join(PEFT_METHODS), help="comma-separated methods (default: all)")
     p.add_argument("--backbones", default=",".join(BACKBONES), help="minilm, mpnet or both (default)")

@@ -29,7 +29,7 @@ Every arm is planned before any trains (exact trainable count, its run folder; a
 and trained by `agnews-lora train` in a child process. Resumable: an arm whose folder holds
 summary.json is not retrained; one with a checkpoint resumes (train.resume=true); one interrupted
 before its first checkpoint restarts; a finished arm trained with other settings is an error. Scores
-are cached per run in shift_scores.json. Writes docs/shift_levers_<stage>.md.
+are cached per run in shift_scores.json. Writes docs/results/generated/shift_levers_<stage>.md.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ STAGES = {"screen": {"rows": 10000, "eval_every": 125, "suite_rows": 1000, "arms
 
 def combined_overrides() -> list[str]:
     """The combination: augmentation, weight averaging and self-training on the hidden texts
-    (the screen ran beside it, see docs/shift_levers_screen.md and README)."""
+    (the screen ran beside it, see docs/results/generated/shift_levers_screen.md and docs/results/shift.md)."""
     return ARMS["augment"] + ARMS["ema"] + SELF_TRAIN
 
 
@@ -266,7 +266,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
             levers = score_matching(out / arm, hidden, max_rows=stage["suite_rows"])
             rows[-len(scores["variants"])][1].update(levers.pop(""))  # the arm's own generated-dev ECE
             rows += [(arm + suffix, v) for suffix, v in levers.items()]
-    doc = ROOT / "docs" / f"shift_levers_{args.stage}.md"
+    doc = ROOT / "docs" / "results" / "generated" / f"shift_levers_{args.stage}.md"
     doc.write_text(f"# Shift levers, stage `{args.stage}` ({stage['rows']:,} training rows)\n\n"
                    f"`python experiments/shift_levers.py --stage {args.stage}`; arms: "
                    + "; ".join(f"**{a}**: `{' '.join(o) or 'configs/cpu-minilm.yaml'}`" for a, o in arms.items())
