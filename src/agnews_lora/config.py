@@ -29,16 +29,16 @@ class DataConfig:
     test: list[str] = field(default_factory=list)  # local files; empty + hub -> hub test split
     val_size: int = 640  # rows carved (stratified, seeded) from train for validation
     max_train_rows: int = 0  # 0 = all; otherwise a stratified, seeded subsample of train
-    max_length: int = 128
+    max_length: int = 128  # tokens per text; longer texts are cut
     # Batches pad up to a multiple of this many tokens (1 = to the longest row). 8 suits GPU
     # tensor cores and torch.compile (fewer shapes); on CPU it only adds padding (measured: -5%).
     pad_to_multiple_of: int = 1
-    cache_dir: str = "~/.cache/agnews-lora"
+    cache_dir: str = "~/.cache/agnews-lora"  # tokenized rows and teacher logits, keyed by content
     # Training-time augmentation (perturb.py): each epoch, this share of the training rows is
     # replaced by one of these perturbations (`name` or `name:value`, e.g. typos:0.05).
     # Validation and test rows are never perturbed.
     augment: list[str] = field(default_factory=list)
-    augment_prob: float = 0.5
+    augment_prob: float = 0.5  # share of the training rows perturbed each epoch (data.augment)
     # Self-training: unlabelled texts (files) pseudo-labelled by the trained model for a further
     # round (see SelfTrainConfig); empty = off. Their labels, if any, are never read.
     unlabelled: list[str] = field(default_factory=list)
@@ -47,17 +47,21 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "roberta-base"  # Hub id, local folder, or pkg:PACKAGE/path (a folder in a package)
-    init: Literal["pretrained", "random"] = "pretrained"
+    init: Literal["pretrained", "random"] = "pretrained"  # random: the architecture only (counts, speed tests)
+    # roberta: the backbone's classification head (dense + out_proj, loadable by plain transformers);
+    # linear: one Linear(hidden, num_labels), far fewer parameters, leaving more budget to adapters
     head: Literal["roberta", "linear"] = "roberta"
     pooled_dropout: float = 0.1  # dropout on the pooled first token, before either head
-    num_labels: int = 4
+    num_labels: int = 4  # classes; the head's size (the budget counts it)
 
 
 @dataclass
 class LoraConfig:
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.1
+    r: int = 8  # rank of each adapter (trainable: r x (in + out) per module)
+    alpha: float = 16.0  # scaling: the update is multiplied by alpha / r
+    dropout: float = 0.1  # dropout on the adapter's input
+    # modules of each layer: query, key, value, attn_out, ffn_in, ffn_out, or the groups dense
+    # (attn_out, ffn_in, ffn_out), attention (query, key, value, attn_out) and all
     target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
     layers: list[int] | None = None  # encoder layers that get adapters; None = all
 
@@ -80,23 +84,23 @@ PeftMethodConfig.__doc__ = "peft.method and every method's own options (peft.<me
 
 @dataclass
 class TrainConfig:
-    epochs: int = 3
+    epochs: int = 3  # passes over the training rows (unless max_steps is set)
     max_steps: int = 0  # optimizer steps; > 0 overrides epochs
-    batch_size: int = 16
-    eval_batch_size: int = 64
-    grad_accum: int = 1
-    lr: float = 2e-4
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.06
+    batch_size: int = 16  # training rows per step and process (before grad_accum)
+    eval_batch_size: int = 64  # rows per forward pass in evaluation
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 2e-4  # peak learning rate of AdamW
+    weight_decay: float = 0.01  # AdamW's decoupled weight decay
+    warmup_ratio: float = 0.06  # share of the steps with a linear warm-up to lr
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # gradient clipping by global norm; 0 = off
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    seed: int = 42
+    seed: int = 42  # seeds the split, the subsample, the initialisation and the batch order
     eval_every: int = 0  # optimizer steps between evaluations; 0 = once per epoch
-    log_every: int = 10
-    resume: bool = False
+    log_every: int = 10  # optimizer steps per log line (and per divergence check)
+    resume: bool = False  # continue the run in out_dir from its last/ checkpoint
     cpu: bool = False  # force CPU even when an accelerator is present
-    progress: bool = True
+    progress: bool = True  # a progress bar on the console
     # Speed patches (speed.py; each recorded in the run folder's speed_patches.json, applied or not and why)
     fast_dropout: bool = True  # CPU: dropout masks from 16-bit draws, ~3x faster (speed.py); false = torch's
     cast_frozen_linears: bool = True  # autocast: frozen Linear weights stored in its dtype (bit-identical)
@@ -138,17 +142,18 @@ class PredictConfig:
 
 @dataclass
 class BudgetConfig:
-    max_trainable: int = 1_000_000
+    max_trainable: int = 1_000_000  # trainable parameters allowed, head included; checked before any work
 
 
 @dataclass
 class DistillConfig:
     teacher: str = ""  # run folder of this tool, or a HF sequence-classification model
+    # finetuned: the teacher's own logits; frozen: a linear probe on its pretrained backbone
     teacher_mode: Literal["finetuned", "frozen"] = "finetuned"
-    temperature: float = 2.0
+    temperature: float = 2.0  # softens teacher and student logits in the KD term
     alpha: float = 0.5  # weight of the KD term; 0 = plain cross-entropy
     probe_steps: int = 200  # frozen mode: optimizer steps of the linear probe
-    probe_lr: float = 1e-3
+    probe_lr: float = 1e-3  # frozen mode: learning rate of the linear probe
 
 
 @dataclass
@@ -157,7 +162,7 @@ class SweepConfig:
     high: 16, step: 4}``, ``train.lr: {type: float, low: 1e-4, high: 1e-3, log: true}``,
     ``lora.target_modules: {type: categorical, choices: [[query, value], [all]]}`` (see sweep.py)."""
 
-    space: dict[str, dict[str, Any]] = field(default_factory=dict)
+    space: dict[str, dict[str, Any]] = field(default_factory=dict)  # dotted key -> search spec (above)
     metric: Literal["val_accuracy", "val_f1_macro", "val_f1_weighted", "val_loss"] = "val_accuracy"
     direction: Literal["maximize", "minimize"] = "maximize"
     seed: int | None = None  # sampler seed; leave unset when several workers share a study

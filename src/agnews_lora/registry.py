@@ -47,7 +47,7 @@ class IA3Options:
 @dataclass
 class VeraOptions:
     r: int = 256  # rank of the shared random projections (trainable: r + out_features per module)
-    dropout: float = 0.0
+    dropout: float = 0.0  # dropout on the adapter's input
     d_initial: float = 0.1  # initial value of the scaling vector d
     projection_prng_key: int = 0  # seed of the shared random matrices
     save_projection: bool = True  # store the shared matrices in the adapter (loading needs no seed)
@@ -55,18 +55,18 @@ class VeraOptions:
 
 @dataclass
 class LohaOptions:
-    r: int = 8
-    alpha: float = 8.0
-    rank_dropout: float = 0.0
-    module_dropout: float = 0.0
+    r: int = 8  # rank of each of the two Hadamard-multiplied low-rank factors
+    alpha: float = 8.0  # scaling: the update is multiplied by alpha / r
+    rank_dropout: float = 0.0  # dropout on the rank dimension in training
+    module_dropout: float = 0.0  # probability of disabling a whole adapter in a training step
 
 
 @dataclass
 class LokrOptions:
     r: int = 8  # rank of the decomposed Kronecker factor (a factor needing no more is stored full)
-    alpha: float = 8.0
-    rank_dropout: float = 0.0
-    module_dropout: float = 0.0
+    alpha: float = 8.0  # scaling: the update is multiplied by alpha / r
+    rank_dropout: float = 0.0  # dropout on the rank dimension in training
+    module_dropout: float = 0.0  # probability of disabling a whole adapter in a training step
     decompose_both: bool = False  # also decompose the smaller Kronecker factor
     decompose_factor: int = -1  # size of the smaller factor's dimensions; -1 = as square as possible
 
