@@ -19,6 +19,7 @@ import yaml
 from agnews_lora import registry
 from agnews_lora.calibration import parse_prior
 from agnews_lora.errors import ConfigError, finite  # noqa: F401  (ConfigError: re-exported)
+from agnews_lora.hub import ensure_hub_reachable
 from agnews_lora.perturb import parse_specs
 
 
@@ -27,6 +28,9 @@ class DataConfig:
     hub_dataset: str = "fancyzhx/ag_news"  # used when `train` is empty
     train: list[str] = field(default_factory=list)  # local files, concatenated
     test: list[str] = field(default_factory=list)  # local files; empty + hub -> hub test split
+    # When not one of the local files train and test name exists: error; or hub = read hub_dataset
+    # instead (a preset naming an offline copy then runs online as well; config.yaml records it)
+    if_missing: Literal["error", "hub"] = "error"
     val_size: int = 640  # rows carved (stratified, seeded) from train for validation
     max_train_rows: int = 0  # 0 = all; otherwise a stratified, seeded subsample of train
     max_length: int = 128  # tokens per text; longer texts are cut
@@ -372,8 +376,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _merge(cfg, loaded)
     if overrides:
         _merge(cfg, parse_overrides(overrides))
+    _fall_back_to_hub(cfg)
     validate(cfg)
     return cfg
+
+
+def _fall_back_to_hub(cfg: Config) -> None:
+    """data.if_missing=hub: when not one of the local files data.train and data.test name exists,
+    empty both lists (data.hub_dataset is read instead), once the Hub or its cache can serve it;
+    else one error that names both ways to the data."""
+    local = [f for f in cfg.data.train + cfg.data.test if not f.startswith("hf:")]
+    if cfg.data.if_missing != "hub" or not local or any(Path(f).expanduser().exists() for f in local):
+        return
+    ensure_hub_reachable(cfg.data.hub_dataset, kind="dataset", hint=(
+        f"the local files data.train/data.test name do not exist here either ({', '.join(local[:2])}"
+        f"{', ...' if len(local) > 2 else ''}): connect to the internet to read {cfg.data.hub_dataset} "
+        f"from the Hub, or run where those files are (the project root beside ../shared), or set "
+        f"data.train and data.test to your own copy"))
+    cfg.data.train, cfg.data.test = [], []
 
 
 def range_checks(cfg: Config) -> list[registry.Check]:
