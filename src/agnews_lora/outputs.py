@@ -1,6 +1,6 @@
 """May this command write here? The one module that decides, for every writer, before any work.
 
-The rules (README states them for users):
+The rules (docs/reference/inputs.md states them for users):
 - The tool deletes or replaces only what it wrote itself. A run, export or sweep folder carries
   a marker (`runs.MARKER`) written when the tool creates it; an existing folder without one is
   never emptied or written into: the command is refused, naming what is in the folder.
