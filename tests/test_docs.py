@@ -159,3 +159,24 @@ def test_results_pages_copy_the_scripts_tables_exactly():
                     assert [r.replace("**", "") for r in copy] == [r.replace("**", "") for r in rows], f"{page.relative_to(ROOT)} copies a table of {output.relative_to(ROOT)} " \
                                          "that the script has since rewritten: copy it again"
     assert checked >= 5
+
+
+def test_the_architecture_picture_agrees_with_the_import_graph():
+    """docs/design/index.md draws the modules in rows; every import points to the same row or below."""
+    from test_imports import import_graph
+
+    page = (DOCS / "design" / "index.md").read_text()
+    picture = page.split("## The architecture in one picture", 1)[1].split("```", 2)[1]
+    row_of, row = {}, -1
+    for line in picture.splitlines():
+        if not line.strip() or set(line.strip()) <= {"─"}:
+            continue
+        if not line.startswith(" " * 17):  # a new row starts with its name in the first column
+            row += 1
+        for name in re.findall(r"\b([a-z_]+)\b", line[17:]):
+            row_of.setdefault(name, row)
+    graph = import_graph()
+    missing = set(graph) - set(row_of) - {"__init__"}
+    assert not missing, f"modules missing from the picture: {sorted(missing)}"
+    upward = [(m, d) for m, deps in graph.items() for d in deps if m in row_of and row_of[d] < row_of[m]]
+    assert not upward, f"imports pointing up the picture: {upward}"
