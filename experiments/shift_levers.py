@@ -60,6 +60,8 @@ ARMS = {  # name -> overrides on configs/cpu-minilm.yaml
     "ema": ["train.ema=0.995"],
     "select_perturbed": ["train.select=perturbed_val_accuracy"],
     "self_train": SELF_TRAIN,
+    # one round on the pseudo-labels of the matched (match-shifted, keep-confidence) probabilities
+    "self_train_matched": SELF_TRAIN + ["self_train.prior=match-shifted", "predict.shift_calibration=keep-confidence"],
 }
 STAGES = {"screen": {"rows": 10000, "eval_every": 125, "suite_rows": 1000, "arms": list(ARMS)},
           "final": {"rows": 40000, "eval_every": 500, "suite_rows": 2000, "arms": ["plain", "combined"]}}
@@ -238,6 +240,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--score-only", action="store_true", help="score finished arms, train nothing")
     p.add_argument("--train-only", action="store_true", help="train the arms, score nothing")
     p.add_argument("--arms", help="comma-separated subset of the stage's arms (default: all)")
+    study.add_seeds_option(p)
     return p.parse_args(argv)
 
 
@@ -247,25 +250,22 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
     names = args.arms.split(",") if args.arms else stage["arms"]
     arms = {a: (combined_overrides() if a == "combined" else ARMS[a]) for a in names}
     if not args.score_only:  # every arm planned (budget, folder, settings) before any trains
-        planned = study.plan(arm_row(arm, overrides, out, stage) for arm, overrides in arms.items())
+        planned = study.plan(study.with_seeds([arm_row(arm, overrides, out, stage) for arm, overrides in arms.items()],
+                                              args.seeds))
         for index, row in enumerate(planned, 1):
             study.run_row(row, index=index, count=len(planned))
     if args.train_only:
         return
-    from agnews_lora.runs import RunFolder
-
     hidden = read_hidden()
     rows = []
-    for arm in arms:
-        if RunFolder(out / arm).status != "done":
-            continue
-        scores = score_run(out / arm, hidden, prior_arms=arm in ("plain", "combined"), unlabelled_report=args.stage == "final",
+    for arm, folder in ((a, f) for a in arms for f in study.seed_runs(out / a)):  # every finished seed of an arm
+        scores = score_run(folder, hidden, prior_arms=arm in ("plain", "combined"), unlabelled_report=args.stage == "final",
                            max_rows=stage["suite_rows"])
-        rows += [(arm + suffix, v) for suffix, v in scores["variants"].items()]
+        rows += [(folder.name + suffix, v) for suffix, v in scores["variants"].items()]
         if arm in ("plain", "combined"):
-            levers = score_matching(out / arm, hidden, max_rows=stage["suite_rows"])
+            levers = score_matching(folder, hidden, max_rows=stage["suite_rows"])
             rows[-len(scores["variants"])][1].update(levers.pop(""))  # the arm's own generated-dev ECE
-            rows += [(arm + suffix, v) for suffix, v in levers.items()]
+            rows += [(folder.name + suffix, v) for suffix, v in levers.items()]
     doc = ROOT / "docs" / "results" / "generated" / f"shift_levers_{args.stage}.md"
     doc.write_text(f"# Shift levers, stage `{args.stage}` ({stage['rows']:,} training rows)\n\n"
                    f"`python experiments/shift_levers.py --stage {args.stage}`; arms: "

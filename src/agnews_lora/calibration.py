@@ -154,6 +154,43 @@ def match_prior(probs: np.ndarray, prior: Sequence[float], max_iter: int = 1000,
     return q / np.maximum(q.sum(axis=-1, keepdims=True), 1e-300), w / w.sum()
 
 
+def sharpen(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(log(probs) / temperature): a temperature on probabilities (e.g. prior-matched ones,
+    whose log is the logits plus the log class weights). The top class of each row is kept; below 1
+    it sharpens, above 1 it flattens. A class with probability 0 stays at 0."""
+    log_p = np.log(np.maximum(np.asarray(probs, dtype=np.float64), 1e-300))
+    return softmax(log_p, temperature)
+
+
+def confidence_temperature(probs: np.ndarray, target: float, low: float = 0.05, high: float = 20.0) -> float:
+    """The temperature T for which the mean top probability of `sharpen(probs, T)` equals `target`.
+
+    Uses no labels: the caller chooses the target (`shift.match_shifted`'s "keep-confidence": the
+    rows' mean top probability before prior matching). The mean top probability falls as T grows
+    (from 1 towards 1/classes), so bisection on log T over [low, high] finds it to 1e-6 relative;
+    a target outside what [low, high] reaches gives the bound.
+
+    Args:
+        probs: [n, classes] probabilities, n >= 1.
+        target: the wanted mean top probability, in (1/classes, 1).
+
+    Returns:
+        T (1.0 for no rows).
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    if len(probs) == 0:
+        return 1.0
+    target = finite(target, "confidence target")
+    a, b = np.log(low), np.log(high)
+    while b - a > 1e-6:
+        mid = (a + b) / 2
+        if sharpen(probs, np.exp(mid)).max(-1).mean() > target:  # too sure: a higher temperature
+            a = mid
+        else:
+            b = mid
+    return float(np.exp((a + b) / 2))
+
+
 BATCH_PRIORS = ("em", "match", "match-shifted")  # need a whole unlabelled batch, not one request
 
 

@@ -153,7 +153,8 @@ def cmd_evaluate(args) -> None:
 def cmd_predict(args) -> None:
     from agnews_lora.data import read_files
     from agnews_lora.evaluate import compute_metrics
-    from agnews_lora.predict import RUN_PRIOR, Classifier, check_output, predict_file, probabilities_path, resolve_prior
+    from agnews_lora.predict import (RUN_PRIOR, Classifier, check_output, predict_file, probabilities_path, resolve_prior,
+                                     resolve_shift_calibration)
 
     # before the model loads, not after every prediction
     check_output(args.output, inputs=[*args.input, *(args.reference or [])], probs=args.probs)
@@ -167,12 +168,17 @@ def cmd_predict(args) -> None:
                                                                                     "--shift-threshold")) from None
     if args.reference and prior != "match-shifted":
         raise ConfigError("--reference and --shift-threshold go with --prior match-shifted")
+    try:
+        calibration = resolve_shift_calibration(clf, prior, args.shift_calibration)
+    except ConfigError as err:
+        raise ConfigError(str(err).replace("shift_calibration", "--shift-calibration").replace(
+            "prior 'match-shifted'", "--prior match-shifted")) from None
     if args.prior is None and prior is not None:
         print(f"prior: {clf.cfg.predict.prior} (the run's predict.prior; --prior none for the training prior)")
     reference = read_files(args.reference, clf.num_labels).texts if args.reference else None
     split, preds = predict_file(clf, args.input, args.output, batch_size=args.batch_size, prior=prior,
                                 probs=args.probs, reference=reference, shift_threshold=threshold,
-                                reference_files=args.reference or ())
+                                reference_files=args.reference or (), shift_calibration=calibration)
     skipped = (clf.last_prior or {}).get("skipped")
     if skipped and prior in ("em", "match"):
         print(f"prior {prior}: {skipped}; nothing changed")
@@ -181,7 +187,10 @@ def cmd_predict(args) -> None:
         print(f"match-shifted: {info['shifted_rows']:,} of {info['rows']:,} rows scored above {info['threshold']} "
               + (f"({info['skipped']}); nothing changed" if info.get("skipped") else
                  "(shifted from the training texts); their class prior was matched, class weights "
-                 + ", ".join(f"{w:.3f}" for w in info["weights"])))
+                 + ", ".join(f"{w:.3f}" for w in info["weights"])
+                 + (f"; keep-confidence: temperature {info['temperature']:.3f} on those rows, mean top probability "
+                    f"{info['confidence']['matched']:.3f} as matched -> {info['confidence']['after']:.3f} "
+                    f"({info['confidence']['before']:.3f} before matching)" if "temperature" in info else "")))
     print(f"wrote {len(preds):,} predictions to {args.output} ({clf.last_throughput:.1f} texts/s)")
     if args.probs:
         print(f"wrote probabilities (temperature {clf.temperature:.3f}) to {probabilities_path(args.output)}")
@@ -225,9 +234,9 @@ def cmd_card(args) -> None:
 def cmd_compare(args) -> None:
     from agnews_lora.report import compare_runs
 
-    table, plot = compare_runs(args.run_dirs, args.output)
+    table, plot = compare_runs(args.run_dirs, args.output, json_output=args.json)
     print(table)
-    print(f"wrote {args.output} and {plot}")
+    print(f"wrote {args.output} and {plot}" + (f" and {args.json}" if args.json else ""))
 
 
 def cmd_robustness(args) -> None:
@@ -297,9 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folders", nargs="+", metavar="FOLDER", help="a run folder, or a folder written by export")
     p.set_defaults(func=cmd_card)
 
-    p = sub.add_parser("compare", help="one table (and an accuracy-vs-parameters plot) for several runs")
+    p = sub.add_parser("compare", help="one table (and an accuracy-vs-parameters plot) for several runs; runs "
+                       "that differ only in train.seed are grouped: mean and sd over seeds, paired differences")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--output", default="comparison.md", help="Markdown file; the PNG is written beside it")
+    p.add_argument("--json", help="also write every figure (runs, recipes over seeds, paired differences) to "
+                   "this JSON file")
     p.set_defaults(func=cmd_compare)
 
     _robustness_args(sub)
@@ -347,6 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "distribution (default: the run's training rows)")
             p.add_argument("--shift-threshold", type=finite_number, help="--prior match-shifted: rows whose shift "
                            "score is above this are matched (default: the run's predict.shift_threshold, 0.6)")
+            p.add_argument("--shift-calibration", choices=("none", "keep-confidence"), help="--prior "
+                           "match-shifted: 'keep-confidence' puts a temperature on the matched rows that gives them "
+                           "back their mean top probability from before matching (labels unchanged); 'none': as "
+                           "matched (default: the run's predict.shift_calibration)")
         p.set_defaults(func=func)
     _export_and_serve_args(sub)
     return parser

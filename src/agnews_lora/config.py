@@ -133,6 +133,10 @@ class SelfTrainConfig:
     lr: float = 0.0  # peak learning rate of the further round; 0 = train.lr / 2
     balance: bool = True  # at most as many pseudo-labelled texts per class as the rarest class has
     train_ratio: float = 1.0  # training rows drawn (seeded) per pseudo-labelled text for the round
+    # Probabilities the pseudo-labels come from: "none" = temperature-scaled; "match-shifted" = then
+    # prior-matched on the texts shifted from the training texts, with predict.shift_threshold and
+    # predict.shift_calibration (as `predict --prior match-shifted` on the unlabelled file)
+    prior: Literal["none", "match-shifted"] = "none"
 
 
 @dataclass
@@ -142,6 +146,9 @@ class PredictConfig:
     # "" = the training prior; uniform | em | match | match-shifted | shares per class "0.2,0.3,0.2,0.3"
     prior: str = ""
     shift_threshold: float = 0.6  # match-shifted: rows with a shift score above it are matched
+    # match-shifted: "none" = the matched probabilities as they are; "keep-confidence" = a temperature on
+    # the matched rows that gives them back their mean top probability from before matching (labels kept)
+    shift_calibration: Literal["none", "keep-confidence"] = "none"
 
 
 @dataclass

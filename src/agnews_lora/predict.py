@@ -192,7 +192,8 @@ class Classifier:
 
     def probabilities(self, logits: np.ndarray, temperature: float | None = None,
                       prior: str | Sequence[float] | None = None, texts: Sequence[str] | None = None,
-                      reference: Sequence[str] | None = None, shift_threshold: float | None = None) -> np.ndarray:
+                      reference: Sequence[str] | None = None, shift_threshold: float | None = None,
+                      shift_calibration: str | None = None) -> np.ndarray:
         """Probabilities from logits: temperature-scaled, optionally corrected to another class prior.
 
         Args:
@@ -212,6 +213,9 @@ class Classifier:
                 training rows, `training_texts`).
             shift_threshold: "match-shifted": rows with a shift score above it are matched
                 (default shift.DEFAULT_THRESHOLD).
+            shift_calibration: "match-shifted": "none" (default) or "keep-confidence" (a temperature
+                on the matched rows restores their mean top probability from before matching;
+                labels unchanged; see shift.py).
 
         Returns:
             float32 [n, classes], rows summing to 1.
@@ -228,7 +232,7 @@ class Classifier:
             threshold = shift.DEFAULT_THRESHOLD if shift_threshold is None else shift_threshold
             out, self.last_shift = shift.match_shifted_texts(
                 probs, texts, reference=self.training_texts if reference is None else reference,
-                prior=self.class_prior, threshold=threshold)
+                prior=self.class_prior, threshold=threshold, calibration=shift_calibration or "none")
             self.last_prior = {"prior": prior, **self.last_shift}
             return out.astype(np.float32)
         target = np.full(self.num_labels, 1.0) if isinstance(prior, str) and prior == "uniform" else \
@@ -417,11 +421,38 @@ def resolve_prior(clf: Classifier, prior: str | Sequence[float] | None,
     return prior, shift_threshold
 
 
+def resolve_shift_calibration(clf: Classifier, prior: str | Sequence[float] | None,
+                              calibration: str | None = None) -> str | None:
+    """The shift calibration a prediction call uses, checked before any prediction.
+
+    Args:
+        clf: the classifier (its run's predict.shift_calibration is the default).
+        prior: the prior `resolve_prior` returned.
+        calibration: None (the run's predict.shift_calibration with "match-shifted"), "none" or
+            "keep-confidence".
+
+    Returns:
+        The calibration with "match-shifted", else None.
+
+    Raises:
+        ConfigError: an unknown value, or one given without "match-shifted".
+    """
+    if calibration is not None:
+        shift.check_calibration(calibration, "shift_calibration")
+        if not (isinstance(prior, str) and prior == "match-shifted"):
+            raise ConfigError("shift_calibration goes with prior 'match-shifted'")
+        return calibration
+    if isinstance(prior, str) and prior == "match-shifted":
+        return clf.cfg.predict.shift_calibration
+    return None
+
+
 def predict_file(clf: Classifier, inputs: Sequence[str], output: str | Path, batch_size: int = 64,
                  progress: bool = True, prior: str | Sequence[float] | None = RUN_PRIOR,
                  probs: bool = False, reference: Sequence[str] | None = None,
                  shift_threshold: float | None = None,
-                 reference_files: Sequence[str | Path] = ()) -> tuple[Split, list[int]]:
+                 reference_files: Sequence[str | Path] = (),
+                 shift_calibration: str | None = None) -> tuple[Split, list[int]]:
     """Predict every row of the input file(s) and write `ID,Label` to `output` (checked first).
 
     Args:
@@ -430,20 +461,22 @@ def predict_file(clf: Classifier, inputs: Sequence[str], output: str | Path, bat
             rows of the input), "match" / "match-shifted" (see `Classifier.probabilities`) or
             shares per class: labels are then the argmax of the prior-corrected probabilities
             (`resolve_prior`).
-        reference, shift_threshold: for "match-shifted", as in `Classifier.probabilities`
-            (threshold default: the run's predict.shift_threshold).
+        reference, shift_threshold, shift_calibration: for "match-shifted", as in
+            `Classifier.probabilities` (defaults: the run's predict.shift_threshold and
+            predict.shift_calibration; `resolve_shift_calibration`).
         probs: also write the (temperature-scaled, prior-corrected) probabilities to
             `probabilities_path(output)`.
         reference_files: the files `reference` was read from (never written over).
     """
     check_output(output, [*inputs, *(reference_files or ())], probs=probs)
     prior, shift_threshold = resolve_prior(clf, prior, shift_threshold)
+    shift_calibration = resolve_shift_calibration(clf, prior, shift_calibration)
     split = read_files(inputs, num_labels=clf.num_labels)
     if prior == "match-shifted" and reference is not None:
         check_reference(reference)  # a reference the shift classifier cannot use fails before predicting
     logits = clf.predict_logits(split.texts, batch_size=batch_size, progress=progress)
-    p = clf.probabilities(logits, prior=prior, texts=split.texts, reference=reference,
-                          shift_threshold=shift_threshold) if (prior is not None or probs) else None
+    p = clf.probabilities(logits, prior=prior, texts=split.texts, reference=reference, shift_threshold=shift_threshold,
+                          shift_calibration=shift_calibration) if (prior is not None or probs) else None
     preds = (logits if p is None else p).argmax(-1).tolist()
     write_predictions(preds, output)
     if probs:

@@ -1,7 +1,8 @@
 """Run folder -> report.md + PNG plots; several run folders -> one comparison table + plot.
 
 Reads only what `train` writes (config.yaml, metrics.jsonl, train_log.jsonl, summary.json,
-test_metrics.json), so a report can be rebuilt at any time without loading a model.
+test_metrics.json; compare also test_predictions.npz), so a report can be rebuilt at any time
+without loading a model.
 """
 
 from __future__ import annotations
@@ -12,13 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from agnews_lora import runs
-from agnews_lora.checkpoint import atomic_write_text
+from agnews_lora.checkpoint import atomic_write_json, atomic_write_text
 from agnews_lora.config import Config
 from agnews_lora.errors import ConfigError
 from agnews_lora.outputs import claim_file
 from agnews_lora.methods import NAMES, PLACED, SIZE_KEYS, describe, size_of
 from agnews_lora.precision import display_name
+from agnews_lora.seeds import crossed_mean, group_by_recipe, paired_over_seeds, spread
 
 
 @dataclass
@@ -455,17 +459,110 @@ def plot_accuracy_vs_params(loaded: Sequence[Run], path: Path) -> None:
     _save(fig, path)
 
 
+def _recipe_name(members: Sequence[Run]) -> str:
+    """A recipe's display name: its lowest seed's run name without a ".seedS" suffix (`study.with_seeds`
+    names further seeds so); which runs form a recipe is decided from their configs, not names."""
+    name = members[0].name
+    head, sep, tail = name.rpartition(".seed")
+    return head if sep and tail.isdigit() else name
+
+
+def seed_groups(loaded: Sequence[Run]) -> dict:
+    """Runs that differ only in train.seed grouped into recipes (`seeds.group_by_recipe`, from
+    their resolved configs): per recipe the mean and standard deviation over seeds of validation
+    and test accuracy, the test accuracy over seeds and rows with its standard error
+    (`seeds.crossed_mean`), and every other recipe against the best one (highest mean test
+    accuracy) over the seeds both have and the same test rows (`seeds.paired_over_seeds`).
+
+    Args:
+        loaded: finished runs.
+
+    Returns:
+        {"recipes": [{"name", "runs", "seeds", "val", "test" (`spread`), "test_over_seeds_and_rows"
+        (None without every run's test_predictions.npz on the same rows), "vs_best" (None for the
+        best, or without predictions)}], "best": the best recipe's name or None, "rows": test rows}.
+    """
+    try:
+        groups = group_by_recipe([r.cfg for r in loaded])
+    except ValueError:
+        raise ConfigError("compare: two of the runs have the same settings and seed (the same run twice?); "
+                          "pass each run once") from None
+    preds = [runs.RunFolder(r.path).test_predictions() for r in loaded]
+    recipes = []
+    for members in groups:
+        runs_ = [loaded[i] for i in members]
+        by_seed = {loaded[i].cfg.train.seed: preds[i] for i in members}
+        recipes.append({"name": _recipe_name(runs_), "runs": [r.name for r in runs_],
+                        "seeds": [r.cfg.train.seed for r in runs_],
+                        "val": spread([r.summary.get("best_val_accuracy") for r in runs_]),
+                        "test": spread([r.summary.get("test_accuracy") for r in runs_]), "_preds": by_seed})
+    labels = _common_labels([p for p in preds if p is not None]) if all(p is not None for p in preds) else None
+    for r in recipes:
+        r["test_over_seeds_and_rows"] = None if labels is None else crossed_mean(np.stack(
+            [(p["preds"] == labels).astype(np.float64) for p in r["_preds"].values()]))
+    scored = [r for r in recipes if r["test"]["mean"] is not None]
+    best = max(scored, key=lambda r: r["test"]["mean"]) if scored else None
+    for r in recipes:
+        r["vs_best"] = None if r is best or best is None or labels is None else paired_over_seeds(
+            labels, {s: p["preds"] for s, p in r["_preds"].items()}, {s: p["preds"] for s, p in best["_preds"].items()})
+    for r in recipes:
+        del r["_preds"]
+    return {"recipes": recipes, "best": best["name"] if best else None,
+            "rows": None if labels is None else int(len(labels))}
+
+
+def _common_labels(preds: list[dict]):
+    """The gold labels every run's predictions share (same rows, same order), else None."""
+    if not preds:
+        return None
+    first = preds[0]["labels"]
+    same = all(len(p["labels"]) == len(first) and (p["labels"] == first).all() for p in preds)
+    return first if same and len(first) >= 2 else None
+
+
+def _pm(x: dict | None, key: str = "sd") -> str:
+    if x is None or x.get("mean") is None:
+        return "-"
+    spread_ = x.get(key)
+    return f"{100 * x['mean']:.2f}%" + ("" if spread_ is None else f" ± {100 * spread_:.2f}")
+
+
+def seed_table(groups: dict) -> str:
+    """The "over seeds" table of `seed_groups`, best recipe first, and what its columns mean."""
+    order = sorted(groups["recipes"], key=lambda r: -(r["test"]["mean"] or -1.0))
+    rows = []
+    for r in order:
+        both = r["test_over_seeds_and_rows"]
+        d = r["vs_best"]
+        vs = "-" if r["name"] == groups["best"] else "n/a" if d is None else (
+            f"{100 * d['difference']:+.2f} ± {100 * d['se']:.2f} ({len(d['paired_seeds'])} seeds)")
+        rows.append([inert(r["name"]), len(r["seeds"]), ", ".join(map(str, r["seeds"])), _pm(r["val"]),
+                     _pm(r["test"]), "-" if both is None else f"{100 * both['se']:.2f}", vs])
+    table = md_table(["Recipe", "Runs", "Seeds", "Val acc (mean ± sd)", "Test acc (mean ± sd)", "SE of mean test acc",
+                      "vs best (paired over seeds and rows)"], rows, align="lrlrrrr")
+    return (f"{table}\n\nRuns are one recipe when their resolved configs differ only in `train.seed` (and name and "
+            "folder). ± sd: the standard deviation over seeds. SE of mean test acc (points): the standard error of "
+            "the mean over seeds and test rows, counting both the seed-to-seed spread and the rows "
+            "(`seeds.crossed_mean`: two-way ANOVA with seeds and rows as random effects). vs best: mean test "
+            "accuracy minus the best recipe's over the seeds both have, paired by seed and by row, ± the standard "
+            "error of that difference from the same estimator (with one seed: the paired standard error over rows "
+            "only, which says nothing about the seed).")
+
+
 def compare_runs(run_dirs: Sequence[str | Path], output: str | Path,
-                 owner: str | Path | None = None) -> tuple[str, Path]:
-    """Write the comparison table to `output` and the accuracy-vs-parameters PNG beside it.
+                 owner: str | Path | None = None, json_output: str | Path | None = None) -> tuple[str, Path]:
+    """Write the comparison table to `output` and the accuracy-vs-parameters PNG beside it; runs
+    that differ only in their seed are grouped into recipes with their figures over seeds
+    (`seed_groups`), in a second table when a recipe has several seeds.
 
     Args:
         run_dirs: finished run folders.
         output: the Markdown file to write; the plot is OUTPUT_STEM.png next to it.
         owner: the tool's folder `output` may lie in as its own file (a sweep's comparison.md).
+        json_output: also write every figure (runs and recipes) to this JSON file.
 
     Returns:
-        (the Markdown table, the plot's path).
+        (the Markdown table(s), the plot's path).
     """
     if not run_dirs:
         raise ConfigError("compare: pass at least one run folder")
@@ -473,10 +570,27 @@ def compare_runs(run_dirs: Sequence[str | Path], output: str | Path,
     output = claim_file(output, kind="markdown", label="--output", inputs=run_dirs, owner=owner, owned=owned)
     plot = claim_file(output.with_suffix(".png"), kind="png", label="--output (its plot)", inputs=run_dirs,
                       owner=owner, owned=owned)
+    if json_output is not None:
+        json_output = claim_file(json_output, kind="json", label="--json", inputs=run_dirs)
+        if json_output.resolve() in (output.resolve(), plot.resolve()):
+            raise ConfigError(f"--json {json_output}: is the Markdown or plot output; name another file")
     loaded = [load_run(d) for d in run_dirs]
+    groups = seed_groups(loaded)
     output.parent.mkdir(parents=True, exist_ok=True)
     plot_accuracy_vs_params(loaded, plot)
     table = compare_table(loaded)
+    if any(len(r["seeds"]) > 1 for r in groups["recipes"]):
+        table += "\n\n## Over seeds\n\n" + seed_table(groups)
     atomic_write_text(output, f"# Run comparison\n\nSorted by test accuracy (validation when a run has no test "
                               f"score).\n\n{table}\n\n![accuracy vs trainable parameters]({plot.name})\n")
+    if json_output is not None:
+        json_output.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(json_output, {"runs": [_run_record(r) for r in loaded], **groups})
     return table, plot
+
+
+def _run_record(run: Run) -> dict:
+    s = run.summary
+    return {"name": run.name, "path": str(run.path), "seed": run.cfg.train.seed, "steps": s.get("steps"),
+            "trainable": s["trainable"]["total"], "val_accuracy": s.get("best_val_accuracy"),
+            "test_accuracy": s.get("test_accuracy"), "train_seconds": s.get("train_seconds")}

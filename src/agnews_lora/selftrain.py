@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from agnews_lora import checkpoint as ckpt
-from agnews_lora import runs
+from agnews_lora import runs, shift
 from agnews_lora.augment import Augmenter
 from agnews_lora.averaging import WeightAverage
 from agnews_lora.calibration import softmax
@@ -69,7 +69,7 @@ def self_train(ctx: LoopContext, prog: Progress, train_split, tok, resume_round:
     cfg, acc = ctx.cfg, ctx.accelerator
     path = ctx.run_dir / runs.PSEUDO_LABELS
     unlabelled = read_files(cfg.data.unlabelled, cfg.model.num_labels)
-    info = json.loads(path.read_text()) if resume_round else _pseudo_label(ctx, prog, tok, unlabelled)
+    info = json.loads(path.read_text()) if resume_round else _pseudo_label(ctx, prog, tok, unlabelled, train_split)
     if not resume_round and acc.is_main_process:
         ckpt.atomic_write_json(path, info)
     public = {k: v for k, v in info.items() if k not in ("index", "labels")}
@@ -112,8 +112,11 @@ def _round_context(ctx: LoopContext, round_cfg: Config, texts: list[str], labels
     return round_ctx, steps
 
 
-def _pseudo_label(ctx: LoopContext, prog: Progress, tok, unlabelled) -> dict:
-    """Round 0's best model labels data.unlabelled; keep the confident rows (`select_pseudo_labels`)."""
+def _pseudo_label(ctx: LoopContext, prog: Progress, tok, unlabelled, train_split) -> dict:
+    """Round 0's best model labels data.unlabelled; keep the confident rows (`select_pseudo_labels`).
+    With self_train.prior=match-shifted the probabilities are first matched on the texts shifted from
+    the training texts (`shift.match_shifted_texts`, the training rows as reference and their class
+    shares as the prior), as `predict --prior match-shifted` would label the file."""
     cfg, acc = ctx.cfg, ctx.accelerator
     model = acc.unwrap_model(ctx.model)
     ckpt.load_adapter_weights(model, ctx.run_dir / runs.BEST)
@@ -122,9 +125,18 @@ def _pseudo_label(ctx: LoopContext, prog: Progress, tok, unlabelled) -> dict:
                                      ctx.pad_id, shuffle=False,
                                      pad_to_multiple_of=cfg.data.pad_to_multiple_of))
     probs = softmax(predict_logits(ctx.model, loader, acc, len(unlabelled)), temperature)
+    matched = None
+    if cfg.self_train.prior == "match-shifted":
+        prior = np.bincount(train_split.labels, minlength=cfg.model.num_labels) / len(train_split.labels)
+        probs, matched = shift.match_shifted_texts(probs, unlabelled.texts, reference=train_split.texts, prior=prior,
+                                                   threshold=cfg.predict.shift_threshold,
+                                                   calibration=cfg.predict.shift_calibration)
+        acc.print(f"self-training: {matched['shifted_rows']:,} of {len(unlabelled):,} unlabelled texts shifted from "
+                  "the training texts; their class prior matched before pseudo-labelling")
     index, labels = select_pseudo_labels(probs, threshold=cfg.self_train.threshold, balance=cfg.self_train.balance)
     return {"source": unlabelled.source, "unlabelled_rows": len(unlabelled), "threshold": cfg.self_train.threshold,
-            "balance": cfg.self_train.balance, "temperature": temperature, "rows": len(index),
+            "balance": cfg.self_train.balance, "temperature": temperature, "prior": cfg.self_train.prior,
+            "match_shifted": matched, "rows": len(index),
             "per_class": np.bincount(labels, minlength=cfg.model.num_labels).tolist(),
             "round0_best_val_accuracy": prog.best_accuracy, "round0_best_step": prog.best_step,
             "index": index.tolist(), "labels": labels.tolist()}

@@ -1,6 +1,10 @@
 """Studies: several training runs ("rows") under the same conditions, planned, run, resumed and
 compared. experiments/ and benchmarks/ are built on this module.
 
+`with_seeds` repeats every row over several seeds (`--seeds N`, `add_seeds_option`): each seed is
+a row of its own with its own resumable run folder, and `seed_runs` finds a row's finished seeds
+again for the tables (grouped by their resolved configs, `seeds.recipe_key`).
+
 A study is a list of `Row`s: a name, the config file and dotted overrides that make the row, and
 the command (`train` or `distill`) that trains it. `plan` resolves every row, counts its
 trainable parameters exactly, checks them against the budget and asks the row's run folder
@@ -24,7 +28,7 @@ import subprocess
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -39,6 +43,7 @@ from agnews_lora.evaluate import paired_difference
 from agnews_lora.model import budget_breakdown, check_budget, load_tokenizer
 from agnews_lora.outputs import discard_run
 from agnews_lora.precision import cpu_has_bf16
+from agnews_lora.seeds import recipe_key, spread
 
 # The offline AG News files the experiments read (../shared/data/ag_news); never the test file
 # for training.
@@ -173,6 +178,106 @@ def plan(rows: Iterable[Row]) -> list[Planned]:
         cfg = resolve(row)
         planned.append(Planned(row, cfg, checked_count(row.name, cfg), checked_status(row.name, cfg)))
     return planned
+
+
+# ---------------------------------------------------------------- seeds
+
+SEED_SUFFIX = ".seed"  # a further seed's folder and name: ROW_FOLDER.seedS beside the row's own
+
+
+def seed_list(row_seed: int, seeds: int, first: int | None = None) -> list[int]:
+    """The seeds of a row repeated `seeds` times: first, first + 1, ... (first: the row's own seed)."""
+    if seeds < 1:
+        raise ConfigError(f"--seeds {seeds}: must be >= 1")
+    start = row_seed if first is None else first
+    return list(range(start, start + seeds))
+
+
+def with_seeds(rows: Iterable[Row], seeds: int, first: int | None = None, keep: Iterable[str] = ()) -> list[Row]:
+    """Every row repeated over `seeds` seeds (train.seed = first, first + 1, ...; first: the row's
+    own train.seed), each a row of its own: same config and overrides plus train.seed, the same
+    steps and data options (train.seed also draws the validation rows and the training subsample,
+    the same for every row of one seed). The copy at the row's own seed is the row itself (its
+    folder and name, so a study run once keeps its runs); the others train in ROW_FOLDER.seedS
+    named ROW_NAME.seedS. Seeds are innermost: all seeds of a row, then the next row.
+
+    Args:
+        rows: the study's rows (resolved here to read their seed and folder).
+        seeds: how many seeds (1: the rows as they are).
+        first: the first seed (None: each row's own train.seed).
+        keep: names of rows trained once whatever `seeds` is (e.g. a distillation teacher shared by
+            every seed of its students).
+
+    Returns:
+        The rows in training order.
+    """
+    keep = set(keep)
+    out = []
+    for row in rows:
+        if (seeds == 1 and first is None) or row.name in keep or row.unsupported is not None:
+            out.append(row)
+            continue
+        cfg = resolve(row)
+        for seed in seed_list(cfg.train.seed, seeds, first):
+            if seed == cfg.train.seed:
+                out.append(row)
+                continue
+            suffix = f"{SEED_SUFFIX}{seed}"
+            out.append(replace(row, name=row.name + suffix, overrides=(
+                *row.overrides, f"train.seed={seed}", f"out_dir={cfg.out_dir}{suffix}", f"name={cfg.name}{suffix}")))
+    return out
+
+
+def seed_runs(run_dir: str | Path) -> list[Path]:
+    """The finished runs of a row over its seeds: `run_dir` (when finished) and its ROW_FOLDER.seedS
+    siblings whose resolved config is the same recipe (every setting but seed, name and folder;
+    `seeds.recipe_key`), ordered by seed. A sibling of another recipe is left out.
+
+    Returns:
+        The run folders (empty when none has finished).
+    """
+    run_dir = Path(run_dir)
+    candidates = [run_dir, *sorted(run_dir.parent.glob(f"{run_dir.name}{SEED_SUFFIX}*"))]
+    found = [(RunFolder(p).config(), p) for p in candidates if p.is_dir() and RunFolder(p).status == "done"]
+    if not found:
+        return []
+    key = recipe_key(found[0][0])  # the row's own run when it has finished
+    return [path for cfg, path in sorted(found, key=lambda cp: cp[0].train.seed) if recipe_key(cfg) == key]
+
+
+def add_seeds_option(parser: argparse.ArgumentParser) -> None:
+    """`--seeds N`, the same in every experiment script (see `with_seeds`)."""
+    def at_least_one(text: str) -> int:
+        value = int(text)
+        if value < 1:
+            raise argparse.ArgumentTypeError("must be >= 1")
+        return value
+
+    parser.add_argument("--seeds", type=at_least_one, default=1, metavar="N",
+                        help="train every row with N seeds (the row's train.seed, +1, ...), each in its own "
+                             "resumable run folder ROW.seedS beside the row's; the tables add mean and standard "
+                             "deviation over seeds (default 1)")
+
+
+def over_seeds(run_dir: str | Path) -> dict | None:
+    """Validation and test accuracy of a row over its finished seeds (`seed_runs`): `seeds.spread`
+    of each, and the seeds; None when no seed has finished."""
+    found = seed_runs(run_dir)
+    if not found:
+        return None
+    summaries = [RunFolder(p).summary() for p in found]
+    return {"seeds": [RunFolder(p).config().train.seed for p in found],
+            "val": spread([s.get("best_val_accuracy") for s in summaries]),
+            "test": spread([s.get("test_accuracy") for s in summaries])}
+
+
+def seeds_cell(stats: dict | None) -> str:
+    """A table cell: "90.41% ± 0.20 (3 seeds)" (mean ± sd of test accuracy), "-" without any."""
+    if stats is None or stats["test"]["mean"] is None:
+        return "-"
+    t = stats["test"]
+    sd = "" if t["sd"] is None else f" ± {100 * t['sd']:.2f}"
+    return f"{100 * t['mean']:.2f}%{sd} ({t['n']} seed{'s' if t['n'] > 1 else ''})"
 
 
 # ---------------------------------------------------------------- running
