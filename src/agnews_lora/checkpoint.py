@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from agnews_lora import lora_init
 from agnews_lora.errors import RunDamaged
 from agnews_lora.methods import at_initial_ranks
 
@@ -103,17 +104,29 @@ STATE_FILE = "state.json"  # a training-state checkpoint's step, epoch and count
 BITFIT_FILE = "bitfit.json"  # beside a BitFit checkpoint's adapter_model.safetensors
 
 
-def save_trainable(model, folder: Path) -> None:
+def save_trainable(model, folder: Path, initial: dict | None = None) -> None:
     """The trained weights into `folder`: a peft adapter + head (`save_pretrained`, safetensors,
-    loadable by `PeftModel.from_pretrained`), or for BitFit (a plain transformers model) its
-    trainable biases and head under their transformers names in adapter_model.safetensors
-    (`model.load_state_dict(load_file(...), strict=False)` restores them).
+    loadable by `PeftModel.from_pretrained` on the original backbone), or for BitFit (a plain
+    transformers model) its trainable biases and head under their transformers names in
+    adapter_model.safetensors (`model.load_state_dict(load_file(...), strict=False)` restores them).
 
     An AdaLoRA adapter is saved at its initial ranks, pruned singular values as zeros
-    (`methods.at_initial_ranks`), as `load_adapter_weights` reads it back."""
+    (`methods.at_initial_ranks`), as `load_adapter_weights` reads it back. A LoRA adapter whose init
+    took it out of the frozen weights (PiSSA, OLoRA, CorDA, LoRA-GA) is saved converted to a plain LoRA
+    adapter of rank 2r (`lora_init.convert`, from `initial`: `lora_init.initial_adapter` of the model
+    as built). The saved adapter config always names peft's default init: the tensors replace it."""
     if hasattr(model, "peft_config"):
-        with at_initial_ranks(model):
-            model.save_pretrained(folder, safe_serialization=True)
+        if initial is None:
+            with at_initial_ranks(model), lora_init.plain_config(model, None):
+                model.save_pretrained(folder, safe_serialization=True)
+            return
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        state = lora_init.convert(get_peft_model_state_dict(model), initial)
+        with lora_init.plain_config(model, initial):
+            save_file(state, str(Path(folder) / ADAPTER_FILE), metadata={"format": "pt"})
+            model.peft_config["default"].save_pretrained(str(folder))
         return
     from safetensors.torch import save_file
 
@@ -123,11 +136,12 @@ def save_trainable(model, folder: Path) -> None:
                                                    "parameters": sum(t.numel() for t in tensors.values())})
 
 
-def save_adapter(model, dest: Path, extra: dict | None = None) -> None:
-    """Save the adapter + head (`save_trainable`) as the checkpoint folder `dest`, swapped in whole."""
+def save_adapter(model, dest: Path, extra: dict | None = None, initial: dict | None = None) -> None:
+    """Save the adapter + head (`save_trainable`, converted with `initial`) as the checkpoint folder
+    `dest`, swapped in whole."""
 
     def build(tmp: Path) -> None:
-        save_trainable(model, tmp)
+        save_trainable(model, tmp, initial=initial)
         if extra is not None:
             atomic_write_json(tmp / "checkpoint.json", extra)
 
@@ -135,13 +149,14 @@ def save_adapter(model, dest: Path, extra: dict | None = None) -> None:
 
 
 def save_training_state(model, optimizer, scheduler, state: dict, dest: Path,
-                        tensors: dict[str, dict] | None = None) -> None:
-    """The `last/` checkpoint for resuming: adapter + optimizer + scheduler + counters + RNG,
-    and `NAME.safetensors` for each entry of `tensors` (e.g. the weight average)."""
+                        tensors: dict[str, dict] | None = None, initial: dict | None = None) -> None:
+    """The `last/` checkpoint for resuming: adapter (converted with `initial`, as `save_trainable`) +
+    optimizer + scheduler + counters + RNG, and `NAME.safetensors` for each entry of `tensors` (e.g.
+    the weight average)."""
     from safetensors.torch import save_file
 
     def build(tmp: Path) -> None:
-        save_trainable(model, tmp)
+        save_trainable(model, tmp, initial=initial)
         for name, tensor_dict in (tensors or {}).items():
             save_file(tensor_dict, str(tmp / f"{name}.safetensors"))
         rng = {"rng": torch.get_rng_state()}
@@ -182,6 +197,8 @@ def load_adapter_weights(model, src: Path) -> None:
         load_plain_weights(model, weights, src)
         return
     from peft import set_peft_model_state_dict
+
+    weights = lora_init.unconvert(model, weights)  # a converted PiSSA/OLoRA/CorDA/LoRA-GA adapter: A and B
 
     with at_initial_ranks(model):
         result = set_peft_model_state_dict(model, weights)

@@ -13,7 +13,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -36,13 +36,25 @@ if TYPE_CHECKING:
 
 
 def make_optimizer(model, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and LayerNorm; fused kernel where torch has one."""
-    decay, no_decay = [], []
+    """AdamW; no weight decay on biases and LayerNorm; fused kernel where torch has one.
+
+    LoRA+ (train.loraplus_lr_ratio > 0): LoRA's B matrices form a group of their own at train.lr x the
+    ratio (the split of peft's `create_loraplus_optimizer`, with this optimizer's weight decay rules).
+    The scheduler scales every group's rate alike, so the ratio holds over the whole schedule.
+    """
+    ratio = cfg.train.loraplus_lr_ratio
+    decay, no_decay, lora_b = [], [], []
     for name, p in model.named_parameters():
-        if p.requires_grad:
+        if not p.requires_grad:
+            continue
+        if ratio > 0 and ".lora_B." in name:
+            lora_b.append(p)
+        else:
             (no_decay if p.ndim < 2 or "LayerNorm" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    if lora_b:
+        groups.append({"params": lora_b, "weight_decay": cfg.train.weight_decay, "lr": cfg.train.lr * ratio})
     try:
         return torch.optim.AdamW(groups, lr=cfg.train.lr, fused=True)
     except (RuntimeError, TypeError):
@@ -129,6 +141,11 @@ class LoopContext:
     perturbed_val: tuple[DataLoader, list[int]] | None = None  # the validation rows under the suite
     pad_id: int = 0  # the tokenizer's padding id, for loaders built later (self-training)
     adalora: methods.AdaLoraSteps | None = None  # peft.method=adalora: rank allocation and its penalty
+    # lora.init pissa/olora/corda/lora_ga: the adapter as initialised, which checkpoints are converted with
+    initial_adapter: dict[str, torch.Tensor] | None = None
+    # Called with each evaluation's record (step, val_* metrics) once best/ and last/ hold it, on every
+    # process; an exception it raises stops training there (a sweep's pruner raises optuna.TrialPruned).
+    on_evaluate: Callable[[dict], None] | None = None
 
 
 def _loss(ctx: LoopContext, batch) -> torch.Tensor:
@@ -271,14 +288,15 @@ def _evaluate_and_save(ctx: LoopContext, prog: Progress, completed_epoch: bool) 
         score = _score(ctx, prog, record)
         if acc.is_main_process and score > prog.best_accuracy:
             prog.best_accuracy, prog.best_step = score, prog.step
-            ckpt.save_adapter(unwrapped, ctx.run_dir / runs.BEST, extra={"step": prog.step, **record})
+            ckpt.save_adapter(unwrapped, ctx.run_dir / runs.BEST, extra={"step": prog.step, **record},
+                              initial=ctx.initial_adapter)
             record["best"] = True
     if acc.is_main_process:
         runs.append_record(ctx.run_dir / runs.METRICS, record)
         tensors = {name: state.state_dict() for name, state in (("average", ctx.average), ("adalora", ctx.adalora))
                    if state is not None}
         ckpt.save_training_state(unwrapped, ctx.optimizer, ctx.scheduler, vars(prog).copy(),
-                                 ctx.run_dir / runs.LAST, tensors=tensors or None)
+                                 ctx.run_dir / runs.LAST, tensors=tensors or None, initial=ctx.initial_adapter)
     tracking.log(acc, record, "eval")
     acc.wait_for_everyone()
     if "val_accuracy" in record and acc.is_main_process:
@@ -287,6 +305,8 @@ def _evaluate_and_save(ctx: LoopContext, prog: Progress, completed_epoch: bool) 
         # tqdm.write: a line of its own above the progress bar, not glued to the bar's last frame
         tqdm.write(f"step {prog.step}: val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.4f} "
                    f"F1 {record['val_f1_macro']:.4f}" + (" (best so far)" if record.get("best") else ""))
+    if ctx.on_evaluate is not None:
+        ctx.on_evaluate(record)
 
 
 def _score(ctx: LoopContext, prog: Progress, record: dict) -> float:

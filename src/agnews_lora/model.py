@@ -8,11 +8,12 @@ import warnings
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import torch
 from torch import nn
 
-from agnews_lora import methods
+from agnews_lora import lora_init, methods
 from agnews_lora.config import Config, ConfigError
 from agnews_lora.data import LABEL_NAMES
 from agnews_lora.errors import BudgetError
@@ -72,6 +73,11 @@ def peft_notes_silenced():
     FutureWarning on every model built or loaded that no user of this tool can act on."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+        # lora.init=eva: advice for models too large to hold twice; LoRA-GA's gradient pass: torch's note
+        # that the frozen inputs get no gradient (the weights' gradients are what it collects)
+        warnings.filterwarnings("ignore", message=r".*eva initialization used with low_cpu_mem_usage", category=UserWarning)
+        warnings.filterwarnings("ignore", message=r"Full backward hook is firing when gradients are computed",
+                                category=UserWarning)
         yield
 
 
@@ -223,7 +229,8 @@ def lora_target_regex(model_type: str, modules: list[str], layers: list[int] | N
     return rf"(?:.*\.)?encoder\.layer\.({layer_re})\.({'|'.join(resolved)})"
 
 
-def build_model(cfg: Config, device: str | torch.device = "cpu", with_lora: bool = True) -> nn.Module:
+def build_model(cfg: Config, device: str | torch.device = "cpu", with_lora: bool = True,
+                init_data: Iterable[dict] | None = None) -> nn.Module:
     """Backbone (pretrained or random from config.json) + head + the adapters of cfg.peft.method, seeded.
 
     Args:
@@ -231,6 +238,8 @@ def build_model(cfg: Config, device: str | torch.device = "cpu", with_lora: bool
         device: "meta" builds shapes only, for exact parameter counts without weights.
         with_lora: False returns the backbone with its head and no adapters (for loading
             a saved adapter with `PeftModel.from_pretrained`, or BitFit's saved biases).
+        init_data: batches of training rows (input_ids, attention_mask, labels on `device`) for the
+            initialisations that read data (lora.init eva, corda, lora_ga); not read by the others.
 
     Returns:
         A peft model (BitFit: the transformers model with only its biases and head trainable; or
@@ -252,11 +261,13 @@ def build_model(cfg: Config, device: str | torch.device = "cpu", with_lora: bool
     if not with_lora:
         return model
     with peft_notes_silenced():
-        return add_adapters(model, cfg, modules_to_save, meta=str(device) == "meta")
+        return add_adapters(model, cfg, modules_to_save, meta=str(device) == "meta", init_data=init_data)
 
 
-def add_adapters(model: nn.Module, cfg: Config, modules_to_save: list[str], meta: bool = False) -> nn.Module:
-    """Put cfg.peft.method's adapters on `model` (peft), or unfreeze its biases (bitfit)."""
+def add_adapters(model: nn.Module, cfg: Config, modules_to_save: list[str], meta: bool = False,
+                 init_data: Iterable[dict] | None = None) -> nn.Module:
+    """Put cfg.peft.method's adapters on `model` (peft), or unfreeze its biases (bitfit); LoRA's
+    initialisations that read data get `init_data` (lora_init.py)."""
     from peft import get_peft_model
 
     method = cfg.peft.method
@@ -272,8 +283,12 @@ def add_adapters(model: nn.Module, cfg: Config, modules_to_save: list[str], meta
     # peft creates new adapter tensors (VeRA's shared projections, LoRA's A/B, prompt embeddings) on
     # the default device and only then moves them beside their layer: for a meta count that default
     # must be meta too, or counting allocates memory in proportion to the size options.
+    init = "kaiming" if meta else lora_init.init_of(cfg)
+    batches = lora_init.check_batches(init, init_data)
+    lora_init.prepare(model, config, init=init, batches=batches)  # CorDA, LoRA-GA: before the adapters exist
     with torch.device("meta") if meta else nullcontext():
         model = get_peft_model(model, config)
+    lora_init.finish(model, init=init, batches=batches)  # EVA: after
     if method == "adalora":
         # AdaLoRA's rank counter is a frozen Parameter; moved to the meta device it comes back
         # trainable, and a meta count would exceed the real model's by one per adapted module.

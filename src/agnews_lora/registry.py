@@ -115,7 +115,40 @@ class Method:
 
 
 PLACEMENT_KEYS = frozenset({"target_modules", "layers"})
-LORA_KEYS = frozenset({"r", "alpha", "dropout"}) | PLACEMENT_KEYS
+LORA_KEYS = frozenset({"r", "alpha", "dropout", "init", "init_batches", "rslora"}) | PLACEMENT_KEYS
+
+# ---------------------------------------------------------------- LoRA's initialisations
+# lora.init: how A and B start (peft's init_lora_weights). None adds a parameter: every one gives A and B
+# the shapes of the default, so the exact count is the same (tests/test_lora_variants.py checks it).
+LORA_INITS = ("kaiming", "gaussian", "pissa", "olora", "eva", "corda", "lora_ga")
+# These move the adapter's starting product out of the frozen weight (W_res = W - scale * B0 A0): the
+# trained adapter only means something on that residual backbone. Checkpoints meant for others (best/)
+# are converted into a plain LoRA adapter of twice the rank on the original backbone (lora_init.py).
+BASE_CHANGING_INITS = frozenset({"pissa", "olora", "corda", "lora_ga"})
+# These read batches of training rows (lora.init_batches of them) before training starts.
+DATA_DRIVEN_INITS = frozenset({"eva", "corda", "lora_ga"})
+
+
+def lora_init_options(init: str) -> dict:
+    """peft.LoraConfig's arguments for lora.init=`init` (init_lora_weights and its method's config).
+
+    EVA's rank redistribution is off (rho=1): redistributed ranks would change the parameter count
+    the budget was checked against. CorDA uses its instruction-previewed mode (IPM: the adapter starts
+    on the directions the task's inputs use most), the mode its authors recommend for fine-tuning.
+    """
+    import peft
+
+    if init == "kaiming":
+        return {"init_lora_weights": True}
+    if init == "eva":
+        return {"init_lora_weights": "eva", "eva_config": peft.EvaConfig(rho=1.0, use_label_mask=False)}
+    if init == "corda":
+        from peft.tuners.lora.config import CordaConfig
+
+        return {"init_lora_weights": "corda", "corda_config": CordaConfig(corda_method="ipm")}
+    if init == "lora_ga":
+        return {"init_lora_weights": "lora_ga", "lora_ga_config": peft.LoraGAConfig()}
+    return {"init_lora_weights": init}
 
 
 def _lora(dora: bool):
@@ -123,10 +156,16 @@ def _lora(dora: bool):
         import peft
 
         lora = cfg.lora
+        # on the meta device no weight or batch can be read; the count does not depend on the init
+        init = "kaiming" if dora or meta else lora.init
         return peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target,
-                               use_dora=dora, **common)
+                               use_dora=dora, use_rslora=lora.rslora, **lora_init_options(init), **common)
 
     return build
+
+
+def _lora_checks(cfg) -> list[Check]:
+    return [("lora.init_batches", cfg.lora.init_batches >= 1, "must be >= 1")]
 
 
 def provisional_total_step(cfg) -> int:
@@ -231,15 +270,19 @@ def _prefix(cfg, target, feedforward, common, meta):
 
 
 def _lora_text(cfg) -> str:
-    return f"r={cfg.lora.r}, alpha={cfg.lora.alpha:g}, dropout={cfg.lora.dropout:g}"
+    lora = cfg.lora
+    extra = (f", init={lora.init}" if lora.init != "kaiming" else "") + (", rsLoRA" if lora.rslora else "")
+    return f"r={lora.r}, alpha={lora.alpha:g}, dropout={lora.dropout:g}{extra}"
 
 
 _OWN_OPTIONS = "its options are peft.{}.*"
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("lora", "LoRA", _lora(dora=False), _lora_text, size_key="lora.r", placed=True, mergeable=True,
-           lora_keys=LORA_KEYS, adapter_marker="lora_", peft_type="LORA"),
+           lora_keys=LORA_KEYS, adapter_marker="lora_", peft_type="LORA", checks=_lora_checks),
     Method("dora", "DoRA", _lora(dora=True), _lora_text, size_key="lora.r", placed=True, mergeable=True,
-           lora_keys=LORA_KEYS, adapter_marker="lora_", peft_type="LORA"),  # peft: LoRA with use_dora
+           lora_keys=LORA_KEYS - {"init", "init_batches"}, adapter_marker="lora_", peft_type="LORA",  # use_dora
+           not_used={"init": "DoRA starts from LoRA's default init here; lora.init applies to peft.method=lora",
+                     "init_batches": "it is read by the data-driven lora.init values of peft.method=lora"}),
     Method("adalora", "AdaLoRA", _adalora,
            lambda cfg: (f"init_r={cfg.peft.adalora.init_r}, target_r={cfg.peft.adalora.target_r}, "
                         f"tinit={cfg.peft.adalora.tinit}, tfinal={cfg.peft.adalora.tfinal}, "

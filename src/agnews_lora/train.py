@@ -8,16 +8,18 @@ this returns.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from agnews_lora import checkpoint as ckpt
-from agnews_lora import methods, runs, tracking
+from agnews_lora import lora_init, methods, runs, tracking
 from agnews_lora.augment import Augmenter, perturbed_val_loader
 from agnews_lora.averaging import WeightAverage
 from agnews_lora.config import Config
@@ -90,7 +92,8 @@ def preflight(cfg: Config) -> Breakdown:
     return breakdown
 
 
-def train(cfg: Config, distill_term: DistillTerm | None = None) -> Path:
+def train(cfg: Config, distill_term: DistillTerm | None = None,
+          on_evaluate: Callable[[dict], None] | None = None) -> Path:
     """Train a classifier with the adapters of cfg.peft.method as the config says; return the run folder.
 
     Args:
@@ -98,6 +101,9 @@ def train(cfg: Config, distill_term: DistillTerm | None = None) -> Path:
         distill_term: optional knowledge-distillation term (losses.DistillTerm, built by
             `distill`): the loss is then the distillation loss against its teacher logits, taken
             for each training row by row identity; summary.json records its teacher.
+        on_evaluate: called with each evaluation's record (its step and val_* metrics) once the
+            checkpoints hold it; an exception it raises stops the run there, its folder resumable
+            (a sweep reports to its pruner this way).
 
     Returns:
         The run folder holding config.yaml, metrics.jsonl, best/ (adapter + head), summary.json;
@@ -108,15 +114,15 @@ def train(cfg: Config, distill_term: DistillTerm | None = None) -> Path:
         claim_folder(run_dir, kind="run", label="out_dir")
     breakdown = preflight(cfg)
     with runs.writer_lock(run_dir):  # one writer per run folder; released however train ends
-        return _train(cfg, run_dir, breakdown, distill_term)
+        return _train(cfg, run_dir, breakdown, distill_term, on_evaluate)
 
 
-def _train(cfg: Config, run_dir: Path, breakdown, distill_term: DistillTerm | None) -> Path:
+def _train(cfg: Config, run_dir: Path, breakdown, distill_term: DistillTerm | None, on_evaluate) -> Path:
     resuming = _prepare_run_dir(cfg, run_dir)
     start_step = peek_progress(run_dir).step if resuming else 0
     accelerator = make_accelerator(cfg, tracking.accelerator_trackers(cfg, run_dir, start_step))
     try:
-        return _train_tracked(cfg, run_dir, breakdown, distill_term, accelerator, resuming)
+        return _train_tracked(cfg, run_dir, breakdown, distill_term, accelerator, resuming, on_evaluate)
     finally:
         tracking.end(accelerator)
 
@@ -146,7 +152,7 @@ def _prepare_run_dir(cfg: Config, run_dir: Path) -> bool:
 
 
 def _train_tracked(cfg: Config, run_dir: Path, breakdown, distill_term: DistillTerm | None, accelerator,
-                   resuming: bool) -> Path:
+                   resuming: bool, on_evaluate=None) -> Path:
     """Data, model and loop context; round 0 (resumed from last/ when `resuming`), the
     self-training round, then the summary (every process returns once it is written)."""
     seed_everything(cfg.train.seed)
@@ -156,6 +162,7 @@ def _train_tracked(cfg: Config, run_dir: Path, breakdown, distill_term: DistillT
     tok = lambda split: tokenize(split.texts, tokenizer, cfg.data.max_length, cfg.data.cache_dir)  # noqa: E731
     ctx = _loop_context(cfg, run_dir, accelerator, breakdown=breakdown, distill_term=distill_term,
                         splits=(train_split, val_split), tok=tok, pad=tokenizer.pad_token_id)
+    ctx.on_evaluate = on_evaluate
     prog = peek_progress(run_dir) if resuming else Progress()
     tracking.start(accelerator, cfg, run_dir)
     if prog.round == 0:
@@ -187,7 +194,9 @@ def _loop_context(cfg: Config, run_dir: Path, accelerator, breakdown, distill_te
     teacher = None if distill_term is None else \
         torch.from_numpy(distill_term.aligned(row_ids(train_split.texts))).to(accelerator.device)
     train_ids, val_ids = tok(train_split), tok(val_split)
-    model = _model(cfg, run_dir, accelerator=accelerator, breakdown=breakdown)
+    init_data = _init_batches(cfg, train_ids, train_split.labels, pad=pad, device=accelerator.device)
+    model = _model(cfg, run_dir, accelerator=accelerator, breakdown=breakdown, init_data=init_data)
+    initial = lora_init.initial_adapter(model)  # before any step: what checkpoints are converted with
     optimizer = make_optimizer(model, cfg)
     multiple = cfg.data.pad_to_multiple_of
     train_loader = make_loader(train_ids, train_split.labels, cfg.train.batch_size, pad, shuffle=True,
@@ -212,13 +221,27 @@ def _loop_context(cfg: Config, run_dir: Path, accelerator, breakdown, distill_te
                        val_labels=val_split.labels, sampler=sampler, total_steps=total_steps,
                        steps_per_epoch=steps_per_epoch, distill=distill_term, teacher=teacher,
                        augment=Augmenter(cfg, train_split.texts, dataset, sampler, tok),
-                       average=average, perturbed_val=perturbed_val, pad_id=pad, adalora=adalora)
+                       average=average, perturbed_val=perturbed_val, pad_id=pad, adalora=adalora,
+                       initial_adapter=initial)
 
 
-def _model(cfg: Config, run_dir: Path, accelerator, breakdown) -> torch.nn.Module:
-    """build_model on the accelerator's device, its count checked against the budget's, speed
-    patches applied and recorded (speed_patches.json)."""
-    model = build_model(cfg, device=accelerator.device)
+def _init_batches(cfg: Config, train_ids: list, labels: list[int], pad: int, device) -> list[dict] | None:
+    """The first lora.init_batches batches of a seeded shuffle of the training rows, for the
+    initialisations that read data (EVA, CorDA, LoRA-GA); None for the others. Validation and test
+    rows are never read. The global RNG is left as it was (the loop's dropout stream)."""
+    if not lora_init.needs_data(cfg):
+        return None
+    loader = make_loader(train_ids, labels, cfg.train.batch_size, pad, shuffle=True, seed=cfg.train.seed,
+                         pad_to_multiple_of=cfg.data.pad_to_multiple_of)
+    with torch.random.fork_rng(devices=[]):
+        return [{k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
+                for batch in itertools.islice(loader, cfg.lora.init_batches)]
+
+
+def _model(cfg: Config, run_dir: Path, accelerator, breakdown, init_data: list[dict] | None = None) -> torch.nn.Module:
+    """build_model on the accelerator's device (with the data-driven init's batches), its count checked
+    against the budget's, speed patches applied and recorded (speed_patches.json)."""
+    model = build_model(cfg, device=accelerator.device, init_data=init_data)
     if count_trainable(model).total != breakdown.total:
         raise RuntimeError(f"the built model has {count_trainable(model).total:,} trainable parameters, the "
                            f"budget check counted {breakdown.total:,}: build_model and budget_breakdown disagree")

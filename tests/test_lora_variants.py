@@ -1,0 +1,221 @@
+"""LoRA's variants (issue 28 item 1): lora.init, lora.rslora and train.loraplus_lr_ratio add no
+parameter, train, resume bit for bit, and their checkpoints load on the original backbone with
+plain peft (PiSSA, OLoRA, CorDA and LoRA-GA converted as peft converts them), merging with parity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from agnews_lora import lora_init
+from agnews_lora import train as train_mod
+from agnews_lora.config import ConfigError, load_config
+from agnews_lora.model import budget_breakdown, build_model, load_tokenizer
+from agnews_lora.registry import BASE_CHANGING_INITS, DATA_DRIVEN_INITS, LORA_INITS
+
+from conftest import ROBERTA_BASE, needs_shared, train_interrupted
+
+VARIANTS = [f"lora.init={i}" for i in LORA_INITS if i != "kaiming"] + ["lora.rslora=true",
+                                                                       "train.loraplus_lr_ratio=16"]
+
+
+# ---------------------------------------------------------------- counts and config
+
+
+@needs_shared
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variants_add_no_parameter_on_roberta_base_shapes(variant):
+    base = [f"model.name={ROBERTA_BASE}", "model.init=random", "lora.r=8"]
+    assert budget_breakdown(load_config(overrides=base)).total == 888_580  # ../shared/README.md
+    assert budget_breakdown(load_config(overrides=[*base, variant])).total == 888_580
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["lora.init=svd"], r"lora.init: 'svd' is not one of kaiming, gaussian, pissa, olora, eva, corda, lora_ga"),
+    (["peft.method=dora", "lora.init=pissa"], r"lora.init='pissa' does not apply to peft.method=dora"),
+    (["peft.method=ia3", "lora.rslora=true"], r"lora.rslora=True does not apply to peft.method=ia3"),
+    (["peft.method=vera", "train.loraplus_lr_ratio=16"], r"train.loraplus_lr_ratio=16.0 does not apply to "
+                                                         r"peft.method=vera"),
+    (["train.loraplus_lr_ratio=-1"], r"train.loraplus_lr_ratio=-1.0 must be >= 0"),
+    (["train.loraplus_lr_ratio=nan"], r"train.loraplus_lr_ratio: 'nan' is not a finite number"),
+    (["lora.init_batches=0"], r"lora.init_batches=0 must be >= 1"),
+])
+def test_wrong_variant_options_are_refused_with_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=overrides)
+
+
+def test_dora_takes_rslora_and_loraplus():
+    cfg = load_config(overrides=["peft.method=dora", "lora.rslora=true", "train.loraplus_lr_ratio=4"])
+    assert cfg.lora.rslora and cfg.train.loraplus_lr_ratio == 4
+
+
+def test_data_driven_init_without_batches_is_refused(tiny_model_dir):
+    cfg = load_config(overrides=[f"model.name={tiny_model_dir}", "lora.init=eva", "lora.r=4"])
+    with pytest.raises(ValueError, match="lora.init=eva reads batches of training rows"):
+        build_model(cfg)
+
+
+# ---------------------------------------------------------------- conversion
+
+
+def test_convert_matches_peft_conversion(tiny_model_dir, tmp_path):
+    """lora_init.convert gives the LoRA tensors peft's save_pretrained(path_initial_model_for_weight_conversion)
+    gives, and keeps the head that peft's conversion drops."""
+    cfg = load_config(overrides=[f"model.name={tiny_model_dir}", "lora.init=pissa", "lora.r=4"])
+    model = build_model(cfg)
+    initial = lora_init.initial_adapter(model)
+    assert initial and all(".lora_A." in k or ".lora_B." in k for k in initial)
+    peft_initial = tmp_path / "initial"
+    model.peft_config["default"].init_lora_weights = True  # peft's recipe: save the initial adapter as plain LoRA
+    model.save_pretrained(str(peft_initial))
+    model.peft_config["default"].init_lora_weights = "pissa"
+    with torch.no_grad():  # "training"
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.01)
+    model.save_pretrained(str(tmp_path / "peft"), path_initial_model_for_weight_conversion=str(peft_initial))
+    theirs = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    from peft import get_peft_model_state_dict
+
+    ours = lora_init.convert(get_peft_model_state_dict(model), initial)
+    lora_keys = {k for k in ours if ".lora_A." in k or ".lora_B." in k}
+    assert lora_keys == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in lora_keys)
+    assert set(ours) - lora_keys, "the head is kept"
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["r"] == 8
+
+
+# ---------------------------------------------------------------- training, checkpoints, export
+
+
+def _plain_peft_logits(run: Path, tiny_model_dir: Path, checkpoint: str = "best") -> np.ndarray:
+    """The test rows' logits of RUN/CHECKPOINT loaded with plain transformers + peft on the original
+    backbone, one row at a time (no padding)."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from agnews_lora.data import load_splits, tokenize
+    from agnews_lora.runs import read_config
+
+    cfg = read_config(run)
+    model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(tiny_model_dir),
+                                      str(run / checkpoint)).eval()
+    _, _, test = load_splits(cfg.data, seed=cfg.train.seed, num_labels=cfg.model.num_labels)
+    ids = tokenize(test.texts, load_tokenizer(cfg.model.name), cfg.data.max_length, cfg.data.cache_dir)
+    with torch.inference_mode():
+        return np.stack([model(input_ids=torch.as_tensor(np.asarray(row))[None]).logits[0].numpy() for row in ids])
+
+
+@pytest.fixture(scope="module")
+def variant_runs(make_cfg, tmp_path_factory) -> dict[str, Path]:
+    """One finished 6-step run per variant (and plain LoRA), on the tiny model."""
+    root = tmp_path_factory.mktemp("variants")
+    out = {}
+    for variant in ["lora.init=kaiming", *VARIANTS]:
+        train_mod.reset_accelerator_state()
+        out[variant] = train_mod.train(make_cfg(root / variant.replace("=", "-"), variant))
+    return out
+
+
+@pytest.mark.parametrize("variant", ["lora.init=kaiming", *VARIANTS])
+def test_variant_trains_and_best_loads_on_the_original_backbone(variant, variant_runs, tiny_model_dir):
+    run = variant_runs[variant]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 6
+    plain = json.loads((variant_runs["lora.init=kaiming"] / "summary.json").read_text())
+    assert summary["trainable"]["total"] == plain["trainable"]["total"]  # the count of the built model (train checks)
+    config = json.loads((run / "best" / "adapter_config.json").read_text())
+    init = variant.split("=")[1] if variant.startswith("lora.init") else "kaiming"
+    assert config["init_lora_weights"] is True
+    assert config["r"] == (8 if init in BASE_CHANGING_INITS else 4)
+    # best/ with plain peft on the original backbone gives the trained model's test logits (written by
+    # train from the training model: residual backbone + rank-r adapter for the base-changing inits)
+    trained = np.load(run / "test_predictions.npz")["logits"]
+    np.testing.assert_allclose(_plain_peft_logits(run, tiny_model_dir), trained, atol=1e-4, rtol=0)
+
+
+def test_variants_start_differently(variant_runs):
+    """Each init gives its own trained weights (the option reaches peft), rsLoRA and LoRA+ too."""
+    finals = {v: load_file(str(r / "last" / "adapter_model.safetensors")) for v, r in variant_runs.items()}
+    plain = finals["lora.init=kaiming"]
+    key = next(k for k in plain if ".lora_A." in k)
+    for variant, weights in finals.items():
+        if variant != "lora.init=kaiming":
+            assert not torch.equal(weights[key][: plain[key].shape[0]], plain[key]), variant
+
+
+def test_loraplus_sets_b_matrices_learning_rate(variant_runs):
+    optim = torch.load(variant_runs["train.loraplus_lr_ratio=16"] / "last" / "optim.pt", weights_only=False)
+    groups = optim["optimizer"]["param_groups"]
+    assert len(groups) == 3 and groups[2]["lr"] == pytest.approx(16 * groups[0]["lr"])
+    plain = torch.load(variant_runs["lora.init=kaiming"] / "last" / "optim.pt", weights_only=False)
+    assert len(plain["optimizer"]["param_groups"]) == 2  # off: the optimizer as before
+
+
+@pytest.mark.parametrize("variant", ["lora.init=pissa", "lora.init=eva", "lora.init=lora_ga", "lora.init=corda",
+                                     "train.loraplus_lr_ratio=16", "lora.rslora=true"])
+def test_resume_is_bit_identical(variant, variant_runs, make_cfg, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train_interrupted(make_cfg(run, variant), monkeypatch, at_call=5)  # after the step-3 checkpoint
+    assert json.loads((run / "last" / "state.json").read_text())["step"] == 3
+    train_mod.reset_accelerator_state()
+    train_mod.train(make_cfg(run, variant, "train.resume=true"))
+    ref = variant_runs[variant]
+    for folder in ("last", "best"):
+        got = load_file(str(run / folder / "adapter_model.safetensors"))
+        want = load_file(str(ref / folder / "adapter_model.safetensors"))
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got), folder
+    ours = torch.load(run / "last" / "optim.pt", weights_only=False)["optimizer"]
+    theirs = torch.load(ref / "last" / "optim.pt", weights_only=False)["optimizer"]
+    assert ours["param_groups"] == theirs["param_groups"]
+    for a, b in zip(ours["state"].values(), theirs["state"].values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    np.testing.assert_array_equal(np.load(run / "test_predictions.npz")["logits"],
+                                  np.load(ref / "test_predictions.npz")["logits"])
+
+
+@pytest.mark.parametrize("variant", ["lora.init=pissa", "lora.init=corda", "lora.init=eva"])
+def test_export_merges_with_parity(variant, variant_runs, tmp_path):
+    from agnews_lora.export import export
+
+    out = export(variant_runs[variant], "merged", output=tmp_path / "merged", parity_rows=40)
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["passed"] and parity["max_abs_logit_diff"] <= 1e-4
+    from transformers import AutoModelForSequenceClassification
+
+    merged = AutoModelForSequenceClassification.from_pretrained(out)
+    assert not any(".lora_" in n for n, _ in merged.named_parameters())
+
+
+def test_data_driven_inits_read_only_training_rows(make_cfg, tmp_path, monkeypatch):
+    """The batches the init reads are training rows (never validation or test rows)."""
+    from agnews_lora.data import load_splits
+
+    seen = []
+    real = lora_init.check_batches
+
+    def spy(init, batches):
+        out = real(init, batches)
+        seen.extend(out)
+        return out
+
+    monkeypatch.setattr(lora_init, "check_batches", spy)
+    cfg = make_cfg(tmp_path / "run", "lora.init=eva", "lora.init_batches=3", "train.max_steps=1")
+    train_mod.train(cfg)
+    assert len(seen) == 3 and all(len(b["input_ids"]) == cfg.train.batch_size for b in seen)
+    train_split, val_split, test_split = load_splits(cfg.data, seed=cfg.train.seed, num_labels=cfg.model.num_labels)
+    from agnews_lora.data import tokenize
+
+    tok = load_tokenizer(cfg.model.name)
+    as_rows = lambda split: {tuple(x) for x in tokenize(split.texts, tok, cfg.data.max_length, cfg.data.cache_dir)}  # noqa: E731
+    train_rows, other = as_rows(train_split), as_rows(val_split) | as_rows(test_split)
+    for batch in seen:
+        for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+            row = tuple(ids[mask.bool()].tolist())
+            assert row in train_rows and row not in other - train_rows
+    assert DATA_DRIVEN_INITS == {"eva", "corda", "lora_ga"}
