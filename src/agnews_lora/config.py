@@ -68,6 +68,16 @@ class LoraConfig:
     # (attn_out, ffn_in, ffn_out), attention (query, key, value, attn_out) and all
     target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
     layers: list[int] | None = None  # encoder layers that get adapters; None = all
+    # How A and B start (peft's init_lora_weights; peft.method=lora). None adds a parameter.
+    # kaiming: A kaiming-uniform, B zero (the LoRA paper's code; peft's default); gaussian: A Gaussian,
+    # B zero; pissa: A, B from the weight's top singular vectors; olora: from its QR decomposition;
+    # eva: A from the SVD of the layer's inputs on training batches, B zero; corda: the weight's SVD
+    # weighted by the inputs' covariance on training batches; lora_ga: A, B from the SVD of the weight's
+    # gradient on training batches. pissa, olora, corda and lora_ga take A B out of the frozen weight:
+    # best/ holds them converted to a plain LoRA adapter of rank 2r for the original backbone.
+    init: Literal[registry.LORA_INITS] = "kaiming"
+    init_batches: int = 16  # eva, corda, lora_ga: batches of training rows (train.batch_size each) they read
+    rslora: bool = False  # rank-stabilised scaling: alpha / sqrt(r) instead of alpha / r (lora, dora)
 
 
 # ---------------------------------------------------------------- PEFT methods
@@ -94,6 +104,9 @@ class TrainConfig:
     eval_batch_size: int = 64  # rows per forward pass in evaluation
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 2e-4  # peak learning rate of AdamW
+    # LoRA+: LoRA's B matrices learn at train.lr x this ratio (e.g. 16), the rest at train.lr; 0 = off
+    # (peft.method=lora or dora)
+    loraplus_lr_ratio: float = 0.0
     weight_decay: float = 0.01  # AdamW's decoupled weight decay
     warmup_ratio: float = 0.06  # share of the steps with a linear warm-up to lr
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
@@ -177,6 +190,11 @@ class SweepConfig:
     metric: Literal["val_accuracy", "val_f1_macro", "val_f1_weighted", "val_loss"] = "val_accuracy"
     direction: Literal["maximize", "minimize"] = "maximize"
     seed: int | None = None  # sampler seed; leave unset when several workers share a study
+    # Stops a trial whose validation scores (reported after each evaluation) trail the other trials':
+    # hyperband (successive halving over the evaluation steps), median (below the median of earlier
+    # trials at the same step), none. A stopped trial keeps its run folder and is marked pruned.
+    pruner: Literal["none", "median", "hyperband"] = "hyperband"
+    timeout: float | None = None  # seconds after which this worker starts no new trial; null = no limit
 
 
 @dataclass
@@ -412,6 +430,11 @@ def range_checks(cfg: Config) -> list[registry.Check]:
         ("lora.alpha", cfg.lora.alpha > 0, "must be > 0"),
         ("lora.dropout", 0 <= cfg.lora.dropout < 1, "must be in [0, 1)"),
         ("lora.target_modules", bool(cfg.lora.target_modules), "must name at least one module"),
+        ("train.loraplus_lr_ratio", cfg.train.loraplus_lr_ratio >= 0, "must be >= 0 (0 = off, e.g. 16)"),
+        ("train.loraplus_lr_ratio", cfg.train.loraplus_lr_ratio == 0 or cfg.peft.method in ("lora", "dora"),
+         f"does not apply to peft.method={cfg.peft.method} (LoRA+ sets the learning rate of LoRA's B matrices: "
+         "peft.method=lora or dora); leave it at 0"),
+        ("sweep.timeout", cfg.sweep.timeout is None or cfg.sweep.timeout > 0, "must be > 0 seconds (null = no limit)"),
         ("model.pooled_dropout", 0 <= cfg.model.pooled_dropout < 1, "must be in [0, 1)"),
         ("model.num_labels", cfg.model.num_labels >= 2, "must be >= 2"),
         ("data.val_size", cfg.data.val_size >= 0, "must be >= 0"),
