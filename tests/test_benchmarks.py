@@ -1,6 +1,7 @@
 """The speed benchmarks' own arithmetic: the batches train_speed rebuilds for the FLOP count,
-the FLOP formula, the dense-matmul ceiling and the report's ratios; kernel_cache's timing
-window and report; the kernel-cache setting itself (no timing is asserted)."""
+the FLOP formula, the dense-matmul ceiling and the report's ratios; its strongest Trainer arm
+(a'') at a tiny scale; kernel_cache's timing window and report; the kernel-cache setting itself
+(no timing is asserted)."""
 
 from __future__ import annotations
 
@@ -71,18 +72,89 @@ def test_ceiling_times_the_dense_products(bench, monkeypatch):
 
 
 def test_report_ratios_and_ceiling(bench):
-    def run(ex_s, tok_s, gflops, precision="fp32"):
+    def run(ex_s, tok_s, gflops, precision="fp32", **extra):
         return {"examples_per_s": ex_s, "tokens_per_s": tok_s, "tokens": 90, "padded_tokens": 100,
-                "peak_rss_mib": 100.0, "gflops": gflops, "seconds": 2.0, "steps": 4, "precision": precision}
-    results = {"minilm": {"a": [run(1.0, 10.0, 5.0)], "a'": [run(10.0, 100.0, 50.0)],
-                          "b": [run(25.0, 250.0, 100.0, "bf16")]}}
+                "peak_rss_mib": 100.0, "gflops": gflops, "seconds": 2.0, "steps": 4, "precision": precision,
+                "batch_shapes": [[16, 40], [16, 60]], **extra}
+    fused = {"optim": "adamw_torch_fused (AdamW, fused=True)", "notes": []}
+    results = {"minilm": {"a": [run(1.0, 10.0, 5.0, **fused)], "a'": [run(10.0, 100.0, 50.0, **fused)] * 2,
+                          "a''": [run(20.0, 200.0, 80.0, "bf16", **fused), run(10.0, 100.0, 40.0, "bf16", **fused)],
+                          "b": [run(25.0, 250.0, 100.0, "bf16", batch_shapes=[[16, 60], [16, 40]])] * 2}}
     text = bench.render(results, peak={"bf16": 400.0, "fp32": 100.0}, ceilings={"minilm": 1.0}, batch_size=16,
                         rows=4000, wall=60.0, load=(0.0, 0.0))
-    assert "| minilm | b/a | 25.0x | 25.0x |" in text
-    assert "| minilm | b/a' | 2.5x | 2.5x |" in text
-    assert "| 25% of bf16 |" in text  # 100 of the 400 GFLOP/s bf16 peak
+    assert "| minilm | b/a | 25.0x | 25.0x | 25.0x |" in text
+    assert "| minilm | b/a' | 2.5x | 2.5x | 2.5x, 2.5x |" in text
+    # the strongest arm: medians 25 / 15, and the ratio within each repeat (25/20, 25/10)
+    assert "| minilm | b/a'' | 1.7x | 1.7x | 1.2x, 2.5x |" in text
+    assert "| 25% of bf16 |" in text  # (b): 100 of the 400 GFLOP/s bf16 peak
+    assert "| 15% of bf16 |" in text  # (a'') in bf16: its median 60 GFLOP/s against the bf16 peak
+    assert "Target against the strongest Trainer baseline (a''): (b) >= 2.5x its examples/s: minilm 1.7x " \
+           "(not met)." in text
+    assert "- minilm: (a'), (a'') and (b) timed the same batch shapes (rows x padded width): yes." in text
+    assert "- minilm (a''): bf16, optimizer adamw_torch_fused (AdamW, fused=True)." in text
     # ceiling: (b)'s 100 GFLOP/s x 2 s of FLOPs in the 1 s the dense products alone took
     assert "| minilm | 100 | 200 | 50% | 50% |" in text
+
+    results["minilm"]["a''"] = [run(20.0, 200.0, 80.0, batch_shapes=[[16, 40], [16, 64]], optim="adamw_torch",
+                                    notes=["fp32: this CPU has no native bf16 (no AVX-512 BF16 or AMX)"])]
+    text = bench.render(results, peak={"fp32": 100.0}, ceilings={}, batch_size=16, rows=4000, wall=60.0,
+                        load=(0.0, 0.0))
+    assert "timed the same batch shapes (rows x padded width): NO" in text
+    assert "- minilm (a''): fp32, optimizer adamw_torch; fell back: fp32: this CPU has no native bf16" in text
+    assert "| 80% of fp32 |" in text  # an fp32 (a'') is compared with the fp32 peak
+
+
+@needs_shared
+def test_the_strongest_trainer_arm_runs_bf16_and_fused_adamw_on_the_same_batches(bench, tiny_model_dir, tmp_path,
+                                                                                 monkeypatch):
+    """(a''), (a') and (b) at a tiny scale, each child's work run in this process: (a'') trains in
+    bf16 where the CPU has it, with fused AdamW, on the very batches (a') trains on; (b) on the same
+    batch shapes."""
+    from agnews_lora.precision import cpu_has_bf16
+    from agnews_lora.train import reset_accelerator_state
+
+    monkeypatch.setitem(bench.MODELS, "tiny", [f"model.name={tiny_model_dir}", "lora.r=4"])
+    rows = study.write_rows(bench.ROWS_SOURCE, 24, tmp_path / "rows.csv")  # 3 steps of 8 per epoch
+    out = {}
+    for variant in ("a'", "a''", "b"):
+        reset_accelerator_state()  # each is a fresh process in the benchmark
+        kwargs = {"model": "tiny", "rows_file": str(rows), "steps": 3, "batch_size": 8,
+                  "out_dir": str(tmp_path / variant.replace("'", "p"))}
+        out[variant] = (bench.run_ours(**kwargs) if variant == "b"
+                        else bench.run_trainer(variant, full_rows_file=str(rows), **kwargs))
+    strongest, careful = out["a''"], out["a'"]
+    assert strongest["precision"] == ("bf16" if cpu_has_bf16() else "fp32")
+    assert strongest["notes"] == ([] if cpu_has_bf16() else ["fp32: this CPU has no native bf16 (no AVX-512 BF16 "
+                                                              "or AMX)"])
+    assert strongest["optim"] == "adamw_torch_fused (AdamW, fused=True)"
+    assert careful["precision"] == "fp32" and careful["notes"] == []
+    assert strongest["steps"] == 3 and strongest["examples"] == 24 and strongest["seconds"] > 0
+    assert strongest["batch_shapes"] == careful["batch_shapes"]  # the same batches in the same order
+    assert bench.same_batches([careful, strongest, out["b"]])
+
+
+def test_the_strongest_arm_falls_back_and_says_why(bench, monkeypatch):
+    import torch
+
+    import agnews_lora.precision
+
+    adamw = torch.optim.AdamW
+
+    def no_fused(params, fused=None, **kwargs):
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported "
+                               "devices")
+        return adamw(params, **kwargs)
+
+    monkeypatch.setattr(agnews_lora.precision, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(torch.optim, "AdamW", no_fused)
+    settings = bench.strongest_settings("cpu")
+    assert settings["bf16"] is False and settings["optim"] == "adamw_torch"
+    assert settings["notes"][0] == "fp32: this CPU has no native bf16 (no AVX-512 BF16 or AMX)"
+    assert settings["notes"][1].startswith("adamw_torch: this torch has no fused AdamW on cpu (`fused=True`")
+    monkeypatch.setattr(torch.optim, "AdamW", adamw)
+    monkeypatch.setattr(agnews_lora.precision, "cpu_has_bf16", lambda: True)
+    assert bench.strongest_settings("cpu") == {"bf16": True, "optim": "adamw_torch_fused", "notes": []}
 
 
 @pytest.fixture(scope="module")
