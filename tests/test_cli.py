@@ -59,9 +59,12 @@ def run(tiny_model_dir, ag_files, tmp_path_factory) -> Path:
 
 def test_train_writes_the_run_folder(run, tiny_model_dir, ag_files):
     from agnews_lora.config import load_config
+    from agnews_lora.data import resolve_labels
 
-    # The resolved config in the run folder is the config the command line asked for.
-    assert load_config(run / "config.yaml") == load_config(overrides=train_overrides(tiny_model_dir, ag_files, run))
+    # The resolved config in the run folder is the config the command line asked for, with the
+    # classes the data told (the command line left them open).
+    asked = load_config(overrides=train_overrides(tiny_model_dir, ag_files, run))
+    assert load_config(run / "config.yaml") == resolve_labels(asked) != asked
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["lora"]["r"] == 4 and cfg["train"]["max_steps"] == 6 and cfg["out_dir"] == str(run)
 
@@ -252,7 +255,8 @@ def test_bad_data_through_the_cli(run, tiny_model_dir, tmp_path, capsys):
     bad = tmp_path / "bad.csv"
     bad.write_text('"3","a","b"\n"7","c","d"\n')
     code, _, err = run_cli(["predict", run, "--input", bad, "--output", tmp_path / "o.csv"], capsys)
-    assert code == 2 and err.strip() == f"error: {bad}: row 2: label 7 is out of range 1..4"
+    assert code == 2 and err.strip() == f"error: {bad}: row 2: label 7 is out of range 1..4 (classes: World, Sports, " \
+        "Business, Sci/Tech)"
     assert not (tmp_path / "o.csv").exists()
     code, _, err = run_cli(["train", f"model.name={tiny_model_dir}", f"data.train={tmp_path / 'missing.csv'}",
                             f"out_dir={tmp_path / 'r'}", "lora.r=4"], capsys)

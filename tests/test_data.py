@@ -116,13 +116,15 @@ def test_real_shared_files():
 
 
 @pytest.mark.parametrize("name, content, message", [
-    ("wrong.csv", "label,content\n1,hello\n", r"wrong.csv: row 1: expected 3 columns .* got 2 columns"),
+    ("wrong.csv", "label,content\n1,hello\n", r"wrong.csv: no 'text' column \(header: label, content\)"),
+    ("ragged.csv", '"3","a","b"\n"1","c"\n', r"ragged.csv: row 2: expected 3 columns .* got 2 columns"),
     ("range.csv", '"3","a","b"\n"5","c","d"\n', r"range.csv: row 2: label 5 is out of range 1..4"),
-    ("zero.csv", '"0","a","b"\n', r"zero.csv: row 1: label 0 is out of range 1..4"),
+    ("zero.csv", '"0","a","b"\n', r"zero.csv: row 1: label 0 is out of range: the classes of a headerless CSV"),
     ("notint.csv", '"3","a","b"\n"x2","c","d"\n', r"notint.csv: row 2: label 'x2' is not an integer"),
     ("empty_text.csv", '"3","a","b"\n"2"," ","\\\\"\n', r"empty_text.csv: row 2: text is empty"),
     ("hfrange.csv", "text,label\nhello,1\nworld,4\n", r"hfrange.csv: row 3: label 4 is out of range 0..3"),
-    ("hffloat.csv", "text,label\nhello,1.5\n", r"hffloat.csv: row 2: label '1.5' is not an integer"),
+    ("hffloat.csv", "text,label\nhello,1.5\n", r"hffloat.csv: row 2: label '1.5' is not one of the class names "
+     r"\(World, Sports, Business, Sci/Tech\) nor a class id"),
     ("hfempty.csv", 'text,label\nhello,1\n"",2\n', r"hfempty.csv: row 3: text is empty"),
     ("cols.jsonl", '{"content": "x", "label": 1}\n',
      r"cols.jsonl: no 'text' column \(columns: \['content', 'label'\]\)"),
@@ -133,8 +135,8 @@ def test_real_shared_files():
 ])
 def test_bad_input_names_file_row_and_value(tmp_path, name, content, message):
     (tmp_path / name).write_text(content, encoding="utf-8")
-    with pytest.raises(DataError, match=message):
-        read_file(tmp_path / name)
+    with pytest.raises(DataError, match=message):  # four named classes, as AG News
+        read_file(tmp_path / name, names=("World", "Sports", "Business", "Sci/Tech"))
 
 
 def test_invalid_utf8_names_the_line_and_bytes(tmp_path):

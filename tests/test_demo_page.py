@@ -166,7 +166,7 @@ def test_errors_are_shown_on_the_page(server, browser, clf):
     open_page(browser, server, clf.num_labels)
     browser.find_element(By.ID, "submit").click()  # empty box: refused before any request
     wait_for(browser, "error")
-    assert browser.find_element(By.ID, "error").text == "Type a headline first."
+    assert browser.find_element(By.ID, "error").text == "Type a text first."
     box = browser.find_element(By.ID, "text")
     box.send_keys("\\ \\")  # only line-break marks: the service's own 422 message is shown
     browser.find_element(By.ID, "submit").click()
@@ -184,7 +184,10 @@ def test_class_names_are_the_services_and_shown_as_text(clf, browser):
     renamed.label_names = ["<i>Monde</i>", "Sport & Jeux", "Économie", '"Sci"/Tech']
     with live_server(create_app(renamed)) as url:
         open_page(browser, url, 4)
-        browser.find_element(By.CSS_SELECTOR, "#examples .example").click()
+        # AG News' example headlines are for AG News' classes: hidden for others
+        assert not browser.find_element(By.ID, "examples").is_displayed()
+        browser.find_element(By.ID, "text").send_keys("Ligue 1: Lyon bat Marseille")
+        browser.find_element(By.ID, "submit").click()
         wait_for(browser, "done")
         page = shown(browser)
     assert page["names"] == renamed.label_names and page["label"] in renamed.label_names

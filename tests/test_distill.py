@@ -17,7 +17,7 @@ from agnews_lora import distill as kd
 from agnews_lora import runs
 from agnews_lora.cli import main
 from agnews_lora.config import ConfigError, load_config
-from agnews_lora.data import load_splits, row_ids
+from agnews_lora.data import load_splits, resolve_labels, row_ids
 from agnews_lora.losses import DistillTerm, distillation_loss
 from agnews_lora.model import budget_breakdown
 from agnews_lora.predict import Classifier
@@ -110,8 +110,8 @@ def teacher_run(tiny_model_dir, ag_files, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def student(tiny_overrides):
-    cfg = load_config(overrides=tiny_overrides)
-    train_split, val_split, test_split = load_splits(cfg.data, seed=cfg.train.seed, num_labels=4)
+    cfg = resolve_labels(load_config(overrides=tiny_overrides))  # the classes settled, as distill() does
+    train_split, val_split, test_split = load_splits(cfg.data, seed=cfg.train.seed)
     return cfg, train_split, val_split, test_split
 
 
@@ -363,10 +363,16 @@ def test_linear_probe_fits_separable_features():
 def test_teacher_columns_follow_the_student_label_names():
     from agnews_lora.teacher import _label_order
 
+    student = ["World", "Sports", "Business", "Sci/Tech"]
     names = {0: "Sports", 1: "World", 2: "Sci/Tech", 3: "Business"}
-    order = _label_order(names, 4)
+    order = _label_order("t", names, student)
     assert order == [1, 0, 3, 2]
-    assert _label_order({i: f"LABEL_{i}" for i in range(4)}, 4) is None  # generic names: as they are
+    assert _label_order("t", {i: f"LABEL_{i}" for i in range(4)}, student) is None  # generic names: as they are
+    assert _label_order("t", names, [f"class {i}" for i in range(4)]) is None  # the student's are generic
+    # any classes, not only AG News': a sentiment teacher that counts them the other way round
+    assert _label_order("t", {0: "positive", 1: "negative"}, ["negative", "positive"]) == [1, 0]
+    with pytest.warns(UserWarning, match="names its classes spam, ham, the student's are neg, pos"):
+        assert _label_order("t", {0: "spam", 1: "ham"}, ["neg", "pos"]) is None
     spec = kd.TeacherSpec(source="x", kind="model", mode="finetuned", model_path="x", max_length=8, num_labels=4,
                           label_order=order, identity={}, tokenizer=None)
     teacher_out = np.array([[10.0, 20.0, 30.0, 40.0]])  # Sports, World, Sci/Tech, Business
@@ -418,7 +424,7 @@ def test_teacher_with_other_label_count_gives_one_clear_error(tiny_model_dir, te
     run3 = tmp_path / "run-three-labels"
     shutil.copytree(teacher_run, run3)
     saved = yaml.safe_load((run3 / "config.yaml").read_text())
-    saved["model"]["num_labels"] = 3
+    saved["model"]["num_labels"], saved["data"]["labels"] = 3, ["a", "b", "c"]
     (run3 / "config.yaml").write_text(yaml.safe_dump(saved))
     err = _error_line(capsys, ["distill", "--teacher", str(run3), *tiny_overrides])
     assert "predicts 3 labels" in err and str(run3) in err

@@ -180,10 +180,12 @@ def test_roberta_linear_head_reads_the_first_token(tiny_model_dir):
 
 
 def test_train_refuses_over_budget_before_loading_data(tiny_model_dir, tmp_path):
+    """A config that names its classes (data.labels) is checked before any data is read; one that
+    leaves them to the data reads the labels first (the head's size depends on them)."""
     from agnews_lora.train import train
 
     cfg = _tiny_cfg(tiny_model_dir, f"data.train={tmp_path / 'does-not-exist.csv'}", "budget.max_trainable=1000",
-                    f"out_dir={tmp_path / 'run'}")
+                    "data.labels=[World,Sports,Business,Sci/Tech]", f"out_dir={tmp_path / 'run'}")
     with pytest.raises(BudgetError, match=r"exceed budget.max_trainable=1,000") as err:
         train(cfg)
     assert "Total trainable" in str(err.value)

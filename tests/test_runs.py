@@ -46,7 +46,10 @@ def test_torn_last_log_line_is_dropped_with_a_warning(tmp_path, capsys):
 
 
 def test_label_names():
-    assert runs.label_names(4) == ["World", "Sports", "Business", "Sci/Tech"]
+    assert runs.label_names(4, names=["World", "Sports", "Business", "Sci/Tech"]) == ["World", "Sports", "Business",
+                                                                                      "Sci/Tech"]
+    assert runs.label_names(4) == ["class 0", "class 1", "class 2", "class 3"]  # no names: no AG News guess
+    assert runs.label_names(2, {0: "neg", 1: "pos"}, names=["negative", "positive"]) == ["negative", "positive"]
     assert runs.label_names(3) == ["class 0", "class 1", "class 2"]
     assert runs.label_names(2, {0: "LABEL_0", 1: "LABEL_1"}) == ["class 0", "class 1"]
     assert runs.label_names(2, {0: "neg", 1: "pos"}) == ["neg", "pos"]

@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 from agnews_lora import runs
+from agnews_lora.config import AG_NEWS_LABELS
 from agnews_lora.checkpoint import atomic_write_text
 from agnews_lora.errors import ConfigError
 from agnews_lora.outputs import claim_file, holder_of, remove_stale
@@ -53,7 +54,7 @@ def build_card(run_dir: str | Path, kind: str = "adapter", export_meta: dict | N
     robustness = runs.read_json(run.path / runs.ROBUSTNESS_JSON)
     dataset = hub_id(cfg.data.hub_dataset) if not cfg.data.train else None
     base = hub_id(cfg.model.name)
-    tags = ["text-classification", "ag-news", cfg.peft.method, "agnews-lora"]
+    tags = ["text-classification", *(["ag-news"] if _ag_news(cfg) else []), cfg.peft.method, "agnews-lora"]
     if kind == "onnx":
         tags.append("int8" if (export_meta or {}).get("quantize") else "fp32")
     library = "safetensors" if kind == "adapter" and cfg.peft.method == "bitfit" else _LIBRARY[kind]  # no peft
@@ -139,16 +140,32 @@ def _table(headers: list[str], rows: list[list]) -> str:
     return md_table(headers, rows, align="l" * len(headers) if not any(headers) else "")
 
 
+def _ag_news(cfg) -> bool:
+    """The run learned AG News' four topics (the tool's default dataset)."""
+    return list(cfg.data.labels) == list(AG_NEWS_LABELS)
+
+
+def _dataset_name(cfg) -> str:
+    """What the run was trained on, for people: AG News, the Hub dataset, or the training files."""
+    if _ag_news(cfg):
+        return "AG News"
+    if not cfg.data.train:
+        return inert(cfg.data.hub_dataset + (f" ({cfg.data.hub_config})" if cfg.data.hub_config else ""))
+    return inert(", ".join(Path(f).name for f in cfg.data.train))
+
+
 def _test_name(run) -> str:
     source = (run.test or {}).get("data") or ",".join(run.cfg.data.test) or run.cfg.data.hub_dataset
-    return f"AG News test ({inert(Path(str(source)).name)})" if source else "AG News test"
+    name = _dataset_name(run.cfg)
+    return f"{name} test ({inert(Path(str(source)).name)})" if source else f"{name} test"
 
 
 def _eval_results(run, dataset: str | None) -> list:
     from huggingface_hub import EvalResult
 
-    common = {"task_type": "text-classification", "task_name": "Topic classification",
-              "dataset_type": dataset or "ag_news"}
+    ag_news = _ag_news(run.cfg)
+    common = {"task_type": "text-classification", "task_name": "Topic classification" if ag_news else
+              "Text classification", "dataset_type": dataset or ("ag_news" if ag_news else "local")}
     out = []
     if run.test is not None:
         name = _test_name(run)
@@ -157,7 +174,7 @@ def _eval_results(run, dataset: str | None) -> list:
                 EvalResult(**common, dataset_name=name, dataset_split="test", metric_type="f1",
                            metric_name="F1 (macro)", metric_config="macro", metric_value=run.test["f1_macro"])]
     if run.summary.get("best_val_accuracy") is not None:
-        out.append(EvalResult(**common, dataset_name="AG News validation (carved from train)",
+        out.append(EvalResult(**common, dataset_name=f"{_dataset_name(run.cfg)} validation (carved from train)",
                               dataset_split="validation", metric_type="accuracy",
                               metric_value=run.summary["best_val_accuracy"]))
     return out  # the robustness figures (other rows, perturbed) stay in the card's text
@@ -175,11 +192,13 @@ def _summary(run, kind: str, meta: dict | None) -> str:
                 "onnx": "An ONNX model (BitFit: its biases and head trained)"}[kind]
     if kind == "onnx" and (meta or {}).get("quantize"):
         what = what.replace("An ONNX model", "An int8-quantized ONNX model")
-    names = ", ".join(runs.label_names(cfg.model.num_labels))
+    names = inert(", ".join(run.label_names))
+    task = f"news texts into {cfg.model.num_labels} topics" if _ag_news(cfg) else \
+        f"texts into {cfg.model.num_labels} classes"
     acc = f" Test accuracy {run.test['accuracy']:.4f} on {run.test['n']:,} rows." if run.test else ""
     if (meta or {}).get("checkpoint") == "last":
         acc += " This export is of the run's last checkpoint; the figures below are of its best one."
-    return (f"{what} that classifies news texts into {cfg.model.num_labels} topics ({names}), fine-tuned "
+    return (f"{what} that classifies {task} ({names}), trained on {_dataset_name(cfg)} and fine-tuned "
             f"from `{inert(cfg.model.name)}` with agnews-lora, training "
             f"{run.summary['trainable']['total']:,} parameters (budget {cfg.budget.max_trainable:,}, head "
             f"included).{acc}")
@@ -271,14 +290,17 @@ def _per_class(run) -> tuple[str, str]:
     # the confusion matrix back to (gold, predicted) pairs: the one definition of the metrics
     gold = [g for g, row in enumerate(confusion) for p, n in enumerate(row) for _ in range(n)]
     pred = [p for row in confusion for p, n in enumerate(row) for _ in range(n)]
-    return "validation", _per_class_table(compute_metrics(gold, pred, runs.label_names(len(confusion))))
+    return "validation", _per_class_table(compute_metrics(gold, pred, run.label_names))
 
 
 def _limitations(run, robustness: dict | None) -> str:
     general = ("Trained and measured on AG News (English news agency text, 2004-2005). Texts of other "
                "styles, newer entities or machine-generated news are a shifted domain: published systems "
                "lose 6-9 points of accuracy on the course's hidden test file (half AG News test, half "
-               "generated news) against their validation accuracy, and over-predict Sci/Tech there.")
+               "generated news) against their validation accuracy, and over-predict Sci/Tech there.") \
+        if _ag_news(run.cfg) else \
+        (f"Trained and measured on {_dataset_name(run.cfg)}. Texts unlike its training texts (other styles, "
+         "sources, topics or times) are a shifted domain, where accuracy is lower than on its test rows.")
     if not robustness:
         return (general + "\n\nNo robustness report for this run yet: `agnews-lora robustness RUN "
                 "--unlabelled FILE` measures it, and `agnews-lora card RUN` then adds the figures here.")
@@ -298,7 +320,7 @@ def _limitations(run, robustness: dict | None) -> str:
                       "fitted on validation)."]
     u = robustness.get("unlabelled")
     if u:
-        names = runs.label_names(len(u["predicted_share"]))
+        names = run.label_names
         shares = [[n, f"{u['predicted_share'][i]:.1%}", f"{u['train_prior'][i]:.1%}"] for i, n in enumerate(names)]
         parts += ["", f"On {u['n']:,} unlabelled texts of `{inert(Path(u['source']).name)}` (signs of shift, no labels "
                       f"used): mean confidence {u['mean_confidence']:.3f}, "

@@ -98,12 +98,13 @@ def _method_names(spec: str) -> list[str]:
 
 def cmd_budget(args) -> None:
     from agnews_lora.config import load_config
+    from agnews_lora.data import resolve_labels
     from agnews_lora.model import budget_breakdown, format_breakdown
 
     if args.methods is not None and not args.plan:
         raise ConfigError("budget --methods: goes with --plan (the per-method table of largest sizes)")
     names = None if args.methods is None else _method_names(args.methods)
-    cfg = load_config(args.config, args.overrides)
+    cfg = resolve_labels(load_config(args.config, args.overrides))  # the head's size: the classes
     if names is not None:
         from agnews_lora.plan import format_method_plan, plan_methods, plan_to_dicts
 
@@ -151,7 +152,7 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_predict(args) -> None:
-    from agnews_lora.data import read_files
+    from agnews_lora.data import Columns, read_files
     from agnews_lora.evaluate import compute_metrics
     from agnews_lora.predict import (RUN_PRIOR, Classifier, check_output, predict_file, probabilities_path, resolve_prior,
                                      resolve_shift_calibration)
@@ -175,9 +176,10 @@ def cmd_predict(args) -> None:
             "prior 'match-shifted'", "--prior match-shifted")) from None
     if args.prior is None and prior is not None:
         print(f"prior: {clf.cfg.predict.prior} (the run's predict.prior; --prior none for the training prior)")
-    reference = read_files(args.reference, clf.num_labels).texts if args.reference else None
+    reference = read_files(args.reference, columns=Columns.of(clf.cfg.data), labels=False).texts \
+        if args.reference else None
     split, preds = predict_file(clf, args.input, args.output, batch_size=args.batch_size, prior=prior,
-                                probs=args.probs, reference=reference, shift_threshold=threshold,
+                                probs=args.probs, reference=reference, shift_threshold=threshold, names=args.names,
                                 reference_files=args.reference or (), shift_calibration=calibration)
     skipped = (clf.last_prior or {}).get("skipped")
     if skipped and prior in ("em", "match"):
@@ -273,8 +275,9 @@ def cmd_sweep(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="agnews-lora", description="LoRA topic classification on AG News "
-                                     "under a hard trainable-parameter budget.")
+    parser = argparse.ArgumentParser(prog="agnews-lora", description="LoRA text classification (AG News by "
+                                     "default, any labelled texts with data.*) under a hard trainable-parameter "
+                                     "budget.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a LoRA classifier (refuses over-budget configs)")
@@ -347,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "texts or numpy arrays (anything else is refused, never run)")
             p.add_argument("--output", required=True, help="CSV to write (ID,Label); never an input file "
                            "or a path inside a run or model folder")
+            p.add_argument("--names", action="store_true", help="write each row's class name in the Label column "
+                           "instead of its class id")
             p.add_argument("--probs", action="store_true", help="also write OUTPUT_STEM.probs.csv: ID and one "
                            "probability per class (softmax at the run's temperature fitted on validation)")
             p.add_argument("--prior", help="correct predictions to another class prior: 'em' (re-estimated on the "

@@ -23,14 +23,29 @@ from agnews_lora.hub import ensure_hub_reachable
 from agnews_lora.perturb import parse_specs
 
 
+# The default dataset's classes in label order: known without reading it, so that `budget`, `plan` and
+# the paper's configurations work offline.
+AG_NEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
+
+
 @dataclass
 class DataConfig:
-    hub_dataset: str = "fancyzhx/ag_news"  # used when `train` is empty
+    hub_dataset: str = "fancyzhx/ag_news"  # Hub id or a local dataset folder; used when `train` is empty
+    hub_config: str = ""  # the Hub dataset's configuration (subset), e.g. "sst2" of nyu-mll/glue
+    train_split: str = "train"  # the Hub dataset's split to train on (validation rows are carved from it)
+    test_split: str = "test"  # its split to test on ("" = none); all labels -1 (GLUE's hidden test) = unlabelled
     train: list[str] = field(default_factory=list)  # local files, concatenated
     test: list[str] = field(default_factory=list)  # local files; empty + hub -> hub test split
     # When not one of the local files train and test name exists: error; or hub = read hub_dataset
     # instead (a preset naming an offline copy then runs online as well; config.yaml records it)
     if_missing: Literal["error", "hub"] = "error"
+    # Columns of a row: the text is the text_fields joined by a space; label_field holds an integer
+    # class id (0-based) or a class name. The original AG News CSV (headerless) has neither.
+    text_fields: list[str] = field(default_factory=lambda: ["text"])
+    label_field: str = "label"
+    # Class names in label-id order; empty = from the data: the Hub dataset's ClassLabel names, the
+    # names in the label column (sorted), AG News' for its original CSV, else "class i".
+    labels: list[str] = field(default_factory=list)
     val_size: int = 640  # rows carved (stratified, seeded) from train for validation
     max_train_rows: int = 0  # 0 = all; otherwise a stratified, seeded subsample of train
     max_length: int = 128  # tokens per text; longer texts are cut
@@ -56,7 +71,7 @@ class ModelConfig:
     # linear: one Linear(hidden, num_labels), far fewer parameters, leaving more budget to adapters
     head: Literal["roberta", "linear"] = "roberta"
     pooled_dropout: float = 0.1  # dropout on the pooled first token, before either head
-    num_labels: int = 4  # classes; the head's size (the budget counts it)
+    num_labels: int = 0  # classes: the head's size (the budget counts it); 0 = as data.labels (or the data) says
 
 
 @dataclass
@@ -436,7 +451,22 @@ def range_checks(cfg: Config) -> list[registry.Check]:
          "peft.method=lora or dora); leave it at 0"),
         ("sweep.timeout", cfg.sweep.timeout is None or cfg.sweep.timeout > 0, "must be > 0 seconds (null = no limit)"),
         ("model.pooled_dropout", 0 <= cfg.model.pooled_dropout < 1, "must be in [0, 1)"),
-        ("model.num_labels", cfg.model.num_labels >= 2, "must be >= 2"),
+        ("model.num_labels", cfg.model.num_labels == 0 or cfg.model.num_labels >= 2,
+         "must be >= 2 (0 = from data.labels or the data)"),
+        ("model.num_labels", not (cfg.model.num_labels and cfg.data.labels)
+         or cfg.model.num_labels == len(cfg.data.labels), f"does not match data.labels ({len(cfg.data.labels)} "
+         "names); leave model.num_labels at 0 (as many classes as data.labels names)"),
+        ("data.labels", not cfg.data.labels or len(cfg.data.labels) >= 2, "must name at least 2 classes "
+         "(or be empty: from the data)"),
+        ("data.labels", len(set(cfg.data.labels)) == len(cfg.data.labels) and all(n.strip() == n and n
+                                                                                  for n in cfg.data.labels),
+         "must be distinct, non-empty names without leading or trailing spaces"),
+        ("data.text_fields", bool(cfg.data.text_fields) and all(cfg.data.text_fields)
+         and len(set(cfg.data.text_fields)) == len(cfg.data.text_fields),
+         "must name one or more distinct columns (joined by a space into the text)"),
+        ("data.label_field", bool(cfg.data.label_field) and cfg.data.label_field not in cfg.data.text_fields,
+         "must name a column that is not one of data.text_fields"),
+        ("data.train_split", bool(cfg.data.train_split.strip()), "must name the Hub dataset's training split"),
         ("data.val_size", cfg.data.val_size >= 0, "must be >= 0"),
         ("data.max_train_rows", cfg.data.max_train_rows >= 0, "must be >= 0 (0 = all rows)"),
         ("data.max_length", cfg.data.max_length >= 8, "must be >= 8"),
@@ -486,9 +516,9 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(f"{key}={_value(cfg, key)!r} {why}")
     check_peft_applicability(cfg)
-    if cfg.predict.prior:
+    if cfg.predict.prior and class_count(cfg):
         try:
-            parse_prior(cfg.predict.prior, cfg.model.num_labels)
+            parse_prior(cfg.predict.prior, class_count(cfg))
         except ConfigError as err:
             raise ConfigError(f"predict.prior: {err} (or empty for the training prior)") from None
     try:
@@ -523,6 +553,39 @@ def check_peft_applicability(cfg: Config) -> None:
             if value != getattr(default_section, option.name):
                 raise ConfigError(f"peft.{f.name}.{option.name}={value!r} is an option of peft.method={f.name}, "
                                   f"not of peft.method={method}; remove it or set peft.method={f.name}")
+
+
+def class_names(cfg: Config) -> list[str] | None:
+    """The class names by label id when the config alone tells them: data.labels, or the default
+    dataset's (AG News on the Hub); None when only the data can tell (`data.resolve_labels`)."""
+    if cfg.data.labels:
+        return list(cfg.data.labels)
+    default = DataConfig()
+    hub = (cfg.data.hub_dataset, cfg.data.hub_config)
+    if cfg.model.num_labels in (0, len(AG_NEWS_LABELS)) and not cfg.data.train and hub == (default.hub_dataset, ""):
+        return list(AG_NEWS_LABELS)
+    return None
+
+
+def class_count(cfg: Config) -> int:
+    """The number of classes when the config alone tells it (model.num_labels, or `class_names`);
+    0 when only the data can tell."""
+    names = class_names(cfg)
+    return cfg.model.num_labels or (len(names) if names else 0)
+
+
+def require_class_count(cfg: Config) -> int:
+    """The number of classes of the model `cfg` builds.
+
+    Raises:
+        ConfigError: only the data can tell it (a config not yet passed through `data.resolve_labels`).
+    """
+    n = class_count(cfg)
+    if not n:
+        raise ConfigError(f"the number of classes of {cfg.data.train or cfg.data.hub_dataset} is not known before "
+                          "reading its labels; set data.labels (the class names) or model.num_labels, or "
+                          "resolve them from the data first (agnews_lora.data.resolve_labels)")
+    return n
 
 
 def _value(cfg: Config, dotted: str) -> Any:

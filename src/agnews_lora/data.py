@@ -1,7 +1,9 @@
-"""AG News: load (Hub or local files) -> split -> tokenize once (cached) -> length-grouped batches."""
+"""Any text-classification data (local files or a Hub dataset; AG News by default): load -> class ids
+-> split -> tokenize once (cached) -> length-grouped batches."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import gzip
 import hashlib
@@ -18,35 +20,62 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from agnews_lora.config import DataConfig
+from agnews_lora.config import AG_NEWS_LABELS, Config, DataConfig, class_names, validate
 from agnews_lora.errors import DataError
 from agnews_lora.hub import ensure_hub_reachable
 from agnews_lora.unpickle import ForbiddenGlobal, safe_load
 
-LABEL_NAMES = ["World", "Sports", "Business", "Sci/Tech"]
-
-
+LABEL_NAMES = list(AG_NEWS_LABELS)  # the default dataset's classes (the old name, kept for callers)
 
 
 @dataclass
 class Split:
-    """Texts with optional integer labels (0-based); labels is None for unlabelled files."""
+    """Texts with optional integer labels (0-based); labels is None for unlabelled files. `names`:
+    the class names by label id that the labels were read with (None when unlabelled)."""
 
     texts: list[str]
     labels: list[int] | None
     source: str = ""
+    names: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def subset(self, idx: Sequence[int]) -> "Split":
         labels = None if self.labels is None else [self.labels[i] for i in idx]
-        return Split([self.texts[i] for i in idx], labels, self.source)
+        return Split([self.texts[i] for i in idx], labels, self.source, self.names)
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Where a row's parts are: its text is the `text` columns joined by a space, its label is in
+    `label` (an integer class id, 0-based, or a class name)."""
+
+    text: tuple[str, ...] = ("text",)
+    label: str = "label"
+
+    @classmethod
+    def of(cls, data: DataConfig) -> "Columns":
+        return cls(tuple(data.text_fields), data.label_field)
 
 
 def clean_text(text: str) -> str:
     # The original CSV marks line breaks with a backslash; make them spaces.
     return " ".join(text.replace("\\", " ").split())
+
+
+@dataclass
+class _Part:
+    """One source's rows before their labels become ids: `values` holds each row's label as read
+    (an int: a class id; a str: a class name or an id written as text); `names` are the class names
+    the source itself gives (a Hub ClassLabel, the AG News CSV), if any."""
+
+    source: str
+    texts: list[str]
+    values: list | None
+    first_row: int = 1  # the row number of the first row, for messages
+    names: list[str] | None = None
+    one_based: bool = False  # ids were written 1-based (the headerless CSV): say so in messages
 
 
 # ---------------------------------------------------------------- reading files
@@ -82,26 +111,13 @@ def _open_text(path: Path) -> io.TextIOBase:
     return io.StringIO(text, newline="")
 
 
-def _check_label(path: Path, row: int, value: object, num_labels: int, one_based: bool) -> int:
-    lo, hi = (1, num_labels) if one_based else (0, num_labels - 1)
-    try:
-        label = int(str(value).strip())
-        if str(value).strip() != str(label):
-            raise ValueError
-    except ValueError:
-        raise DataError(f"{path}: row {row}: label {value!r} is not an integer in {lo}..{hi}") from None
-    if not lo <= label <= hi:
-        raise DataError(f"{path}: row {row}: label {label} is out of range {lo}..{hi}")
-    return label - 1 if one_based else label
-
-
 # A lone UTF-16 surrogate: no Unicode character, so no UTF-8 byte sequence. CSV bytes cannot hold one
 # (they fail as invalid UTF-8); a JSON escape ("\ud800") or a pickled str can, and the tokenizer
 # then fails. Refused like invalid UTF-8, for every format alike.
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
-def _check_text(path: Path, row: int, text: object) -> str:
+def _check_text(path: Path | str, row: int, text: object) -> str:
     if not isinstance(text, str):
         raise DataError(f"{path}: row {row}: text {text!r} is not a string")
     bad = _SURROGATE.search(text)
@@ -178,45 +194,106 @@ def _open_quote(lines: list[str], first: int) -> tuple[int, bool] | None:
     return (opened, False) if quoted else None
 
 
-def _read_csv(path: Path, num_labels: int) -> Split:
+def _read_csv(path: Path, columns: Columns) -> _Part:
     rows = _csv_rows(path)
     while rows and not rows[-1]:  # blank lines at the end, as editors and spreadsheets leave them
         rows.pop()
     if not rows:
         raise DataError(f"{path}: the file is empty")
-    header = [h.strip().lower() for h in rows[0]]
-    if "text" in header:
+    header = [h.strip() for h in rows[0]]
+    wanted = {c.lower() for c in (*columns.text, "text")}
+    if wanted & {h.lower() for h in header}:
         records = [dict(zip(header, r)) for r in rows[1:]]
-        return _from_records(path, records, num_labels, first_row=2)
-    # The original AG News format: headerless "class","title","description", classes 1..4.
-    texts, labels = [], []
+        return _from_records(path, records, columns, first_row=2)
+    return _headerless(path, rows, columns)
+
+
+def _headerless(path: Path, rows: list[list[str]], columns: Columns) -> _Part:
+    """The CSV format of Zhang, Zhao & LeCun (2015), AG News' original: no header, every row
+    `class,field,...` with the class 1-based and the fields joined into the text. Three columns with
+    classes 1..4 is AG News (class,title,description): its class names come with it."""
+    width = len(rows[0])
+    if _as_id(rows[0][0]) is None:  # a header, without the text column
+        raise DataError(f"{path}: no {_fields(columns.text)} column (header: {', '.join(rows[0][:8])}); name the text "
+                        "column(s) with data.text_fields, or write the headerless class,title,description format")
+    texts, values = [], []
     for i, r in enumerate(rows, start=1):
-        if len(r) != 3:
+        if len(r) != width or width < 2:
             raise DataError(
-                f"{path}: row {i}: expected 3 columns (class,title,description) or a header with "
-                f"'text' (and 'label'), got {len(r)} columns: {r[:4]!r}"
-            )
-        labels.append(_check_label(path, i, r[0], num_labels, one_based=True))
-        texts.append(_check_text(path, i, f"{r[1]} {r[2]}"))
-    return Split(texts, labels, str(path))
+                f"{path}: row {i}: expected {width if width >= 2 else 3} columns (class,title,description: "
+                f"headerless, as the first row) or a header naming the text column ({_fields(columns.text)}), "
+                f"got {len(r)} columns: {r[:4]!r}")
+        value = _as_id(r[0])
+        if value is None:
+            raise DataError(f"{path}: row {i}: label {r[0]!r} is not an integer (the first column of a headerless "
+                            "CSV is the class, 1-based)")
+        if value < 1:
+            raise DataError(f"{path}: row {i}: label {value} is out of range: the classes of a headerless CSV "
+                            "count from 1")
+        values.append(value - 1)
+        texts.append(_check_text(path, i, " ".join(r[1:])))
+    ag_news = width == 3 and max(values) < len(AG_NEWS_LABELS)
+    return _Part(str(path), texts, values, names=list(AG_NEWS_LABELS) if ag_news else None, one_based=True)
 
 
-def _from_records(path: Path, records: list[dict], num_labels: int, first_row: int = 1) -> Split:
+def _fields(names: Sequence[str]) -> str:
+    return ", ".join(f"'{n}'" for n in names)
+
+
+def _present(keys: set, wanted: Sequence[str], fallback: str) -> tuple[str, ...] | None:
+    """The columns to read: `wanted` when all are there; the plain `fallback` column when none of
+    them is (a file in the common `text`/`label` shape); None when the columns are missing."""
+    if set(wanted) <= keys:
+        return tuple(wanted)
+    if fallback in keys and not set(wanted) & keys:
+        return (fallback,)
+    return None
+
+
+def _from_records(path: Path | str, records: list[dict], columns: Columns, first_row: int = 1) -> _Part:
     if not records:
         raise DataError(f"{path}: no rows")
     keys = set(records[0])
-    if "text" not in keys:
-        raise DataError(f"{path}: no 'text' column (columns: {sorted(keys)}); name the text column 'text'")
-    has_label = "label" in keys
-    texts, labels = [], []
+    fields = _present(keys, columns.text, "text")
+    if fields is None:
+        raise DataError(f"{path}: no {_fields(columns.text)} column (columns: {sorted(map(str, keys))}); name the "
+                        "text column(s) with data.text_fields, or name the text column 'text'")
+    label = _present(keys, [columns.label], "label")
+    texts, values = [], []
     for i, rec in enumerate(records, start=first_row):
-        texts.append(_check_text(path, i, rec.get("text")))
-        if has_label:
-            labels.append(_check_label(path, i, rec.get("label"), num_labels, one_based=False))
-    return Split(texts, labels if has_label else None, str(path))
+        texts.append(_check_text(path, i, _joined(path, i, rec, fields)))
+        if label:
+            values.append(_label_value(path, i, rec.get(label[0])))
+    return _Part(str(path), texts, values if label else None, first_row=first_row)
 
 
-def _read_jsonl(path: Path, num_labels: int) -> Split:
+def _joined(path: Path | str, row: int, rec: dict, fields: tuple[str, ...]) -> object:
+    """A row's text: its one text field as it is, or several joined by a space (a missing one empty)."""
+    if len(fields) == 1:
+        return rec.get(fields[0])
+    parts = []
+    for f in fields:
+        value = rec.get(f)
+        if value is not None and not isinstance(value, str):
+            raise DataError(f"{path}: row {row}: field '{f}' {value!r:.80} is not a string")
+        parts.append(value or "")
+    return " ".join(parts)
+
+
+def _label_value(path: Path | str, row: int, value: object) -> int | str:
+    """A label as read: an int (a class id) or a str (a class name, or an id written as text)."""
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)) and np.isfinite(value) and float(value).is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    raise DataError(f"{path}: row {row}: label {value!r:.80} is not a class id (an integer) or a class name")
+
+
+def _read_jsonl(path: Path, columns: Columns) -> _Part:
     records = []
     for i, line in enumerate(_open_text(path), start=1):
         if not line.strip():
@@ -228,20 +305,20 @@ def _read_jsonl(path: Path, num_labels: int) -> Split:
         if not isinstance(rec, dict):
             raise DataError(f"{path}: line {i}: expected an object with 'text' (and 'label'), got {rec!r:.80}")
         records.append(rec)
-    return _from_records(path, records, num_labels)
+    return _from_records(path, records, columns)
 
 
-def _read_parquet(path: Path, num_labels: int) -> Split:
+def _read_parquet(path: Path, columns: Columns) -> _Part:
     import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(path)
     except Exception as err:  # pyarrow raises several types for corrupt files
         raise DataError(f"{path}: not a readable parquet file ({err})") from None
-    return _from_records(path, table.to_pylist(), num_labels)
+    return _from_records(path, table.to_pylist(), columns)
 
 
-def _read_pickle(path: Path, num_labels: int) -> Split:
+def _read_pickle(path: Path, columns: Columns) -> _Part:
     # Restricted: a pickle from the internet must not be able to run code (see unpickle.py).
     with open(path, "rb") as fh:
         try:
@@ -252,7 +329,7 @@ def _read_pickle(path: Path, num_labels: int) -> Split:
                             "or convert the file to CSV/JSONL/parquet") from None
         except Exception as err:
             raise DataError(f"{path}: not a readable pickle ({type(err).__name__}: {err})") from None
-    return _from_records(path, _pickle_records(path, obj), num_labels)
+    return _from_records(path, _pickle_records(path, obj), columns)
 
 
 def _pickle_records(path: Path, obj: object) -> list[dict]:
@@ -263,7 +340,7 @@ def _pickle_records(path: Path, obj: object) -> list[dict]:
         obj = obj.to_dict(orient="records")
     if hasattr(obj, "tolist") and not isinstance(obj, (list, dict)):  # numpy array, pandas Series
         obj = obj.tolist()
-    if isinstance(obj, dict) and "text" in obj:
+    if isinstance(obj, dict) and obj and all(hasattr(v, "__len__") and not isinstance(v, str) for v in obj.values()):
         cols = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in obj.items()}
         obj = [dict(zip(cols, vals)) for vals in zip(*cols.values())]
     if isinstance(obj, list) and obj and all(isinstance(t, str) for t in obj):
@@ -276,72 +353,248 @@ def _pickle_records(path: Path, obj: object) -> list[dict]:
     return obj
 
 
-def read_file(path: str | Path, num_labels: int = 4) -> Split:
-    """Read one local data file.
+_READERS = {".csv": _read_csv, ".jsonl": _read_jsonl, ".json": _read_jsonl,
+            ".parquet": _read_parquet, ".pkl": _read_pickle, ".pickle": _read_pickle}
 
-    Args:
-        path: original AG News CSV (headerless class,title,description; 1-based classes),
-            or a file with `text` (and optionally `label`, 0-based) columns: CSV, JSONL,
-            parquet, or a pickle (the course competition's unlabelled test set) holding a
-            datasets.Dataset, a DataFrame, a dict of columns, a list of texts or numpy arrays,
-            read by a restricted unpickler that refuses any other global. `.gz` ok for CSV
-            and JSONL.
-        num_labels: number of classes, for the range check.
 
-    Returns:
-        The Split with cleaned texts.
-    """
+def _read_part(path: str | Path, columns: Columns) -> _Part:
     path = Path(path).expanduser()
     if path.is_dir():
         raise DataError(f"{path}: is a folder, not a data file; name the file itself")
     if not path.is_file():
         raise DataError(f"{path}: no such file; check data.train / data.test or --input")
     kind = _suffixes(path)
-    readers = {".csv": _read_csv, ".jsonl": _read_jsonl, ".json": _read_jsonl,
-               ".parquet": _read_parquet, ".pkl": _read_pickle, ".pickle": _read_pickle}
-    for ext, reader in readers.items():
+    for ext, reader in _READERS.items():
         if kind.endswith(ext):
-            return reader(path, num_labels)
+            return reader(path, columns)
     raise DataError(f"{path}: unknown file type; use .csv(.gz), .jsonl(.gz), .parquet or .pkl")
 
 
-def read_files(paths: Sequence[str | Path], num_labels: int = 4) -> Split:
-    """Read and concatenate several files (all labelled, or all unlabelled)."""
-    parts = [read_file(p, num_labels) for p in paths]
-    labelled = {p.labels is not None for p in parts}
+def read_file(path: str | Path, num_labels: int = 0, names: Sequence[str] = (),
+              columns: Columns = Columns()) -> Split:
+    """Read one local data file.
+
+    Args:
+        path: a file with a header naming the text column(s) (and the label column): CSV, JSONL,
+            parquet, or a pickle (the course competition's unlabelled test set) holding a
+            datasets.Dataset, a DataFrame, a dict of columns, a list of texts or numpy arrays,
+            read by a restricted unpickler that refuses any other global; or a headerless CSV
+            in the format of AG News' original (`class,title,description`, classes 1-based; any
+            number of text fields). `.gz` ok for CSV and JSONL.
+        num_labels, names: the classes, as in `read_files`.
+        columns: the text and label columns.
+
+    Returns:
+        The Split with cleaned texts.
+    """
+    return read_files([path], num_labels=num_labels, names=names, columns=columns)
+
+
+def read_files(paths: Sequence[str | Path], num_labels: int = 0, names: Sequence[str] = (),
+               columns: Columns = Columns(), labels: bool = True) -> Split:
+    """Read and concatenate several files (all labelled, or all unlabelled).
+
+    Args:
+        paths: the files (formats as in `read_file`).
+        num_labels: the number of classes; 0 = as many as `names`, else as the labels show.
+        names: class names by label id; empty = from the data (`label_ids`).
+        columns: the text and label columns.
+        labels: False reads the texts alone (any label column is ignored).
+
+    Returns:
+        The Split: labels as ids, with the class names they were read with.
+    """
+    parts = [_read_part(p, columns) for p in paths]
+    if not labels:
+        for part in parts:
+            part.values = None
+    labelled = {p.values is not None for p in parts}
     if len(labelled) > 1:
         raise DataError(f"{', '.join(map(str, paths))}: some files have labels and some do not")
+    return _split(parts, ",".join(map(str, paths)), num_labels=num_labels, names=names)
+
+
+def _split(parts: list[_Part], source: str, num_labels: int, names: Sequence[str]) -> Split:
     texts = [t for p in parts for t in p.texts]
-    labels = None if parts[0].labels is None else [y for p in parts for y in p.labels]
-    return Split(texts, labels, ",".join(map(str, paths)))
+    if parts[0].values is None:
+        return Split(texts, None, source)
+    labels, classes = label_ids(parts, num_labels=num_labels, names=names)
+    return Split(texts, labels, source, None if labels is None else classes)
+
+
+# ---------------------------------------------------------------- labels
+
+
+def _as_id(value: int | str) -> int | None:
+    """A label as a class id when it is an integer (or one written as text), else None."""
+    if isinstance(value, int):
+        return value
+    text = value.strip()
+    return int(text) if re.fullmatch(r"[-+]?\d+", text) else None
+
+
+def label_ids(parts: list[_Part], num_labels: int = 0, names: Sequence[str] = ()) -> tuple[list[int] | None, list[str]]:
+    """Every row's label as a class id, and the class names by id.
+
+    The labels are class names when `names` holds every one of them (mapped in that order); else
+    class ids when all are integers (0-based; checked against the number of classes, which is
+    `num_labels`, else `len(names)`, else the names a source gives, else the largest id + 1; every
+    label -1 means unlabelled, as in GLUE's test splits); else class names (the sorted distinct
+    labels when `names` is empty).
+
+    Args:
+        parts: the sources' rows.
+        num_labels: the number of classes, 0 = as above.
+        names: class names by id (the config's data.labels, or a trained model's classes).
+
+    Returns:
+        (ids, or None for unlabelled rows; the class names).
+
+    Raises:
+        DataError: a label that fits none of these, naming its source, row and value.
+    """
+    values = [v for p in parts for v in p.values]
+    names = list(names)
+    known = set(names)
+    if names and all(str(v) in known for v in values):
+        index = {n: i for i, n in enumerate(names)}
+        return [index[str(v)] for v in values], names
+    ids = [_as_id(v) for v in values]
+    if all(i is not None for i in ids):
+        if all(i == -1 for i in ids):
+            return None, names
+        hint = next((p.names for p in parts if p.names), None)
+        count = num_labels or len(names) or max(max(ids) + 1, len(hint or ()))
+        _check_ids(parts, count, names)
+        return ids, names or (hint if hint and len(hint) == count else [f"class {i}" for i in range(count)])
+    if names:
+        _refuse_label(parts, lambda v: str(v) not in known and _as_id(v) is None,
+                      f"is not one of the class names ({', '.join(names)}) nor a class id")
+    classes = sorted({str(v) for v in values})
+    if num_labels and len(classes) != num_labels:
+        raise DataError(f"{parts[0].source}: the labels name {len(classes)} classes ({', '.join(classes[:10])}"
+                        f"{', ...' if len(classes) > 10 else ''}), not {num_labels} (model.num_labels); name all "
+                        "classes with data.labels")
+    index = {n: i for i, n in enumerate(classes)}
+    return [index[str(v)] for v in values], classes
+
+
+def _check_ids(parts: list[_Part], count: int, names: list[str]) -> None:
+    for part in parts:
+        lo = 1 if part.one_based else 0
+        for row, value in enumerate(part.values, start=part.first_row):
+            i = _as_id(value)
+            if not 0 <= i < count:
+                shown = i + lo if isinstance(value, int) else value
+                raise DataError(f"{part.source}: row {row}: label {shown} is out of range {lo}..{count - 1 + lo}"
+                                + (f" (classes: {', '.join(names)})" if names else ""))
+
+
+def _refuse_label(parts: list[_Part], bad, why: str) -> None:
+    for part in parts:
+        for row, value in enumerate(part.values, start=part.first_row):
+            if bad(value):
+                raise DataError(f"{part.source}: row {row}: label {value!r} {why}")
 
 
 # ---------------------------------------------------------------- the Hub
 
 
-def load_hub_split(dataset: str, split: str) -> Split:
-    """Load a split of a Hub dataset with `text`/`label` columns (real `datasets` code path)."""
-    ensure_hub_reachable(dataset, kind="dataset", hint="set data.train (and data.test) to local files")
+def load_hub_split(data: DataConfig, split: str, num_labels: int = 0, names: Sequence[str] = ()) -> Split:
+    """Load a split of a Hub dataset (or of a dataset folder `datasets` reads) through `datasets`:
+    its data.text_fields joined into the text, data.label_field as the label (a ClassLabel's names
+    become the class names)."""
+    dataset = data.hub_dataset
+    local = Path(dataset).expanduser().is_dir()
+    if not local:
+        ensure_hub_reachable(dataset, kind="dataset", hint="set data.train (and data.test) to local files")
     import datasets
 
-    ds = datasets.load_dataset(dataset, split=split)
-    return Split([clean_text(t) for t in ds["text"]], list(ds["label"]), f"{dataset}:{split}")
+    try:
+        ds = datasets.load_dataset(str(Path(dataset).expanduser()) if local else dataset, data.hub_config or None,
+                                   split=split)
+    except ValueError as err:  # an unknown split or configuration: datasets names the ones there are
+        raise DataError(f"{dataset}: {err}") from None
+    source = f"{dataset}{'/' + data.hub_config if data.hub_config else ''}:{split}"
+    columns = Columns.of(data)
+    wanted = list(dict.fromkeys(c for c in (*columns.text, "text", columns.label, "label") if c in ds.column_names))
+    records = [dict(zip(wanted, row)) for row in zip(*(ds[c] for c in wanted))]
+    part = _from_records(source, records, columns)
+    label = _present(set(ds.column_names), [columns.label], "label")
+    part.names = list(getattr(ds.features.get(label[0]) if label else None, "names", None) or []) or None
+    return _split([part], source, num_labels=num_labels, names=names)
 
 
-def load_splits(cfg: DataConfig, seed: int, num_labels: int = 4) -> tuple[Split, Split, Split | None]:
-    """Return (train, val, test) as the config says: val is carved from train, stratified."""
-    if cfg.train:
-        full = read_files(cfg.train, num_labels)
-        if full.labels is None:
-            raise DataError(f"{full.source}: training data needs a 'label' column")
+def load_training_split(data: DataConfig, num_labels: int = 0) -> Split:
+    """All training rows the config names (before the validation rows are carved out)."""
+    if data.train:
+        full = read_files(data.train, num_labels=num_labels, names=data.labels, columns=Columns.of(data))
     else:
-        full = load_hub_split(cfg.hub_dataset, "train")
-    if cfg.test:
-        test = read_files(cfg.test, num_labels)
-    elif not cfg.train:
-        test = load_hub_split(cfg.hub_dataset, "test")
-    else:
-        test = None
+        full = load_hub_split(data, data.train_split, num_labels=num_labels, names=data.labels)
+    if full.labels is None:
+        raise DataError(f"{full.source}: training data needs a '{data.label_field}' column")
+    return full
+
+
+# The class names of training data already read in this process, by what the data is (its files'
+# size and modification time included): planning many rows on the same files reads them once.
+_NAMES_READ: dict[tuple, list[str]] = {}
+
+
+def _training_names(data: DataConfig, num_labels: int) -> list[str]:
+    """The class names the training data tells (`load_training_split`), read once per process."""
+    try:
+        files = tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)
+                      for p in (Path(f).expanduser() for f in data.train))
+    except OSError:  # a missing file: reading it says so
+        return load_training_split(data, num_labels=num_labels).names
+    key = (files, data.hub_dataset, data.hub_config, data.train_split, tuple(data.text_fields), data.label_field,
+           num_labels)
+    if key not in _NAMES_READ:
+        _NAMES_READ[key] = load_training_split(data, num_labels=num_labels).names
+    return list(_NAMES_READ[key])
+
+
+def resolve_labels(cfg: Config) -> Config:
+    """`cfg` with its classes settled: data.labels (class names by label id) and model.num_labels
+    filled in. The config's own (`config.class_names`) when it tells them; else the training
+    data's (read for it, once per process: the files, or the Hub split).
+
+    Returns:
+        A copy of `cfg` (`cfg` itself when nothing was open).
+    """
+    names = class_names(cfg)
+    if names is None:
+        names = _training_names(cfg.data, cfg.model.num_labels)
+    if cfg.data.labels == names and cfg.model.num_labels == len(names):
+        return cfg
+    resolved = copy.deepcopy(cfg)
+    resolved.data.labels, resolved.model.num_labels = list(names), len(names)
+    validate(resolved)  # what needs the classes (predict.prior's shares)
+    return resolved
+
+
+def load_test_split(data: DataConfig, names: Sequence[str], files: Sequence[str | Path] = ()) -> Split | None:
+    """The rows to score: `files`, else the config's test files, else its Hub dataset's test split
+    (data.test_split); None when there are none. Labels are read as the classes `names`.
+
+    Args:
+        data: the run's data section (columns, test files, Hub dataset).
+        names: the model's class names by label id.
+        files: other files to score instead.
+    """
+    if files or data.test:
+        return read_files(files or data.test, num_labels=len(names), names=names, columns=Columns.of(data))
+    if not data.train and data.test_split:
+        return load_hub_split(data, data.test_split, num_labels=len(names), names=names)
+    return None
+
+
+def load_splits(cfg: DataConfig, seed: int, num_labels: int = 0) -> tuple[Split, Split, Split | None]:
+    """Return (train, val, test) as the config says: val is carved from train, stratified. Test
+    labels are read with the training data's class names."""
+    full = load_training_split(cfg, num_labels)
+    test = load_test_split(cfg, full.names)
     train, val = split_train_val(full, val_size=cfg.val_size, seed=seed)
     if cfg.max_train_rows and cfg.max_train_rows < len(train):
         train, _ = split_train_val(train, val_size=len(train) - cfg.max_train_rows, seed=seed)
@@ -351,7 +604,7 @@ def load_splits(cfg: DataConfig, seed: int, num_labels: int = 4) -> tuple[Split,
 def split_train_val(full: Split, val_size: int, seed: int) -> tuple[Split, Split]:
     """Seeded, stratified split of `val_size` rows out of `full`."""
     if val_size == 0:
-        return full, Split([], [], full.source)
+        return full, Split([], [], full.source, full.names)
     if val_size >= len(full):
         raise DataError(f"data.val_size={val_size} must be smaller than the {len(full)} training rows")
     train_idx, val_idx = stratified_indices(full.labels, size=val_size, seed=seed)

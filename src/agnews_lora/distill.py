@@ -29,7 +29,7 @@ import numpy as np
 from agnews_lora import runs
 from agnews_lora.config import Config, validate
 from agnews_lora.errors import ConfigError
-from agnews_lora.data import Split, load_splits, row_ids, texts_fingerprint, tokenizer_fingerprint
+from agnews_lora.data import Split, load_splits, resolve_labels, row_ids, texts_fingerprint, tokenizer_fingerprint
 from agnews_lora.evaluate import compute_metrics
 from agnews_lora.losses import DistillTerm
 from agnews_lora.outputs import claim_folder
@@ -196,9 +196,10 @@ def distill(cfg: Config) -> Path:
         frozen mode); summary.json gains a "distill" entry.
     """
     validate(cfg)  # also a Config changed after loading (cli sets distill.teacher)
+    cfg = resolve_labels(cfg)  # the classes, from the data when the config leaves them open
     recipe.preflight(cfg)  # the student's budget; the teacher does not count
-    spec = resolve_teacher(cfg.distill.teacher, mode=cfg.distill.teacher_mode,
-                           num_labels=cfg.model.num_labels, max_length=cfg.data.max_length)
+    spec = resolve_teacher(cfg.distill.teacher, mode=cfg.distill.teacher_mode, num_labels=cfg.model.num_labels,
+                           max_length=cfg.data.max_length, names=cfg.data.labels)
     run_dir = recipe.run_dir_for(cfg)
     if runs.writer_process():
         claim_folder(run_dir, kind="run", label="out_dir")

@@ -22,7 +22,7 @@ from agnews_lora.card import write_export_card
 from agnews_lora.errors import ConfigError, ParityError
 from agnews_lora.checkpoint import atomic_write_json, replace_dir
 from agnews_lora.config import Config
-from agnews_lora.data import DataError, read_files
+from agnews_lora.data import Columns, DataError, read_files
 from agnews_lora.methods import merge
 from agnews_lora.model import quiet_logger
 from agnews_lora.predict import Classifier, package_version
@@ -197,7 +197,7 @@ def parity_sample(cfg: Config, rows: int) -> tuple[list[str], str]:
         if not files or rows == 0:
             continue
         try:
-            texts = read_files(files, num_labels=cfg.model.num_labels).texts
+            texts = read_files(files, columns=Columns.of(cfg.data), labels=False).texts
         except DataError:
             continue  # files moved since training: the built-in texts still check the export
         idx = np.linspace(0, len(texts) - 1, num=min(rows, len(texts))).round().astype(int)

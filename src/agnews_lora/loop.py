@@ -13,7 +13,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -85,16 +85,19 @@ def predict_logits(model, loader, accelerator, n_rows: int) -> np.ndarray:
     return out
 
 
-def evaluate_split(model, loader, accelerator, labels: list[int], temperature: float | None = None) -> dict:
-    """Loss and all metrics of the model on one labelled split; with `temperature`, also the
-    expected calibration error and NLL before and after temperature scaling."""
-    return split_metrics(predict_logits(model, loader, accelerator, len(labels)), labels, temperature)
+def evaluate_split(model, loader, accelerator, labels: list[int], temperature: float | None = None,
+                   names: Sequence[str] = ()) -> dict:
+    """Loss and all metrics of the model on one labelled split (per class under `names`, the class
+    names by label id); with `temperature`, also the expected calibration error and NLL before and
+    after temperature scaling."""
+    return split_metrics(predict_logits(model, loader, accelerator, len(labels)), labels, temperature, names)
 
 
-def split_metrics(logits: np.ndarray, labels: list[int], temperature: float | None = None) -> dict:
+def split_metrics(logits: np.ndarray, labels: list[int], temperature: float | None = None,
+                  names: Sequence[str] = ()) -> dict:
     """evaluate_split's metrics from logits already computed."""
     y = torch.tensor(labels)
-    metrics = compute_metrics(labels, logits.argmax(-1).tolist(), runs.label_names(logits.shape[1]))
+    metrics = compute_metrics(labels, logits.argmax(-1).tolist(), runs.label_names(logits.shape[1], names=names))
     metrics["loss"] = float(cross_entropy(torch.from_numpy(logits), y))
     if temperature is not None:
         metrics.update({"ece": expected_calibration_error(softmax(logits), labels),
@@ -314,7 +317,7 @@ def _score(ctx: LoopContext, prog: Progress, record: dict) -> float:
     return the number that picks best/."""
     if not ctx.val_labels:
         return prog.step  # no validation rows: the latest checkpoint is the best one
-    m = evaluate_split(ctx.model, ctx.val_loader, ctx.accelerator, ctx.val_labels)
+    m = evaluate_split(ctx.model, ctx.val_loader, ctx.accelerator, ctx.val_labels, names=ctx.cfg.data.labels)
     record.update({f"val_{k}": v for k, v in m.items() if not isinstance(v, (dict, list))})
     record["val_confusion"] = m["confusion"]
     if ctx.perturbed_val is None:
@@ -389,7 +392,7 @@ def score_test(ctx: LoopContext, step: int, split, ids: list, temperature: float
     loader = acc.prepare(make_loader(ids, split.labels, cfg.train.eval_batch_size, ctx.pad_id, shuffle=False,
                                      pad_to_multiple_of=cfg.data.pad_to_multiple_of))
     logits = predict_logits(acc.unwrap_model(ctx.model), loader, acc, len(split.labels))
-    m = split_metrics(logits, split.labels, temperature=temperature)
+    m = split_metrics(logits, split.labels, temperature=temperature, names=ctx.cfg.data.labels)
     m["data"] = split.source
     if acc.is_main_process:
         runs.write_test_metrics(ctx.run_dir, m)

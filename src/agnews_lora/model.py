@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from agnews_lora import lora_init, methods
-from agnews_lora.config import Config, ConfigError
-from agnews_lora.data import LABEL_NAMES
+from agnews_lora.config import Config, ConfigError, class_count, class_names, require_class_count
+from agnews_lora.data import resolve_labels
 from agnews_lora.errors import BudgetError
 from agnews_lora.registry import METHODS
 from agnews_lora.hub import resolve_model_path  # noqa: F401  (re-exported: where a model comes from)
@@ -96,9 +96,12 @@ def load_pretrained(name: str, config):
     # A filter, not a higher level: transformers checks a tensor-parallel plan (and warns) when this
     # logger's level is raised.
     with _without_records("transformers.modeling_utils", "LOAD REPORT"):
+        # a checkpoint with a head for other classes (a fine-tuned model) has head weights of
+        # other shapes: the head is new here anyway
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            resolve_model_path(name), config=config, output_loading_info=True)
-    missing = [k for k in info.get("missing_keys", []) if not k.startswith(_HEAD_PREFIXES)
+            resolve_model_path(name), config=config, output_loading_info=True, ignore_mismatched_sizes=True)
+    mismatched = [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])]
+    missing = [k for k in [*info.get("missing_keys", []), *mismatched] if not k.startswith(_HEAD_PREFIXES)
                and not k.split(".", 1)[-1].startswith(_HEAD_PREFIXES)]
     if missing:
         shown = ", ".join(sorted(missing)[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -114,13 +117,15 @@ def load_tokenizer(name: str):
     return AutoTokenizer.from_pretrained(resolve_model_path(name))
 
 
-def load_backbone_config(name: str, num_labels: int):
+def load_backbone_config(name: str, num_labels: int, names: list[str] | None = None):
+    """The backbone's transformers config with a `num_labels`-class head; `names` (class names by
+    label id) become its id2label/label2id, so that a merged or ONNX export names its classes."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(resolve_model_path(name), num_labels=num_labels)
-    if num_labels == len(LABEL_NAMES):
-        config.id2label = dict(enumerate(LABEL_NAMES))
-        config.label2id = {n: i for i, n in enumerate(LABEL_NAMES)}
+    if names and len(names) == num_labels:
+        config.id2label = dict(enumerate(names))
+        config.label2id = {n: i for i, n in enumerate(names)}
     return config
 
 
@@ -149,7 +154,7 @@ def check_max_length(cfg: Config) -> None:
     """Raise ConfigError when data.max_length (plus the virtual tokens of prompt or prefix tuning,
     which take positions before the input's) exceeds the backbone's positions: before training,
     not as an indexing error inside transformers at the first long batch."""
-    limit = position_limit(load_backbone_config(cfg.model.name, cfg.model.num_labels))
+    limit = position_limit(load_backbone_config(cfg.model.name, class_count(cfg) or 2))  # positions only
     extra = virtual_tokens(cfg)
     if limit is not None and cfg.data.max_length + extra > limit:
         if extra:
@@ -247,7 +252,9 @@ def build_model(cfg: Config, device: str | torch.device = "cpu", with_lora: bool
     """
     from transformers import AutoModelForSequenceClassification
 
-    config = load_backbone_config(cfg.model.name, cfg.model.num_labels)
+    if not class_count(cfg):
+        cfg = resolve_labels(cfg)  # the head's size: the classes of the training data
+    config = load_backbone_config(cfg.model.name, require_class_count(cfg), class_names(cfg))
     torch.manual_seed(cfg.train.seed)
     if cfg.model.init == "random" or str(device) == "meta":
         with torch.device(device):

@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import asdict, dataclass
 
 from agnews_lora import methods
-from agnews_lora.config import Config
+from agnews_lora.config import Config, class_count
 from agnews_lora.model import Breakdown, budget_breakdown
 from agnews_lora.registry import METHODS
 from agnews_lora.config import ConfigError
@@ -54,7 +54,7 @@ def plan_one(cfg: Config, modules: list[str], layers: list[int] | None, head: st
     """Largest r whose exact count fits cfg.budget.max_trainable.
 
     Args:
-        cfg: supplies model.name, model.num_labels and budget.max_trainable.
+        cfg: supplies model.name, the classes (config.class_count) and budget.max_trainable.
         modules: lora.target_modules of the placement.
         layers: lora.layers (None = all).
         head: model.head.
@@ -155,7 +155,7 @@ def size_cap(cfg: Config) -> int:
     beside data.max_length, else SEARCH_CAP."""
     if cfg.peft.method not in methods.PROMPT_LEARNING:
         return SEARCH_CAP
-    limit = position_limit(load_backbone_config(cfg.model.name, cfg.model.num_labels))
+    limit = position_limit(load_backbone_config(cfg.model.name, class_count(cfg) or 2))  # positions only
     return SEARCH_CAP if limit is None else max(0, limit - cfg.data.max_length)
 
 

@@ -19,7 +19,7 @@ from agnews_lora import runs
 from agnews_lora.calibration import BATCH_PRIORS, parse_prior  # noqa: F401  (re-exported)
 from agnews_lora.config import Config
 from agnews_lora.errors import ConfigError, RunDamaged, UserError
-from agnews_lora.data import Split, clean_text, pad_batch, read_files, tokenize
+from agnews_lora.data import Columns, Split, clean_text, pad_batch, read_files, tokenize
 from agnews_lora.outputs import claim_file
 from agnews_lora.precision import autocast_dtype, resolve_precision
 from agnews_lora.runs import ONNX_FILE, folder_kind  # noqa: F401  (re-exported: export, tests)
@@ -89,7 +89,8 @@ class Classifier:
         self.info = info or {}
         self.precision = (self.info.get("quantize") or "fp32") if self.onnx else \
             resolve_precision(precision, self.device, run_precision=cfg.train.precision)
-        self.label_names = runs.label_names(model.config.num_labels, getattr(model.config, "id2label", None))
+        self.label_names = runs.label_names(model.config.num_labels, getattr(model.config, "id2label", None),
+                                            names=cfg.data.labels)
         self.num_labels = model.config.num_labels
         # Fitted on the run's validation rows by train; 1.0 (raw softmax) for models without it.
         self.temperature = float(self.info.get("temperature") or 1.0)
@@ -342,9 +343,11 @@ def _load_onnx(folder: Path, threads: int | None) -> Classifier:
     return Classifier(model, AutoTokenizer.from_pretrained(folder), cfg, info=info)
 
 
-def write_predictions(preds: Sequence[int], output: str | Path) -> None:
-    """The competition format: header `ID,Label`, ID = row index of the input."""
-    _write_csv(["ID", "Label"], ([i, int(p)] for i, p in enumerate(preds)), output)
+def write_predictions(preds: Sequence[int], output: str | Path, label_names: Sequence[str] | None = None) -> None:
+    """The competition format: header `ID,Label`, ID = row index of the input, Label = the class id
+    (or its name from `label_names`)."""
+    label = (lambda p: label_names[p]) if label_names else int
+    _write_csv(["ID", "Label"], ([i, label(p)] for i, p in enumerate(preds)), output)
 
 
 def probabilities_path(output: str | Path) -> Path:
@@ -452,7 +455,7 @@ def predict_file(clf: Classifier, inputs: Sequence[str], output: str | Path, bat
                  probs: bool = False, reference: Sequence[str] | None = None,
                  shift_threshold: float | None = None,
                  reference_files: Sequence[str | Path] = (),
-                 shift_calibration: str | None = None) -> tuple[Split, list[int]]:
+                 shift_calibration: str | None = None, names: bool = False) -> tuple[Split, list[int]]:
     """Predict every row of the input file(s) and write `ID,Label` to `output` (checked first).
 
     Args:
@@ -467,18 +470,19 @@ def predict_file(clf: Classifier, inputs: Sequence[str], output: str | Path, bat
         probs: also write the (temperature-scaled, prior-corrected) probabilities to
             `probabilities_path(output)`.
         reference_files: the files `reference` was read from (never written over).
+        names: the Label column holds class names (`Classifier.label_names`) instead of class ids.
     """
     check_output(output, [*inputs, *(reference_files or ())], probs=probs)
     prior, shift_threshold = resolve_prior(clf, prior, shift_threshold)
     shift_calibration = resolve_shift_calibration(clf, prior, shift_calibration)
-    split = read_files(inputs, num_labels=clf.num_labels)
+    split = read_files(inputs, num_labels=clf.num_labels, names=clf.label_names, columns=Columns.of(clf.cfg.data))
     if prior == "match-shifted" and reference is not None:
         check_reference(reference)  # a reference the shift classifier cannot use fails before predicting
     logits = clf.predict_logits(split.texts, batch_size=batch_size, progress=progress)
     p = clf.probabilities(logits, prior=prior, texts=split.texts, reference=reference, shift_threshold=shift_threshold,
                           shift_calibration=shift_calibration) if (prior is not None or probs) else None
     preds = (logits if p is None else p).argmax(-1).tolist()
-    write_predictions(preds, output)
+    write_predictions(preds, output, label_names=clf.label_names if names else None)
     if probs:
         write_probabilities(p, clf.label_names, probabilities_path(output))
     return split, preds

@@ -50,7 +50,7 @@ class Run:
     def label_names(self) -> list[str]:
         if self.test and self.test.get("per_class"):
             return list(self.test["per_class"])
-        return runs.label_names(self.cfg.model.num_labels)
+        return runs.label_names(self.cfg.model.num_labels, names=self.cfg.data.labels)
 
 
 def load_run(run_dir: str | Path) -> Run:

@@ -16,7 +16,7 @@ import numpy as np
 from agnews_lora.calibration import em_prior, expected_calibration_error, fit_temperature, nll, reliability, softmax
 from agnews_lora import runs
 from agnews_lora.config import Config, ConfigError
-from agnews_lora.data import Split, load_hub_split, load_splits, read_files, stratified_indices
+from agnews_lora.data import Columns, Split, load_splits, load_test_split, read_files, stratified_indices
 from agnews_lora.outputs import claim_file
 from agnews_lora.perturb import PERTURBATIONS, SUITE, Spec, parse_specs, perturb_texts
 from agnews_lora.card import rebuild
@@ -83,20 +83,17 @@ def load_inputs(cfg: Config, data: Sequence[str] | None, unlabelled: Sequence[st
     Returns:
         The Inputs.
     """
-    n_labels = cfg.model.num_labels
-    if data:
-        labelled = read_files(data, n_labels)
-    else:
-        labelled = read_files(cfg.data.test, n_labels) if cfg.data.test else load_hub_split(cfg.data.hub_dataset,
-                                                                                            "test")
+    labelled = load_test_split(cfg.data, cfg.data.labels, files=data or ())
+    if labelled is None:
+        raise ConfigError("robustness: the run has no test data; pass labelled rows (--data FILE)")
     if labelled.labels is None:
         raise ConfigError(f"robustness: {labelled.source} has no labels; the perturbation suite needs "
                           "labelled rows (unlabelled rows go to `unlabelled`)")
     rows = list(range(len(labelled)))
     if 0 < max_rows < len(labelled):
         _, rows = stratified_indices(labelled.labels, size=max_rows, seed=seed)
-    other = read_files(unlabelled, n_labels) if unlabelled else None
-    train, val, _ = load_splits(cfg.data, seed=cfg.train.seed, num_labels=n_labels)
+    other = read_files(unlabelled, names=cfg.data.labels, columns=Columns.of(cfg.data)) if unlabelled else None
+    train, val, _ = load_splits(cfg.data, seed=cfg.train.seed, num_labels=cfg.model.num_labels)
     return Inputs(labelled=labelled.subset(rows), rows=rows, rows_in_file=len(labelled), train=train, val=val,
                   unlabelled=other)
 

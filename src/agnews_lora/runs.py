@@ -36,13 +36,13 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import yaml
 
 from agnews_lora.checkpoint import STATE_FILE, atomic_write_json, atomic_write_text, read_jsonl, recover_swap
-from agnews_lora.config import Config, config_from_dict, parse_yaml, to_dict
+from agnews_lora.config import AG_NEWS_LABELS, Config, class_count, class_names, config_from_dict, parse_yaml, to_dict
 from agnews_lora.errors import ConfigError, OutputRefused, RunDamaged, RunLocked
 
 CONFIG = "config.yaml"
@@ -76,8 +76,6 @@ BEST, LAST = "best", "last"  # the best checkpoint (by validation) and the lates
 CHECKPOINTS = (BEST, LAST)
 CHECKPOINT_NAMES = CHECKPOINTS + tuple(f".{name}.old" for name in CHECKPOINTS)  # .NAME.old: mid-swap
 NPZ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)  # a damaged or foreign .npz
-# The AG News classes in label order; other label counts get generic names.
-AG_NEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
 
 
 # ---------------------------------------------------------------- what a folder is
@@ -148,26 +146,26 @@ def read_config(folder: str | Path) -> Config:
         raise RunDamaged(f"{path}: the run is damaged: {CONFIG} holds {type(data).__name__}, not the "
                           "run's settings; restore it or train again")
     try:
-        return config_from_dict(data)
+        return _settled(config_from_dict(data))
     except ConfigError as err:
         raise RunDamaged(f"{path}: the run is damaged or from another version: {err}") from None
+
+
+def _settled(cfg: Config) -> Config:
+    """A saved config with its class names: `train` writes them (data.labels); a run of a version
+    before data.labels showed four classes as AG News' and others as `class i`, and still does."""
+    count = class_count(cfg)
+    if cfg.data.labels or not count:
+        return cfg
+    names = class_names(cfg) or (list(AG_NEWS_LABELS) if count == len(AG_NEWS_LABELS) else
+                                 [f"class {i}" for i in range(count)])
+    cfg.data.labels, cfg.model.num_labels = names, count
+    return cfg
 
 
 def write_config(cfg: Config, folder: str | Path) -> None:
     """Write the resolved config as `folder/config.yaml` (atomically)."""
     atomic_write_text(Path(folder) / CONFIG, yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
-def saved_settings(folder: str | Path) -> dict:
-    """config.yaml as a plain dict ({} when absent or empty), for comparing sections on resume."""
-    path = Path(folder) / CONFIG
-    if not path.is_file():
-        return {}
-    try:
-        data = parse_yaml(path.read_text(encoding="utf-8"), str(path))
-    except (yaml.YAMLError, UnicodeDecodeError, ConfigError) as err:
-        raise RunDamaged(f"{path}: the run is damaged: {CONFIG} cannot be read ({err})") from None
-    return data if isinstance(data, dict) else {}
 
 
 # ---------------------------------------------------------------- logs and JSON files
@@ -272,18 +270,19 @@ def write_eval(path: str | Path, metrics: dict) -> None:
     atomic_write_json(Path(path), metrics)
 
 
-def label_names(num_labels: int, id2label: dict | None = None) -> list[str]:
-    """Class names by label id: AG News' four, else the model's own names, else `class i`.
+def label_names(num_labels: int, id2label: dict | None = None, names: Sequence[str] = ()) -> list[str]:
+    """Class names by label id: `names` (a run's data.labels), else the model's own names, else `class i`.
 
     Args:
         num_labels: number of classes.
         id2label: optional names from a transformers config (generic LABEL_i are ignored).
+        names: the run's class names (used when there are num_labels of them).
 
     Returns:
         num_labels names.
     """
-    if num_labels == len(AG_NEWS_LABELS):
-        return list(AG_NEWS_LABELS)
+    if len(names) == num_labels:
+        return list(names)
     names = [str((id2label or {}).get(i, "")) for i in range(num_labels)]
     if all(names) and names != [f"LABEL_{i}" for i in range(num_labels)]:
         return names
@@ -586,10 +585,11 @@ def prepare_run_dir(run_dir: Path, cfg: Config) -> bool:
     recover(run_dir)
     last = run_dir / "last"
     if cfg.train.resume and last.is_dir():
-        old, defaults = saved_settings(run_dir), to_dict(Config())
+        # read as a config: keys an older version did not write were at their defaults (peft: plain
+        # LoRA), and its classes are settled as it showed them (_settled)
+        old = to_dict(read_config(run_dir))
         for section in ("model", "lora", "peft", "data"):
-            # a section absent from an older run's config.yaml was at its defaults (peft: plain LoRA)
-            if old.get(section, defaults[section]) != to_dict(cfg)[section]:
+            if old[section] != to_dict(cfg)[section]:
                 raise ConfigError(f"train.resume: {section}.* differs from the run in {run_dir}; "
                                   "resume with the same settings or choose another out_dir")
         write_marker(run_dir, "run")  # a run of a version before the marker
@@ -672,5 +672,7 @@ class RunFolder:
     def settings_changes(self, cfg: Config) -> list[str]:
         """The config keys whose saved value differs from `cfg` (where the run lives ignored)."""
         saved, now = _flat(to_dict(self.config())), _flat(to_dict(cfg))
+        # classes `cfg` leaves open are the data's to tell: the run's settled ones are no change
+        derived = {"data.labels": [], "model.num_labels": 0}
         return [f"{k}: {saved.get(k)!r} there, {now.get(k)!r} now" for k in sorted(saved.keys() | now.keys())
-                if k not in NOT_SETTINGS and saved.get(k) != now.get(k)]
+                if k not in NOT_SETTINGS and saved.get(k) != now.get(k) and derived.get(k, ...) != now.get(k)]

@@ -17,7 +17,7 @@ from agnews_lora import runs
 from agnews_lora.data import Split
 from agnews_lora.errors import ConfigError, OutputRefused
 from agnews_lora.outputs import claim_file
-from agnews_lora.data import load_hub_split, read_files
+from agnews_lora.data import load_test_split
 from agnews_lora.evaluate import compute_metrics
 from agnews_lora.hub import HubUnreachable
 from agnews_lora.precision import resolve_precision
@@ -42,12 +42,10 @@ def evaluation_split(clf, data: Sequence[str] | None = None) -> Split:
     Raises:
         ConfigError: the rows have no labels.
     """
-    if data:
-        split = read_files(data, clf.num_labels)
-    elif clf.cfg.data.test:
-        split = read_files(clf.cfg.data.test, clf.num_labels)
-    else:
-        split = load_hub_split(clf.cfg.data.hub_dataset, "test")
+    split = load_test_split(clf.cfg.data, clf.label_names, files=data or ())
+    if split is None:
+        raise ConfigError(f"evaluate: the run has no test data (data.test, or a Hub dataset's "
+                          f"{clf.cfg.data.test_split or 'test'} split); pass --data FILE")
     if split.labels is None:
         raise ConfigError(f"evaluate: {split.source} has no labels; predict unlabelled data instead")
     return split
@@ -133,7 +131,7 @@ def evaluate_teacher(run_dir: str | Path, split: Split, batch_size: int = 64, pr
     base = {"source": record["source"], "mode": record["mode"], "recorded_val_accuracy": record["val_accuracy"]}
     try:
         spec = resolve_teacher(record["source"], mode=record["mode"], num_labels=cfg.model.num_labels,
-                               max_length=cfg.data.max_length)
+                               max_length=cfg.data.max_length, names=cfg.data.labels)
     except (ConfigError, HubUnreachable) as err:
         return {**base, "available": False, "reason": str(err)}
     probe = runs.read_teacher_probe(run_dir) if spec.mode == "frozen" else None
@@ -141,7 +139,8 @@ def evaluate_teacher(run_dir: str | Path, split: Split, batch_size: int = 64, pr
     [outputs] = run_teacher(spec, [split.texts], device=device, precision=resolve_precision(precision, device),
                             batch_size=batch_size, progress=True)
     logits = to_logits(spec, outputs, probe)
-    m = compute_metrics(split.labels, logits.argmax(-1).tolist(), runs.label_names(spec.num_labels))
+    m = compute_metrics(split.labels, logits.argmax(-1).tolist(), runs.label_names(spec.num_labels,
+                                                                                   names=cfg.data.labels))
     return {**m, **base, "available": True, "data": split.source,
             "changed_since_distill": spec.identity != record["identity"]}
 

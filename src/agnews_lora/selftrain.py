@@ -21,7 +21,7 @@ from agnews_lora.augment import Augmenter
 from agnews_lora.averaging import WeightAverage
 from agnews_lora.calibration import softmax
 from agnews_lora.config import Config
-from agnews_lora.data import Split, make_loader, read_files
+from agnews_lora.data import Columns, Split, make_loader, read_files
 from agnews_lora.loop import (LoopContext, Progress, calibrate, make_optimizer, make_scheduler, predict_logits,
                               resume, run_loop)
 
@@ -68,7 +68,7 @@ def self_train(ctx: LoopContext, prog: Progress, train_split, tok, resume_round:
     """
     cfg, acc = ctx.cfg, ctx.accelerator
     path = ctx.run_dir / runs.PSEUDO_LABELS
-    unlabelled = read_files(cfg.data.unlabelled, cfg.model.num_labels)
+    unlabelled = read_files(cfg.data.unlabelled, columns=Columns.of(cfg.data), labels=False)
     info = json.loads(path.read_text()) if resume_round else _pseudo_label(ctx, prog, tok, unlabelled, train_split)
     if not resume_round and acc.is_main_process:
         ckpt.atomic_write_json(path, info)

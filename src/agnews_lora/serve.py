@@ -358,7 +358,7 @@ def create_app(clf: Classifier, limits: Limits | None = None, max_batch: int = 6
     # FastAPI's own /docs and /redoc load their scripts from a CDN: blank pages offline. add_docs serves them.
     app = FastAPI(title="agnews-lora", version=package_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url="/openapi.json" if docs else None,
-                  description="AG News topic classification (World, Sports, Business, Sci/Tech)")
+                  description=f"Text classification into {clf.num_labels} classes: {', '.join(clf.label_names)}")
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes, timeout_s=body_timeout_s)
     app.add_middleware(HeadAsGet)
     app.add_exception_handler(RequestValidationError, validation_error)

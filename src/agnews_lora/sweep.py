@@ -24,6 +24,7 @@ from typing import Any
 from agnews_lora import methods, runs
 from agnews_lora.checkpoint import atomic_write_json, atomic_write_text
 from agnews_lora.config import Config, config_from_dict, to_dict
+from agnews_lora.data import resolve_labels
 from agnews_lora.errors import ConfigError, finite
 from agnews_lora.outputs import claim_folder
 from agnews_lora.extras import require
@@ -319,6 +320,7 @@ def run_sweep(cfg: Config, trials: int, storage: str | None = None, study_name: 
     from optuna.trial import TrialState
 
     params = parse_space(cfg)
+    cfg = resolve_labels(cfg)  # once for every trial: the classes, from the data when left open
     if cfg.data.val_size < 1:
         raise ConfigError("data.val_size=0: a sweep scores trials on validation rows; set data.val_size > 0")
     if trials < 1 or heartbeat < 1:

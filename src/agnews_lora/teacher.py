@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,7 +30,7 @@ from agnews_lora import runs
 from agnews_lora.checkpoint import ADAPTER_FILE
 from agnews_lora.config import Config
 from agnews_lora.errors import ConfigError
-from agnews_lora.data import LABEL_NAMES, tokenizer_fingerprint
+from agnews_lora.data import tokenizer_fingerprint
 from agnews_lora.losses import cross_entropy
 from agnews_lora.precision import autocast_dtype
 from agnews_lora.hub import HubUnreachable, ensure_hub_reachable
@@ -91,7 +92,8 @@ def _looks_local(source: str) -> bool:
         (str(parent) != "." and parent.is_dir())
 
 
-def resolve_teacher(source: str, mode: str, num_labels: int, max_length: int) -> TeacherSpec:
+def resolve_teacher(source: str, mode: str, num_labels: int, max_length: int,
+                    names: Sequence[str] = ()) -> TeacherSpec:
     """Find the teacher, check it suits the student, load its tokenizer (not its weights).
 
     Args:
@@ -99,6 +101,8 @@ def resolve_teacher(source: str, mode: str, num_labels: int, max_length: int) ->
         mode: "finetuned" or "frozen".
         num_labels: the student's model.num_labels.
         max_length: the student's data.max_length (used for Hugging Face teachers).
+        names: the student's class names (data.labels): a finetuned teacher that names the same
+            classes in another order has its columns reordered; one that names others is refused.
 
     Returns:
         The TeacherSpec; raises ConfigError naming distill.teacher when it cannot serve.
@@ -108,7 +112,7 @@ def resolve_teacher(source: str, mode: str, num_labels: int, max_length: int) ->
                           "or a Hugging Face model folder or id")
     path = Path(source).expanduser()
     if path.is_dir() and (path / runs.CONFIG).is_file():
-        return _run_teacher(path.resolve(), mode, num_labels)
+        return _run_teacher(path.resolve(), mode, num_labels, names)
     if path.is_dir() and not (path / "config.json").is_file():
         raise ConfigError(f"distill.teacher: {path} is neither a run folder of agnews-lora (no config.yaml) "
                           "nor a Hugging Face model folder (no config.json)")
@@ -123,7 +127,7 @@ def resolve_teacher(source: str, mode: str, num_labels: int, max_length: int) ->
     except (ConfigError, HubUnreachable) as err:
         where = "" if source.startswith("pkg:") else "no such local folder, and as a Hub id: "
         raise ConfigError(f"distill.teacher={source}: {where}{err}") from None
-    return _model_teacher(source, resolved, mode, num_labels, max_length)
+    return _model_teacher(source, resolved, mode, num_labels, max_length, names)
 
 
 def _check_labels(source: str, teacher_labels: int, num_labels: int) -> None:
@@ -133,7 +137,7 @@ def _check_labels(source: str, teacher_labels: int, num_labels: int) -> None:
                           f"distill.teacher_mode=frozen to fit a fresh {num_labels}-label head on its backbone")
 
 
-def _run_teacher(path: Path, mode: str, num_labels: int) -> TeacherSpec:
+def _run_teacher(path: Path, mode: str, num_labels: int, names: Sequence[str]) -> TeacherSpec:
     tcfg = runs.read_config(path)
     try:
         adapter = runs.checkpoint_dir(path, runs.BEST) / ADAPTER_FILE  # read, never repaired
@@ -144,27 +148,41 @@ def _run_teacher(path: Path, mode: str, num_labels: int) -> TeacherSpec:
     except (ConfigError, HubUnreachable) as err:
         raise ConfigError(f"distill.teacher: the backbone of the teacher run {path} is not available: {err}") from None
     identity = {"backbone": _model_identity(backbone)}
+    order = None
     if mode == "finetuned":
         _check_labels(str(path), tcfg.model.num_labels, num_labels)
+        order = _label_order(str(path), dict(enumerate(tcfg.data.labels)), names)
         identity.update(adapter_sha256=_sha256(adapter), config_sha256=_sha256(path / runs.CONFIG))
     elif tcfg.model.init == "random":
         raise ConfigError(f"distill.teacher: {path} was trained from a randomly initialized backbone "
                           "(model.init=random); frozen mode needs pretrained weights to probe")
     return TeacherSpec(source=str(path), kind="run", mode=mode, model_path=backbone,
-                       max_length=tcfg.data.max_length, num_labels=num_labels, label_order=None,
+                       max_length=tcfg.data.max_length, num_labels=num_labels, label_order=order,
                        identity=identity, tokenizer=load_tokenizer(tcfg.model.name))
 
 
-def _label_order(id2label: dict, num_labels: int) -> list[int] | None:
-    """Teacher column per student label when the teacher names AG News' classes in another order."""
-    names = [str(id2label.get(i, "")).lower() for i in range(num_labels)]
-    wanted = [n.lower() for n in LABEL_NAMES]
-    if num_labels != len(LABEL_NAMES) or sorted(names) != sorted(wanted) or names == wanted:
-        return None  # generic names (LABEL_0 ...) or the same order: columns are taken as they are
-    return [names.index(n) for n in wanted]
+def _label_order(source: str, id2label: dict, names: Sequence[str]) -> list[int] | None:
+    """Teacher column per student label when the teacher names the student's classes in another
+    order; None when the order is the same or either side's names are generic (LABEL_i, class i).
+    Names that differ otherwise are warned about, and the columns taken in label-id order."""
+    theirs = [str(id2label.get(i, "")).lower() for i in range(len(names))]
+    wanted = [n.lower() for n in names]
+    if not names or _generic(theirs) or _generic(wanted) or theirs == wanted:
+        return None
+    if sorted(theirs) != sorted(wanted):
+        warnings.warn(f"distill.teacher: {source} names its classes {', '.join(theirs)}, the student's are "
+                      f"{', '.join(names)}; its columns are taken in label-id order", stacklevel=3)
+        return None
+    return [theirs.index(n) for n in wanted]
 
 
-def _model_teacher(source: str, resolved: str, mode: str, num_labels: int, max_length: int) -> TeacherSpec:
+def _generic(names: list[str]) -> bool:
+    """Names that say nothing about the class: empty, LABEL_i (transformers') or class i (this tool's)."""
+    return any(n in ("", f"label_{i}", f"class {i}") for i, n in enumerate(names))
+
+
+def _model_teacher(source: str, resolved: str, mode: str, num_labels: int, max_length: int,
+                   names: Sequence[str]) -> TeacherSpec:
     from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(resolved)
@@ -175,7 +193,7 @@ def _model_teacher(source: str, resolved: str, mode: str, num_labels: int, max_l
                               f"(architectures: {config.architectures}); use distill.teacher_mode=frozen "
                               "to fit a fresh head on its backbone")
         _check_labels(source, config.num_labels, num_labels)
-        order = _label_order(config.id2label, num_labels)
+        order = _label_order(source, config.id2label, names)
     tokenizer = AutoTokenizer.from_pretrained(resolved)
     source = str(Path(source).expanduser().resolve()) if Path(source).expanduser().is_dir() else source
     return TeacherSpec(source=source, kind="model", mode=mode, model_path=resolved,

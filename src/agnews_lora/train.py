@@ -23,7 +23,7 @@ from agnews_lora import lora_init, methods, runs, tracking
 from agnews_lora.augment import Augmenter, perturbed_val_loader
 from agnews_lora.averaging import WeightAverage
 from agnews_lora.config import Config
-from agnews_lora.data import load_splits, make_loader, row_ids, seed_everything, tokenize
+from agnews_lora.data import load_splits, make_loader, resolve_labels, row_ids, seed_everything, tokenize
 from agnews_lora.errors import ConfigError
 from agnews_lora.losses import DistillTerm
 from agnews_lora.loop import (LoopContext, Progress, calibrate, make_optimizer, make_scheduler, peek_progress,
@@ -97,7 +97,8 @@ def train(cfg: Config, distill_term: DistillTerm | None = None,
     """Train a classifier with the adapters of cfg.peft.method as the config says; return the run folder.
 
     Args:
-        cfg: resolved config.
+        cfg: resolved config; classes it leaves open (data.labels, model.num_labels) are taken
+            from the training data (`data.resolve_labels`) and written into the run's config.yaml.
         distill_term: optional knowledge-distillation term (losses.DistillTerm, built by
             `distill`): the loss is then the distillation loss against its teacher logits, taken
             for each training row by row identity; summary.json records its teacher.
@@ -109,6 +110,7 @@ def train(cfg: Config, distill_term: DistillTerm | None = None,
         The run folder holding config.yaml, metrics.jsonl, best/ (adapter + head), summary.json;
         `writeup.finish_run` adds report.md and the model card.
     """
+    cfg = resolve_labels(cfg)
     run_dir = run_dir_for(cfg)
     if runs.writer_process() and not runs.holds_lock(run_dir):  # else distill claimed it before locking
         claim_folder(run_dir, kind="run", label="out_dir")

@@ -1,0 +1,280 @@
+"""Any text-classification dataset (issue 27): the columns, the classes (ids or names, from the
+config, the data or a Hub ClassLabel) and their names through training, evaluation, prediction,
+export, serving and the model card; a Hub dataset through the real `datasets` code path (a local
+dataset folder); runs written before data.labels keep the names they showed."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agnews_lora import runs
+from agnews_lora.cli import main
+from agnews_lora.config import ConfigError, class_names, load_config, require_class_count
+from agnews_lora.data import Columns, DataError, clean_text, load_splits, read_file, read_files, resolve_labels
+
+from conftest import AG_NEWS, tiny_run_overrides
+
+TOPICS = {1: "world", 2: "sports", 3: "business"}  # AG News classes 1..3 under other names; 4 left out
+NAMES = ["business", "sports", "world"]  # what the data tells: the distinct names, sorted
+
+
+def _topic_file(src: Path, rows: int, dest: Path) -> Path:
+    """The first `rows` AG News rows of `src` whose class is 1..3, as JSONL in another shape:
+    headline, body, topic (a name)."""
+    with gzip.open(src, "rt", newline="", encoding="utf-8") as fh, open(dest, "w", encoding="utf-8") as out:
+        for _, (cls, title, desc) in zip(range(rows), csv.reader(fh)):
+            if int(cls) in TOPICS:
+                out.write(json.dumps({"headline": title, "body": desc, "topic": TOPICS[int(cls)]}) + "\n")
+    return dest
+
+
+@pytest.fixture(scope="module")
+def topic_files(tmp_path_factory) -> dict[str, Path]:
+    if not AG_NEWS.is_dir():
+        pytest.skip("../shared/data/ag_news is absent")
+    out = tmp_path_factory.mktemp("topics")
+    return {"train": _topic_file(AG_NEWS / "train_extra.csv.gz", 300, out / "train.jsonl"),
+            "test": _topic_file(AG_NEWS / "test.csv.gz", 120, out / "test.jsonl")}
+
+
+COLUMNS = ["data.text_fields=[headline,body]", "data.label_field=topic"]
+
+
+@pytest.fixture(scope="module")
+def topic_run(tiny_model_dir, topic_files, tmp_path_factory) -> Path:
+    """`agnews-lora train` on the three-topic JSONL files: no class count or names configured."""
+    base = tmp_path_factory.mktemp("topic-run")
+    cli("train", *tiny_run_overrides(tiny_model_dir, topic_files, base / "cache", base / "run"), *COLUMNS)
+    return base / "run"
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_the_default_dataset_names_its_classes_and_others_leave_them_to_the_data(tmp_path):
+    cfg = load_config()
+    assert cfg.data.labels == [] and cfg.model.num_labels == 0
+    assert class_names(cfg) == ["World", "Sports", "Business", "Sci/Tech"] and require_class_count(cfg) == 4
+    other = load_config(overrides=[f"data.train={tmp_path / 'x.csv'}"])
+    assert class_names(other) is None
+    with pytest.raises(ConfigError, match="not known before reading its labels; set data.labels"):
+        require_class_count(other)
+    named = load_config(overrides=["data.hub_dataset=stanfordnlp/sst2", "data.labels=[negative,positive]"])
+    assert class_names(named) == ["negative", "positive"] and require_class_count(named) == 2
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.labels=[a,a]", "data.labels=.* must be distinct"),
+    ("data.labels=[only]", "data.labels=.* must name at least 2 classes"),
+    ("data.text_fields=[]", "data.text_fields=.* must name one or more distinct columns"),
+    ("data.label_field=text", "data.label_field='text' must name a column that is not one of data.text_fields"),
+    ("model.num_labels=1", "model.num_labels=1 must be >= 2"),
+])
+def test_bad_data_keys_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override])
+
+
+def test_num_labels_must_agree_with_the_names():
+    with pytest.raises(ConfigError, match=r"model.num_labels=3 does not match data.labels \(2 names\)"):
+        load_config(overrides=["model.num_labels=3", "data.labels=[neg,pos]"])
+
+
+# ---------------------------------------------------------------- reading
+
+
+def test_string_labels_custom_columns_and_configured_order(topic_files):
+    columns = Columns(("headline", "body"), "topic")
+    split = read_file(topic_files["train"], columns=columns)
+    assert split.names == NAMES and set(split.labels) == {0, 1, 2}
+    first = json.loads(topic_files["train"].read_text().splitlines()[0])
+    assert split.texts[0] == clean_text(f"{first['headline']} {first['body']}")
+    assert split.labels[0] == NAMES.index(first["topic"])
+    ordered = read_file(topic_files["train"], names=["world", "sports", "business"], columns=columns)
+    assert ordered.names == ["world", "sports", "business"]
+    assert [ordered.names[i] for i in ordered.labels] == [split.names[i] for i in split.labels]
+
+
+def test_a_label_outside_the_classes_names_file_and_row(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"text": "a", "label": "pos"}\n{"text": "b", "label": "meh"}\n')
+    with pytest.raises(DataError, match=r"t.jsonl: row 2: label 'meh' is not one of the class names \(neg, pos\)"):
+        read_file(path, names=["neg", "pos"])
+    with pytest.raises(DataError, match=r"the labels name 2 classes \(meh, pos\), not 3"):
+        read_file(path, num_labels=3)
+
+
+def test_names_that_look_like_ids_and_glue_style_unlabelled_rows(tmp_path):
+    stars = tmp_path / "stars.csv"
+    stars.write_text("text,label\ngreat,5\nawful,1\nfine,3\n")
+    assert read_file(stars).labels == [5, 1, 3]  # integers are class ids (0-based) ...
+    split = read_file(stars, names=["1", "2", "3", "4", "5"])  # ... unless the classes are named so
+    assert split.labels == [4, 0, 2] and split.names == ["1", "2", "3", "4", "5"]
+    hidden = tmp_path / "hidden.jsonl"
+    hidden.write_text('{"text": "a", "label": -1}\n{"text": "b", "label": -1}\n')
+    assert read_file(hidden, names=["neg", "pos"]).labels is None  # GLUE's test split: no labels
+
+
+def test_headerless_csv_of_any_width_and_class_count(tmp_path):
+    yelp = tmp_path / "yelp.csv"  # Zhang et al.'s polarity format: class,text
+    yelp.write_text('"2","good food"\n"1","cold and late"\n')
+    split = read_file(yelp)
+    assert split.labels == [1, 0] and split.names == ["class 0", "class 1"]
+    dbpedia = tmp_path / "dbpedia.csv"  # class,title,content with 14 classes: not AG News
+    dbpedia.write_text('"14","A book","about things"\n"1","A firm","makes things"\n')
+    assert read_file(dbpedia).names == [f"class {i}" for i in range(14)]
+    ag = read_file(AG_NEWS / "test.csv.gz") if AG_NEWS.is_dir() else None
+    if ag is not None:
+        assert ag.names == ["World", "Sports", "Business", "Sci/Tech"]
+
+
+def test_a_file_in_the_plain_text_shape_serves_a_run_with_other_columns(tmp_path):
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text('{"text": "Stocks rally", "label": "business"}\n')
+    split = read_files([plain], names=NAMES, columns=Columns(("headline", "body"), "topic"))
+    assert split.texts == ["Stocks rally"] and split.labels == [0]
+    half = tmp_path / "half.jsonl"  # one of the two configured columns: a mistake, not the plain shape
+    half.write_text('{"headline": "Stocks", "text": "rally", "topic": "business"}\n')
+    with pytest.raises(DataError, match=r"half.jsonl: no 'headline', 'body' column"):
+        read_files([half], columns=Columns(("headline", "body"), "topic"))
+
+
+def test_hub_dataset_through_datasets_with_classlabel_names(tmp_path, monkeypatch):
+    """A dataset folder `datasets.load_dataset` reads (parquet with the ClassLabel feature saved in
+    it), as a Hub dataset is read: the names come from the ClassLabel; a test split whose labels are
+    all -1 is unlabelled."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    features = datasets.Features({"sentence": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["negative", "positive"])})
+    folder = tmp_path / "sst2-like"
+    (folder / "data").mkdir(parents=True)
+    rows = {"sentence": [f"{w} film number {i}" for i, w in enumerate(["good", "bad"] * 20)], "label": [1, 0] * 20}
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(folder / "data" / "train-00000-of-00001.parquet")
+    datasets.Dataset.from_dict({"sentence": ["a film", "another"], "label": [-1, -1]}, features=features) \
+        .to_parquet(folder / "data" / "test-00000-of-00001.parquet")
+    cfg = load_config(overrides=[f"data.hub_dataset={folder}", "data.text_fields=[sentence]", "data.val_size=4"])
+    resolved = resolve_labels(cfg)
+    assert resolved.data.labels == ["negative", "positive"] and resolved.model.num_labels == 2
+    assert cfg.data.labels == []  # a copy: the config given is left as it was
+    train, val, test = load_splits(resolved.data, seed=0)
+    assert (len(train), len(val)) == (36, 4) and train.names == ["negative", "positive"]
+    assert sorted(train.texts + val.texts) == sorted(rows["sentence"])
+    assert [train.names[i] for i in train.labels] == ["positive" if t.startswith("good") else "negative"
+                                                      for t in train.texts]
+    assert test is not None and test.labels is None and len(test) == 2
+
+
+# ---------------------------------------------------------------- the run end to end
+
+
+def test_train_settles_the_classes_into_the_run(topic_run):
+    cfg = runs.read_config(topic_run)
+    assert cfg.data.labels == NAMES and cfg.model.num_labels == 3
+    saved = yaml.safe_load((topic_run / runs.CONFIG).read_text())
+    assert saved["data"]["labels"] == NAMES and saved["model"]["num_labels"] == 3
+    test = runs.read_json(topic_run / runs.TEST_METRICS)
+    assert list(test["per_class"]) == NAMES and len(test["confusion"]) == 3
+    assert "business" in (topic_run / runs.REPORT).read_text()
+
+
+def cli(*args) -> None:
+    main([str(a) for a in args])
+
+
+def test_evaluate_and_predict_speak_the_run_s_class_names(topic_run, topic_files, tmp_path, capsys):
+    cli("evaluate", topic_run, "--output", tmp_path / "eval.json")
+    out = capsys.readouterr().out
+    assert all(name in out for name in NAMES)
+    cli("predict", topic_run, "--input", topic_files["test"], "--output", tmp_path / "p.csv", "--names", "--probs")
+    assert "accuracy" in capsys.readouterr().out  # the file's string labels read with the run's classes
+    with open(tmp_path / "p.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and {r["Label"] for r in rows} <= set(NAMES)
+    header = (tmp_path / "p.probs.csv").read_text().splitlines()[0]
+    assert header == "ID," + ",".join(f"p_{n}" for n in NAMES)
+    cli("predict", topic_run, "--input", topic_files["test"], "--output", tmp_path / "ids.csv")
+    with open(tmp_path / "ids.csv", newline="") as fh:
+        ids = [r["Label"] for r in csv.DictReader(fh)]
+    assert [NAMES[int(i)] for i in ids] == [r["Label"] for r in rows]  # ids by default, the same classes
+
+
+def test_exports_and_the_service_name_the_classes(topic_run, tmp_path):
+    from agnews_lora.export import export
+    from agnews_lora.predict import Classifier
+
+    out = export(topic_run, "merged", output=tmp_path / "merged", parity_rows=8)
+    config = json.loads((out / "config.json").read_text())
+    assert config["id2label"] == {str(i): n for i, n in enumerate(NAMES)}
+    assert Classifier.load(out).label_names == NAMES
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from agnews_lora.serve import create_app
+
+    with TestClient(create_app(Classifier.load(topic_run))) as client:
+        info = client.get("/info").json()
+        body = client.post("/predict", json={"texts": ["Federer wins in Paris"]}).json()
+    assert info["labels"] == NAMES and body["label_names"] == NAMES and body["names"][0] in NAMES
+
+
+def test_the_card_names_the_dataset_and_its_classes(topic_run):
+    card = (topic_run / runs.BEST / "README.md").read_text()
+    assert "classifies texts into 3 classes (business, sports, world)" in card
+    assert "trained on train.jsonl" in card and "ag-news" not in card and "AG News" not in card
+
+
+def test_budget_counts_the_head_of_the_data_s_classes(tiny_model_dir, topic_files, capsys):
+    def total(*extra: str) -> int:
+        cli("budget", "--json", f"model.name={tiny_model_dir}", "lora.r=4", *extra)
+        return json.loads(capsys.readouterr().out)["total"]
+
+    three = total(f"data.train={topic_files['train']}", *COLUMNS)
+    four = total()  # the default dataset: AG News' four classes, without reading it
+    assert four - three == 32 + 1  # one output row of the head (hidden 32 + bias) per class
+
+
+# ---------------------------------------------------------------- older runs
+
+
+@pytest.mark.parametrize("num_labels, data, names", [
+    (4, {"train": ["x.csv"]}, ["World", "Sports", "Business", "Sci/Tech"]),
+    (3, {"train": ["x.csv"]}, ["class 0", "class 1", "class 2"]),
+    (4, {}, ["World", "Sports", "Business", "Sci/Tech"]),
+])
+def test_a_run_from_before_data_labels_keeps_the_names_it_showed(tmp_path, num_labels, data, names):
+    (tmp_path / runs.CONFIG).write_text(yaml.safe_dump({"model": {"num_labels": num_labels}, "data": data}))
+    cfg = runs.read_config(tmp_path)
+    assert cfg.data.labels == names and cfg.model.num_labels == num_labels
+
+
+def test_resuming_a_run_from_before_the_new_data_keys(tiny_model_dir, ag_files, tmp_path):
+    """A run whose config.yaml has none of the data keys this version added, nor data.labels,
+    resumes under the same settings (the keys it lacks were at their defaults)."""
+    from agnews_lora.train import train
+
+    out = tmp_path / "run"
+    overrides = tiny_run_overrides(tiny_model_dir, ag_files, tmp_path / "cache", out)
+    train(load_config(overrides=overrides))
+    saved = yaml.safe_load((out / runs.CONFIG).read_text())
+    for key in ("labels", "text_fields", "label_field", "hub_config", "train_split", "test_split"):
+        saved["data"].pop(key)
+    saved["model"]["num_labels"] = 4
+    (out / runs.CONFIG).write_text(yaml.safe_dump(saved, sort_keys=False))
+    (out / runs.SUMMARY).unlink()
+    train(load_config(overrides=[*overrides, "train.resume=true", "train.max_steps=8"]))
+    assert runs.read_config(out).data.labels == ["World", "Sports", "Business", "Sci/Tech"]
+
+
+def test_gz_jsonl_with_names_reads_like_the_plain_file(topic_files, tmp_path):
+    gz = tmp_path / "train.jsonl.gz"
+    with gzip.open(gz, "wt", encoding="utf-8") as fh:
+        fh.write(topic_files["train"].read_text())
+    columns = Columns(("headline", "body"), "topic")
+    assert read_file(gz, columns=columns).labels == read_file(topic_files["train"], columns=columns).labels
