@@ -108,6 +108,12 @@ def test_a_label_outside_the_classes_names_file_and_row(tmp_path):
         read_file(path, names=["neg", "pos"])
     with pytest.raises(DataError, match=r"the labels name 2 classes \(meh, pos\), not 3"):
         read_file(path, num_labels=3)
+    mixed = tmp_path / "mixed.jsonl"  # names and ids in one file: each read as what it is
+    mixed.write_text('{"text": "a", "label": "pos"}\n{"text": "b", "label": 0}\n')
+    assert read_file(mixed, names=["neg", "pos"]).labels == [1, 0]
+    mixed.write_text('{"text": "a", "label": "pos"}\n{"text": "b", "label": 2}\n')
+    with pytest.raises(DataError, match=r"row 2: label 2 is not one of the class names \(neg, pos\) nor a class id 0..1"):
+        read_file(mixed, names=["neg", "pos"])
 
 
 def test_names_that_look_like_ids_and_glue_style_unlabelled_rows(tmp_path):

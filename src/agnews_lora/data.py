@@ -455,8 +455,7 @@ def label_ids(parts: list[_Part], num_labels: int = 0, names: Sequence[str] = ()
     """
     values = [v for p in parts for v in p.values]
     names = list(names)
-    known = set(names)
-    if names and all(str(v) in known for v in values):
+    if names and all(str(v) in set(names) for v in values):
         index = {n: i for i, n in enumerate(names)}
         return [index[str(v)] for v in values], names
     ids = [_as_id(v) for v in values]
@@ -467,9 +466,11 @@ def label_ids(parts: list[_Part], num_labels: int = 0, names: Sequence[str] = ()
         count = num_labels or len(names) or max(max(ids) + 1, len(hint or ()))
         _check_ids(parts, count, names)
         return ids, names or (hint if hint and len(hint) == count else [f"class {i}" for i in range(count)])
-    if names:
-        _refuse_label(parts, lambda v: str(v) not in known and _as_id(v) is None,
-                      f"is not one of the class names ({', '.join(names)}) nor a class id")
+    if names:  # some names, some ids
+        index = {n: i for i, n in enumerate(names)}
+        _refuse_label(parts, lambda v: str(v) not in index and not _id_below(v, len(names)),
+                      f"is not one of the class names ({', '.join(names)}) nor a class id 0..{len(names) - 1}")
+        return [index[str(v)] if str(v) in index else _as_id(v) for v in values], names
     classes = sorted({str(v) for v in values})
     if num_labels and len(classes) != num_labels:
         raise DataError(f"{parts[0].source}: the labels name {len(classes)} classes ({', '.join(classes[:10])}"
@@ -477,6 +478,12 @@ def label_ids(parts: list[_Part], num_labels: int = 0, names: Sequence[str] = ()
                         "classes with data.labels")
     index = {n: i for i, n in enumerate(classes)}
     return [index[str(v)] for v in values], classes
+
+
+def _id_below(value: int | str, count: int) -> bool:
+    """`value` is a class id of `count` classes."""
+    i = _as_id(value)
+    return i is not None and 0 <= i < count
 
 
 def _check_ids(parts: list[_Part], count: int, names: list[str]) -> None:
