@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from agnews_lora.config import load_config
-from agnews_lora.data import LABEL_NAMES, read_files
+from agnews_lora.data import read_files
 from agnews_lora.model import build_model
 from agnews_lora.outputs import discard_run
 from agnews_lora.runs import TRAIN_LOG, RunFolder, read_records

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from agnews_lora import runs
-from agnews_lora.data import LABEL_NAMES, read_files
+from agnews_lora.config import AG_NEWS_LABELS
+from agnews_lora.data import read_files
 from agnews_lora.evaluate import compute_metrics
 from agnews_lora.predict import Classifier, package_version
 from agnews_lora.study import machine
@@ -147,7 +148,7 @@ def measure(variant: str, args, texts: list[str], labels: list[int], source: Pat
         fn, batch = (lambda t: clf.predict_logits(t, batch_size=args.batch_size).argmax(-1)), args.batch_size
     print(f"measuring {variant} ({what}) on {len(texts):,} rows ...", flush=True)
     preds, rate, cpu_rate, lat = timed(fn, texts, args.latency_rows)
-    accuracy = compute_metrics(labels, preds.tolist(), LABEL_NAMES)["accuracy"]
+    accuracy = compute_metrics(labels, preds.tolist(), list(AG_NEWS_LABELS))["accuracy"]
     return Result(variant, what, batch, examples_per_s=rate, examples_per_cpu_s=cpu_rate, latency_p50_ms=float(np.percentile(lat, 50)),
                   latency_p95_ms=float(np.percentile(lat, 95)), accuracy=accuracy)
 

@@ -567,6 +567,11 @@ def class_names(cfg: Config) -> list[str] | None:
     return None
 
 
+def generic_names(count: int) -> list[str]:
+    """Names for `count` classes that nothing names: class 0, class 1, ..."""
+    return [f"class {i}" for i in range(count)]
+
+
 def class_count(cfg: Config) -> int:
     """The number of classes when the config alone tells it (model.num_labels, or `class_names`);
     0 when only the data can tell."""

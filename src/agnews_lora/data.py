@@ -20,13 +20,10 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from agnews_lora.config import AG_NEWS_LABELS, Config, DataConfig, class_names, validate
+from agnews_lora.config import AG_NEWS_LABELS, Config, DataConfig, class_names, generic_names, validate
 from agnews_lora.errors import DataError
 from agnews_lora.hub import ensure_hub_reachable
 from agnews_lora.unpickle import ForbiddenGlobal, safe_load
-
-LABEL_NAMES = list(AG_NEWS_LABELS)  # the default dataset's classes (the old name, kept for callers)
-
 
 @dataclass
 class Split:
@@ -465,7 +462,7 @@ def label_ids(parts: list[_Part], num_labels: int = 0, names: Sequence[str] = ()
         hint = next((p.names for p in parts if p.names), None)
         count = num_labels or len(names) or max(max(ids) + 1, len(hint or ()))
         _check_ids(parts, count, names)
-        return ids, names or (hint if hint and len(hint) == count else [f"class {i}" for i in range(count)])
+        return ids, names or (hint if hint and len(hint) == count else generic_names(count))
     if names:  # some names, some ids
         index = {n: i for i, n in enumerate(names)}
         _refuse_label(parts, lambda v: str(v) not in index and not _id_below(v, len(names)),

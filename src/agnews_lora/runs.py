@@ -42,7 +42,8 @@ import numpy as np
 import yaml
 
 from agnews_lora.checkpoint import STATE_FILE, atomic_write_json, atomic_write_text, read_jsonl, recover_swap
-from agnews_lora.config import AG_NEWS_LABELS, Config, class_count, class_names, config_from_dict, parse_yaml, to_dict
+from agnews_lora.config import (AG_NEWS_LABELS, Config, class_count, class_names, config_from_dict, generic_names,
+                                parse_yaml, to_dict)
 from agnews_lora.errors import ConfigError, OutputRefused, RunDamaged, RunLocked
 
 CONFIG = "config.yaml"
@@ -158,7 +159,7 @@ def _settled(cfg: Config) -> Config:
     if cfg.data.labels or not count:
         return cfg
     names = class_names(cfg) or (list(AG_NEWS_LABELS) if count == len(AG_NEWS_LABELS) else
-                                 [f"class {i}" for i in range(count)])
+                                 generic_names(count))
     cfg.data.labels, cfg.model.num_labels = names, count
     return cfg
 
@@ -286,7 +287,7 @@ def label_names(num_labels: int, id2label: dict | None = None, names: Sequence[s
     names = [str((id2label or {}).get(i, "")) for i in range(num_labels)]
     if all(names) and names != [f"LABEL_{i}" for i in range(num_labels)]:
         return names
-    return [f"class {i}" for i in range(num_labels)]
+    return generic_names(num_labels)
 
 
 # ---------------------------------------------------------------- checkpoints (readers)

@@ -28,7 +28,7 @@ from torch import nn
 
 from agnews_lora import runs
 from agnews_lora.checkpoint import ADAPTER_FILE
-from agnews_lora.config import Config
+from agnews_lora.config import Config, generic_names
 from agnews_lora.errors import ConfigError
 from agnews_lora.data import tokenizer_fingerprint
 from agnews_lora.losses import cross_entropy
@@ -178,7 +178,8 @@ def _label_order(source: str, id2label: dict, names: Sequence[str]) -> list[int]
 
 def _generic(names: list[str]) -> bool:
     """Names that say nothing about the class: empty, LABEL_i (transformers') or class i (this tool's)."""
-    return any(n in ("", f"label_{i}", f"class {i}") for i, n in enumerate(names))
+    generic = generic_names(len(names))
+    return any(n in ("", f"label_{i}", generic[i]) for i, n in enumerate(names))
 
 
 def _model_teacher(source: str, resolved: str, mode: str, num_labels: int, max_length: int,
