@@ -39,8 +39,8 @@ def test_variants_add_no_parameter_on_roberta_base_shapes(variant):
     (["lora.init=svd"], r"lora.init: 'svd' is not one of kaiming, gaussian, pissa, olora, eva, corda, lora_ga"),
     (["peft.method=dora", "lora.init=pissa"], r"lora.init='pissa' does not apply to peft.method=dora"),
     (["peft.method=ia3", "lora.rslora=true"], r"lora.rslora=True does not apply to peft.method=ia3"),
-    (["peft.method=vera", "train.loraplus_lr_ratio=16"], r"train.loraplus_lr_ratio=16.0 does not apply to "
-                                                         r"peft.method=vera"),
+    (["peft.method=vera", "train.loraplus_lr_ratio=16"], r"train.loraplus_lr_ratio=16.0 applies to "
+                                                         r"peft.method=lora or dora only"),
     (["train.loraplus_lr_ratio=-1"], r"train.loraplus_lr_ratio=-1.0 must be >= 0"),
     (["train.loraplus_lr_ratio=nan"], r"train.loraplus_lr_ratio: 'nan' is not a finite number"),
     (["lora.init_batches=0"], r"lora.init_batches=0 must be >= 1"),

@@ -447,8 +447,8 @@ def range_checks(cfg: Config) -> list[registry.Check]:
         ("lora.target_modules", bool(cfg.lora.target_modules), "must name at least one module"),
         ("train.loraplus_lr_ratio", cfg.train.loraplus_lr_ratio >= 0, "must be >= 0 (0 = off, e.g. 16)"),
         ("train.loraplus_lr_ratio", cfg.train.loraplus_lr_ratio == 0 or cfg.peft.method in ("lora", "dora"),
-         f"does not apply to peft.method={cfg.peft.method} (LoRA+ sets the learning rate of LoRA's B matrices: "
-         "peft.method=lora or dora); leave it at 0"),
+         "applies to peft.method=lora or dora only (LoRA+ sets the learning rate of LoRA's B matrices); "
+         "leave it at 0 for other methods"),
         ("sweep.timeout", cfg.sweep.timeout is None or cfg.sweep.timeout > 0, "must be > 0 seconds (null = no limit)"),
         ("model.pooled_dropout", 0 <= cfg.model.pooled_dropout < 1, "must be in [0, 1)"),
         ("model.num_labels", cfg.model.num_labels == 0 or cfg.model.num_labels >= 2,

@@ -7,6 +7,13 @@ The search space is the config's `sweep.space`: dotted config key -> spec, one o
 Storage defaults to SQLite in the sweep folder; a PostgreSQL URL lets workers on several
 machines share one study. Trials carry a heartbeat: when a worker dies, the next worker that
 starts a trial marks the dead one FAILED and re-queues its parameters (resuming its run folder).
+
+Each evaluation of a trial reports its sweep.metric to Optuna (`trial.report`, through the recipe's
+`on_evaluate` hook), and sweep.pruner (hyperband by default; median; none) stops a trial whose scores
+trail the others' at the same step: it raises `optuna.TrialPruned` from the hook, training stops
+there, and the trial's run folder keeps its checkpoints and metrics (resumable with train.resume=true).
+A trial over the budget is pruned before it trains. sweep.timeout stops a worker from starting new
+trials after that many seconds.
 """
 
 from __future__ import annotations
@@ -217,7 +224,7 @@ def with_driver(url: str) -> str:
     return "postgresql+psycopg://" + url[len("postgresql://"):] if url.startswith("postgresql://") else url
 
 
-def open_study(url: str, study_name: str, cfg: Config, heartbeat: int):
+def open_study(url: str, study_name: str, cfg: Config, heartbeat: int, pruner=None):
     """Create the study, or join it when another worker already did.
 
     Args:
@@ -226,6 +233,7 @@ def open_study(url: str, study_name: str, cfg: Config, heartbeat: int):
         cfg: supplies sweep.direction and sweep.seed.
         heartbeat: seconds between a running trial's heartbeats; a trial silent for twice as
             long is marked FAILED (and re-queued) by the next worker that starts a trial.
+        pruner: this worker's Optuna pruner (each worker brings its own; none is stored).
 
     Returns:
         The optuna Study.
@@ -240,7 +248,8 @@ def open_study(url: str, study_name: str, cfg: Config, heartbeat: int):
             storage = RDBStorage(with_driver(url), heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES))
             return optuna.create_study(storage=storage, study_name=study_name, direction=cfg.sweep.direction,
-                                       sampler=optuna.samplers.TPESampler(seed=cfg.sweep.seed), load_if_exists=True)
+                                       sampler=optuna.samplers.TPESampler(seed=cfg.sweep.seed), pruner=pruner,
+                                       load_if_exists=True)
         except (IntegrityError, ProgrammingError, optuna.exceptions.DuplicatedStudyError) as err:
             # Workers creating the tables or the study at the same moment: one wins, the rest load it.
             last = err
@@ -260,11 +269,51 @@ def best_value(run_dir: Path, metric: str, direction: str) -> float:
     return max(values) if direction == "maximize" else min(values)
 
 
-class Objective:
-    """One trial: sample, check the budget (prune without training), train, score on validation."""
+def make_pruner(name: str):
+    """The Optuna pruner of sweep.pruner: none; median (a trial below the median of the earlier trials'
+    values at the same step, once 3 trials have finished); hyperband (Optuna's default brackets over the
+    evaluation steps, reduction factor 3; the longest trial sets the largest budget)."""
+    import optuna
 
-    def __init__(self, base: Config, params: list[Param], sweep_dir: Path):
-        self.base, self.params, self.sweep_dir = base, params, sweep_dir
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner()
+    raise ConfigError(f"sweep.pruner={name!r}: choose none, median or hyperband")
+
+
+class Reporter:
+    """The recipe's `on_evaluate` hook for one trial: each evaluation's metric goes to Optuna
+    (`trial.report` at the evaluation's step); when the study's pruner says so, the trial is marked
+    and `optuna.TrialPruned` stops the training."""
+
+    def __init__(self, trial, metric: str, pruner: str):
+        self.trial, self.metric, self.pruner = trial, metric, pruner
+        self.reported: set[int] = set()
+
+    def __call__(self, record: dict) -> None:
+        import optuna
+
+        if self.metric not in record or record["step"] in self.reported:
+            return
+        step, value = int(record["step"]), float(record[self.metric])
+        self.trial.report(value, step=step)
+        self.reported.add(step)
+        self.trial.set_user_attr("steps", step)
+        if self.trial.should_prune():
+            reason = f"pruned by the {self.pruner} pruner at step {step} ({self.metric} {value:.4f})"
+            self.trial.set_user_attr("pruned", reason)
+            raise optuna.TrialPruned(reason)
+
+
+class Objective:
+    """One trial: sample, check the budget (prune without training), train with each evaluation
+    reported to the pruner, score on validation."""
+
+    def __init__(self, base: Config, params: list[Param], sweep_dir: Path, pruner: str = "none"):
+        self.base, self.params, self.sweep_dir, self.pruner = base, params, sweep_dir, pruner
 
     def __call__(self, trial) -> float:
         import optuna
@@ -286,19 +335,26 @@ class Objective:
             reason = f"over budget: {trainable:,} > {cfg.budget.max_trainable:,} trainable parameters"
             trial.set_user_attr("pruned", reason)
             raise optuna.TrialPruned(reason)
+        reporter = Reporter(trial, metric=cfg.sweep.metric, pruner=self.pruner)
+        if original is not None:  # the dead worker's evaluations up to its checkpoint, for the pruner
+            run = runs.RunFolder(cfg.out_dir)
+            for record in runs.read_records(run.path / runs.METRICS):
+                if record["step"] <= run.steps_done():
+                    reporter(record)
         recipe.reset_accelerator_state()  # trials run one after another in this process; each sets its own precision
-        run_dir = recipe.train(cfg)
+        run_dir = recipe.train(cfg, on_evaluate=reporter)
         finish_run(run_dir)
 
         summary = runs.read_summary(run_dir) or {}
-        for key in ("test_accuracy", "train_seconds"):
+        for key in ("test_accuracy", "train_seconds", "steps"):
             trial.set_user_attr(key, summary.get(key))
         return best_value(run_dir, metric=cfg.sweep.metric, direction=cfg.sweep.direction)
 
 
 def run_sweep(cfg: Config, trials: int, storage: str | None = None, study_name: str | None = None,
-              heartbeat: int = 60) -> Path:
-    """Run trials until the study holds `trials` finished (complete or pruned) ones.
+              heartbeat: int = 60, pruner=None) -> Path:
+    """Run trials until the study holds `trials` finished (complete or pruned) ones, or until
+    sweep.timeout seconds have passed (a running trial is finished first).
 
     Args:
         cfg: the base config with `sweep.space`.
@@ -306,6 +362,7 @@ def run_sweep(cfg: Config, trials: int, storage: str | None = None, study_name: 
         storage: SQLAlchemy URL; default sqlite in the sweep folder.
         study_name: default cfg.name, else "sweep".
         heartbeat: seconds between heartbeats of a running trial.
+        pruner: an Optuna pruner instead of sweep.pruner's (library use: a custom rule).
 
     Returns:
         The sweep summary (sweep.md) in the sweep folder.
@@ -332,15 +389,18 @@ def run_sweep(cfg: Config, trials: int, storage: str | None = None, study_name: 
     url = storage or f"sqlite:///{(sweep_dir / runs.STUDY_DB).resolve()}"
     with warnings.catch_warnings():  # heartbeats and retries are marked experimental in Optuna
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study = open_study(url, study_name=study_name, cfg=cfg, heartbeat=heartbeat)
+        name = cfg.sweep.pruner if pruner is None else type(pruner).__name__
+        study = open_study(url, study_name=study_name, cfg=cfg, heartbeat=heartbeat,
+                           pruner=make_pruner(cfg.sweep.pruner) if pruner is None else pruner)
         counted = (TrialState.COMPLETE, TrialState.PRUNED)
         left = trials - len(study.get_trials(deepcopy=False, states=counted))
         if left > 0:
             # torch errors (out of memory, ...) fail one trial; config and data errors stop the sweep.
-            study.optimize(Objective(cfg, params, sweep_dir), n_trials=left, catch=(RuntimeError,),
-                           callbacks=[MaxTrialsCallback(trials, states=counted)], gc_after_trial=True)
+            study.optimize(Objective(cfg, params, sweep_dir, pruner=name), n_trials=left, catch=(RuntimeError,),
+                           callbacks=[MaxTrialsCallback(trials, states=counted)], gc_after_trial=True,
+                           timeout=cfg.sweep.timeout)
         optuna.storages.fail_stale_trials(study)  # trials whose worker died while this one ran
-        return write_sweep_summary(study, sweep_dir=sweep_dir, url=url, metric=cfg.sweep.metric)
+        return write_sweep_summary(study, sweep_dir=sweep_dir, url=url, metric=cfg.sweep.metric, pruner=name)
 
 
 def format_params(params: dict[str, Any]) -> str:
@@ -358,14 +418,29 @@ def _trial_rows(study) -> list[list[Any]]:
         if t.state.name == "FAIL":
             note = f"retried as trial {retried[t.number]}" if t.number in retried else "failed"
         params = format_params(t.params)
-        value = "-" if t.value is None else f"{t.value:.4f}"
-        trainable = t.user_attrs.get("trainable")
-        rows.append([t.number, t.state.name, value, "-" if trainable is None else f"{trainable:,}", params,
-                     t.user_attrs.get("run_dir", ""), note])
+        value = "-" if t.value is None or t.state.name == "PRUNED" else f"{t.value:.4f}"
+        trainable, steps = t.user_attrs.get("trainable"), t.user_attrs.get("steps")
+        rows.append([t.number, t.state.name, value, "-" if trainable is None else f"{trainable:,}",
+                     "-" if steps is None else steps, params, t.user_attrs.get("run_dir", ""), note])
     return rows
 
 
-def write_sweep_summary(study, sweep_dir: Path, url: str, metric: str) -> Path:
+def trial_counts(study) -> dict[str, int]:
+    """Trials by outcome: complete, pruned (by the pruner), over_budget, failed, running; and the
+    optimizer steps every trial trained (its compute)."""
+    counts = dict.fromkeys(("complete", "pruned", "over_budget", "failed", "running"), 0)
+    steps = 0
+    for t in study.get_trials(deepcopy=False):
+        kind = {"COMPLETE": "complete", "FAIL": "failed", "RUNNING": "running"}.get(t.state.name)
+        if t.state.name == "PRUNED":
+            kind = "over_budget" if str(t.user_attrs.get("pruned", "")).startswith("over budget") else "pruned"
+        if kind:
+            counts[kind] += 1
+        steps += int(t.user_attrs.get("steps") or 0)
+    return {**counts, "steps": steps}
+
+
+def write_sweep_summary(study, sweep_dir: Path, url: str, metric: str, pruner: str = "none") -> Path:
     """sweep.md (best trial, every trial, comparison of the finished runs) and best_trial.json.
 
     Args:
@@ -373,13 +448,19 @@ def write_sweep_summary(study, sweep_dir: Path, url: str, metric: str) -> Path:
         sweep_dir: the sweep folder holding the trial run folders.
         url: the storage URL (shown without its password).
         metric: the objective's name.
+        pruner: the pruner this worker used (sweep.pruner).
 
     Returns:
         The path of sweep.md.
     """
+    n = trial_counts(study)
     parts = [f"# Sweep {study.study_name}", "",
              f"Objective: {study.direction.name.lower()} {metric} (best over each run's evaluations). "
-             f"Storage: `{mask_url(url)}`.", ""]
+             f"Storage: `{mask_url(url)}`. Pruner: {pruner}.", "",
+             f"Trials: {n['complete']} complete, {n['pruned']} pruned by the pruner (their run folders keep "
+             f"their checkpoints), {n['over_budget']} over the budget (not trained), {n['failed']} failed"
+             + (f", {n['running']} running" if n["running"] else "")
+             + f"; {n['steps']:,} optimizer steps trained in all.", ""]
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     if complete:
         best = study.best_trial
@@ -388,8 +469,8 @@ def write_sweep_summary(study, sweep_dir: Path, url: str, metric: str) -> Path:
                            "run_dir": str(sweep_dir / best.user_attrs["run_dir"])})
         parts += [f"**Best trial: {best.number}**, {metric} {best.value:.4f}, run folder "
                   f"`{best.user_attrs['run_dir']}`: {format_params(best.params)}", ""]
-    parts += ["## Trials", "", md_table(["Trial", "State", metric, "Trainable", "Parameters", "Run", "Note"],
-                                        _trial_rows(study), align="rlrrlll"), ""]
+    parts += ["## Trials", "", md_table(["Trial", "State", metric, "Trainable", "Steps", "Parameters", "Run", "Note"],
+                                        _trial_rows(study), align="rlrrrlll"), ""]
     finished = [sweep_dir / t.user_attrs["run_dir"] for t in complete]
     finished = [d for d in finished if (d / runs.SUMMARY).is_file()]  # other workers' folders may be elsewhere
     if finished:

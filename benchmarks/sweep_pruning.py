@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""Does pruning find as good a configuration for less compute? The same search space, sampler seed
+and compute cap, searched with and without a pruner.
+
+    python benchmarks/sweep_pruning.py --steps-cap 6000                    # configs/sweep-cpu-minilm.yaml
+    python benchmarks/sweep_pruning.py --pruners none,hyperband,median --steps-cap 6000 --set train.max_steps=300
+
+Each arm is a sweep of its own (`agnews_lora.sweep.run_sweep`, SQLite in OUT/ARM) on the config's
+`sweep.space` with the same sampler seed (--seed), so both arms start from the same proposals. The
+compute cap is counted in optimizer steps trained (every trial's, pruned ones up to where they
+stopped), not in seconds: the machine is shared, and steps are what a pruner saves. An arm adds one
+trial at a time (run_sweep's trial target is for the whole study, so each call trains exactly one
+more) until its trials have trained --steps-cap steps; the last trial may end past the cap, which
+the table shows. Rerunning continues both arms where they stopped.
+
+Per arm the table gives the best validation accuracy found (the sweep's objective), trials complete
+and pruned, optimizer steps trained, and wall time; its JSON beside it. Target (issue 28): pruning
+finds the same best within noise for at most half the compute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_arm(base_config: Path, pruner: str, out: Path, steps_cap: int, seed: int, overrides: list[str],
+            max_trials: int = 200) -> dict:
+    """One arm: trials (one per run_sweep call) until they have trained `steps_cap` optimizer steps.
+
+    Returns:
+        best (the best objective value; None when no trial completed), the trial counts and steps
+        (`sweep.trial_counts`), wall seconds of this call, and the sweep folder.
+    """
+    import optuna
+
+    from agnews_lora.config import load_config
+    from agnews_lora.sweep import run_sweep, trial_counts
+
+    cfg = load_config(base_config, [*overrides, f"sweep.pruner={pruner}", f"sweep.seed={seed}",
+                                    f"out_dir={out / pruner}", f"name=pruning-{pruner}"])
+    url = f"sqlite:///{(out / pruner / 'study.db').resolve()}"
+    start = time.perf_counter()
+    counts = {"steps": 0}
+    trials = 0
+    while counts["steps"] < steps_cap and trials < max_trials:
+        if (out / pruner / "study.db").is_file():
+            study = optuna.load_study(study_name=cfg.name, storage=url)
+            trials = len(study.get_trials(deepcopy=False))
+            counts = trial_counts(study)
+            if counts["steps"] >= steps_cap:
+                break
+        run_sweep(cfg, trials=trials + 1)
+        trials += 1
+        counts = trial_counts(optuna.load_study(study_name=cfg.name, storage=url))
+    study = optuna.load_study(study_name=cfg.name, storage=url)
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    best = (max if cfg.sweep.direction == "maximize" else min)(t.value for t in complete) if complete else None
+    return {"pruner": pruner, "best": best, **trial_counts(study), "wall_seconds": round(time.perf_counter() - start, 1),
+            "folder": str(out / pruner), "metric": cfg.sweep.metric}
+
+
+def write_table(results: list[dict], path: Path, argv: list[str], steps_cap: int) -> None:
+    from agnews_lora.checkpoint import atomic_write_json, atomic_write_text
+    from agnews_lora.report import md_table
+    from agnews_lora.study import machine
+
+    import subprocess
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    command = f"python benchmarks/sweep_pruning.py {shlex.join(argv)}".strip()
+    rows = [[r["pruner"], "-" if r["best"] is None else f"{r['best']:.4f}", r["complete"], r["pruned"],
+             r["over_budget"], f"{r['steps']:,}", f"{r['wall_seconds'] / 60:.1f} min"] for r in results]
+    metric = results[0]["metric"]
+    lines = ["# Sweep pruning: the same search with and without a pruner", "",
+             f"- Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC at commit {commit}; machine: {machine()}. "
+             "The machine was shared with other jobs (wall times are indicative; the cap is in steps).",
+             f"- Command: `{command}`. Compute cap: {steps_cap:,} optimizer steps per arm.", "",
+             md_table(["Pruner", f"Best {metric}", "Complete", "Pruned", "Over budget", "Steps trained", "Wall time"],
+                      rows, align="lrrrrrr"), "",
+             "Best: the best objective over each arm's complete trials (each trial's best validation evaluation). "
+             "Pruned: stopped by the pruner at an evaluation; over budget: refused before training.", ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "\n".join(lines))
+    atomic_write_json(path.with_suffix(".json"), {"commit": commit, "command": command, "machine": str(machine()),
+                                                  "steps_cap": steps_cap, "arms": results})
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(ROOT / "configs" / "sweep-cpu-minilm.yaml"), help="sweep config")
+    p.add_argument("--pruners", default="none,hyperband", help="comma-separated sweep.pruner values (arms)")
+    p.add_argument("--steps-cap", type=int, required=True, help="optimizer steps every arm may train")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed of every arm")
+    p.add_argument("--out", default=str(ROOT / "runs" / "sweep_pruning"), help="folder of the arms' sweeps")
+    p.add_argument("--table", default=str(ROOT / "docs" / "results" / "sweep-pruning.md"), help="table to write")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    args = p.parse_args(argv)
+    args.pruners = [x.strip() for x in args.pruners.split(",") if x.strip()]
+    bad = [x for x in args.pruners if x not in ("none", "median", "hyperband")]
+    if bad or not args.pruners or args.steps_cap < 1:
+        p.error("--pruners: none, median or hyperband; --steps-cap >= 1")
+    args.out, args.table = Path(args.out).resolve(), Path(args.table).resolve()
+    return args
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> None:
+    results = [run_arm(Path(args.config), pruner=p, out=args.out, steps_cap=args.steps_cap, seed=args.seed,
+                       overrides=args.set) for p in args.pruners]
+    write_table(results, args.table, argv, args.steps_cap)
+    print("RESULT " + json.dumps(results), flush=True)
+    print(f"wrote {args.table}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from agnews_lora import study
+
+    return study.run_command(parse_args, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
