@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Issue 28 item 4: calibrate the prior-matched rows without shifted-domain labels, and one round of
 self-training on the matched pseudo-labels of the shifted rows. MiniLM stand-in, the shift levers'
-final stage (configs/cpu-minilm.yaml, 40,000 rows, seed 42).
+arms (configs/cpu-minilm.yaml, seed 42; stage screen: 10,000 rows, 625 steps; final: 40,000, 2,500).
 
-    python experiments/shift_levers.py --stage final --arms plain,self_train_matched --train-only
-    python experiments/shift_calibration.py        # scores both arms -> docs/results/generated/shift_calibration.md
+    python experiments/shift_levers.py --stage screen --arms plain,self_train_matched --train-only
+    python experiments/shift_calibration.py --stage screen   # -> docs/results/generated/shift_calibration_screen.md
 
 Arms (trained by shift_levers.py, same rows, steps and seed):
   plain                the cpu-minilm recipe (what configs/cpu-minilm-robust.yaml trains);
@@ -195,17 +195,20 @@ def shift_lines(scores: dict[str, dict]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/shift_levers/final", help="folder of the shift levers' final arms")
-    p.add_argument("--doc", default=str(ROOT / "docs" / "results" / "generated" / "shift_calibration.md"))
+    p.add_argument("--stage", choices=("screen", "final"), default="final", help="the shift levers' stage")
+    p.add_argument("--out", default="runs/shift_levers", help="the shift levers' --out (arms in OUT/STAGE/ARM)")
+    p.add_argument("--doc", help="Markdown to write (default docs/results/generated/shift_calibration_STAGE.md)")
     args = p.parse_args(argv)
+    args.doc = args.doc or str(ROOT / "docs" / "results" / "generated" / f"shift_calibration_{args.stage}.md")
     from agnews_lora.data import read_file
     from agnews_lora.runs import RunFolder
 
-    out = ROOT / args.out
+    out = ROOT / args.out / args.stage
     hidden, test = read_hidden(), read_file(TEST)
     arms = [a for a in ARMS if RunFolder(out / a).status == "done"]
     if "plain" not in arms:
-        print(f"error: {out / 'plain'} has not finished; train it with shift_levers.py --stage final", file=sys.stderr)
+        print(f"error: {out / 'plain'} has not finished; train it with shift_levers.py --stage {args.stage}",
+              file=sys.stderr)
         return 2
     scores = {arm: score(out / arm, hidden, test) for arm in arms}
     sets = row_sets(hidden, test)
