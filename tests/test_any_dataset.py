@@ -82,7 +82,7 @@ def test_bad_data_keys_name_the_key(override, message):
 
 
 def test_num_labels_must_agree_with_the_names():
-    with pytest.raises(ConfigError, match=r"model.num_labels=3 does not match data.labels \(2 names\)"):
+    with pytest.raises(ConfigError, match=r"model.num_labels=3 must equal the number of data.labels names"):
         load_config(overrides=["model.num_labels=3", "data.labels=[neg,pos]"])
 
 

@@ -39,12 +39,11 @@ class DataConfig:
     # When not one of the local files train and test name exists: error; or hub = read hub_dataset
     # instead (a preset naming an offline copy then runs online as well; config.yaml records it)
     if_missing: Literal["error", "hub"] = "error"
-    # Columns of a row: the text is the text_fields joined by a space; label_field holds an integer
-    # class id (0-based) or a class name. The original AG News CSV (headerless) has neither.
+    # The column(s) holding a row's text, joined by a space (the original AG News CSV is headerless)
     text_fields: list[str] = field(default_factory=lambda: ["text"])
-    label_field: str = "label"
+    label_field: str = "label"  # the column holding a row's label: a class id (0-based) or a class name
     # Class names in label-id order; empty = from the data: the Hub dataset's ClassLabel names, the
-    # names in the label column (sorted), AG News' for its original CSV, else "class i".
+    # names in the label column (sorted), AG News' for its original CSV, else "class i"
     labels: list[str] = field(default_factory=list)
     val_size: int = 640  # rows carved (stratified, seeded) from train for validation
     max_train_rows: int = 0  # 0 = all; otherwise a stratified, seeded subsample of train
@@ -454,8 +453,8 @@ def range_checks(cfg: Config) -> list[registry.Check]:
         ("model.num_labels", cfg.model.num_labels == 0 or cfg.model.num_labels >= 2,
          "must be >= 2 (0 = from data.labels or the data)"),
         ("model.num_labels", not (cfg.model.num_labels and cfg.data.labels)
-         or cfg.model.num_labels == len(cfg.data.labels), f"does not match data.labels ({len(cfg.data.labels)} "
-         "names); leave model.num_labels at 0 (as many classes as data.labels names)"),
+         or cfg.model.num_labels == len(cfg.data.labels),
+         "must equal the number of data.labels names when both are set (0: as many as they name)"),
         ("data.labels", not cfg.data.labels or len(cfg.data.labels) >= 2, "must name at least 2 classes "
          "(or be empty: from the data)"),
         ("data.labels", len(set(cfg.data.labels)) == len(cfg.data.labels) and all(n.strip() == n and n
