@@ -141,7 +141,8 @@ def test_robust_preset_is_the_cpu_recipe_plus_prior_matching():
     `plain + match shifted`) and sets the prediction lever."""
     root = CONFIGS[0].parent
     plain, robust = to_dict(load_config(root / "cpu-minilm.yaml")), to_dict(load_config(root / "cpu-minilm-robust.yaml"))
-    assert robust["predict"] == {"prior": "match-shifted", "shift_threshold": 0.6, "shift_calibration": "none"}
+    assert robust["predict"] == {"prior": "match-shifted", "shift_threshold": 0.6,
+                                 "shift_calibration": "keep-confidence"}
     assert plain["predict"]["prior"] == ""
     for d in (plain, robust):
         d.pop("name"), d.pop("predict")
