@@ -284,3 +284,121 @@ def test_gz_jsonl_with_names_reads_like_the_plain_file(topic_files, tmp_path):
         fh.write(topic_files["train"].read_text())
     columns = Columns(("headline", "body"), "topic")
     assert read_file(gz, columns=columns).labels == read_file(topic_files["train"], columns=columns).labels
+
+
+# ---------------------------------------------------------------- bad data: one line before any training
+
+
+def _train_refused(capsys, tiny_model_dir, tmp_path, train: Path, *extra: str) -> str:
+    """`agnews-lora train` on `train`: the one-line error it exits with (2), no checkpoint written."""
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_:
+        cli("train", f"model.name={tiny_model_dir}", f"data.train={train}", "data.val_size=4",
+            f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=2", "train.progress=false", "lora.r=4",
+            f"out_dir={out}", *extra)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    assert not (out / runs.BEST).exists()
+    return err
+
+
+def _jsonl(path: Path, labels: list) -> Path:
+    path.write_text("".join(json.dumps({"text": f"row {i}", "label": v}) + "\n" for i, v in enumerate(labels)))
+    return path
+
+
+def _parquet(path: Path, columns: dict) -> Path:
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def test_training_rows_of_one_class_are_refused(tiny_model_dir, tmp_path, capsys):
+    err = _train_refused(capsys, tiny_model_dir, tmp_path, _jsonl(tmp_path / "one.jsonl", ["pos"] * 20))
+    assert "one.jsonl: the training rows hold one class ('pos', 20 rows)" in err and "add rows of the other" in err
+    named = _train_refused(capsys, tiny_model_dir, tmp_path, _jsonl(tmp_path / "ids.jsonl", [1] * 20),
+                           "data.labels=[neg,pos]")  # two classes named, the rows hold one
+    assert "ids.jsonl: the training rows hold one class ('pos', 20 rows)" in named
+
+
+def test_a_class_too_small_for_the_validation_split_is_named(tiny_model_dir, tmp_path, capsys):
+    path = _jsonl(tmp_path / "small.jsonl", ["pos"] * 10 + ["neg"] * 9 + ["rare"])
+    err = _train_refused(capsys, tiny_model_dir, tmp_path, path)
+    assert ("small.jsonl: class 'rare' has 1 training row, too few for the stratified validation split "
+            "(data.val_size=4)") in err
+    assert "add rows of 'rare' (2 or more), or remove its row" in err
+    path.write_text(path.read_text() + json.dumps({"text": "one more", "label": "rare"}) + "\n")
+    train, val, _ = load_splits(resolve_labels(load_config(overrides=[f"data.train={path}", "data.val_size=4"])).data,
+                                seed=0)  # two rows of it: it splits
+    assert (len(train), len(val)) == (17, 4) and "rare" in {train.names[i] for i in train.labels}
+
+
+@pytest.mark.parametrize("labels, message", [
+    ([1.5, 0], r"row 1: label 1.5 is a fractional number, not a class id \(an integer\) or a class name"),
+    (["1.5", "0"], r"row 1: label '1.5' is a fractional number.*name the classes with data.labels"),
+    ([None, 0], r"row 1: label \(column 'label'\) is missing or empty; fill it in or remove the row"),
+    (["pos", " "], r"row 2: label \(column 'label'\) is missing or empty"),
+    ([0, float("nan")], r"row 2: label \(column 'label'\) is missing or empty"),
+])
+def test_fractional_and_missing_labels_are_refused(tmp_path, labels, message):
+    with pytest.raises(DataError, match=r"t.jsonl: " + message):
+        read_file(_jsonl(tmp_path / "t.jsonl", labels))
+    with pytest.raises(DataError, match=r"t.parquet: " + message):
+        read_file(_parquet(tmp_path / "t.parquet", {"text": ["a", "b"], "label": labels}))
+
+
+def test_integral_floats_are_class_ids_and_a_row_without_its_label_is_an_error(tmp_path):
+    assert read_file(_parquet(tmp_path / "f.parquet", {"text": ["a", "b"], "label": [1.0, 0.0]})).labels == [1, 0]
+    written = tmp_path / "pandas.csv"  # an id column pandas wrote as floats
+    written.write_text("text,label\na,1.0\nb,0.0\n")
+    split = read_file(written)
+    assert split.labels == [1, 0] and split.names == ["class 0", "class 1"]
+    first = tmp_path / "first.jsonl"  # the first row's label missing: not an unlabelled file
+    first.write_text('{"text": "a"}\n{"text": "b", "label": 0}\n')
+    with pytest.raises(DataError, match=r"first.jsonl: row 1: label \(column 'label'\) is missing or empty"):
+        read_file(first)
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text,label\na,1\nb,\n")
+    with pytest.raises(DataError, match=r"empty.csv: row 3: label \(column 'label'\) is missing or empty"):
+        read_file(empty)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_a_missing_text_or_label_column_lists_the_columns_found(tmp_path, fmt):
+    def write(name: str, cols: dict) -> Path:
+        path = tmp_path / f"{name}.{fmt}"
+        rows = [dict(zip(cols, vals)) for vals in zip(*cols.values())]
+        if fmt == "parquet":
+            return _parquet(path, cols)
+        if fmt == "jsonl":
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        else:
+            path.write_text(",".join(cols) + "\n" + "".join(",".join(map(str, r.values())) + "\n" for r in rows))
+        return path
+
+    no_label = write("nolabel", {"text": ["a", "b"], "lab": [0, 1]})
+    cfg = load_config(overrides=[f"data.train={no_label}", "data.label_field=topic"])
+    with pytest.raises(DataError, match=rf"nolabel.{fmt}: training data needs a 'topic' column \(columns: lab, text\)"
+                                        r".*data.label_field"):
+        resolve_labels(cfg)
+    no_text = write("notext", {"body": ["a", "b"], "label": [0, 1]})
+    with pytest.raises(DataError, match=rf"notext.{fmt}: no 'headline' column \((columns|header): .*body.*label"
+                                        r".*data.text_fields"):
+        read_file(no_text, columns=Columns(("headline",), "label"))
+
+
+def test_a_test_or_predict_label_training_never_saw_is_refused(topic_run, topic_files, tmp_path, capsys):
+    unseen = tmp_path / "unseen.jsonl"
+    unseen.write_text(json.dumps({"headline": "Rain", "body": "all week", "topic": "weather"}) + "\n")
+    cfg = load_config(overrides=[f"data.train={topic_files['train']}", f"data.test={unseen}", "data.val_size=4",
+                                 *COLUMNS])
+    with pytest.raises(DataError, match=r"unseen.jsonl: row 1: label 'weather' is not one of the class names "
+                                        r"\(business, sports, world\)"):
+        load_splits(resolve_labels(cfg).data, seed=0)
+    with pytest.raises(SystemExit) as exit_:
+        cli("predict", topic_run, "--input", unseen, "--output", tmp_path / "p.csv")
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "unseen.jsonl: row 1: label 'weather' is not one of the class names" in err
+    assert not (tmp_path / "p.csv").exists()

@@ -34,6 +34,7 @@ class Split:
     labels: list[int] | None
     source: str = ""
     names: list[str] | None = None
+    columns: list[str] | None = None  # the columns the source has, where it has named ones (for messages)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -73,6 +74,7 @@ class _Part:
     first_row: int = 1  # the row number of the first row, for messages
     names: list[str] | None = None
     one_based: bool = False  # ids were written 1-based (the headerless CSV): say so in messages
+    columns: list[str] | None = None  # the columns the source has (for messages)
 
 
 # ---------------------------------------------------------------- reading files
@@ -250,7 +252,7 @@ def _present(keys: set, wanted: Sequence[str], fallback: str) -> tuple[str, ...]
 def _from_records(path: Path | str, records: list[dict], columns: Columns, first_row: int = 1) -> _Part:
     if not records:
         raise DataError(f"{path}: no rows")
-    keys = set(records[0])
+    keys = set().union(*records)  # every row's: a label missing from the first row alone is an error, not "unlabelled"
     fields = _present(keys, columns.text, "text")
     if fields is None:
         raise DataError(f"{path}: no {_fields(columns.text)} column (columns: {sorted(map(str, keys))}); name the "
@@ -260,8 +262,8 @@ def _from_records(path: Path | str, records: list[dict], columns: Columns, first
     for i, rec in enumerate(records, start=first_row):
         texts.append(_check_text(path, i, _joined(path, i, rec, fields)))
         if label:
-            values.append(_label_value(path, i, rec.get(label[0])))
-    return _Part(str(path), texts, values if label else None, first_row=first_row)
+            values.append(_label_value(path, i, rec.get(label[0]), label[0]))
+    return _Part(str(path), texts, values if label else None, first_row=first_row, columns=sorted(map(str, keys)))
 
 
 def _joined(path: Path | str, row: int, rec: dict, fields: tuple[str, ...]) -> object:
@@ -277,14 +279,21 @@ def _joined(path: Path | str, row: int, rec: dict, fields: tuple[str, ...]) -> o
     return " ".join(parts)
 
 
-def _label_value(path: Path | str, row: int, value: object) -> int | str:
+def _label_value(path: Path | str, row: int, value: object, field: str = "label") -> int | str:
     """A label as read: an int (a class id) or a str (a class name, or an id written as text)."""
+    if value is None or (isinstance(value, (float, np.floating)) and np.isnan(value)) or (
+            isinstance(value, str) and not value.strip()):
+        raise DataError(f"{path}: row {row}: label (column '{field}') is missing or empty; fill it in or remove "
+                        "the row")
     if isinstance(value, (bool, np.bool_)):
         return str(bool(value))
     if isinstance(value, (int, np.integer)):
         return int(value)
     if isinstance(value, (float, np.floating)) and np.isfinite(value) and float(value).is_integer():
-        return int(value)
+        return int(value)  # a column of ids stored as floats (parquet, pandas)
+    if isinstance(value, (float, np.floating)):
+        raise DataError(f"{path}: row {row}: label {value!r} is a fractional number, not a class id (an integer) "
+                        "or a class name; write class ids as integers, or class names as text")
     if isinstance(value, str) and value.strip():
         return value.strip()
     raise DataError(f"{path}: row {row}: label {value!r:.80} is not a class id (an integer) or a class name")
@@ -413,10 +422,11 @@ def read_files(paths: Sequence[str | Path], num_labels: int = 0, names: Sequence
 
 def _split(parts: list[_Part], source: str, num_labels: int, names: Sequence[str]) -> Split:
     texts = [t for p in parts for t in p.texts]
+    columns = parts[0].columns
     if parts[0].values is None:
-        return Split(texts, None, source)
+        return Split(texts, None, source, columns=columns)
     labels, classes = label_ids(parts, num_labels=num_labels, names=names)
-    return Split(texts, labels, source, None if labels is None else classes)
+    return Split(texts, labels, source, None if labels is None else classes, columns=columns)
 
 
 # ---------------------------------------------------------------- labels
@@ -427,7 +437,12 @@ def _as_id(value: int | str) -> int | None:
     if isinstance(value, int):
         return value
     text = value.strip()
-    return int(text) if re.fullmatch(r"[-+]?\d+", text) else None
+    if re.fullmatch(r"[-+]?\d+(\.0*)?", text):  # "1.0": an id written as a float (pandas, spreadsheets)
+        return int(float(text))
+    return None
+
+
+_FRACTION = re.compile(r"[-+]?\d*\.\d+")
 
 
 def label_ids(parts: list[_Part], num_labels: int = 0, names: Sequence[str] = ()) -> tuple[list[int] | None, list[str]]:
@@ -463,6 +478,10 @@ def label_ids(parts: list[_Part], num_labels: int = 0, names: Sequence[str] = ()
         count = num_labels or len(names) or max(max(ids) + 1, len(hint or ()))
         _check_ids(parts, count, names)
         return ids, names or (hint if hint and len(hint) == count else generic_names(count))
+    if not names:  # (with names, a label outside them is refused below, naming them)
+        _refuse_label(parts, lambda v: isinstance(v, str) and _FRACTION.fullmatch(v) and _as_id(v) is None,
+                      "is a fractional number, not a class id (an integer) or a class name; write class ids as "
+                      "integers, or name the classes with data.labels to read these numbers as class names")
     if names:  # some names, some ids
         index = {n: i for i, n in enumerate(names)}
         _refuse_label(parts, lambda v: str(v) not in index and not _id_below(v, len(names)),
@@ -536,8 +555,33 @@ def load_training_split(data: DataConfig, num_labels: int = 0) -> Split:
     else:
         full = load_hub_split(data, data.train_split, num_labels=num_labels, names=data.labels)
     if full.labels is None:
-        raise DataError(f"{full.source}: training data needs a '{data.label_field}' column")
+        if full.columns and data.label_field in full.columns:  # GLUE's test split: every label -1
+            raise DataError(f"{full.source}: every '{data.label_field}' label is -1 (unlabelled rows); training "
+                            "data needs the rows' classes")
+        found = f" (columns: {', '.join(full.columns)})" if full.columns else ""
+        raise DataError(f"{full.source}: training data needs a '{data.label_field}' column{found} with the rows' "
+                        "classes; name the label column with data.label_field")
+    counts = np.bincount(full.labels, minlength=len(full.names or ()))
+    present = np.flatnonzero(counts)
+    if len(present) < 2:
+        only = (full.names or generic_names(int(present[0]) + 1))[present[0]] if len(present) else "none"
+        raise DataError(f"{full.source}: the training rows hold one class ('{only}', {len(full)} rows); a classifier "
+                        "needs rows of two classes or more: add rows of the other classes")
     return full
+
+
+def check_val_split(full: Split, val_size: int) -> None:
+    """Refuse a class too small for the stratified validation split of `val_size` rows (one row:
+    it cannot be in both the training and the validation rows)."""
+    if not val_size or full.labels is None:
+        return
+    counts = np.bincount(full.labels, minlength=len(full.names or ()))
+    names = full.names or generic_names(len(counts))
+    for i, n in enumerate(counts):
+        if n == 1:
+            raise DataError(f"{full.source}: class '{names[i]}' has 1 training row, too few for the stratified "
+                            f"validation split (data.val_size={val_size}), which needs 2 rows of every class; add "
+                            f"rows of '{names[i]}' (2 or more), or remove its row")
 
 
 # The class names of training data already read in this process, by what the data is (its files'
@@ -599,6 +643,7 @@ def load_splits(cfg: DataConfig, seed: int, num_labels: int = 0) -> tuple[Split,
     labels are read with the training data's class names."""
     full = load_training_split(cfg, num_labels)
     test = load_test_split(cfg, full.names)
+    check_val_split(full, cfg.val_size)
     train, val = split_train_val(full, val_size=cfg.val_size, seed=seed)
     if cfg.max_train_rows and cfg.max_train_rows < len(train):
         train, _ = split_train_val(train, val_size=len(train) - cfg.max_train_rows, seed=seed)
