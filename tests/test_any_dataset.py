@@ -402,3 +402,59 @@ def test_a_test_or_predict_label_training_never_saw_is_refused(topic_run, topic_
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "unseen.jsonl: row 1: label 'weather' is not one of the class names" in err
     assert not (tmp_path / "p.csv").exists()
+
+
+# ---------------------------------------------------------------- three regrouped classes, parquet, end to end
+
+REGROUPED = {1: "world", 2: "sports", 3: "economy", 4: "economy"}  # Business and Sci/Tech as one class
+THREE = ["economy", "sports", "world"]
+
+
+def _regrouped_parquet(src: Path, rows: int, dest: Path) -> Path:
+    """The first `rows` AG News rows of `src`, all four classes regrouped into three named ones, as
+    parquet with headline, body and topic columns."""
+    with gzip.open(src, "rt", newline="", encoding="utf-8") as fh:
+        records = [(title, desc, REGROUPED[int(cls)]) for _, (cls, title, desc) in zip(range(rows), csv.reader(fh))]
+    headline, body, topic = map(list, zip(*records))
+    return _parquet(dest, {"headline": headline, "body": body, "topic": topic})
+
+
+def test_three_regrouped_classes_from_parquet_train_evaluate_predict_export_and_serve(tiny_model_dir, tmp_path,
+                                                                                      capsys):
+    if not AG_NEWS.is_dir():
+        pytest.skip("../shared/data/ag_news is absent")
+    files = {"train": _regrouped_parquet(AG_NEWS / "train_extra.csv.gz", 300, tmp_path / "train.parquet"),
+             "test": _regrouped_parquet(AG_NEWS / "test.csv.gz", 120, tmp_path / "test.parquet")}
+    run = tmp_path / "run"
+    cli("train", *tiny_run_overrides(tiny_model_dir, files, tmp_path / "cache", run), *COLUMNS)
+    cfg = runs.read_config(run)
+    assert cfg.data.labels == THREE and cfg.model.num_labels == 3
+    assert list(runs.read_json(run / runs.TEST_METRICS)["per_class"]) == THREE
+
+    cli("evaluate", run, "--output", tmp_path / "eval.json")
+    out = capsys.readouterr().out
+    assert all(name in out for name in THREE), out
+    cli("predict", run, "--input", files["test"], "--output", tmp_path / "p.csv", "--names", "--probs")
+    with open(tmp_path / "p.csv", newline="") as fh:
+        labels = [r["Label"] for r in csv.DictReader(fh)]
+    assert len(labels) == 120 and set(labels) <= set(THREE)
+    with open(tmp_path / "p.probs.csv", newline="") as fh:
+        probs = list(csv.DictReader(fh))
+    assert list(probs[0]) == ["ID"] + [f"p_{n}" for n in THREE] and len(probs) == 120
+
+    from agnews_lora.export import export
+    from agnews_lora.predict import Classifier
+
+    merged = export(run, "merged", output=tmp_path / "merged", parity_rows=8)
+    assert json.loads((merged / "config.json").read_text())["id2label"] == {"0": "economy", "1": "sports",
+                                                                           "2": "world"}
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from agnews_lora.serve import create_app
+
+    with TestClient(create_app(Classifier.load(run))) as client:
+        info = client.get("/info").json()
+        body = client.post("/predict", json={"texts": ["Federer wins in Paris", "Oil prices rise"]}).json()
+    assert info["labels"] == THREE and body["label_names"] == THREE
+    assert len(body["names"]) == 2 and set(body["names"]) <= set(THREE)
