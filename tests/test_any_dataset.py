@@ -458,3 +458,33 @@ def test_three_regrouped_classes_from_parquet_train_evaluate_predict_export_and_
         body = client.post("/predict", json={"texts": ["Federer wins in Paris", "Oil prices rise"]}).json()
     assert info["labels"] == THREE and body["label_names"] == THREE
     assert len(body["names"]) == 2 and set(body["names"]) <= set(THREE)
+
+
+# ---------------------------------------------------------------- a folder datasets.Dataset.save_to_disk wrote
+
+
+def test_a_saved_dataset_folder_serves_as_train_and_test_files(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    features = datasets.Features({"sentence": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["negative", "positive"])})
+    rows = {"sentence": [f"{w} film number {i}" for i, w in enumerate(["good", "bad"] * 10)], "label": [1, 0] * 10}
+    train = datasets.Dataset.from_dict(rows, features=features)
+    test = datasets.Dataset.from_dict({"sentence": ["a good film", "a bad film"], "label": [1, 0]}, features=features)
+    train.save_to_disk(str(tmp_path / "train"))
+    test.save_to_disk(str(tmp_path / "test"))
+    cfg = resolve_labels(load_config(overrides=[f"data.train={tmp_path / 'train'}", f"data.test={tmp_path / 'test'}",
+                                                "data.text_fields=[sentence]", "data.val_size=4"]))
+    assert cfg.data.labels == ["negative", "positive"] and cfg.model.num_labels == 2  # the ClassLabel's names
+    tr, val, te = load_splits(cfg.data, seed=0)
+    assert (len(tr), len(val)) == (16, 4) and sorted(tr.texts + val.texts) == sorted(rows["sentence"])
+    assert [tr.names[i] for i in tr.labels] == ["positive" if t.startswith("good") else "negative" for t in tr.texts]
+    assert te.texts == ["a good film", "a bad film"] and te.labels == [1, 0]
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(tmp_path / "both"))
+    with pytest.raises(DataError, match=r"both: a saved DatasetDict \(splits: test, train\); name one split's folder"):
+        read_file(tmp_path / "both", columns=Columns(("sentence",)))
+    with pytest.raises(DataError, match=r"train: no 'text' column \(columns: \['label', 'sentence'\]\)"):
+        read_file(tmp_path / "train")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(DataError, match=r"plain: is a folder, not a data file"):
+        read_file(tmp_path / "plain")

@@ -324,6 +324,27 @@ def _read_parquet(path: Path, columns: Columns) -> _Part:
     return _from_records(path, table.to_pylist(), columns)
 
 
+def _read_saved(path: Path, columns: Columns) -> _Part:
+    """A folder `datasets.Dataset.save_to_disk` wrote: its columns as a file's; a ClassLabel's names
+    become the class names."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as err:  # datasets raises several types for a damaged folder
+        raise DataError(f"{path}: not a readable saved dataset ({type(err).__name__}: {err})") from None
+    if _present(set(ds.column_names), columns.text, "text") is None:
+        raise DataError(f"{path}: no {_fields(columns.text)} column (columns: {sorted(ds.column_names)}); name the "
+                        "text column(s) with data.text_fields, or name the text column 'text'")
+    wanted = list(dict.fromkeys(c for c in (*columns.text, "text", columns.label, "label") if c in ds.column_names))
+    records = [dict(zip(wanted, row)) for row in zip(*(ds[c] for c in wanted))]
+    part = _from_records(path, records, columns)
+    part.columns = sorted(ds.column_names)
+    label = _present(set(ds.column_names), [columns.label], "label")
+    part.names = list(getattr(ds.features.get(label[0]) if label else None, "names", None) or []) or None
+    return part
+
+
 def _read_pickle(path: Path, columns: Columns) -> _Part:
     # Restricted: a pickle from the internet must not be able to run code (see unpickle.py).
     with open(path, "rb") as fh:
@@ -365,8 +386,15 @@ _READERS = {".csv": _read_csv, ".jsonl": _read_jsonl, ".json": _read_jsonl,
 
 def _read_part(path: str | Path, columns: Columns) -> _Part:
     path = Path(path).expanduser()
+    if path.is_dir() and (path / "state.json").is_file():  # a datasets.Dataset.save_to_disk folder
+        return _read_saved(path, columns)
+    if path.is_dir() and (path / "dataset_dict.json").is_file():  # a DatasetDict's: one folder per split
+        splits = sorted(p.name for p in path.iterdir() if (p / "state.json").is_file())
+        raise DataError(f"{path}: a saved DatasetDict (splits: {', '.join(splits)}); name one split's folder, "
+                        f"e.g. {path / (splits[0] if splits else 'train')}")
     if path.is_dir():
-        raise DataError(f"{path}: is a folder, not a data file; name the file itself")
+        raise DataError(f"{path}: is a folder, not a data file; name the file itself (or a folder "
+                        "datasets.Dataset.save_to_disk wrote)")
     if not path.is_file():
         raise DataError(f"{path}: no such file; check data.train / data.test or --input")
     kind = _suffixes(path)
