@@ -414,7 +414,8 @@ def read_file(path: str | Path, num_labels: int = 0, names: Sequence[str] = (),
             datasets.Dataset, a DataFrame, a dict of columns, a list of texts or numpy arrays,
             read by a restricted unpickler that refuses any other global; or a headerless CSV
             in the format of AG News' original (`class,title,description`, classes 1-based; any
-            number of text fields). `.gz` ok for CSV and JSONL.
+            number of text fields). `.gz` ok for CSV and JSONL. Or a folder
+            `datasets.Dataset.save_to_disk` wrote (a ClassLabel's names are the class names).
         num_labels, names: the classes, as in `read_files`.
         columns: the text and label columns.
 
