@@ -627,17 +627,26 @@ def peak_rss_mib() -> float:
 
 
 def write_rows(source: Path, n: int, dest: Path) -> Path:
-    """The first `n` rows of a gzipped CSV (the shared AG News train file) as a plain CSV.
+    """The first `n` rows of a gzipped CSV (the shared AG News train file, headerless, the class in the
+    first field) as a plain CSV. When those rows all hold one class (the file's first 78 are
+    Business), the last is swapped for the file's first row of another class: the tool refuses
+    training rows of a single class, and one row changes no timing.
 
     Raises:
-        DataError: `source` has fewer rows.
+        DataError: `source` has fewer rows, or (n > 1) one class only.
     """
     import gzip
 
     with gzip.open(source, "rt", encoding="utf-8") as src:
         lines = [line for line, _ in zip(src, range(n))]
-    if len(lines) < n:
-        raise DataError(f"{source} has {len(lines):,} rows, {n:,} asked for: use fewer steps or rows")
+        if len(lines) < n:
+            raise DataError(f"{source} has {len(lines):,} rows, {n:,} asked for: use fewer steps or rows")
+        first_class = lines[0].split(",", 1)[0]
+        if n > 1 and all(line.split(",", 1)[0] == first_class for line in lines):
+            other = next((line for line in src if line.split(",", 1)[0] != first_class), None)
+            if other is None:
+                raise DataError(f"{source}: every row holds class {first_class}; training needs two classes")
+            lines[-1] = other
     dest.write_text("".join(lines), encoding="utf-8")
     return dest
 
