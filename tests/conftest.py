@@ -45,6 +45,29 @@ def make_tiny_roberta(out: Path, num_layers: int = 2) -> Path:
     return out
 
 
+def make_shapes_model(out: Path) -> Path:
+    """A hidden-32, 2-layer, 4-label RoBERTa config without weights in `out`: plans and budgets
+    count on the meta device."""
+    from transformers import RobertaConfig
+
+    RobertaConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                  max_position_embeddings=130, type_vocab_size=1, pad_token_id=1, num_labels=4).save_pretrained(out)
+    return out
+
+
+def skewed_posteriors(n: int, seed: int, skew: float):
+    """(posteriors, labels) of a model that adds `skew` to class 3's logit on balanced rows."""
+    import numpy as np
+
+    from agnews_lora.calibration import softmax
+
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 4
+    logits = rng.normal(0, 1, (n, 4)) + 2.5 * np.eye(4)[labels]
+    logits[:, 3] += skew
+    return softmax(logits), labels
+
+
 def tiny_run_overrides(model_dir: Path, files: dict, cache: Path, out: Path) -> list[str]:
     """Dotted overrides for a seconds-long training run on a tiny model and the small files."""
     return [f"model.name={model_dir}", f"data.train={files['train']}", f"data.test={files['test']}",

@@ -16,7 +16,7 @@ import pytest
 from agnews_lora import runs, study
 from agnews_lora.cli import main
 from agnews_lora.config import load_config
-from conftest import tiny_run_overrides
+from conftest import make_shapes_model, tiny_run_overrides
 from test_seeds import _anova_by_sums_of_squares
 
 ROWS = 300
@@ -24,12 +24,7 @@ ROWS = 300
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from transformers import RobertaConfig
-
-    out = tmp_path_factory.mktemp("shapes")
-    RobertaConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                  max_position_embeddings=130, type_vocab_size=1, pad_token_id=1, num_labels=4).save_pretrained(out)
-    return out
+    return make_shapes_model(tmp_path_factory.mktemp("shapes"))
 
 
 def fake_run(folder: Path, model_dir: Path, seed: int, rank: int, labels: np.ndarray, preds: np.ndarray,

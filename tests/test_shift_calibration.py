@@ -12,12 +12,12 @@ import pytest
 
 from agnews_lora import shift
 from agnews_lora import train as train_mod
-from agnews_lora.calibration import confidence_temperature, match_prior, sharpen, softmax
+from agnews_lora.calibration import confidence_temperature, match_prior, sharpen
 from agnews_lora.cli import main
 from agnews_lora.config import ConfigError
 from agnews_lora.data import read_file
 from agnews_lora.predict import Classifier, resolve_shift_calibration
-from conftest import tiny_run_overrides
+from conftest import skewed_posteriors, tiny_run_overrides
 
 
 def _by_hand_top(probs: np.ndarray, t: float) -> float:
@@ -29,12 +29,7 @@ def _by_hand_top(probs: np.ndarray, t: float) -> float:
     return total / len(probs)
 
 
-def _skewed(n: int, seed: int, skew: float) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n) % 4
-    logits = rng.normal(0, 1, (n, 4)) + 2.5 * np.eye(4)[labels]
-    logits[:, 3] += skew
-    return softmax(logits), labels
+_skewed = skewed_posteriors
 
 
 def test_sharpen_is_a_temperature_on_probabilities():

@@ -10,21 +10,15 @@ import numpy as np
 import pytest
 
 from agnews_lora import shift
-from agnews_lora.calibration import match_prior, softmax
+from agnews_lora.calibration import match_prior
 from agnews_lora.cli import main
 from agnews_lora.config import ConfigError
 from agnews_lora.data import read_file
 from agnews_lora.predict import Classifier
-from conftest import tiny_run_overrides
+from conftest import skewed_posteriors, tiny_run_overrides
 
 
-def _skewed(n: int, seed: int, skew: float) -> tuple[np.ndarray, np.ndarray]:
-    """Posteriors of a model that adds `skew` to class 3's logit on balanced rows."""
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n) % 4
-    logits = rng.normal(0, 1, (n, 4)) + 2.5 * np.eye(4)[labels]
-    logits[:, 3] += skew
-    return softmax(logits), labels
+_skewed = skewed_posteriors
 
 
 def test_match_prior_hits_the_target_and_removes_a_skew():

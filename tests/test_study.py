@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import make_shapes_model
 
 from agnews_lora import runs, study
 from agnews_lora.errors import BudgetError, ConfigError, UserError
@@ -17,13 +18,7 @@ from agnews_lora.errors import BudgetError, ConfigError, UserError
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    """Shapes only (hidden 32, 2 layers, 4 labels): plans count on the meta device."""
-    from transformers import RobertaConfig
-
-    out = tmp_path_factory.mktemp("shapes")
-    RobertaConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                  max_position_embeddings=130, type_vocab_size=1, pad_token_id=1, num_labels=4).save_pretrained(out)
-    return out
+    return make_shapes_model(tmp_path_factory.mktemp("shapes"))
 
 
 def row(name: str, model_dir: Path, out: Path, *extra: str) -> study.Row:
