@@ -6,7 +6,9 @@ Nothing here downloads. Tests that need ../shared skip with a reason when it is 
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
+import tempfile
 import socket
 import threading
 import time
@@ -19,6 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 AG_NEWS = SHARED / "data" / "ag_news"
 ROBERTA_BASE = SHARED / "models" / "roberta-base"
+
+# `datasets` (which reads JSON, parquet and Hub sources) keeps an Arrow copy of every file it reads:
+# the suite's go to a folder of its own, not the user's ~/.cache (child processes inherit it).
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="agnews-lora-tests-hf-datasets-")
 
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared (offline AG News + tokenizer) is absent")
 

@@ -488,3 +488,113 @@ def test_a_saved_dataset_folder_serves_as_train_and_test_files(tmp_path, monkeyp
     (tmp_path / "plain").mkdir()
     with pytest.raises(DataError, match=r"plain: is a folder, not a data file"):
         read_file(tmp_path / "plain")
+
+
+# ---------------------------------------------------------------- more sources: TSV, JSON arrays, hf:NAME
+
+
+def _tsv(path: Path, rows: list[tuple[str, str, str]]) -> Path:
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        csv.writer(fh, delimiter="\t").writerows([("headline", "summary", "kind"), *rows])
+    return path
+
+
+def test_tsv_and_json_arrays_with_any_column_names(tmp_path):
+    rows = [("Stocks fall, again", "Markets, in brief", "business"), ("Team wins", "A final", "sports")]
+    tsv = read_file(_tsv(tmp_path / "a.tsv", rows), columns=Columns(("headline", "summary"), "kind"))
+    assert tsv.texts == ["Stocks fall, again Markets, in brief", "Team wins A final"]  # commas stay in the text
+    assert tsv.names == ["business", "sports"] and tsv.labels == [0, 1]
+    array = tmp_path / "a.json"
+    array.write_text(json.dumps([{"headline": h, "summary": s, "kind": k} for h, s, k in rows]), encoding="utf-8")
+    assert read_file(array, columns=Columns(("headline", "summary"), "kind")) == tsv.__class__(
+        tsv.texts, tsv.labels, str(array), tsv.names, ["headline", "kind", "summary"])
+    with gzip.open(tmp_path / "a.tsv.gz", "wt", encoding="utf-8", newline="") as fh:
+        fh.write((tmp_path / "a.tsv").read_text(encoding="utf-8"))
+    assert read_file(tmp_path / "a.tsv.gz", columns=Columns(("headline", "summary"), "kind")).texts == tsv.texts
+    weird = tmp_path / "rows [1] *.jsonl"  # glob characters in the name mean themselves
+    weird.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n', encoding="utf-8")
+    assert read_file(weird).texts == ["a", "b"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ('[{"text": "a", "label": 1}, 3]', r"a.json: item 2: expected an object"),
+    ('[{"text": "a", "label": 1},\n {"text": }]', r"a.json: line 2: not valid JSON"),
+    ('{"text": "a", "label": 1}\n{"text": "b\\ud800", "label": 0}\n', r"a.json: row 2: text holds a lone surrogate"),
+    ("", r"a.json: no rows"),
+])
+def test_json_the_loader_cannot_read_is_named_by_line(tmp_path, content, message):
+    path = tmp_path / "a.json"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=message):
+        read_file(path)
+
+
+def test_a_broken_tsv_row_is_named_not_merged(tmp_path):
+    path = tmp_path / "b.tsv"
+    path.write_text('text\tlabel\n"opens here\t1\nsecond\t0\nthird" and more\t1\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"b.tsv: line 2: a quoted field opens here and is not closed on its line"):
+        read_file(path)
+
+
+def _dataset_folder(root: Path) -> Path:
+    """A dataset folder as `datasets.load_dataset` reads a Hub repository's files: train and test
+    CSVs with string labels under other column names."""
+    folder = root / "reviews"
+    folder.mkdir()
+    kinds = ["good", "bad", "odd"]
+    with open(folder / "train.csv", "w", encoding="utf-8", newline="") as fh:
+        csv.writer(fh).writerows([("body", "verdict"), *((f"a {kinds[i % 3]} film, number {i}", kinds[i % 3])
+                                                         for i in range(30))])
+    with open(folder / "test.csv", "w", encoding="utf-8", newline="") as fh:
+        csv.writer(fh).writerows([("body", "verdict"), *((f"{k} again", k) for k in kinds)])
+    return folder
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("hf:fancyzhx/ag_news", ("fancyzhx/ag_news", "", "train")),
+    ("hf:nyu-mll/glue:sst2", ("nyu-mll/glue", "sst2", "train")),
+    ("hf:nyu-mll/glue:sst2:validation[:50%]", ("nyu-mll/glue", "sst2", "validation[:50%]")),
+    ("hf:fancyzhx/ag_news::test[10:20]", ("fancyzhx/ag_news", "", "test[10:20]")),
+])
+def test_hub_sources_parse_name_config_and_split(text, expected):
+    from agnews_lora.data import HubSource
+
+    source = HubSource.parse(text, "train")
+    assert (source.name, source.config, source.split) == expected
+    assert HubSource.parse(str(source), "test") == source  # the form messages show reads back the same
+
+
+@pytest.mark.parametrize("text", ["hf:", "hf::sst2", "hf:fancyzhx/ag_news:train[:90%]"])
+def test_a_malformed_hub_source_shows_the_forms(text):
+    with pytest.raises(DataError, match=r"write a Hub dataset as hf:NAME, hf:NAME:CONFIG or hf:NAME:CONFIG:SPLIT"):
+        read_file(text)
+
+
+def test_an_unreachable_hub_source_is_one_clear_line(monkeypatch):
+    from agnews_lora.errors import HubUnreachable
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HubUnreachable, match=r"cannot download dataset 'someone/tickets'.*name local files"):
+        read_files(["hf:someone/tickets::train[:90%]"])
+
+
+def test_hub_sources_with_split_slices_in_train_test_and_predict(tiny_model_dir, tmp_path, capsys):
+    """hf: sources in data.train and data.test (the split slices carve train and dev rows from one
+    split) and in predict --input, through the real `datasets` path (a local dataset folder)."""
+    folder = _dataset_folder(tmp_path)
+    source = f"hf:{folder}"
+    cols = Columns(("body",), "verdict")
+    head, tail = (read_files([f"{source}::train[:80%]"], columns=cols), read_files([f"{source}::train[80%:]"],
+                                                                                     columns=cols))
+    assert (len(head), len(tail)) == (24, 6) and set(head.texts).isdisjoint(tail.texts)
+    with pytest.raises(DataError, match=r"reviews::nope: .*nope"):  # datasets names the splits there are
+        read_files([f"{source}::nope"], columns=cols)
+    files = {"train": f"{source}::train[:80%]", "test": f"{source}::train[80%:]"}
+    cli("train", *tiny_run_overrides(tiny_model_dir, files, tmp_path / "cache", tmp_path / "run"),
+        "data.text_fields=[body]", "data.label_field=verdict", "data.val_size=6")
+    run = runs.RunFolder(tmp_path / "run")
+    assert run.config().data.labels == ["bad", "good", "odd"]
+    cli("predict", tmp_path / "run", "--input", source, "--output", tmp_path / "p.csv", "--names")
+    lines = (tmp_path / "p.csv").read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "ID,Label" and len(lines) == 4  # its default split for --input: test (3 rows)
+    assert {line.split(",")[1] for line in lines[1:]} <= {"bad", "good", "odd"}

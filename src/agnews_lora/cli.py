@@ -345,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "order (train writes RUN_DIR/test_predictions.npz for its test rows; paired "
                            "comparisons of runs read it)")
         else:
-            p.add_argument("--input", nargs="+", required=True, help="CSV/JSONL(.gz), parquet or pickle file(s); "
+            p.add_argument("--input", nargs="+", required=True, help="CSV/TSV/JSON(L) (.gz too), parquet or pickle "
+                           "file(s), save_to_disk folders, or hf:NAME[:CONFIG[:SPLIT]] (default split: test); "
                            "a pickle may hold only a datasets.Dataset, DataFrame, dict of columns, list of "
                            "texts or numpy arrays (anything else is refused, never run)")
             p.add_argument("--output", required=True, help="CSV to write (ID,Label); never an input file "

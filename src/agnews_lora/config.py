@@ -34,8 +34,9 @@ class DataConfig:
     hub_config: str = ""  # the Hub dataset's configuration (subset), e.g. "sst2" of nyu-mll/glue
     train_split: str = "train"  # the Hub dataset's split to train on (validation rows are carved from it)
     test_split: str = "test"  # its split to test on ("" = none); all labels -1 (GLUE's hidden test) = unlabelled
-    train: list[str] = field(default_factory=list)  # local files, concatenated
-    test: list[str] = field(default_factory=list)  # local files; empty + hub -> hub test split
+    # Files (CSV, TSV, JSON(L), parquet, pickle), save_to_disk folders or hf:NAME[:CONFIG[:SPLIT]], concatenated
+    train: list[str] = field(default_factory=list)
+    test: list[str] = field(default_factory=list)  # as train; empty + hub_dataset -> its test_split
     # When not one of the local files train and test name exists: error; or hub = read hub_dataset
     # instead (a preset naming an offline copy then runs online as well; config.yaml records it)
     if_missing: Literal["error", "hub"] = "error"

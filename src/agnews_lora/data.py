@@ -13,6 +13,7 @@ import os
 import random
 import re
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -135,11 +136,11 @@ def _check_text(path: Path | str, row: int, text: object) -> str:
 _CSV_FIELD_LIMIT = 2**31 - 1
 
 
-def _csv_rows(path: Path) -> list[list[str]]:
+def _csv_rows(path: Path, delimiter: str = ",") -> list[list[str]]:
     text = _open_text(path).getvalue()
     previous = csv.field_size_limit(_CSV_FIELD_LIMIT)
     # strict: a quote left open would otherwise swallow the following rows into one field, silently
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     rows, start = [], 1  # start: the line the next row begins on
     try:
         for row in reader:
@@ -193,8 +194,13 @@ def _open_quote(lines: list[str], first: int) -> tuple[int, bool] | None:
     return (opened, False) if quoted else None
 
 
-def _read_csv(path: Path, columns: Columns) -> _Part:
-    rows = _csv_rows(path)
+def _read_csv(path: Path, columns: Columns, delimiter: str = ",") -> _Part:
+    """A CSV (or, with a tab delimiter, TSV) file with a header, or headerless (`_headerless`).
+
+    Read by Python's csv module in strict mode, not by `datasets`' csv loader: that one (pandas)
+    silently joins the rows after a quote left open into one field and shifts the columns of a row
+    with an extra field, where this reader stops at the line and says what to fix."""
+    rows = _csv_rows(path, delimiter)
     while rows and not rows[-1]:  # blank lines at the end, as editors and spreadsheets leave them
         rows.pop()
     if not rows:
@@ -299,50 +305,116 @@ def _label_value(path: Path | str, row: int, value: object, field: str = "label"
     raise DataError(f"{path}: row {row}: label {value!r:.80} is not a class id (an integer) or a class name")
 
 
-def _read_jsonl(path: Path, columns: Columns) -> _Part:
-    records = []
-    for i, line in enumerate(_open_text(path), start=1):
-        if not line.strip():
-            continue
+@contextmanager
+def _quiet_datasets() -> Iterator:
+    """`datasets`, with its progress bars and log lines off while it reads a file (restored after)."""
+    import datasets
+
+    bars, verbosity = datasets.is_progress_bar_enabled(), datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        yield datasets
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def _innermost(err: BaseException) -> BaseException:
+    """The exception at the bottom of `err`'s chain (datasets wraps the reader's own in its own)."""
+    while err.__cause__ is not None or (err.__context__ is not None and not err.__suppress_context__):
+        err = err.__cause__ or err.__context__
+    return err
+
+
+def _load_packaged(path: Path, builder: str):
+    """Read one local file with `datasets`' packaged loader `builder` (json, parquet): a Dataset.
+    Raises the loader's error; the callers turn it into a message naming the row."""
+    import glob
+
+    with _quiet_datasets() as datasets:
+        # data_files are glob patterns: a file name with [ or * is escaped to mean itself
+        return datasets.load_dataset(builder, data_files=glob.escape(str(path)), split="train")
+
+
+def _from_dataset(source: Path | str, ds, columns: Columns) -> _Part:
+    """A `datasets.Dataset`'s rows as a part: its text and label columns, a ClassLabel's names as the
+    class names, its column names for messages."""
+    found = list(ds.column_names)
+    if _present(set(found), columns.text, "text") is None:
+        raise DataError(f"{source}: no {_fields(columns.text)} column (columns: {sorted(found)}); name the "
+                        "text column(s) with data.text_fields, or name the text column 'text'")
+    wanted = list(dict.fromkeys(c for c in (*columns.text, "text", columns.label, "label") if c in found))
+    records = [dict(zip(wanted, row)) for row in zip(*(ds[c] for c in wanted))]
+    part = _from_records(source, records, columns)
+    part.columns = sorted(found)
+    label = _present(set(found), [columns.label], "label")
+    part.names = list(getattr(ds.features.get(label[0]) if label else None, "names", None) or []) or None
+    return part
+
+
+def _read_json(path: Path, columns: Columns) -> _Part:
+    """JSON lines, or one JSON array of objects (.json, .jsonl, .gz too), read by `datasets`' json
+    loader. When it cannot read the file, the file is read line by line to say which line breaks."""
+    try:
+        ds = _load_packaged(path, "json")
+    except Exception as err:  # datasets wraps pyarrow's and json's errors in several types
+        _diagnose_json(path)
+        raise DataError(f"{path}: not a readable JSON / JSON-lines file ({_innermost(err)})") from None
+    if not ds.column_names:
+        raise DataError(f"{path}: no rows")
+    return _from_dataset(path, ds, columns)
+
+
+def _diagnose_json(path: Path) -> None:
+    """Raise a DataError naming the line (and what is wrong there) that stops `path` from being read
+    as JSON lines or a JSON array of objects; return when no such line is found."""
+    text = _open_text(path).getvalue()  # raises for bad gzip or UTF-8, naming the line
+    if text.lstrip().startswith("["):
         try:
-            rec = json.loads(line)
+            rows = json.loads(text)
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}: line {i}: not valid JSON ({err.msg}): {line[:80]!r}") from None
+            raise DataError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from None
+        lines = [(i, rec) for i, rec in enumerate(rows, start=1)]
+        where = "item"
+    else:
+        lines = []
+        for i, line in enumerate(io.StringIO(text), start=1):
+            if not line.strip():
+                continue
+            try:
+                lines.append((i, json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: line {i}: not valid JSON ({err.msg}): {line[:80]!r}") from None
+        where = "line"
+    if not lines:
+        raise DataError(f"{path}: no rows")
+    for i, rec in lines:
         if not isinstance(rec, dict):
-            raise DataError(f"{path}: line {i}: expected an object with 'text' (and 'label'), got {rec!r:.80}")
-        records.append(rec)
-    return _from_records(path, records, columns)
+            raise DataError(f"{path}: {where} {i}: expected an object with 'text' (and 'label'), got {rec!r:.80}")
+        for key, value in rec.items():
+            if isinstance(value, str) and _SURROGATE.search(value):
+                _check_text(path, i, value)  # names the lone surrogate
 
 
 def _read_parquet(path: Path, columns: Columns) -> _Part:
-    import pyarrow.parquet as pq
-
     try:
-        table = pq.read_table(path)
+        ds = _load_packaged(path, "parquet")
     except Exception as err:  # pyarrow raises several types for corrupt files
-        raise DataError(f"{path}: not a readable parquet file ({err})") from None
-    return _from_records(path, table.to_pylist(), columns)
+        raise DataError(f"{path}: not a readable parquet file ({_innermost(err)})") from None
+    return _from_dataset(path, ds, columns)
 
 
 def _read_saved(path: Path, columns: Columns) -> _Part:
     """A folder `datasets.Dataset.save_to_disk` wrote: its columns as a file's; a ClassLabel's names
     become the class names."""
-    import datasets
-
     try:
-        ds = datasets.load_from_disk(str(path))
+        with _quiet_datasets() as datasets:
+            ds = datasets.load_from_disk(str(path))
     except Exception as err:  # datasets raises several types for a damaged folder
         raise DataError(f"{path}: not a readable saved dataset ({type(err).__name__}: {err})") from None
-    if _present(set(ds.column_names), columns.text, "text") is None:
-        raise DataError(f"{path}: no {_fields(columns.text)} column (columns: {sorted(ds.column_names)}); name the "
-                        "text column(s) with data.text_fields, or name the text column 'text'")
-    wanted = list(dict.fromkeys(c for c in (*columns.text, "text", columns.label, "label") if c in ds.column_names))
-    records = [dict(zip(wanted, row)) for row in zip(*(ds[c] for c in wanted))]
-    part = _from_records(path, records, columns)
-    part.columns = sorted(ds.column_names)
-    label = _present(set(ds.column_names), [columns.label], "label")
-    part.names = list(getattr(ds.features.get(label[0]) if label else None, "names", None) or []) or None
-    return part
+    return _from_dataset(path, ds, columns)
 
 
 def _read_pickle(path: Path, columns: Columns) -> _Part:
@@ -380,11 +452,59 @@ def _pickle_records(path: Path, obj: object) -> list[dict]:
     return obj
 
 
-_READERS = {".csv": _read_csv, ".jsonl": _read_jsonl, ".json": _read_jsonl,
+_READERS = {".csv": _read_csv, ".tsv": lambda path, columns: _read_csv(path, columns, "\t"),
+            ".jsonl": _read_json, ".json": _read_json,
             ".parquet": _read_parquet, ".pkl": _read_pickle, ".pickle": _read_pickle}
 
 
-def _read_part(path: str | Path, columns: Columns) -> _Part:
+# ---------------------------------------------------------------- Hub datasets
+
+HUB_PREFIX = "hf:"
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """A dataset `datasets.load_dataset` reads: a Hub id (or a local dataset folder), its
+    configuration ("" = the default) and a split, slices included (`train[:90%]`, `test[100:200]`).
+    Written in data.train, data.test and --input as `hf:NAME`, `hf:NAME:CONFIG` or
+    `hf:NAME:CONFIG:SPLIT` (`hf:NAME::SPLIT` for the default configuration)."""
+
+    name: str
+    config: str = ""
+    split: str = "train"
+
+    @classmethod
+    def parse(cls, text: str, split: str) -> "HubSource":
+        """`hf:NAME[:CONFIG[:SPLIT]]` with `split` where it names none."""
+        name, config, given = (text[len(HUB_PREFIX):].split(":", 2) + ["", ""])[:3]
+        if not name.strip() or "[" in config or "]" in config:
+            raise DataError(f"{text}: write a Hub dataset as hf:NAME, hf:NAME:CONFIG or hf:NAME:CONFIG:SPLIT (a split "
+                            "with the default configuration: hf:NAME::SPLIT, e.g. hf:fancyzhx/ag_news::train[:90%])")
+        return cls(name.strip(), config.strip(), given.strip() or split)
+
+    def __str__(self) -> str:
+        return f"{HUB_PREFIX}{self.name}:{self.config}:{self.split}"
+
+
+def _read_hub(source: HubSource, columns: Columns) -> _Part:
+    """Read a split of a Hub dataset (or of a local dataset folder) through `datasets`: the Hub is
+    checked first, so that offline gives one clear line instead of retries."""
+    local = Path(source.name).expanduser()
+    if not local.is_dir():
+        ensure_hub_reachable(source.name, kind="dataset", hint="name local files (or a local dataset folder) instead")
+    try:
+        with _quiet_datasets() as datasets:
+            ds = datasets.load_dataset(str(local) if local.is_dir() else source.name, source.config or None,
+                                       split=source.split)
+    except Exception as err:  # an unknown split or configuration (datasets names the ones there are), ...
+        raise DataError(f"{source}: {type(_innermost(err)).__name__}: {_innermost(err)}") from None
+    return _from_dataset(str(source), ds, columns)
+
+
+def _read_part(path: str | Path, columns: Columns, split: str = "test") -> _Part:
+    """One source's rows: a local file or folder, or `hf:...` (its split, when it names none, is `split`)."""
+    if str(path).startswith(HUB_PREFIX):
+        return _read_hub(HubSource.parse(str(path), split), columns)
     path = Path(path).expanduser()
     if path.is_dir() and (path / "state.json").is_file():  # a datasets.Dataset.save_to_disk folder
         return _read_saved(path, columns)
@@ -401,7 +521,9 @@ def _read_part(path: str | Path, columns: Columns) -> _Part:
     for ext, reader in _READERS.items():
         if kind.endswith(ext):
             return reader(path, columns)
-    raise DataError(f"{path}: unknown file type; use .csv(.gz), .jsonl(.gz), .parquet or .pkl")
+    raise DataError(f"{path}: unknown file type; use .csv, .tsv, .jsonl or .json (each also .gz), .parquet, "
+                    ".pkl, a folder datasets.Dataset.save_to_disk wrote, or hf:NAME[:CONFIG[:SPLIT]] for a Hub "
+                    "dataset")
 
 
 def read_file(path: str | Path, num_labels: int = 0, names: Sequence[str] = (),
@@ -426,7 +548,7 @@ def read_file(path: str | Path, num_labels: int = 0, names: Sequence[str] = (),
 
 
 def read_files(paths: Sequence[str | Path], num_labels: int = 0, names: Sequence[str] = (),
-               columns: Columns = Columns(), labels: bool = True) -> Split:
+               columns: Columns = Columns(), labels: bool = True, split: str = "test") -> Split:
     """Read and concatenate several files (all labelled, or all unlabelled).
 
     Args:
@@ -435,11 +557,12 @@ def read_files(paths: Sequence[str | Path], num_labels: int = 0, names: Sequence
         names: class names by label id; empty = from the data (`label_ids`).
         columns: the text and label columns.
         labels: False reads the texts alone (any label column is ignored).
+        split: the split of an `hf:NAME[:CONFIG]` source that names none.
 
     Returns:
         The Split: labels as ids, with the class names they were read with.
     """
-    parts = [_read_part(p, columns) for p in paths]
+    parts = [_read_part(p, columns, split) for p in paths]
     if not labels:
         for part in parts:
             part.values = None
@@ -553,34 +676,18 @@ def _refuse_label(parts: list[_Part], bad, why: str) -> None:
 
 
 def load_hub_split(data: DataConfig, split: str, num_labels: int = 0, names: Sequence[str] = ()) -> Split:
-    """Load a split of a Hub dataset (or of a dataset folder `datasets` reads) through `datasets`:
+    """Load a split of data.hub_dataset (a Hub id or a local dataset folder) through `datasets`:
     its data.text_fields joined into the text, data.label_field as the label (a ClassLabel's names
     become the class names)."""
-    dataset = data.hub_dataset
-    local = Path(dataset).expanduser().is_dir()
-    if not local:
-        ensure_hub_reachable(dataset, kind="dataset", hint="set data.train (and data.test) to local files")
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(str(Path(dataset).expanduser()) if local else dataset, data.hub_config or None,
-                                   split=split)
-    except ValueError as err:  # an unknown split or configuration: datasets names the ones there are
-        raise DataError(f"{dataset}: {err}") from None
-    source = f"{dataset}{'/' + data.hub_config if data.hub_config else ''}:{split}"
-    columns = Columns.of(data)
-    wanted = list(dict.fromkeys(c for c in (*columns.text, "text", columns.label, "label") if c in ds.column_names))
-    records = [dict(zip(wanted, row)) for row in zip(*(ds[c] for c in wanted))]
-    part = _from_records(source, records, columns)
-    label = _present(set(ds.column_names), [columns.label], "label")
-    part.names = list(getattr(ds.features.get(label[0]) if label else None, "names", None) or []) or None
-    return _split([part], source, num_labels=num_labels, names=names)
+    source = HubSource(data.hub_dataset, data.hub_config, split)
+    return _split([_read_hub(source, Columns.of(data))], str(source), num_labels=num_labels, names=names)
 
 
 def load_training_split(data: DataConfig, num_labels: int = 0) -> Split:
     """All training rows the config names (before the validation rows are carved out)."""
     if data.train:
-        full = read_files(data.train, num_labels=num_labels, names=data.labels, columns=Columns.of(data))
+        full = read_files(data.train, num_labels=num_labels, names=data.labels, columns=Columns.of(data),
+                          split=data.train_split)
     else:
         full = load_hub_split(data, data.train_split, num_labels=num_labels, names=data.labels)
     if full.labels is None:
@@ -621,8 +728,8 @@ _NAMES_READ: dict[tuple, list[str]] = {}
 def _training_names(data: DataConfig, num_labels: int) -> list[str]:
     """The class names the training data tells (`load_training_split`), read once per process."""
     try:
-        files = tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)
-                      for p in (Path(f).expanduser() for f in data.train))
+        files = tuple((f, 0, 0) if f.startswith(HUB_PREFIX) else (str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)
+                      for f, p in ((f, Path(f).expanduser()) for f in data.train))
     except OSError:  # a missing file: reading it says so
         return load_training_split(data, num_labels=num_labels).names
     key = (files, data.hub_dataset, data.hub_config, data.train_split, tuple(data.text_fields), data.label_field,
@@ -661,7 +768,8 @@ def load_test_split(data: DataConfig, names: Sequence[str], files: Sequence[str 
         files: other files to score instead.
     """
     if files or data.test:
-        return read_files(files or data.test, num_labels=len(names), names=names, columns=Columns.of(data))
+        return read_files(files or data.test, num_labels=len(names), names=names, columns=Columns.of(data),
+                          split=data.test_split or "test")
     if not data.train and data.test_split:
         return load_hub_split(data, data.test_split, num_labels=len(names), names=names)
     return None
