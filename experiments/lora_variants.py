@@ -21,7 +21,9 @@ also draws the rows and their order: one seed, the same rows and batches for eve
 
 Each run is `agnews-lora train` in a child process (agnews_lora.study), in its own folder under --out
 (ARM, ARM.seedS). Resumable: a finished run is not rerun, an interrupted one resumes from its
-checkpoint. Runs go seed by seed (every arm at seed 42 first), so that a partial study already pairs
+checkpoint. Each finished run also leaves a record (its figures and every test row's prediction) in
+experiments/records/lora_variants/, which is committed: a later session, whose run folders are gone,
+skips the recorded runs and pairs the new ones with them. Runs go seed by seed (every arm at seed 42 first), so that a partial study already pairs
 every arm with plain LoRA. The table (docs/results/lora-variants.md) and its JSON beside it are
 rewritten after every run: per arm its test accuracy over seeds, and its difference from plain LoRA
 paired by seed and test row (`seeds.paired_over_seeds`: a standard error from both the seeds and
@@ -44,6 +46,9 @@ from agnews_lora.study import Planned, Row, minutes, percent
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 ROW_FILE = "lora_variants_row.json"  # per run folder: wall time and peak memory of the call that finished it
+# Each finished run's figures and test predictions, committed, so that a later session (whose run
+# folders are gone) resumes the study where it stopped and the table pairs every run it ever had.
+RECORDS = ROOT / "experiments" / "records" / "lora_variants"
 PRESET = ROOT / "configs" / "cpu-minilm.yaml"
 PLAIN = "lora"
 ARMS = {  # arm -> (title, overrides beyond the common ones)
@@ -78,39 +83,79 @@ def arm_rows(args: argparse.Namespace) -> list[Row]:
     return sorted(by_seed, key=lambda r: (seed_of[r.name] != "", seed_of[r.name]))  # the rows' own seed first
 
 
-def finished(args: argparse.Namespace) -> dict[str, dict]:
-    """arm -> {"runs": {seed: RunFolder}, "title"} for every arm with a finished run."""
-    out = {}
+def records_dir(args: argparse.Namespace) -> Path | None:
+    """Where this study's conditions keep their records (None with --set overrides: those runs
+    are the user's own study, not this one's)."""
+    if args.set:
+        return None
+    return args.records / f"rows{args.rows}_steps{args.steps}_loraplus{args.loraplus_ratio:g}"
+
+
+def record_runs(args: argparse.Namespace) -> None:
+    """Write a record for every finished run folder that has none yet."""
+    folder = records_dir(args)
+    if folder is None:
+        return
+    from agnews_lora.checkpoint import atomic_write_json
+
     for arm in ARMS:
-        runs = [RunFolder(p) for p in study.seed_runs(args.out / arm)]
-        if runs:
-            out[arm] = {"title": ARMS[arm][0], "runs": {r.config().train.seed: r for r in runs}}
-    return out
+        for path in study.seed_runs(args.out / arm):
+            run = RunFolder(path)
+            seed = run.config().train.seed
+            dest = folder / f"{arm}.seed{seed}.json"
+            preds, summary = run.test_predictions(), run.summary()
+            if dest.is_file() or preds is None:
+                continue
+            row = study.read_record(path, ROW_FILE) or {}
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(dest, {
+                "arm": arm, "seed": seed, "commit": args.commit, "machine": str(study.machine()),
+                "finished": row.get("finished"), "wall_seconds": row.get("wall_seconds"),
+                "test_accuracy": summary.get("test_accuracy"), "best_val_accuracy": summary.get("best_val_accuracy"),
+                "train_seconds": summary.get("train_seconds"), "trainable": summary["trainable"]["total"],
+                # one digit per test row, in file order: gold label and predicted class
+                "labels": "".join(map(str, preds["labels"].tolist())),
+                "preds": "".join(map(str, preds["preds"].tolist()))})
 
 
-def compare(found: dict[str, dict]) -> dict[str, dict]:
+def finished(args: argparse.Namespace) -> dict[str, dict[int, dict]]:
+    """arm -> {seed: record} for every run recorded (this session's and earlier sessions')."""
+    import numpy as np
+
+    record_runs(args)
+    folder = records_dir(args)
+    out: dict[str, dict[int, dict]] = {}
+    for path in sorted(folder.glob("*.json")) if folder is not None and folder.is_dir() else []:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+        if rec["arm"] in ARMS:
+            rec["labels"] = np.frombuffer(rec["labels"].encode(), dtype=np.uint8) - ord("0")
+            rec["preds"] = np.frombuffer(rec["preds"].encode(), dtype=np.uint8) - ord("0")
+            out.setdefault(rec["arm"], {})[rec["seed"]] = rec
+    return {arm: out[arm] for arm in ARMS if arm in out}
+
+
+def compare(found: dict[str, dict[int, dict]]) -> dict[str, dict]:
     """Per arm: test and validation accuracy over its seeds, train time, and the difference from plain
     LoRA paired by seed and test row (None for plain LoRA or without a shared seed)."""
     import numpy as np
 
     from agnews_lora.seeds import paired_over_seeds, spread
 
-    preds = {arm: {s: r.test_predictions() for s, r in f["runs"].items()} for arm, f in found.items()}
     out = {}
-    for arm, f in found.items():
-        summaries = {s: r.summary() for s, r in f["runs"].items()}
+    for arm, runs in found.items():
         diff = None
-        if arm != PLAIN and PLAIN in preds:
-            shared = sorted(set(preds[arm]) & set(preds[PLAIN]))
-            labels = preds[PLAIN][shared[0]]["labels"] if shared else None
-            if shared and all(np.array_equal(preds[arm][s]["labels"], labels) for s in shared):
-                diff = paired_over_seeds(labels, {s: preds[arm][s]["preds"] for s in shared},
-                                         {s: preds[PLAIN][s]["preds"] for s in shared})
-        out[arm] = {"title": f["title"], "seeds": sorted(summaries),
-                    "test": spread([s.get("test_accuracy") for s in summaries.values()]),
-                    "val": spread([s.get("best_val_accuracy") for s in summaries.values()]),
-                    "train_seconds": spread([s.get("train_seconds") for s in summaries.values()]),
-                    "trainable": sorted({s["trainable"]["total"] for s in summaries.values()}),
+        if arm != PLAIN and PLAIN in found:
+            shared = sorted(set(runs) & set(found[PLAIN]))
+            labels = found[PLAIN][shared[0]]["labels"] if shared else None
+            if shared and all(np.array_equal(runs[s]["labels"], labels) for s in shared):
+                diff = paired_over_seeds(labels, {s: runs[s]["preds"] for s in shared},
+                                         {s: found[PLAIN][s]["preds"] for s in shared})
+        out[arm] = {"title": ARMS[arm][0], "seeds": sorted(runs),
+                    "test": spread([r["test_accuracy"] for r in runs.values()]),
+                    "val": spread([r["best_val_accuracy"] for r in runs.values()]),
+                    "train_seconds": spread([r["train_seconds"] for r in runs.values()]),
+                    "trainable": sorted({r["trainable"] for r in runs.values()}),
+                    "machines": sorted({r["machine"] for r in runs.values()}),
                     "vs_plain": diff}
     return out
 
@@ -131,10 +176,10 @@ def write_table(args: argparse.Namespace, argv: list[str]) -> bool:
     if not found:
         return False
     results = compare(found)
-    records = sorted((r for f in found.values() for run in f["runs"].values()
-                      if (r := study.read_record(run.path, ROW_FILE)) is not None), key=lambda r: r["finished"])
-    first = next(iter(next(iter(found.values()))["runs"].values()))
-    cfg, machine = first.config(), study.machine()
+    records = sorted((r for runs in found.values() for r in runs.values() if r.get("finished")),
+                     key=lambda r: r["finished"])
+    cfg = study.resolve(arm_rows(args)[0])  # the conditions every run shares
+    machines = sorted({m for r in results.values() for m in r["machines"]})
     rows = []
     for arm, r in results.items():
         t, v, secs = r["test"], r["val"], r["train_seconds"]
@@ -142,13 +187,18 @@ def write_table(args: argparse.Namespace, argv: list[str]) -> bool:
         rows.append([r["title"], f"{r['trainable'][0]:,}" if len(r["trainable"]) == 1 else str(r["trainable"]),
                      len(r["seeds"]), f"{percent(v['mean'])}{sd(v)}", f"{percent(t['mean'])}{sd(t)}",
                      "-" if arm == PLAIN else _cell(r["vs_plain"]), minutes(secs["mean"])])
-    wall = sum(r["wall_seconds"] for r in records)
+    wall = sum(r["wall_seconds"] or 0 for r in records)
     lines = ["# LoRA variants against plain LoRA (MiniLM stand-in)", "",
-             f"- Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from {sum(len(f['runs']) for f in found.values())} "
+             f"- Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from {sum(len(f) for f in found.values())} "
              f"finished runs" + (f" (finished between {records[0]['finished'][:16]} and {records[-1]['finished'][:16]} "
                                  f"UTC, wall time {minutes(wall)})" if records else "") + ".",
-             f"- Machine: {machine}. The machine was shared with other jobs (training times are indicative).",
-             f"- Commit: {args.commit}. Command: `python experiments/lora_variants.py {shlex.join(argv)}`.",
+             f"- Machine{'s' if len(machines) > 1 else ''}: {'; '.join(machines)}. The machine was shared with other "
+             "jobs, and a study that spans sessions may run on more than one CPU: training times are indicative. "
+             "Accuracy does not depend on the load, but bf16 kernels differ between CPUs (plain LoRA at seed 42: "
+             "90.57% on an Intel Xeon with AMX, 90.51% on an AMD EPYC with AVX-512 BF16), so each run's record "
+             "names its machine.",
+             f"- Commit: {args.commit} (each run's own is in its record, experiments/records/lora_variants). "
+             f"Command: `python experiments/lora_variants.py {shlex.join(argv)}`.",
              f"- Every run: `configs/cpu-minilm.yaml` ({cfg.model.name}, LoRA r={cfg.lora.r} alpha={cfg.lora.alpha:g} "
              f"on {', '.join(cfg.lora.target_modules)}, {cfg.model.head} head, lr {cfg.train.lr:g}, "
              f"{cfg.train.scheduler} schedule) with {cfg.data.max_train_rows:,} training rows and "
@@ -168,7 +218,7 @@ def write_table(args: argparse.Namespace, argv: list[str]) -> bool:
     atomic_write_text(args.table, "\n".join(lines))
     atomic_write_json(args.table.with_suffix(".json"),
                       {"written": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": args.commit,
-                       "machine": str(machine), "command": f"python experiments/lora_variants.py {shlex.join(argv)}",
+                       "machines": machines, "command": f"python experiments/lora_variants.py {shlex.join(argv)}",
                        "arms": {arm: {k: v for k, v in r.items()} for arm, r in results.items()}})
     return True
 
@@ -177,6 +227,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "runs" / "lora_variants"), help="folder of the runs")
+    p.add_argument("--records", default=str(RECORDS), help="folder of the committed run records")
     p.add_argument("--table", default=str(ROOT / "docs" / "results" / "lora-variants.md"),
                    help="Markdown table to write; its JSON goes beside it")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated arms (default all: {','.join(ARMS)})")
@@ -202,6 +253,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.arms = arms
     args.out = Path(args.out).expanduser().resolve()
     args.table = Path(args.table).expanduser().resolve()
+    args.records = Path(args.records).expanduser().resolve()
     return args
 
 
@@ -221,7 +273,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
             raise ConfigError(f"--table-only: no finished run in {args.out}")
         print(f"wrote {args.table}")
         return
+    recorded = {(arm, seed) for arm, runs in finished(args).items() for seed in runs}
     planned: list[Planned] = study.plan(arm_rows(args))
+    for p in planned:
+        if p.status != "done" and (p.name.split(".")[0], p.cfg.train.seed) in recorded:
+            p.status = "done"  # finished in an earlier session: its record is kept, its folder is gone
     todo = [p for p in planned if p.status != "done"]
     for p in planned:
         print(f"{p.name:<20} {p.trainable:>9,} trainable  {p.status}")

