@@ -598,3 +598,24 @@ def test_hub_sources_with_split_slices_in_train_test_and_predict(tiny_model_dir,
     lines = (tmp_path / "p.csv").read_text(encoding="utf-8").splitlines()
     assert lines[0] == "ID,Label" and len(lines) == 4  # its default split for --input: test (3 rows)
     assert {line.split(",")[1] for line in lines[1:]} <= {"bad", "good", "odd"}
+
+
+def test_settling_the_classes_then_loading_the_splits_reads_each_file_once(tmp_path, monkeypatch):
+    """resolve_labels then load_splits (what train does) reads the training file once; a file
+    changed since is read again."""
+    import os
+
+    from agnews_lora import data
+
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps({"text": f"row {i}", "label": ["a", "b"][i % 2]}) + "\n" for i in range(20)),
+                    encoding="utf-8")
+    reads = []
+    real = data._read_part
+    monkeypatch.setattr(data, "_read_part", lambda p, *a: reads.append(str(p)) or real(p, *a))
+    cfg = resolve_labels(load_config(overrides=[f"data.train={path}", "data.val_size=4"]))
+    train, val, _ = load_splits(cfg.data, seed=0)
+    assert cfg.data.labels == ["a", "b"] and len(train) + len(val) == 20 and reads == [str(path)]
+    path.write_text(path.read_text(encoding="utf-8").replace('"b"', '"c"'), encoding="utf-8")
+    os.utime(path, ns=(1, 1))  # another modification time, whatever the clock's resolution
+    assert read_file(path).names == ["a", "c"] and len(reads) == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -526,6 +527,33 @@ def _read_part(path: str | Path, columns: Columns, split: str = "test") -> _Part
                     "dataset")
 
 
+# Sources already read in this process, by what they are (a file's size and modification time
+# included): settling the classes, then loading the splits, or planning many rows of a study on the
+# same files reads each file once. The last few are kept.
+_READ: dict[tuple, _Part] = {}
+_READ_KEEP = 6
+
+
+def _read_part_once(path: str | Path, columns: Columns, split: str) -> _Part:
+    """`_read_part`, from `_READ` when the same source was read before (a shallow copy: callers may
+    drop its labels, not change its rows)."""
+    if str(path).startswith(HUB_PREFIX):
+        where: tuple = (str(path),)
+    else:
+        try:
+            found = Path(path).expanduser().resolve()
+            files = sorted(f for f in found.iterdir() if f.is_file()) if found.is_dir() else [found]
+            where = (str(found), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+        except OSError:  # missing: reading it says so
+            return _read_part(path, columns, split)
+    key = (*where, columns, split)
+    if key not in _READ:
+        _READ[key] = _read_part(path, columns, split)
+        while len(_READ) > _READ_KEEP:
+            _READ.pop(next(iter(_READ)))
+    return dataclasses.replace(_READ[key])
+
+
 def read_file(path: str | Path, num_labels: int = 0, names: Sequence[str] = (),
               columns: Columns = Columns()) -> Split:
     """Read one local data file.
@@ -562,7 +590,7 @@ def read_files(paths: Sequence[str | Path], num_labels: int = 0, names: Sequence
     Returns:
         The Split: labels as ids, with the class names they were read with.
     """
-    parts = [_read_part(p, columns, split) for p in paths]
+    parts = [_read_part_once(p, columns, split) for p in paths]
     if not labels:
         for part in parts:
             part.values = None
@@ -720,25 +748,6 @@ def check_val_split(full: Split, val_size: int) -> None:
                             f"rows of '{names[i]}' (2 or more), or remove its row")
 
 
-# The class names of training data already read in this process, by what the data is (its files'
-# size and modification time included): planning many rows on the same files reads them once.
-_NAMES_READ: dict[tuple, list[str]] = {}
-
-
-def _training_names(data: DataConfig, num_labels: int) -> list[str]:
-    """The class names the training data tells (`load_training_split`), read once per process."""
-    try:
-        files = tuple((f, 0, 0) if f.startswith(HUB_PREFIX) else (str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)
-                      for f, p in ((f, Path(f).expanduser()) for f in data.train))
-    except OSError:  # a missing file: reading it says so
-        return load_training_split(data, num_labels=num_labels).names
-    key = (files, data.hub_dataset, data.hub_config, data.train_split, tuple(data.text_fields), data.label_field,
-           num_labels)
-    if key not in _NAMES_READ:
-        _NAMES_READ[key] = load_training_split(data, num_labels=num_labels).names
-    return list(_NAMES_READ[key])
-
-
 def resolve_labels(cfg: Config) -> Config:
     """`cfg` with its classes settled: data.labels (class names by label id) and model.num_labels
     filled in. The config's own (`config.class_names`) when it tells them; else the training
@@ -748,8 +757,8 @@ def resolve_labels(cfg: Config) -> Config:
         A copy of `cfg` (`cfg` itself when nothing was open).
     """
     names = class_names(cfg)
-    if names is None:
-        names = _training_names(cfg.data, cfg.model.num_labels)
+    if names is None:  # (the rows read here are kept: load_splits does not read the files again)
+        names = load_training_split(cfg.data, num_labels=cfg.model.num_labels).names
     if cfg.data.labels == names and cfg.model.num_labels == len(names):
         return cfg
     resolved = copy.deepcopy(cfg)
