@@ -10,6 +10,10 @@ import numpy as np
 
 from agnews_lora.errors import ConfigError, finite
 
+# What happens to the confidence of rows whose prior was matched (shift.match_shifted): "none" (as
+# matched) or "keep-confidence" (`confidence_temperature` gives them back their mean top probability).
+CALIBRATIONS = ("none", "keep-confidence")
+
 MIN_BATCH_ROWS = 100  # the batch priors' minimum: fewer rows say too little about a class prior
 
 

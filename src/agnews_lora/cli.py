@@ -10,6 +10,7 @@ import warnings
 
 from agnews_lora.errors import ConfigError, UserError, finite
 from agnews_lora.registry import NAMES as PEFT_METHODS
+from agnews_lora.calibration import CALIBRATIONS
 
 
 def at_least(low: float, kind: type = int):
@@ -365,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "distribution (default: the run's training rows)")
             p.add_argument("--shift-threshold", type=finite_number, help="--prior match-shifted: rows whose shift "
                            "score is above this are matched (default: the run's predict.shift_threshold, 0.6)")
-            p.add_argument("--shift-calibration", choices=("none", "keep-confidence"), help="--prior "
+            p.add_argument("--shift-calibration", choices=CALIBRATIONS, help="--prior "
                            "match-shifted: 'keep-confidence' puts a temperature on the matched rows that gives them "
                            "back their mean top probability from before matching (labels unchanged); 'none': as "
                            "matched (default: the run's predict.shift_calibration)")

@@ -18,6 +18,7 @@ import yaml
 
 from agnews_lora import registry
 from agnews_lora.calibration import parse_prior
+from agnews_lora.calibration import CALIBRATIONS
 from agnews_lora.errors import ConfigError, finite  # noqa: F401  (ConfigError: re-exported)
 from agnews_lora.hub import ensure_hub_reachable
 from agnews_lora.perturb import parse_specs
@@ -176,7 +177,7 @@ class PredictConfig:
     shift_threshold: float = 0.6  # match-shifted: rows with a shift score above it are matched
     # match-shifted: "none" = the matched probabilities as they are; "keep-confidence" = a temperature on
     # the matched rows that gives them back their mean top probability from before matching (labels kept)
-    shift_calibration: Literal["none", "keep-confidence"] = "none"
+    shift_calibration: Literal[CALIBRATIONS] = "none"
 
 
 @dataclass
