@@ -53,6 +53,8 @@ DATASETS = {  # name -> (AG News class -> group, columns (text..., label), store
             ("title", "content", "group"), "save_to_disk"),
 }
 ROW_FILE = "regrouped_row.json"
+HIDDEN = SHARED / "data" / "hidden" / "test_unlabelled.csv.gz"
+PRIORS = ("none", "match-shifted")  # predict --prior: as trained, and the robust preset's lever
 
 
 def _ag_rows(path: Path) -> list[tuple[str, str, int]]:
@@ -124,8 +126,33 @@ def measure(run: Path, out: Path, dev: Path, max_rows: int) -> None:
         _cli("evaluate", run, "--data", dev, "--output", out / "generated_dev_eval.json",
              "--predictions", out / "generated_dev_predictions.npz")
     if not (out / "robustness" / "robustness.json").is_file():
-        _cli("robustness", run, "--unlabelled", SHARED / "data" / "hidden" / "test_unlabelled.csv.gz",
-             "--max-rows", max_rows, "--output", out / "robustness")
+        _cli("robustness", run, "--unlabelled", HIDDEN, "--max-rows", max_rows, "--output", out / "robustness")
+    for prior in PRIORS:  # the shift lever: the whole hidden file, as a submission
+        if not (out / f"hidden_{prior}.csv").is_file():
+            _cli("predict", run, "--input", HIDDEN, "--output", out / f"hidden_{prior}.csv", "--prior", prior)
+
+
+def hidden_scores(name: str, classes: list[str], out: Path) -> dict:
+    """Accuracy of each `predict --prior` on the hidden file's two halves: the 300 labelled generated
+    rows and the AG News test rows in it (their test labels found by text, for measuring only),
+    both regrouped."""
+    from agnews_lora.data import read_file
+
+    groups, _, _ = DATASETS[name]
+    texts = read_file(HIDDEN).texts
+    with open(SHARED / "data" / "hidden" / "generated_dev_labels.csv", encoding="utf-8") as fh:
+        dev = {int(r["id"]): classes.index(groups[AG[int(r["label"])]]) for r in csv.DictReader(fh)}
+    test = read_file(SHARED / "data" / "ag_news" / study.AG_NEWS_TEST)
+    by_text = {t: classes.index(groups[AG[y]]) for t, y in zip(test.texts, test.labels)}
+    ag = {i: by_text[t] for i, t in enumerate(texts) if t in by_text}
+    scores = {}
+    for prior in PRIORS:
+        with open(out / f"hidden_{prior}.csv", encoding="utf-8") as fh:
+            label = {int(r["ID"]): int(r["Label"]) for r in csv.DictReader(fh)}
+        scores[prior] = {half: sum(label[i] == y for i, y in rows.items()) / len(rows)
+                         for half, rows in (("generated", dev), ("ag_news", ag))}
+    scores["rows"] = {"generated": len(dev), "ag_news": len(ag)}
+    return scores
 
 
 def reference(args: argparse.Namespace, name: str) -> dict | None:
@@ -170,10 +197,10 @@ def write_table(args: argparse.Namespace, argv: list[str]) -> bool:
     from agnews_lora.runs import RunFolder
 
     found = {n: RunFolder(args.out / n) for n in DATASETS
-             if (args.out / "measured" / n / "robustness" / "robustness.json").is_file()}
+             if (args.out / "measured" / n / f"hidden_{PRIORS[-1]}.csv").is_file()}
     if not found:
         return False
-    table, results = [], {}
+    table, shift, results = [], [], {}
     for name, run in found.items():
         cfg, summary = run.config(), run.summary()
         measured = args.out / "measured" / name
@@ -191,22 +218,31 @@ def write_table(args: argparse.Namespace, argv: list[str]) -> bool:
                                         "hidden_low_confidence_share": robust["unlabelled"]["low_confidence_share"],
                                         "hidden_predicted_share": robust["unlabelled"]["predicted_share"],
                                         "train_prior": robust["unlabelled"]["train_prior"]},
+                         "hidden": hidden_scores(name, cfg.data.labels, measured),
                          "reference": ref, "train_seconds": summary.get("train_seconds"), "record": record}
         gen = results[name]["generated_dev"]
-        table.append([name, ", ".join(cfg.data.labels), f"{results[name]['trainable']:,}",
+        r = results[name]
+        table.append([name, ", ".join(cfg.data.labels), f"{r['trainable']:,}",
                       percent(summary.get("test_accuracy")), percent(summary.get("test_f1_macro")),
-                      f"{percent(gen.get('accuracy'))} ({gen.get('n', 300)})",
-                      f"{percent(results[name]['robustness']['suite_mean_accuracy'])} "
-                      f"(clean {percent(results[name]['robustness']['clean_accuracy'])})",
-                      f"{percent(results[name]['robustness']['hidden_low_confidence_share'])}",
+                      f"{percent(gen.get('accuracy'))} ({gen.get('n')})",
                       "-" if ref is None else f"{percent(ref['test']['accuracy'])} / {percent(ref['dev']['accuracy'])}",
                       "-" if ref is None else study.paired_cell(ref["test"]["own_minus_reference"])])
+        h = r["hidden"]
+        shift.append([name, f"{percent(r['robustness']['suite_mean_accuracy'])} "
+                            f"(clean {percent(r['robustness']['clean_accuracy'])}, {r['robustness']['rows']:,} rows)",
+                      percent(r["robustness"]["hidden_low_confidence_share"]),
+                      f"{percent(h['none']['generated'])} → {percent(h['match-shifted']['generated'])}",
+                      f"{percent(h['none']['ag_news'])} → {percent(h['match-shifted']['ag_news'])}"])
     machine = study.machine()
     command = f"python experiments/regrouped.py {shlex.join(argv)}".strip()
+    rows_note = next(iter(results.values()))["hidden"]["rows"]
     lines = [md_table(["dataset", "classes (id order)", "trainable", "test acc (7,600)", "test F1 (macro)",
-                       "generated rows acc (n)", "perturbed acc: suite mean (clean)",
-                       "hidden file: low-confidence share", "4-class LoRA merged: test / generated",
-                       "regrouped − merged, test (paired)"], table, align="lllrrrrrrr"), "",
+                       "generated rows acc (n)", "4-class LoRA merged: test / generated",
+                       "regrouped − merged, test (paired)"], table, align="lllrrrrr"), "",
+             md_table(["dataset", "perturbed acc: suite mean (clean)", "hidden file: low-confidence share",
+                       f"generated rows ({rows_note['generated']}): prior none → match-shifted",
+                       f"AG News rows of the hidden file ({rows_note['ag_news']:,}): none → match-shifted"],
+                      shift, align="lrrrr"), "",
              f"Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on commit {study_commit()} by `{command}`; "
              f"machine: {machine}.", ""]
     args.table.parent.mkdir(parents=True, exist_ok=True)
