@@ -487,12 +487,13 @@ class HubSource:
         return f"{HUB_PREFIX}{self.name}:{self.config}:{self.split}"
 
 
-def _read_hub(source: HubSource, columns: Columns) -> _Part:
+def _read_hub(source: HubSource, columns: Columns,
+              hint: str = "name local files (or a local dataset folder) instead") -> _Part:
     """Read a split of a Hub dataset (or of a local dataset folder) through `datasets`: the Hub is
     checked first, so that offline gives one clear line instead of retries."""
     local = Path(source.name).expanduser()
     if not local.is_dir():
-        ensure_hub_reachable(source.name, kind="dataset", hint="name local files (or a local dataset folder) instead")
+        ensure_hub_reachable(source.name, kind="dataset", hint=hint)
     try:
         with _quiet_datasets() as datasets:
             ds = datasets.load_dataset(str(local) if local.is_dir() else source.name, source.config or None,
@@ -708,7 +709,8 @@ def load_hub_split(data: DataConfig, split: str, num_labels: int = 0, names: Seq
     its data.text_fields joined into the text, data.label_field as the label (a ClassLabel's names
     become the class names)."""
     source = HubSource(data.hub_dataset, data.hub_config, split)
-    return _split([_read_hub(source, Columns.of(data))], str(source), num_labels=num_labels, names=names)
+    part = _read_hub(source, Columns.of(data), hint="set data.train (and data.test) to local files")
+    return _split([part], str(source), num_labels=num_labels, names=names)
 
 
 def load_training_split(data: DataConfig, num_labels: int = 0) -> Split:
