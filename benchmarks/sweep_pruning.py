@@ -11,7 +11,9 @@ compute cap is counted in optimizer steps trained (every trial's, pruned ones up
 stopped), not in seconds: the machine is shared, and steps are what a pruner saves. An arm's sweep
 stops starting trials once its trials have trained --steps-cap steps (`StepCap`, an Optuna callback
 given to `run_sweep`); the last trial may end past the cap, which the table shows. Rerunning
-continues an arm that has not reached its cap.
+continues an arm that has not reached its cap. The arms' study databases live in --records
+(experiments/records/sweep_pruning/, committed), so a later session, whose run folders are gone,
+continues each arm from the trials it has (a trial cut off by the session's end is retried).
 
 Per arm the table gives the best validation accuracy found (the sweep's objective), trials complete
 and pruned, optimizer steps trained, and wall time; its JSON beside it. Target (issue 28): pruning
@@ -44,8 +46,18 @@ class StepCap:
             study.stop()
 
 
+def records_for(base_config: Path, seed: int, overrides: list[str], records: Path) -> Path:
+    """The folder of a search's study databases: one per config, sampler seed and overrides."""
+    import hashlib
+
+    key = f"{base_config.stem}_seed{seed}"
+    if overrides:
+        key += "_" + hashlib.sha256("\n".join(overrides).encode()).hexdigest()[:8]
+    return records / key
+
+
 def run_arm(base_config: Path, pruner: str, out: Path, steps_cap: int, seed: int, overrides: list[str],
-            max_trials: int = 500) -> dict:
+            max_trials: int = 500, records: Path | None = None) -> dict:
     """One arm: one sweep whose trials run until they have trained `steps_cap` optimizer steps.
 
     Returns:
@@ -59,17 +71,19 @@ def run_arm(base_config: Path, pruner: str, out: Path, steps_cap: int, seed: int
 
     cfg = load_config(base_config, [*overrides, f"sweep.pruner={pruner}", f"sweep.seed={seed}",
                                     f"out_dir={out / pruner}", f"name=pruning-{pruner}"])
-    url = f"sqlite:///{(out / pruner / 'study.db').resolve()}"
+    db = (records / f"{pruner}.db") if records is not None else out / pruner / "study.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{db.resolve()}"
     start = time.perf_counter()
-    done = (out / pruner / "study.db").is_file() and \
-        trial_counts(optuna.load_study(study_name=cfg.name, storage=url))["steps"] >= steps_cap
+    done = db.is_file() and trial_counts(optuna.load_study(study_name=cfg.name, storage=url))["steps"] >= steps_cap
     if not done:  # a rerun continues the arm until the cap (the sampler starts afresh: same seed, new proposals
-        run_sweep(cfg, trials=max_trials, callbacks=[StepCap(steps_cap)])  # only for a study it has not seen)
+        run_sweep(cfg, trials=max_trials, storage=url,  # only for a study it has not seen)
+                  callbacks=[StepCap(steps_cap)])
     study = optuna.load_study(study_name=cfg.name, storage=url)
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     best = (max if cfg.sweep.direction == "maximize" else min)(t.value for t in complete) if complete else None
     return {"pruner": pruner, "best": best, **trial_counts(study), "wall_seconds": round(time.perf_counter() - start, 1),
-            "folder": str(out / pruner), "metric": cfg.sweep.metric}
+            "folder": str(out / pruner), "study": str(db), "metric": cfg.sweep.metric}
 
 
 def write_table(results: list[dict], path: Path, argv: list[str], steps_cap: int) -> None:
@@ -108,6 +122,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="sampler seed of every arm")
     p.add_argument("--out", default=str(ROOT / "runs" / "sweep_pruning"), help="folder of the arms' sweeps")
     p.add_argument("--table", default=str(ROOT / "docs" / "results" / "sweep-pruning.md"), help="table to write")
+    p.add_argument("--records", default=str(ROOT / "experiments" / "records" / "sweep_pruning"),
+                   help="folder of the arms' study databases (committed: a later session whose --out is gone "
+                        "continues each arm from its trials; '' = inside --out)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     args = p.parse_args(argv)
     args.pruners = [x.strip() for x in args.pruners.split(",") if x.strip()]
@@ -115,12 +132,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if bad or not args.pruners or args.steps_cap < 1:
         p.error("--pruners: none, median or hyperband; --steps-cap >= 1")
     args.out, args.table = Path(args.out).resolve(), Path(args.table).resolve()
+    args.records = Path(args.records).resolve() if args.records else None
     return args
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> None:
+    records = None if args.records is None else records_for(Path(args.config), args.seed, args.set, args.records)
     results = [run_arm(Path(args.config), pruner=p, out=args.out, steps_cap=args.steps_cap, seed=args.seed,
-                       overrides=args.set) for p in args.pruners]
+                       overrides=args.set, records=records) for p in args.pruners]
     write_table(results, args.table, argv, args.steps_cap)
     print("RESULT " + json.dumps(results), flush=True)
     print(f"wrote {args.table}")

@@ -5,6 +5,7 @@ the rule (hyperband by default), sweep.timeout caps the worker's time."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -116,13 +117,14 @@ def test_pruning_benchmark_runs_both_arms_to_the_same_step_cap(tiny_model_dir, a
                            seed=None)
     table = tmp_path / "pruning.md"
     argv = ["--config", str(config), "--pruners", "none,median", "--steps-cap", "8", "--out", str(tmp_path / "out"),
-            "--table", str(table)]
+            "--table", str(table), "--records", str(tmp_path / "records")]
+    dbs = bench.records_for(config, 0, [], tmp_path / "records")
     assert bench.main(argv) == 0
     data = json.loads(table.with_suffix(".json").read_text())
     assert [a["pruner"] for a in data["arms"]] == ["none", "median"]
     for arm in data["arms"]:
         study = optuna.load_study(study_name=f"pruning-{arm['pruner']}",
-                                  storage=f"sqlite:///{tmp_path / 'out' / arm['pruner'] / 'study.db'}")
+                                  storage=f"sqlite:///{dbs / (arm['pruner'] + '.db')}")
         trials = study.get_trials()
         assert 8 <= arm["steps"] < 8 + 4  # trials of 4 steps until the cap: the last one may pass it
         assert arm["steps"] == sum(t.user_attrs.get("steps", 0) for t in trials)
@@ -130,7 +132,12 @@ def test_pruning_benchmark_runs_both_arms_to_the_same_step_cap(tiny_model_dir, a
         assert arm["best"] == max(t.value for t in trials if t.state.name == "COMPLETE")
     assert "| none |" in table.read_text() and "| median |" in table.read_text()
     before = len(optuna.load_study(study_name="pruning-none",
-                                   storage=f"sqlite:///{tmp_path / 'out' / 'none' / 'study.db'}").get_trials())
+                                   storage=f"sqlite:///{dbs / 'none.db'}").get_trials())
     assert bench.main(argv) == 0  # the cap is reached: a rerun trains nothing more
     assert len(optuna.load_study(study_name="pruning-none",
-                                 storage=f"sqlite:///{tmp_path / 'out' / 'none' / 'study.db'}").get_trials()) == before
+                                 storage=f"sqlite:///{dbs / 'none.db'}").get_trials()) == before
+    shutil.rmtree(tmp_path / "out")  # a later session: the run folders are gone, the study databases kept
+    argv[argv.index("--steps-cap") + 1] = "12"
+    assert bench.main(argv) == 0
+    trials = optuna.load_study(study_name="pruning-none", storage=f"sqlite:///{dbs / 'none.db'}").get_trials()
+    assert len(trials) > before and sum(t.user_attrs.get("steps", 0) for t in trials) >= 12
