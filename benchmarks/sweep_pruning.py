@@ -16,7 +16,7 @@ continues an arm that has not reached its cap. The arms' study databases live in
 continues each arm from the trials it has (a trial cut off by the session's end is retried).
 
 Per arm the table gives the best validation accuracy found (the sweep's objective), trials complete
-and pruned, optimizer steps trained, and wall time; its JSON beside it. Target (issue 28): pruning
+and pruned, optimizer steps trained, and the trials' own time; its JSON beside it. Target (issue 28): pruning
 finds the same best within noise for at most half the compute.
 """
 
@@ -46,6 +46,21 @@ class StepCap:
             study.stop()
 
 
+class Deadline:
+    """An Optuna callback that stops the study (after the trial that just finished) once the clock
+    passes `deadline` (time.monotonic()): how a call is held to --max-minutes."""
+
+    def __init__(self, deadline: float | None):
+        self.deadline = deadline
+
+    def passed(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def __call__(self, study, trial) -> None:
+        if self.passed():
+            study.stop()
+
+
 def records_for(base_config: Path, seed: int, overrides: list[str], records: Path) -> Path:
     """The folder of a search's study databases: one per config, sampler seed and overrides."""
     import hashlib
@@ -57,12 +72,13 @@ def records_for(base_config: Path, seed: int, overrides: list[str], records: Pat
 
 
 def run_arm(base_config: Path, pruner: str, out: Path, steps_cap: int, seed: int, overrides: list[str],
-            max_trials: int = 500, records: Path | None = None) -> dict:
+            max_trials: int = 500, records: Path | None = None, deadline: Deadline | None = None) -> dict:
     """One arm: one sweep whose trials run until they have trained `steps_cap` optimizer steps.
 
     Returns:
         best (the best objective value; None when no trial completed), the trial counts and steps
-        (`sweep.trial_counts`), wall seconds of this call, and the sweep folder.
+        (`sweep.trial_counts`), whether it reached the cap, the trials' seconds (all calls), this call's
+        wall seconds, and the sweep folder.
     """
     import optuna
 
@@ -76,14 +92,23 @@ def run_arm(base_config: Path, pruner: str, out: Path, steps_cap: int, seed: int
     url = f"sqlite:///{db.resolve()}"
     start = time.perf_counter()
     done = db.is_file() and trial_counts(optuna.load_study(study_name=cfg.name, storage=url))["steps"] >= steps_cap
-    if not done:  # a rerun continues the arm until the cap (the sampler starts afresh: same seed, new proposals
-        run_sweep(cfg, trials=max_trials, storage=url,  # only for a study it has not seen)
-                  callbacks=[StepCap(steps_cap)])
+    if not done and not (deadline and deadline.passed()):  # a rerun continues the arm until the cap (the
+        # sampler starts afresh: same seed, new proposals only for a study it has not seen)
+        run_sweep(cfg, trials=max_trials, storage=url, callbacks=[StepCap(steps_cap), *([deadline] if deadline else [])])
+    found = {"pruner": pruner, "folder": str(out / pruner), "study": str(db), "metric": cfg.sweep.metric,
+             "wall_seconds": round(time.perf_counter() - start, 1)}
+    if not db.is_file():  # --max-minutes ran out before this arm started
+        return {**found, "best": None, "reached_cap": False, "steps": 0, "complete": 0, "pruned": 0,
+                "over_budget": 0, "trial_seconds": 0.0}
     study = optuna.load_study(study_name=cfg.name, storage=url)
-    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
     best = (max if cfg.sweep.direction == "maximize" else min)(t.value for t in complete) if complete else None
-    return {"pruner": pruner, "best": best, **trial_counts(study), "wall_seconds": round(time.perf_counter() - start, 1),
-            "folder": str(out / pruner), "study": str(db), "metric": cfg.sweep.metric}
+    # every finished trial's own time, over all the calls that trained the arm
+    seconds = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials
+                  if t.datetime_complete is not None and t.datetime_start is not None)
+    return {**found, "best": best, "reached_cap": trial_counts(study)["steps"] >= steps_cap, **trial_counts(study),
+            "trial_seconds": round(seconds, 1)}
 
 
 def write_table(results: list[dict], path: Path, argv: list[str], steps_cap: int) -> None:
@@ -97,16 +122,18 @@ def write_table(results: list[dict], path: Path, argv: list[str], steps_cap: int
                             text=True).stdout.strip() or "unknown"
     command = f"python benchmarks/sweep_pruning.py {shlex.join(argv)}".strip()
     rows = [[r["pruner"], "-" if r["best"] is None else f"{r['best']:.4f}", r["complete"], r["pruned"],
-             r["over_budget"], f"{r['steps']:,}", f"{r['wall_seconds'] / 60:.1f} min"] for r in results]
+             r["over_budget"], f"{r['steps']:,}" + ("" if r["reached_cap"] else " (cap not reached)"),
+             f"{r['trial_seconds'] / 60:.1f} min"] for r in results]
     metric = results[0]["metric"]
     lines = ["# Sweep pruning: the same search with and without a pruner", "",
              f"- Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC at commit {commit}; machine: {machine()}. "
              "The machine was shared with other jobs (wall times are indicative; the cap is in steps).",
              f"- Command: `{command}`. Compute cap: {steps_cap:,} optimizer steps per arm.", "",
-             md_table(["Pruner", f"Best {metric}", "Complete", "Pruned", "Over budget", "Steps trained", "Wall time"],
+             md_table(["Pruner", f"Best {metric}", "Complete", "Pruned", "Over budget", "Steps trained", "Trial time"],
                       rows, align="lrrrrrr"), "",
              "Best: the best objective over each arm's complete trials (each trial's best validation evaluation). "
-             "Pruned: stopped by the pruner at an evaluation; over budget: refused before training.", ""]
+             "Pruned: stopped by the pruner at an evaluation; over budget: refused before training. Trial time: "
+             "the trials' own durations summed over every call that trained the arm.", ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, "\n".join(lines))
     atomic_write_json(path.with_suffix(".json"), {"commit": commit, "command": command, "machine": str(machine()),
@@ -126,6 +153,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="folder of the arms' study databases (committed: a later session whose --out is gone "
                         "continues each arm from its trials; '' = inside --out)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    p.add_argument("--max-minutes", type=float, default=0, help="start no trial after this many minutes in this "
+                   "call (0: no limit); rerun to continue, e.g. between other jobs on a shared machine")
     args = p.parse_args(argv)
     args.pruners = [x.strip() for x in args.pruners.split(",") if x.strip()]
     bad = [x for x in args.pruners if x not in ("none", "median", "hyperband")]
@@ -138,8 +167,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def run(args: argparse.Namespace, argv: list[str]) -> None:
     records = None if args.records is None else records_for(Path(args.config), args.seed, args.set, args.records)
+    deadline = Deadline(time.monotonic() + 60 * args.max_minutes if args.max_minutes > 0 else None)
     results = [run_arm(Path(args.config), pruner=p, out=args.out, steps_cap=args.steps_cap, seed=args.seed,
-                       overrides=args.set, records=records) for p in args.pruners]
+                       overrides=args.set, records=records, deadline=deadline) for p in args.pruners]
+    if not all(r["reached_cap"] for r in results):
+        left = ", ".join(f"{r['pruner']} ({r['steps']:,} of {args.steps_cap:,} steps)" for r in results
+                         if not r["reached_cap"])
+        print(f"--max-minutes {args.max_minutes:g} reached; not at the cap yet: {left}; rerun to continue", flush=True)
     write_table(results, args.table, argv, args.steps_cap)
     print("RESULT " + json.dumps(results), flush=True)
     print(f"wrote {args.table}")

@@ -119,6 +119,8 @@ def test_pruning_benchmark_runs_both_arms_to_the_same_step_cap(tiny_model_dir, a
     argv = ["--config", str(config), "--pruners", "none,median", "--steps-cap", "8", "--out", str(tmp_path / "out"),
             "--table", str(table), "--records", str(tmp_path / "records")]
     dbs = bench.records_for(config, 0, [], tmp_path / "records")
+    assert bench.main([*argv, "--max-minutes", "1e-9"]) == 0  # out of time before the first trial: nothing trained
+    assert "8 (cap not reached)" not in table.read_text() and "| 0 (cap not reached) |" in table.read_text()
     assert bench.main(argv) == 0
     data = json.loads(table.with_suffix(".json").read_text())
     assert [a["pruner"] for a in data["arms"]] == ["none", "median"]
