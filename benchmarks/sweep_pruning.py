@@ -62,13 +62,12 @@ class Deadline:
 
 
 def records_for(base_config: Path, seed: int, overrides: list[str], records: Path) -> Path:
-    """The folder of a search's study databases: one per config, sampler seed and overrides."""
+    """The folder of a search's study databases: one per config (its text), sampler seed and
+    overrides, so that a changed config starts new studies instead of continuing old ones."""
     import hashlib
 
-    key = f"{base_config.stem}_seed{seed}"
-    if overrides:
-        key += "_" + hashlib.sha256("\n".join(overrides).encode()).hexdigest()[:8]
-    return records / key
+    text = base_config.read_bytes() + "\n".join(overrides).encode()
+    return records / f"{base_config.stem}_seed{seed}_{hashlib.sha256(text).hexdigest()[:8]}"
 
 
 def run_arm(base_config: Path, pruner: str, out: Path, steps_cap: int, seed: int, overrides: list[str],
