@@ -127,7 +127,9 @@ def write_table(results: list[dict], path: Path, argv: list[str], steps_cap: int
     lines = ["# Sweep pruning: the same search with and without a pruner", "",
              f"- Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC at commit {commit}; machine: {machine()}. "
              "The machine was shared with other jobs (wall times are indicative; the cap is in steps).",
-             f"- Command: `{command}`. Compute cap: {steps_cap:,} optimizer steps per arm.", "",
+             f"- Command of the call that wrote this table: `{command}`; the arms' trials may come from earlier "
+             f"calls (slices), kept in their study databases ({Path(results[0]['study']).parent.name}). "
+             f"Compute cap: {steps_cap:,} optimizer steps per arm.", "",
              md_table(["Pruner", f"Best {metric}", "Complete", "Pruned", "Over budget", "Steps trained", "Trial time"],
                       rows, align="lrrrrrr"), "",
              "Best: the best objective over each arm's complete trials (each trial's best validation evaluation). "
@@ -147,7 +149,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--steps-cap", type=int, required=True, help="optimizer steps every arm may train")
     p.add_argument("--seed", type=int, default=0, help="sampler seed of every arm")
     p.add_argument("--out", default=str(ROOT / "runs" / "sweep_pruning"), help="folder of the arms' sweeps")
-    p.add_argument("--table", default=str(ROOT / "docs" / "results" / "sweep-pruning.md"), help="table to write")
+    p.add_argument("--table", default=str(ROOT / "docs" / "results" / "generated" / "sweep_pruning.md"),
+                   help="table to write")
     p.add_argument("--records", default=str(ROOT / "experiments" / "records" / "sweep_pruning"),
                    help="folder of the arms' study databases (committed: a later session whose --out is gone "
                         "continues each arm from its trials; '' = inside --out)")
