@@ -113,12 +113,9 @@ def run_arm(base_config: Path, pruner: str, out: Path, steps_cap: int, seed: int
 def write_table(results: list[dict], path: Path, argv: list[str], steps_cap: int) -> None:
     from agnews_lora.checkpoint import atomic_write_json, atomic_write_text
     from agnews_lora.report import md_table
-    from agnews_lora.study import machine
+    from agnews_lora.study import commit as git_commit, machine
 
-    import subprocess
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip() or "unknown"
+    commit = git_commit(ROOT)
     command = f"python benchmarks/sweep_pruning.py {shlex.join(argv)}".strip()
     rows = [[r["pruner"], "-" if r["best"] is None else f"{r['best']:.4f}", r["complete"], r["pruned"],
              r["over_budget"], f"{r['steps']:,}" + ("" if r["reached_cap"] else " (cap not reached)"),

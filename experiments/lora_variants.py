@@ -257,17 +257,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def _commit() -> str:
-    import subprocess
-
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return done.stdout.strip() or "unknown"
-
-
 def run(args: argparse.Namespace, argv: list[str]) -> None:
     from agnews_lora.errors import ConfigError
 
-    args.commit = _commit()
+    args.commit = study.commit(ROOT)
     if args.table_only:
         if not write_table(args, argv):
             raise ConfigError(f"--table-only: no finished run in {args.out}")

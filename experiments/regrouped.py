@@ -243,21 +243,14 @@ def write_table(args: argparse.Namespace, argv: list[str]) -> bool:
                        f"generated rows ({rows_note['generated']}): prior none → match-shifted",
                        f"AG News rows of the hidden file ({rows_note['ag_news']:,}): none → match-shifted"],
                       shift, align="lrrrr"), "",
-             f"Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on commit {study_commit()} by `{command}`; "
+             f"Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on commit {study.commit(ROOT)} by `{command}`; "
              f"machine: {machine}.", ""]
     args.table.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.table, "\n".join(lines))
     atomic_write_json(args.table.with_suffix(".json"), {"written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                                        "commit": study_commit(), "machine": str(machine),
+                                                        "commit": study.commit(ROOT), "machine": str(machine),
                                                         "command": command, "datasets": results})
     return True
-
-
-def study_commit() -> str:
-    import subprocess
-
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return done.stdout.strip() or "unknown"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -394,7 +394,7 @@ def _diagnose_json(path: Path) -> None:
     for i, rec in lines:
         if not isinstance(rec, dict):
             raise DataError(f"{path}: {where} {i}: expected an object with 'text' (and 'label'), got {rec!r:.80}")
-        for key, value in rec.items():
+        for value in rec.values():
             if isinstance(value, str) and _SURROGATE.search(value):
                 _check_text(path, i, value)  # names the lone surrogate
 

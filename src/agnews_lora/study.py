@@ -464,6 +464,12 @@ def seconds_per_step(folders: Iterable[str | Path]) -> float | None:
 # ---------------------------------------------------------------- tables
 
 
+def commit(root: str | Path) -> str:
+    """The short hash of the checkout at `root` ("unknown" outside git): what the tables cite."""
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+    return done.stdout.strip() or "unknown"
+
+
 def percent(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
 
