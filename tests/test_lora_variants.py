@@ -278,3 +278,10 @@ def test_the_study_resumes_from_committed_records_when_run_folders_are_gone(tmp_
     table = (tmp_path / "t.md").read_text()
     assert "| PiSSA | 812,932 | 1 | 75.00% | 75.00% | -25.00 ± 9.93 **beyond 2 se** |" in table  # se: the rows (one seed)
     assert "a test machine" in table and not (tmp_path / "out").exists()
+    # a pair whose two runs ran on different CPUs is still paired, and the table says so
+    rec = json.loads((folder / "pissa.seed42.json").read_text())
+    (folder / "pissa.seed42.json").write_text(json.dumps({**rec, "machine": "another CPU"}))
+    assert script.main(["--table-only", *common]) == 0
+    table = (tmp_path / "t.md").read_text()
+    assert "| -25.00 ± 9.93 **beyond 2 se** (seed 42 paired across CPUs) |" in table
+    assert "a test machine; another CPU" in table
