@@ -70,6 +70,20 @@ def records_for(base_config: Path, seed: int, overrides: list[str], records: Pat
     return records / f"{base_config.stem}_seed{seed}_{hashlib.sha256(text).hexdigest()[:8]}"
 
 
+def best_by(study, steps: int, maximize: bool = True) -> float | None:
+    """The best objective among the complete trials an arm had once it had trained `steps` optimizer
+    steps (trials in the order they were started, each counted with every step it trained, pruned
+    ones included): what the arm would have found with that compute."""
+    spent, best = 0, None
+    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        spent += int(t.user_attrs.get("steps") or 0)
+        if spent > steps:
+            break
+        if t.state.name == "COMPLETE" and t.value is not None:
+            best = t.value if best is None else (max if maximize else min)(best, t.value)
+    return best
+
+
 def run_arm(base_config: Path, pruner: str, out: Path, steps_cap: int, seed: int, overrides: list[str],
             max_trials: int = 500, records: Path | None = None, deadline: Deadline | None = None) -> dict:
     """One arm: one sweep whose trials run until they have trained `steps_cap` optimizer steps.
@@ -106,8 +120,36 @@ def run_arm(base_config: Path, pruner: str, out: Path, steps_cap: int, seed: int
     # every finished trial's own time, over all the calls that trained the arm
     seconds = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials
                   if t.datetime_complete is not None and t.datetime_start is not None)
+    maximize = cfg.sweep.direction == "maximize"
     return {**found, "best": best, "reached_cap": trial_counts(study)["steps"] >= steps_cap, **trial_counts(study),
+            "best_by_half": best_by(study, steps_cap // 2, maximize), "val_rows": cfg.data.val_size,
             "trial_seconds": round(seconds, 1)}
+
+
+def verdict(results: list[dict], steps_cap: int) -> list[str]:
+    """The target's check, once the no-pruner arm has reached the cap: does each pruned arm's best by
+    half the cap come within noise (one binomial standard error of an accuracy on the validation
+    rows, at the no-pruner arm's best) of the no-pruner arm's best at the full cap?"""
+    import math
+
+    base = next((r for r in results if r["pruner"] == "none"), None)
+    if base is None or not base["reached_cap"] or base["best"] is None or not 0 < base["best"] < 1:
+        return []
+    se = math.sqrt(base["best"] * (1 - base["best"]) / base["val_rows"])
+    lines = []
+    for r in results:
+        if r is base:
+            continue
+        half = r.get("best_by_half")
+        if half is None:
+            lines.append(f"- {r['pruner']}: no trial completed within half the cap.")
+            continue
+        gap = half - base["best"]
+        within = gap >= -se
+        lines.append(f"- {r['pruner']} by {steps_cap // 2:,} steps against no pruner at {steps_cap:,}: "
+                     f"{100 * gap:+.2f} points (one standard error of a {base['val_rows']}-row validation accuracy: "
+                     f"{100 * se:.2f}): {'the same best within noise for half the compute' if within else 'worse beyond noise'}.")
+    return [*lines, ""] if lines else []
 
 
 def write_table(results: list[dict], path: Path, argv: list[str], steps_cap: int) -> None:
@@ -117,7 +159,8 @@ def write_table(results: list[dict], path: Path, argv: list[str], steps_cap: int
 
     commit = git_commit(ROOT)
     command = f"python benchmarks/sweep_pruning.py {shlex.join(argv)}".strip()
-    rows = [[r["pruner"], "-" if r["best"] is None else f"{r['best']:.4f}", r["complete"], r["pruned"],
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    rows = [[r["pruner"], fmt(r["best"]), fmt(r.get("best_by_half")), r["complete"], r["pruned"],
              r["over_budget"], f"{r['steps']:,}" + ("" if r["reached_cap"] else " (cap not reached)"),
              f"{r['trial_seconds'] / 60:.1f} min"] for r in results]
     metric = results[0]["metric"]
@@ -127,9 +170,12 @@ def write_table(results: list[dict], path: Path, argv: list[str], steps_cap: int
              f"- Command of the call that wrote this table: `{command}`; the arms' trials may come from earlier "
              f"calls (slices), kept in their study databases ({Path(results[0]['study']).parent.name}). "
              f"Compute cap: {steps_cap:,} optimizer steps per arm.", "",
-             md_table(["Pruner", f"Best {metric}", "Complete", "Pruned", "Over budget", "Steps trained", "Trial time"],
-                      rows, align="lrrrrrr"), "",
+             md_table(["Pruner", f"Best {metric}", f"Best by {steps_cap // 2:,} steps", "Complete", "Pruned",
+                       "Over budget", "Steps trained", "Trial time"], rows, align="lrrrrrrr"), "",
+             *verdict(results, steps_cap),
              "Best: the best objective over each arm's complete trials (each trial's best validation evaluation). "
+             f"Best by {steps_cap // 2:,} steps: the same over the trials the arm had started and finished within "
+             "half the cap (trials in start order, each with every step it trained). "
              "Pruned: stopped by the pruner at an evaluation; over budget: refused before training. Trial time: "
              "the trials' own durations summed over every call that trained the arm.", ""]
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -132,7 +132,11 @@ def test_pruning_benchmark_runs_both_arms_to_the_same_step_cap(tiny_model_dir, a
         assert arm["steps"] == sum(t.user_attrs.get("steps", 0) for t in trials)
         assert arm["complete"] + arm["pruned"] + arm["over_budget"] == len(trials)
         assert arm["best"] == max(t.value for t in trials if t.state.name == "COMPLETE")
+        first = min(trials, key=lambda t: t.number)  # 4 steps: the only trial within half the cap (4)
+        assert arm["best_by_half"] == (first.value if first.state.name == "COMPLETE" else None)
     assert "| none |" in table.read_text() and "| median |" in table.read_text()
+    assert "Best by 4 steps" in table.read_text()
+    assert "- median by 4 steps against no pruner at 8:" in table.read_text() or "- median: no trial" in table.read_text()
     before = len(optuna.load_study(study_name="pruning-none",
                                    storage=f"sqlite:///{dbs / 'none.db'}").get_trials())
     assert bench.main(argv) == 0  # the cap is reached: a rerun trains nothing more
