@@ -7,6 +7,7 @@ same rows, steps and seeds, paired over seeds and test rows.
     python experiments/lora_variants.py                    # trains + tests every run; resumable
     python experiments/lora_variants.py --arms lora,pissa,eva --seeds 3
     python experiments/lora_variants.py --table-only       # rewrite the table from finished runs
+    python experiments/lora_variants.py --scale paper --arms lora,gaussian,rslora   # MPNet-base, paper rows 1,5,7
 
 Arms: plain LoRA (lora.init=kaiming, the preset's), each initialisation peft offers on these
 encoders (gaussian, pissa, olora, eva, corda, lora_ga), rsLoRA, and LoRA+ (B matrices at
@@ -18,6 +19,13 @@ rows (a stratified seeded draw of the three offline train files after 640 valida
 aside) and --steps optimizer steps of batch 16; validation half-way and at the end, the better
 checkpoint scored on all 7,600 test rows. --seeds N trains every arm with seeds 42, 43, ... (the seed
 also draws the rows and their order: one seed, the same rows and batches for every arm).
+
+--scale paper runs the chosen arms on MPNet-base (roberta-base's sizes) under the paper table's
+conditions instead (experiments/paper_table.py: its rows --paper-rows, default 1, 5 and 7; 400 steps
+of batch 16 over 6,400 rows, max length 96, the same validation rows and schedule): each arm is the
+row's own configuration plus the arm's keys, paired with plain LoRA on the same row. Its runs are
+named ARM-ROW (e.g. pissa-5-targeted), its records and table are its own
+(docs/results/lora-variants-paper.md by default).
 
 Each run is `agnews-lora train` in a child process (agnews_lora.study), in its own folder under --out
 (ARM, ARM.seedS). Resumable: a finished run is not rerun, an interrupted one resumes from its
@@ -33,6 +41,7 @@ the rows).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shlex
 import sys
@@ -51,6 +60,7 @@ ROW_FILE = "lora_variants_row.json"  # per run folder: wall time and peak memory
 RECORDS = ROOT / "experiments" / "records" / "lora_variants"
 PRESET = ROOT / "configs" / "cpu-minilm.yaml"
 PLAIN = "lora"
+MPNET = "sentence-transformers/all-mpnet-base-v2"  # what ../shared/tools/get-mpnet-base.sh assembles
 ARMS = {  # arm -> (title, overrides beyond the common ones)
     "lora": ("LoRA (kaiming init)", ()),
     "gaussian": ("Gaussian init", ("lora.init=gaussian",)),
@@ -64,52 +74,110 @@ ARMS = {  # arm -> (title, overrides beyond the common ones)
 }
 
 
-def arm_rows(args: argparse.Namespace) -> list[Row]:
+def arm_extra(args: argparse.Namespace, arm: str) -> tuple[str, ...]:
+    """The overrides that make `arm` out of plain LoRA."""
+    return (f"train.loraplus_lr_ratio={args.loraplus_ratio:g}",) if arm == "loraplus" else ARMS[arm][1]
+
+
+def unit_key(arm: str, paper_row: str | None) -> str:
+    """A run's name without its seed: the arm (screen scale) or ARM-ROW (paper scale)."""
+    return arm if paper_row is None else f"{arm}-{paper_row}"
+
+
+@functools.cache
+def paper_table():
+    """experiments/paper_table.py as a module: the paper table's rows and conditions."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("paper_table", ROOT / "experiments" / "paper_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def paper_arm_rows(args: argparse.Namespace, model_dir: str | None = None) -> list[Row]:
+    """--scale paper: every arm on every chosen paper-table row, as paper_table.py trains the row
+    (its preset, the table's common conditions, the row's settings), plus the arm's keys.
+    `model_dir` (else --model-dir, else MPNet-base assembled by ../shared/tools) is the backbone."""
+    from dataclasses import replace
+
+    from agnews_lora.errors import ConfigError
+
+    table = paper_table()
+    ns = table.parse_args(["--out", str(args.out), "--steps", str(args.steps), "--data-dir", args.data_dir,
+                           "--rows", args.paper_rows, *[a for kv in args.set for a in ("--set", kv)]])
+    ns.model_dir = model_dir or args.model_dir or study.resolve_model_dir(None, SHARED / "tools" / "get-mpnet-base.sh")
+    chosen = table.select_rows(ns.rows)
+    if any(r.command == "distill" for r in chosen):
+        raise ConfigError(f"--paper-rows {args.paper_rows}: distillation rows (2, 3, 4) need a teacher; choose "
+                          "rows that train directly (1, 5, 6, 7)")
+    rows = []
+    for prow in chosen:
+        full = table.full_row(prow, ns)
+        for arm in args.arms:
+            key = unit_key(arm, prow.name)
+            rows.append(replace(full, name=key, title=f"{ARMS[arm][0]}, row {prow.name}", overrides=(
+                *full.overrides, *arm_extra(args, arm), f"out_dir={args.out / key}", f"name=lora-variants-{key}")))
+    return rows
+
+
+def arm_rows(args: argparse.Namespace, model_dir: str | None = None) -> list[Row]:
     """Every arm at every seed, seed-major (all arms at the first seed, then the next)."""
+    if args.scale == "paper":
+        by_seed = study.with_seeds(paper_arm_rows(args, model_dir), args.seeds)
+    else:
+        by_seed = study.with_seeds(screen_rows(args), args.seeds)
+    seed_of = {r.name: ([o.split("=", 1)[1] for o in r.overrides if o.startswith("train.seed=")] or [""])[-1]
+               for r in by_seed}  # the last train.seed wins, as in the config
+    return sorted(by_seed, key=lambda r: (seed_of[r.name] != "", seed_of[r.name]))  # the rows' own seed first
+
+
+def screen_rows(args: argparse.Namespace) -> list[Row]:
+    """Every arm under configs/cpu-minilm.yaml at the screen's rows and steps (one seed)."""
     data = Path(args.data_dir)
     common = [f"data.test={data / study.AG_NEWS_TEST}", "data.train=" + ",".join(str(data / f) for f in study.AG_NEWS_TRAIN),
               f"data.max_train_rows={args.rows}", f"train.max_steps={args.steps}",
               f"train.eval_every={args.steps // 2 + 1}", "train.progress=false", *args.set]
-    rows = []
-    for arm in args.arms:
-        title, extra = ARMS[arm]
-        if arm == "loraplus":
-            extra = (f"train.loraplus_lr_ratio={args.loraplus_ratio:g}",)
-        rows.append(Row(name=arm, config=str(PRESET), title=title,
-                        overrides=(*common, *extra, f"out_dir={args.out / arm}", f"name=lora-variants-{arm}")))
-    by_seed = study.with_seeds(rows, args.seeds)
-    seed_of = {r.name: next((o.split("=", 1)[1] for o in r.overrides if o.startswith("train.seed=")), "")
-               for r in by_seed}
-    return sorted(by_seed, key=lambda r: (seed_of[r.name] != "", seed_of[r.name]))  # the rows' own seed first
+    return [Row(name=arm, config=str(PRESET), title=ARMS[arm][0],
+                overrides=(*common, *arm_extra(args, arm), f"out_dir={args.out / arm}", f"name=lora-variants-{arm}"))
+            for arm in args.arms]
 
 
-def records_dir(args: argparse.Namespace) -> Path | None:
-    """Where this study's conditions keep their records (None with --set overrides: those runs
-    are the user's own study, not this one's)."""
-    if args.set:
-        return None
-    return args.records / f"rows{args.rows}_steps{args.steps}_loraplus{args.loraplus_ratio:g}"
+def units(args: argparse.Namespace) -> list[tuple[str, str, str | None]]:
+    """(run name without seed, arm, paper row or None) of every arm this study can have."""
+    if args.scale == "paper":
+        rows = [r.name for r in paper_table().ROWS]
+        return [(unit_key(arm, row), arm, row) for row in rows for arm in ARMS]
+    return [(arm, arm, None) for arm in ARMS]
+
+
+def records_dir(args: argparse.Namespace) -> Path:
+    """Where this study's conditions keep their records: --records (committed) for the study's
+    own conditions; OUT/records with --set overrides (those runs are the user's own study, so
+    their records stay with their runs)."""
+    root = args.out / "records" if args.set else args.records
+    if args.scale == "paper":
+        return root / f"paper_steps{args.steps}_loraplus{args.loraplus_ratio:g}"
+    return root / f"rows{args.rows}_steps{args.steps}_loraplus{args.loraplus_ratio:g}"
 
 
 def record_runs(args: argparse.Namespace) -> None:
     """Write a record for every finished run folder that has none yet."""
     folder = records_dir(args)
-    if folder is None:
-        return
     from agnews_lora.checkpoint import atomic_write_json
 
-    for arm in ARMS:
-        for path in study.seed_runs(args.out / arm):
+    for key, arm, paper_row in units(args):
+        for path in study.seed_runs(args.out / key):
             run = RunFolder(path)
             seed = run.config().train.seed
-            dest = folder / f"{arm}.seed{seed}.json"
+            dest = folder / f"{key}.seed{seed}.json"
             preds, summary = run.test_predictions(), run.summary()
             if dest.is_file() or preds is None:
                 continue
             row = study.read_record(path, ROW_FILE) or {}
             folder.mkdir(parents=True, exist_ok=True)
             atomic_write_json(dest, {
-                "arm": arm, "seed": seed, "commit": args.commit, "machine": str(study.machine()),
+                "arm": arm, **({"row": paper_row} if paper_row else {}), "seed": seed, "commit": args.commit, "machine": str(study.machine()),
                 "finished": row.get("finished"), "wall_seconds": row.get("wall_seconds"),
                 "test_accuracy": summary.get("test_accuracy"), "best_val_accuracy": summary.get("best_val_accuracy"),
                 "train_seconds": summary.get("train_seconds"), "trainable": summary["trainable"]["total"],
@@ -119,19 +187,20 @@ def record_runs(args: argparse.Namespace) -> None:
 
 
 def finished(args: argparse.Namespace) -> dict[str, dict[int, dict]]:
-    """arm -> {seed: record} for every run recorded (this session's and earlier sessions')."""
+    """run name without seed (the arm, or ARM-ROW) -> {seed: record} for every run recorded (this
+    session's and earlier sessions'), arms in ARMS order (rows first at the paper scale)."""
     import numpy as np
 
     record_runs(args)
     folder = records_dir(args)
     out: dict[str, dict[int, dict]] = {}
-    for path in sorted(folder.glob("*.json")) if folder is not None and folder.is_dir() else []:
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         rec = json.loads(path.read_text(encoding="utf-8"))
         if rec["arm"] in ARMS:
             rec["labels"] = np.frombuffer(rec["labels"].encode(), dtype=np.uint8) - ord("0")
             rec["preds"] = np.frombuffer(rec["preds"].encode(), dtype=np.uint8) - ord("0")
-            out.setdefault(rec["arm"], {})[rec["seed"]] = rec
-    return {arm: out[arm] for arm in ARMS if arm in out}
+            out.setdefault(unit_key(rec["arm"], rec.get("row")), {})[rec["seed"]] = rec
+    return {key: out[key] for key, _, _ in units(args) if key in out}
 
 
 def compare(found: dict[str, dict[int, dict]]) -> dict[str, dict]:
@@ -142,17 +211,20 @@ def compare(found: dict[str, dict[int, dict]]) -> dict[str, dict]:
     from agnews_lora.seeds import paired_over_seeds, spread
 
     out = {}
-    for arm, runs in found.items():
+    for key, runs in found.items():
+        first = next(iter(runs.values()))
+        arm, paper_row = first["arm"], first.get("row")
+        plain = found.get(unit_key(PLAIN, paper_row))
         diff = None
-        if arm != PLAIN and PLAIN in found:
-            shared = sorted(set(runs) & set(found[PLAIN]))
-            labels = found[PLAIN][shared[0]]["labels"] if shared else None
+        if arm != PLAIN and plain:
+            shared = sorted(set(runs) & set(plain))
+            labels = plain[shared[0]]["labels"] if shared else None
             if shared and all(np.array_equal(runs[s]["labels"], labels) for s in shared):
                 diff = paired_over_seeds(labels, {s: runs[s]["preds"] for s in shared},
-                                         {s: found[PLAIN][s]["preds"] for s in shared})
+                                         {s: plain[s]["preds"] for s in shared})
                 # seeds whose two runs ran on different CPUs (bf16 kernels differ): paired all the same
-                diff["cross_machine_seeds"] = [s for s in shared if runs[s]["machine"] != found[PLAIN][s]["machine"]]
-        out[arm] = {"title": ARMS[arm][0], "seeds": sorted(runs),
+                diff["cross_machine_seeds"] = [s for s in shared if runs[s]["machine"] != plain[s]["machine"]]
+        out[key] = {"title": ARMS[arm][0], "arm": arm, "row": paper_row, "seeds": sorted(runs),
                     "test": spread([r["test_accuracy"] for r in runs.values()]),
                     "val": spread([r["best_val_accuracy"] for r in runs.values()]),
                     "train_seconds": spread([r["train_seconds"] for r in runs.values()]),
@@ -182,17 +254,37 @@ def write_table(args: argparse.Namespace, argv: list[str]) -> bool:
     results = compare(found)
     records = sorted((r for runs in found.values() for r in runs.values() if r.get("finished")),
                      key=lambda r: r["finished"])
-    cfg = study.resolve(arm_rows(args)[0])  # the conditions every run shares
+    # the conditions every run shares (at the paper scale without locating MPNet-base: its name is enough)
+    cfg = study.resolve(arm_rows(args, model_dir=MPNET)[0] if args.scale == "paper" else arm_rows(args)[0])
+    paper = args.scale == "paper"
     machines = sorted({m for r in results.values() for m in r["machines"]})
     rows = []
-    for arm, r in results.items():
+    for r in results.values():
         t, v, secs = r["test"], r["val"], r["train_seconds"]
         sd = lambda s: "" if s["sd"] is None else f" ± {100 * s['sd']:.2f}"  # noqa: E731
-        rows.append([r["title"], f"{r['trainable'][0]:,}" if len(r["trainable"]) == 1 else str(r["trainable"]),
+        rows.append([*([r["row"]] if paper else []), r["title"],
+                     f"{r['trainable'][0]:,}" if len(r["trainable"]) == 1 else str(r["trainable"]),
                      len(r["seeds"]), f"{percent(v['mean'])}{sd(v)}", f"{percent(t['mean'])}{sd(t)}",
-                     "-" if arm == PLAIN else _cell(r["vs_plain"]), minutes(secs["mean"])])
+                     "-" if r["arm"] == PLAIN else _cell(r["vs_plain"]), minutes(secs["mean"])])
     wall = sum(r["wall_seconds"] or 0 for r in records)
-    lines = ["# LoRA variants against plain LoRA (MiniLM stand-in)", "",
+    if paper:
+        every = (f"- Every run: a row of the paper table (`experiments/paper_table.py`, the row's preset and "
+                 f"settings) on MPNet-base (roberta-base's sizes), {cfg.train.max_steps} optimizer steps of batch "
+                 f"{cfg.train.batch_size} over {cfg.data.max_train_rows:,} training rows, max length "
+                 f"{cfg.data.max_length}, lr {cfg.train.lr:g}, {cfg.train.scheduler} schedule; validation at steps "
+                 f"{cfg.train.eval_every} and {cfg.train.max_steps}, the better checkpoint scored on all test rows. "
+                 f"Each arm adds its keys to the row; it is paired with plain LoRA on the same row. LoRA+ ratio "
+                 f"{args.loraplus_ratio:g}; data-driven inits read {cfg.lora.init_batches} training batches.")
+    else:
+        every = (f"- Every run: `configs/cpu-minilm.yaml` ({cfg.model.name}, LoRA r={cfg.lora.r} "
+                 f"alpha={cfg.lora.alpha:g} on {', '.join(cfg.lora.target_modules)}, {cfg.model.head} head, lr "
+                 f"{cfg.train.lr:g}, {cfg.train.scheduler} schedule) with {cfg.data.max_train_rows:,} training rows "
+                 f"and {cfg.train.max_steps} optimizer steps of batch {cfg.train.batch_size}; validation at steps "
+                 f"{cfg.train.eval_every} and {cfg.train.max_steps}, the better checkpoint scored on all test rows. "
+                 f"LoRA+ ratio {args.loraplus_ratio:g}; data-driven inits read {cfg.lora.init_batches} training "
+                 "batches.")
+    lines = [f"# LoRA variants against plain LoRA ({'MPNet-base, paper table rows' if paper else 'MiniLM stand-in'})",
+             "",
              f"- Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from {sum(len(f) for f in found.values())} "
              f"finished runs" + (f" (finished between {records[0]['finished'][:16]} and {records[-1]['finished'][:16]} "
                                  f"UTC, wall time {minutes(wall)})" if records else "") + ".",
@@ -203,17 +295,12 @@ def write_table(args: argparse.Namespace, argv: list[str]) -> bool:
              "names its machine.",
              f"- Commit: {args.commit} (each run's own is in its record, experiments/records/lora_variants). "
              f"Command: `python experiments/lora_variants.py {shlex.join(argv)}`.",
-             f"- Every run: `configs/cpu-minilm.yaml` ({cfg.model.name}, LoRA r={cfg.lora.r} alpha={cfg.lora.alpha:g} "
-             f"on {', '.join(cfg.lora.target_modules)}, {cfg.model.head} head, lr {cfg.train.lr:g}, "
-             f"{cfg.train.scheduler} schedule) with {cfg.data.max_train_rows:,} training rows and "
-             f"{cfg.train.max_steps} optimizer steps of batch {cfg.train.batch_size}; validation at steps "
-             f"{cfg.train.eval_every} and {cfg.train.max_steps}, the better checkpoint scored on all test rows. "
-             f"LoRA+ ratio {args.loraplus_ratio:g}; data-driven inits read {cfg.lora.init_batches} training batches.",
-             "",
-             md_table(["Arm", "Trainable", "Seeds", "Val acc", "Test acc", "vs LoRA (paired)", "Train time"], rows,
-                      align="lrrrrrr"), "",
+             every, "",
+             md_table([*(["Paper row"] if paper else []), "Arm", "Trainable", "Seeds", "Val acc", "Test acc",
+                       "vs LoRA (paired)", "Train time"], rows, align=("l" if paper else "") + "lrrrrrr"), "",
              "Val and test accuracy: mean ± standard deviation over the seeds. vs LoRA (paired): the arm's test "
-             "accuracy minus plain LoRA's, in points, over the seeds both have and the same 7,600 test rows, ± its "
+             f"accuracy minus plain LoRA's{' on the same paper row' if paper else ''}, in points, over the seeds both "
+             "have and the same 7,600 test rows, ± its "
              "standard error from both the seeds and the rows (`agnews_lora.seeds.paired_over_seeds`); "
              "**beyond 2 se** marks a difference larger than two standard errors. With one seed the error "
              "counts the rows only (how a second seed moves a run is not measured). \"paired across CPUs\": at that seed the "
@@ -232,13 +319,20 @@ def write_table(args: argparse.Namespace, argv: list[str]) -> bool:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(ROOT / "runs" / "lora_variants"), help="folder of the runs")
+    p.add_argument("--scale", choices=("screen", "paper"), default="screen",
+                   help="screen: configs/cpu-minilm.yaml on the MiniLM stand-in at --rows and --steps; paper: "
+                        "MPNet-base under the paper table's conditions, on its rows --paper-rows")
+    p.add_argument("--out", help="folder of the runs (default runs/lora_variants, or runs/lora_variants_paper)")
     p.add_argument("--records", default=str(RECORDS), help="folder of the committed run records")
-    p.add_argument("--table", default=str(ROOT / "docs" / "results" / "lora-variants.md"),
-                   help="Markdown table to write; its JSON goes beside it")
+    p.add_argument("--table", help="Markdown table to write; its JSON goes beside it (default "
+                   "docs/results/lora-variants.md, or docs/results/lora-variants-paper.md)")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated arms (default all: {','.join(ARMS)})")
-    p.add_argument("--steps", type=int, default=625, help="optimizer steps of every run")
-    p.add_argument("--rows", type=int, default=10_000, help="training rows of every run")
+    p.add_argument("--steps", type=int, help="optimizer steps of every run (default 625, or 400 at the paper scale)")
+    p.add_argument("--rows", type=int, default=10_000, help="training rows of every run (screen scale)")
+    p.add_argument("--paper-rows", default="1,5,7", help="paper scale: the paper table's rows (numbers or names) "
+                   "that train directly (no distillation)")
+    p.add_argument("--model-dir", help="paper scale: the backbone folder (default MPNet-base from "
+                   "../shared/tools/get-mpnet-base.sh)")
     p.add_argument("--loraplus-ratio", type=float, default=8.0, help="LoRA+'s B learning-rate ratio")
     p.add_argument("--data-dir", default=str(SHARED / "data" / "ag_news"), help="the offline AG News files")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -250,6 +344,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     study.add_seeds_option(p)
     p.set_defaults(seeds=3)
     args = p.parse_args(argv)
+    paper = args.scale == "paper"
+    args.steps = args.steps or (400 if paper else 625)
+    args.out = args.out or str(ROOT / "runs" / ("lora_variants_paper" if paper else "lora_variants"))
+    args.table = args.table or str(ROOT / "docs" / "results" / ("lora-variants-paper.md" if paper else "lora-variants.md"))
     if args.steps < 2 or args.rows < 1 or args.loraplus_ratio <= 0 or args.max_runs < 0:
         p.error("--steps must be >= 2, --rows >= 1, --loraplus-ratio > 0, --max-runs >= 0")
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -279,7 +377,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
             p.status = "done"  # finished in an earlier session: its record is kept, its folder is gone
     todo = [p for p in planned if p.status != "done"]
     for p in planned:
-        print(f"{p.name:<20} {p.trainable:>9,} trainable  {p.status}")
+        print(f"{p.name:<32} {p.trainable:>9,} trainable  {p.status}")
     if args.dry_run:
         return
     todo = todo[: args.max_runs] if args.max_runs else todo

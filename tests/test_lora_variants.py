@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from agnews_lora import lora_init
@@ -285,3 +286,42 @@ def test_the_study_resumes_from_committed_records_when_run_folders_are_gone(tmp_
     table = (tmp_path / "t.md").read_text()
     assert "| -25.00 ± 9.93 **beyond 2 se** (seed 42 paired across CPUs) |" in table
     assert "a test machine; another CPU" in table
+
+
+def test_paper_scale_pairs_each_arm_with_plain_lora_on_the_same_paper_row(ag_files, tmp_path, capsys, monkeypatch):
+    """--scale paper end to end on a tiny 12-layer model: each arm trains on the paper table's row
+    (its preset and settings) plus its own keys, is recorded with its row, and is paired with plain
+    LoRA on that row only; distillation rows are refused."""
+    from conftest import make_tiny_roberta
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the runs train in child processes
+    model = make_tiny_roberta(tmp_path / "tiny12", num_layers=12)
+    script = _load_script()
+    common = ["--scale", "paper", "--model-dir", str(model), "--out", str(tmp_path / "out"),
+              "--table", str(tmp_path / "t.md"), "--arms", "lora,rslora", "--paper-rows", "1,5", "--seeds", "1",
+              "--steps", "4", "--set", f"data.train={ag_files['train']}", "--set", f"data.test={ag_files['test']}",
+              "--set", "data.val_size=40", "--set", "data.max_length=48", "--set", "train.batch_size=8",
+              "--set", "train.precision=fp32", "--set", "budget.max_trainable=30000",
+              "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "train.progress=false"]
+    assert script.main([*common, "--paper-rows", "2", "--dry-run"]) == 2
+    assert "distillation rows (2, 3, 4) need a teacher" in capsys.readouterr().err
+    assert script.main(common) == 0
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"lora-1-lora-only", "rslora-1-lora-only", "lora-5-targeted", "rslora-5-targeted"} <= names
+    cfg = yaml.safe_load((tmp_path / "out" / "rslora-5-targeted" / "config.yaml").read_text())
+    assert cfg["lora"]["rslora"] is True and cfg["lora"]["layers"] == [0, 1, 5, 10, 11]  # the row's own placement
+    assert cfg["train"]["max_steps"] == 4 and cfg["train"]["seed"] == 42
+    records = sorted((tmp_path / "out" / "records" / "paper_steps4_loraplus8").glob("*.json"))
+    assert [r.name for r in records] == ["lora-1-lora-only.seed42.json", "lora-5-targeted.seed42.json",
+                                         "rslora-1-lora-only.seed42.json", "rslora-5-targeted.seed42.json"]
+    assert json.loads(records[3].read_text())["row"] == "5-targeted"
+    table = (tmp_path / "t.md").read_text()
+    assert "MPNet-base, paper table rows" in table and "| Paper row | Arm |" in table
+    data = json.loads((tmp_path / "t.json").read_text())
+    for row in ("1-lora-only", "5-targeted"):
+        plain, rs = data["arms"][f"lora-{row}"], data["arms"][f"rslora-{row}"]
+        assert plain["vs_plain"] is None and rs["row"] == row and rs["vs_plain"]["paired_seeds"] == [42]
+        assert rs["vs_plain"]["difference"] == pytest.approx(rs["test"]["mean"] - plain["test"]["mean"])
+    capsys.readouterr()
+    assert script.main([*common, "--dry-run"]) == 0  # everything recorded: nothing left to train
+    assert all(ln.split()[-1] == "done" for ln in capsys.readouterr().out.splitlines() if "trainable" in ln)
