@@ -70,6 +70,31 @@ def records_for(base_config: Path, seed: int, overrides: list[str], records: Pat
     return records / f"{base_config.stem}_seed{seed}_{hashlib.sha256(text).hexdigest()[:8]}"
 
 
+def note_slice(study, first: int) -> None:
+    """Keep, in the study itself, which machine trained the trials this call added (numbers `first`
+    onwards): an arm trained over several sessions may span CPUs whose bf16 kernels differ."""
+    from agnews_lora.study import machine
+
+    last = len(study.trials) - 1
+    if last < first:
+        return
+    slices = list(study.user_attrs.get("slices", []))
+    slices.append({"machine": str(machine()), "trials": [first, last],
+                   "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    study.set_user_attr("slices", slices)
+
+
+def machines_line(results: list[dict]) -> str:
+    """Which machines trained which trials, per arm (from the studies' slices)."""
+    parts = []
+    for r in results:
+        slices = r.get("slices") or []
+        if slices:
+            parts.append(f"{r['pruner']}: " + "; ".join(f"trials {a}-{b} on {s['machine']}"
+                                                         for s in slices for a, b in [s["trials"]]))
+    return ("- Trained on: " + " | ".join(parts) + ".") if parts else ""
+
+
 def best_by(study, steps: int, maximize: bool = True) -> float | None:
     """The best objective among the complete trials an arm had once it had trained `steps` optimizer
     steps (trials in the order they were started, each counted with every step it trained, pruned
@@ -107,7 +132,9 @@ def run_arm(base_config: Path, pruner: str, out: Path, steps_cap: int, seed: int
     done = db.is_file() and trial_counts(optuna.load_study(study_name=cfg.name, storage=url))["steps"] >= steps_cap
     if not done and not (deadline and deadline.passed()):  # a rerun continues the arm until the cap (the
         # sampler starts afresh: same seed, new proposals only for a study it has not seen)
+        before = len(optuna.load_study(study_name=cfg.name, storage=url).trials) if db.is_file() else 0
         run_sweep(cfg, trials=max_trials, storage=url, callbacks=[StepCap(steps_cap), *([deadline] if deadline else [])])
+        note_slice(optuna.load_study(study_name=cfg.name, storage=url), before)
     found = {"pruner": pruner, "folder": str(out / pruner), "study": str(db), "metric": cfg.sweep.metric,
              "wall_seconds": round(time.perf_counter() - start, 1)}
     if not db.is_file():  # --max-minutes ran out before this arm started
@@ -123,6 +150,7 @@ def run_arm(base_config: Path, pruner: str, out: Path, steps_cap: int, seed: int
     maximize = cfg.sweep.direction == "maximize"
     return {**found, "best": best, "reached_cap": trial_counts(study)["steps"] >= steps_cap, **trial_counts(study),
             "best_by_half": best_by(study, steps_cap // 2, maximize), "val_rows": cfg.data.val_size,
+            "slices": study.user_attrs.get("slices", []),
             "trial_seconds": round(seconds, 1)}
 
 
@@ -165,11 +193,12 @@ def write_table(results: list[dict], path: Path, argv: list[str], steps_cap: int
              f"{r['trial_seconds'] / 60:.1f} min"] for r in results]
     metric = results[0]["metric"]
     lines = ["# Sweep pruning: the same search with and without a pruner", "",
-             f"- Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC at commit {commit}; machine: {machine()}. "
+             f"- Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC at commit {commit}; machine of this call: {machine()}. "
              "The machine was shared with other jobs (wall times are indicative; the cap is in steps).",
              f"- Command of the call that wrote this table: `{command}`; the arms' trials may come from earlier "
              f"calls (slices), kept in their study databases ({Path(results[0]['study']).parent.name}). "
-             f"Compute cap: {steps_cap:,} optimizer steps per arm.", "",
+             f"Compute cap: {steps_cap:,} optimizer steps per arm.",
+             *([line] if (line := machines_line(results)) else []), "",
              md_table(["Pruner", f"Best {metric}", f"Best by {steps_cap // 2:,} steps", "Complete", "Pruned",
                        "Over budget", "Steps trained", "Trial time"], rows, align="lrrrrrrr"), "",
              *verdict(results, steps_cap),

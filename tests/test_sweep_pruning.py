@@ -136,6 +136,9 @@ def test_pruning_benchmark_runs_both_arms_to_the_same_step_cap(tiny_model_dir, a
         assert arm["best_by_half"] == (first.value if first.state.name == "COMPLETE" else None)
     assert "| none |" in table.read_text() and "| median |" in table.read_text()
     assert "Best by 4 steps" in table.read_text()
+    for arm in data["arms"]:  # which machine trained which trials, kept in the study itself
+        assert [s["trials"][0] for s in arm["slices"]] == [0] and arm["slices"][0]["machine"]
+    assert "- Trained on: none: trials 0-" in table.read_text()
     assert "- median by 4 steps against no pruner at 8:" in table.read_text() or "- median: no trial" in table.read_text()
     before = len(optuna.load_study(study_name="pruning-none",
                                    storage=f"sqlite:///{dbs / 'none.db'}").get_trials())
