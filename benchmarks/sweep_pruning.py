@@ -88,10 +88,14 @@ def machines_line(results: list[dict]) -> str:
     """Which machines trained which trials, per arm (from the studies' slices)."""
     parts = []
     for r in results:
-        slices = r.get("slices") or []
-        if slices:
-            parts.append(f"{r['pruner']}: " + "; ".join(f"trials {a}-{b} on {s['machine']}"
-                                                         for s in slices for a, b in [s["trials"]]))
+        runs: list[list] = []  # [first, last, machine], consecutive slices on one machine merged
+        for s in r.get("slices") or []:
+            if runs and runs[-1][2] == s["machine"] and runs[-1][1] + 1 == s["trials"][0]:
+                runs[-1][1] = s["trials"][1]
+            else:
+                runs.append([*s["trials"], s["machine"]])
+        if runs:
+            parts.append(f"{r['pruner']}: " + "; ".join(f"trials {a}-{b} on {m}" for a, b, m in runs))
     return ("- Trained on: " + " | ".join(parts) + ".") if parts else ""
 
 
@@ -169,6 +173,10 @@ def verdict(results: list[dict], steps_cap: int) -> list[str]:
         if r is base:
             continue
         half = r.get("best_by_half")
+        if r["steps"] < steps_cap // 2:
+            lines.append(f"- {r['pruner']}: {r['steps']:,} of the {steps_cap // 2:,} steps that half the cap "
+                         "allows so far: no verdict yet.")
+            continue
         if half is None:
             lines.append(f"- {r['pruner']}: no trial completed within half the cap.")
             continue
@@ -188,7 +196,9 @@ def write_table(results: list[dict], path: Path, argv: list[str], steps_cap: int
     commit = git_commit(ROOT)
     command = f"python benchmarks/sweep_pruning.py {shlex.join(argv)}".strip()
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-    rows = [[r["pruner"], fmt(r["best"]), fmt(r.get("best_by_half")), r["complete"], r["pruned"],
+    # the best by half the cap only once the arm has trained that much (before, it is not known yet)
+    rows = [[r["pruner"], fmt(r["best"]), fmt(r.get("best_by_half")) if r["steps"] >= steps_cap // 2 else "not yet",
+             r["complete"], r["pruned"],
              r["over_budget"], f"{r['steps']:,}" + ("" if r["reached_cap"] else " (cap not reached)"),
              f"{r['trial_seconds'] / 60:.1f} min"] for r in results]
     metric = results[0]["metric"]

@@ -123,6 +123,11 @@ def test_pruning_benchmark_runs_both_arms_to_the_same_step_cap(tiny_model_dir, a
     assert "8 (cap not reached)" not in table.read_text() and "| 0 (cap not reached) |" in table.read_text()
     assert bench.main(argv) == 0
     data = json.loads(table.with_suffix(".json").read_text())
+    # a pruned arm short of half the cap gets no verdict (here both reach the cap in one call)
+    short = [{**a, "steps": 3} if a["pruner"] == "median" else a for a in data["arms"]]
+    assert bench.verdict(short, 8) == ["- median: 3 of the 4 steps that half the cap allows so far: no verdict yet.", ""]
+    slices = [{"machine": "A", "trials": [0, 1]}, {"machine": "A", "trials": [2, 3]}, {"machine": "B", "trials": [4, 4]}]
+    assert bench.machines_line([{"pruner": "none", "slices": slices}]) == "- Trained on: none: trials 0-3 on A; trials 4-4 on B."
     assert [a["pruner"] for a in data["arms"]] == ["none", "median"]
     for arm in data["arms"]:
         study = optuna.load_study(study_name=f"pruning-{arm['pruner']}",
