@@ -291,14 +291,15 @@ def test_the_study_resumes_from_committed_records_when_run_folders_are_gone(tmp_
 def test_paper_scale_pairs_each_arm_with_plain_lora_on_the_same_paper_row(ag_files, tmp_path, capsys, monkeypatch):
     """--scale paper end to end on a tiny 12-layer model: each arm trains on the paper table's row
     (its preset and settings) plus its own keys, is recorded with its row, and is paired with plain
-    LoRA on that row only; distillation rows are refused."""
+    LoRA on that row only; distillation rows are refused. Row 5 trains (two runs); row 1 comes from
+    records, as from an earlier session."""
     from conftest import make_tiny_roberta
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the runs train in child processes
     model = make_tiny_roberta(tmp_path / "tiny12", num_layers=12)
     script = _load_script()
     common = ["--scale", "paper", "--model-dir", str(model), "--out", str(tmp_path / "out"),
-              "--table", str(tmp_path / "t.md"), "--arms", "lora,rslora", "--paper-rows", "1,5", "--seeds", "1",
+              "--table", str(tmp_path / "t.md"), "--arms", "lora,rslora", "--paper-rows", "5", "--seeds", "1",
               "--steps", "4", "--set", f"data.train={ag_files['train']}", "--set", f"data.test={ag_files['test']}",
               "--set", "data.val_size=40", "--set", "data.max_length=48", "--set", "train.batch_size=8",
               "--set", "train.precision=fp32", "--set", "budget.max_trainable=30000",
@@ -307,11 +308,21 @@ def test_paper_scale_pairs_each_arm_with_plain_lora_on_the_same_paper_row(ag_fil
     assert "distillation rows (2, 3, 4) need a teacher" in capsys.readouterr().err
     assert script.main(common) == 0
     names = {p.name for p in (tmp_path / "out").iterdir()}
-    assert {"lora-1-lora-only", "rslora-1-lora-only", "lora-5-targeted", "rslora-5-targeted"} <= names
+    assert {"lora-5-targeted", "rslora-5-targeted"} <= names and "lora-1-lora-only" not in names
+    folder = tmp_path / "out" / "records" / "paper_steps4_loraplus8"
+    labels = "0123" * 5  # row 1, recorded earlier: rslora misses class 0's five rows there
+    for arm, preds in (("lora", labels), ("rslora", "1123" * 5)):
+        right = sum(a == b for a, b in zip(preds, labels)) / len(labels)
+        (folder / f"{arm}-1-lora-only.seed42.json").write_text(json.dumps({
+            "arm": arm, "row": "1-lora-only", "seed": 42, "commit": "abc1234", "machine": "m", "finished": None,
+            "wall_seconds": None, "test_accuracy": right, "best_val_accuracy": right, "train_seconds": 5.0,
+            "trainable": 20000, "labels": labels, "preds": preds}))
+    common[common.index("--paper-rows") + 1] = "1,5"
+    assert script.main([*common, "--table-only"]) == 0
     cfg = yaml.safe_load((tmp_path / "out" / "rslora-5-targeted" / "config.yaml").read_text())
     assert cfg["lora"]["rslora"] is True and cfg["lora"]["layers"] == [0, 1, 5, 10, 11]  # the row's own placement
     assert cfg["train"]["max_steps"] == 4 and cfg["train"]["seed"] == 42
-    records = sorted((tmp_path / "out" / "records" / "paper_steps4_loraplus8").glob("*.json"))
+    records = sorted(folder.glob("*.json"))
     assert [r.name for r in records] == ["lora-1-lora-only.seed42.json", "lora-5-targeted.seed42.json",
                                          "rslora-1-lora-only.seed42.json", "rslora-5-targeted.seed42.json"]
     assert json.loads(records[3].read_text())["row"] == "5-targeted"
@@ -322,6 +333,7 @@ def test_paper_scale_pairs_each_arm_with_plain_lora_on_the_same_paper_row(ag_fil
         plain, rs = data["arms"][f"lora-{row}"], data["arms"][f"rslora-{row}"]
         assert plain["vs_plain"] is None and rs["row"] == row and rs["vs_plain"]["paired_seeds"] == [42]
         assert rs["vs_plain"]["difference"] == pytest.approx(rs["test"]["mean"] - plain["test"]["mean"])
+    assert data["arms"]["rslora-1-lora-only"]["vs_plain"]["difference"] == pytest.approx(-0.25)
     capsys.readouterr()
     assert script.main([*common, "--dry-run"]) == 0  # everything recorded: nothing left to train
     assert all(ln.split()[-1] == "done" for ln in capsys.readouterr().out.splitlines() if "trainable" in ln)
