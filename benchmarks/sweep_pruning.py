@@ -113,6 +113,18 @@ def best_by(study, steps: int, maximize: bool = True) -> float | None:
     return best
 
 
+def steps_to_best(study, maximize: bool = True) -> int | None:
+    """Optimizer steps the arm had trained (trials in start order, the finding trial included) when
+    it first found its final best objective; None when no trial completed."""
+    spent, best, at = 0, None, None
+    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        spent += int(t.user_attrs.get("steps") or 0)
+        if t.state.name == "COMPLETE" and t.value is not None and (
+                best is None or (t.value > best if maximize else t.value < best)):
+            best, at = t.value, spent
+    return at
+
+
 def run_arm(base_config: Path, pruner: str, out: Path, steps_cap: int, seed: int, overrides: list[str],
             max_trials: int = 500, records: Path | None = None, deadline: Deadline | None = None) -> dict:
     """One arm: one sweep whose trials run until they have trained `steps_cap` optimizer steps.
@@ -154,7 +166,7 @@ def run_arm(base_config: Path, pruner: str, out: Path, steps_cap: int, seed: int
     maximize = cfg.sweep.direction == "maximize"
     return {**found, "best": best, "reached_cap": trial_counts(study)["steps"] >= steps_cap, **trial_counts(study),
             "best_by_half": best_by(study, steps_cap // 2, maximize), "val_rows": cfg.data.val_size,
-            "slices": study.user_attrs.get("slices", []),
+            "steps_to_best": steps_to_best(study, maximize), "slices": study.user_attrs.get("slices", []),
             "trial_seconds": round(seconds, 1)}
 
 
@@ -198,7 +210,7 @@ def write_table(results: list[dict], path: Path, argv: list[str], steps_cap: int
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     # the best by half the cap only once the arm has trained that much (before, it is not known yet)
     rows = [[r["pruner"], fmt(r["best"]), fmt(r.get("best_by_half")) if r["steps"] >= steps_cap // 2 else "not yet",
-             r["complete"], r["pruned"],
+             "-" if r.get("steps_to_best") is None else f"{r['steps_to_best']:,}", r["complete"], r["pruned"],
              r["over_budget"], f"{r['steps']:,}" + ("" if r["reached_cap"] else " (cap not reached)"),
              f"{r['trial_seconds'] / 60:.1f} min"] for r in results]
     metric = results[0]["metric"]
@@ -209,12 +221,13 @@ def write_table(results: list[dict], path: Path, argv: list[str], steps_cap: int
              f"calls (slices), kept in their study databases ({Path(results[0]['study']).parent.name}). "
              f"Compute cap: {steps_cap:,} optimizer steps per arm.",
              *([line] if (line := machines_line(results)) else []), "",
-             md_table(["Pruner", f"Best {metric}", f"Best by {steps_cap // 2:,} steps", "Complete", "Pruned",
-                       "Over budget", "Steps trained", "Trial time"], rows, align="lrrrrrrr"), "",
+             md_table(["Pruner", f"Best {metric}", f"Best by {steps_cap // 2:,} steps", "Steps to best", "Complete",
+                       "Pruned", "Over budget", "Steps trained", "Trial time"], rows, align="lrrrrrrrr"), "",
              *verdict(results, steps_cap),
              "Best: the best objective over each arm's complete trials (each trial's best validation evaluation). "
              f"Best by {steps_cap // 2:,} steps: the same over the trials the arm had started and finished within "
-             "half the cap (trials in start order, each with every step it trained). "
+             "half the cap (trials in start order, each with every step it trained). Steps to best: the steps the arm "
+             "had trained, in the same order, when it first found its best. "
              "Pruned: stopped by the pruner at an evaluation; over budget: refused before training. Trial time: "
              "the trials' own durations summed over every call that trained the arm.", ""]
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -139,6 +139,9 @@ def test_pruning_benchmark_runs_both_arms_to_the_same_step_cap(tiny_model_dir, a
         assert arm["best"] == max(t.value for t in trials if t.state.name == "COMPLETE")
         first = min(trials, key=lambda t: t.number)  # 4 steps: the only trial within half the cap (4)
         assert arm["best_by_half"] == (first.value if first.state.name == "COMPLETE" else None)
+        done = sorted((t for t in trials if t.state.name == "COMPLETE"), key=lambda t: t.number)
+        finder = next(t for t in done if t.value == arm["best"])  # the first trial with the best value
+        assert arm["steps_to_best"] == sum(t.user_attrs.get("steps", 0) for t in trials if t.number <= finder.number)
     assert "| none |" in table.read_text() and "| median |" in table.read_text()
     assert "Best by 4 steps" in table.read_text()
     for arm in data["arms"]:  # which machine trained which trials, kept in the study itself
