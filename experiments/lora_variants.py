@@ -7,7 +7,7 @@ same rows, steps and seeds, paired over seeds and test rows.
     python experiments/lora_variants.py                    # trains + tests every run; resumable
     python experiments/lora_variants.py --arms lora,pissa,eva --seeds 3
     python experiments/lora_variants.py --table-only       # rewrite the table from finished runs
-    python experiments/lora_variants.py --scale paper --arms lora,gaussian,rslora   # MPNet-base, paper rows 1,5,7
+    python experiments/lora_variants.py --scale paper --arms lora,gaussian,lora_ga   # MPNet-base, paper rows 1,5,7
 
 Arms: plain LoRA (lora.init=kaiming, the preset's), each initialisation peft offers on these
 encoders (gaussian, pissa, olora, eva, corda, lora_ga), rsLoRA, and LoRA+ (B matrices at
