@@ -60,7 +60,6 @@ ROW_FILE = "lora_variants_row.json"  # per run folder: wall time and peak memory
 RECORDS = ROOT / "experiments" / "records" / "lora_variants"
 PRESET = ROOT / "configs" / "cpu-minilm.yaml"
 PLAIN = "lora"
-MPNET = "sentence-transformers/all-mpnet-base-v2"  # what ../shared/tools/get-mpnet-base.sh assembles
 ARMS = {  # arm -> (title, overrides beyond the common ones)
     "lora": ("LoRA (kaiming init)", ()),
     "gaussian": ("Gaussian init", ("lora.init=gaussian",)),
@@ -254,8 +253,8 @@ def write_table(args: argparse.Namespace, argv: list[str]) -> bool:
     results = compare(found)
     records = sorted((r for runs in found.values() for r in runs.values() if r.get("finished")),
                      key=lambda r: r["finished"])
-    # the conditions every run shares (at the paper scale without locating MPNet-base: its name is enough)
-    cfg = study.resolve(arm_rows(args, model_dir=MPNET)[0] if args.scale == "paper" else arm_rows(args)[0])
+    # the conditions every run shares (the paper scale's backbone folder was located once, in run())
+    cfg = study.resolve(arm_rows(args)[0])
     paper = args.scale == "paper"
     machines = sorted({m for r in results.values() for m in r["machines"]})
     rows = []
@@ -365,6 +364,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
     from agnews_lora.errors import ConfigError
 
     args.commit = study.commit(ROOT)
+    if args.scale == "paper":  # located once: the planner's rows (7) build the backbone's shapes
+        args.model_dir = study.resolve_model_dir(args.model_dir, SHARED / "tools" / "get-mpnet-base.sh")
     if args.table_only:
         if not write_table(args, argv):
             raise ConfigError(f"--table-only: no finished run in {args.out}")

@@ -317,7 +317,9 @@ def test_paper_scale_pairs_each_arm_with_plain_lora_on_the_same_paper_row(ag_fil
             "arm": arm, "row": "1-lora-only", "seed": 42, "commit": "abc1234", "machine": "m", "finished": None,
             "wall_seconds": None, "test_accuracy": right, "best_val_accuracy": right, "train_seconds": 5.0,
             "trainable": 20000, "labels": labels, "preds": preds}))
-    common[common.index("--paper-rows") + 1] = "1,5"
+    # row 7 sizes its rank with the planner, which builds the backbone's shapes: the table must use
+    # --model-dir (a Hub name would be a download, refused offline), even for rows not run yet
+    common[common.index("--paper-rows") + 1] = "1,5,7"
     assert script.main([*common, "--table-only"]) == 0
     cfg = yaml.safe_load((tmp_path / "out" / "rslora-5-targeted" / "config.yaml").read_text())
     assert cfg["lora"]["rslora"] is True and cfg["lora"]["layers"] == [0, 1, 5, 10, 11]  # the row's own placement
@@ -335,5 +337,8 @@ def test_paper_scale_pairs_each_arm_with_plain_lora_on_the_same_paper_row(ag_fil
         assert rs["vs_plain"]["difference"] == pytest.approx(rs["test"]["mean"] - plain["test"]["mean"])
     assert data["arms"]["rslora-1-lora-only"]["vs_plain"]["difference"] == pytest.approx(-0.25)
     capsys.readouterr()
-    assert script.main([*common, "--dry-run"]) == 0  # everything recorded: nothing left to train
-    assert all(ln.split()[-1] == "done" for ln in capsys.readouterr().out.splitlines() if "trainable" in ln)
+    assert script.main([*common, "--dry-run"]) == 0  # rows 1 and 5 recorded: only row 7 is left to train
+    status = {ln.split()[0]: ln.split()[-1] for ln in capsys.readouterr().out.splitlines() if "trainable" in ln}
+    assert status == {"lora-1-lora-only": "done", "rslora-1-lora-only": "done", "lora-5-targeted": "done",
+                      "rslora-5-targeted": "done", "lora-7-linear-attention": "new",
+                      "rslora-7-linear-attention": "new"}
