@@ -282,10 +282,11 @@ def write_table(args: argparse.Namespace, argv: list[str]) -> bool:
                  f"{cfg.train.eval_every} and {cfg.train.max_steps}, the better checkpoint scored on all test rows. "
                  f"LoRA+ ratio {args.loraplus_ratio:g}; data-driven inits read {cfg.lora.init_batches} training "
                  "batches.")
+    count = sum(len(f) for f in found.values())
     lines = [f"# LoRA variants against plain LoRA ({'MPNet-base, paper table rows' if paper else 'MiniLM stand-in'})",
              "",
-             f"- Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from {sum(len(f) for f in found.values())} "
-             f"finished runs" + (f" (finished between {records[0]['finished'][:16]} and {records[-1]['finished'][:16]} "
+             f"- Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from {count} "
+             f"finished run{'s' if count != 1 else ''}" + (f" (finished between {records[0]['finished'][:16]} and {records[-1]['finished'][:16]} "
                                  f"UTC, wall time {minutes(wall)})" if records else "") + ".",
              f"- Machine{'s' if len(machines) > 1 else ''}: {'; '.join(machines)}. The machine was shared with other "
              "jobs, and a study that spans sessions may run on more than one CPU: training times are indicative. "
