@@ -290,7 +290,7 @@ def write_table(args: argparse.Namespace, argv: list[str]) -> bool:
                                  f"UTC, wall time {minutes(wall)})" if records else "") + ".",
              f"- Machine{'s' if len(machines) > 1 else ''}: {'; '.join(machines)}. The machine was shared with other "
              "jobs, and a study that spans sessions may run on more than one CPU: training times are indicative. "
-             "Accuracy does not depend on the load, but bf16 kernels differ between CPUs (plain LoRA at seed 42: "
+             "Accuracy does not depend on the load, but bf16 kernels differ between CPUs (the MiniLM screen's plain LoRA at seed 42: "
              "90.57% on an Intel Xeon with AMX, 90.51% on an AMD EPYC with AVX-512 BF16), so each run's record "
              "names its machine.",
              f"- Commit: {args.commit} (each run's own is in its record, experiments/records/lora_variants). "
