@@ -94,10 +94,10 @@ def paper_table():
     return module
 
 
-def paper_arm_rows(args: argparse.Namespace, model_dir: str | None = None) -> list[Row]:
+def paper_arm_rows(args: argparse.Namespace) -> list[Row]:
     """--scale paper: every arm on every chosen paper-table row, as paper_table.py trains the row
     (its preset, the table's common conditions, the row's settings), plus the arm's keys.
-    `model_dir` (else --model-dir, else MPNet-base assembled by ../shared/tools) is the backbone."""
+    The backbone is args.model_dir, which run() located (--model-dir, else MPNet-base from ../shared/tools)."""
     from dataclasses import replace
 
     from agnews_lora.errors import ConfigError
@@ -105,7 +105,7 @@ def paper_arm_rows(args: argparse.Namespace, model_dir: str | None = None) -> li
     table = paper_table()
     ns = table.parse_args(["--out", str(args.out), "--steps", str(args.steps), "--data-dir", args.data_dir,
                            "--rows", args.paper_rows, *[a for kv in args.set for a in ("--set", kv)]])
-    ns.model_dir = model_dir or args.model_dir or study.resolve_model_dir(None, SHARED / "tools" / "get-mpnet-base.sh")
+    ns.model_dir = args.model_dir
     chosen = table.select_rows(ns.rows)
     if any(r.command == "distill" for r in chosen):
         raise ConfigError(f"--paper-rows {args.paper_rows}: distillation rows (2, 3, 4) need a teacher; choose "
@@ -120,10 +120,10 @@ def paper_arm_rows(args: argparse.Namespace, model_dir: str | None = None) -> li
     return rows
 
 
-def arm_rows(args: argparse.Namespace, model_dir: str | None = None) -> list[Row]:
+def arm_rows(args: argparse.Namespace) -> list[Row]:
     """Every arm at every seed, seed-major (all arms at the first seed, then the next)."""
     if args.scale == "paper":
-        by_seed = study.with_seeds(paper_arm_rows(args, model_dir), args.seeds)
+        by_seed = study.with_seeds(paper_arm_rows(args), args.seeds)
     else:
         by_seed = study.with_seeds(screen_rows(args), args.seeds)
     seed_of = {r.name: ([o.split("=", 1)[1] for o in r.overrides if o.startswith("train.seed=")] or [""])[-1]
@@ -285,13 +285,14 @@ def write_table(args: argparse.Namespace, argv: list[str]) -> bool:
     count = sum(len(f) for f in found.values())
     lines = [f"# LoRA variants against plain LoRA ({'MPNet-base, paper table rows' if paper else 'MiniLM stand-in'})",
              "",
-             f"- Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from {count} "
-             f"finished run{'s' if count != 1 else ''}" + (f" (finished between {records[0]['finished'][:16]} and {records[-1]['finished'][:16]} "
-                                 f"UTC, wall time {minutes(wall)})" if records else "") + ".",
+             f"- Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from {count} finished "
+             f"run{'s' if count != 1 else ''}" + (f" (finished between {records[0]['finished'][:16]} and "
+                                                 f"{records[-1]['finished'][:16]} UTC, wall time {minutes(wall)})"
+                                                 if records else "") + ".",
              f"- Machine{'s' if len(machines) > 1 else ''}: {'; '.join(machines)}. The machine was shared with other "
              "jobs, and a study that spans sessions may run on more than one CPU: training times are indicative. "
-             "Accuracy does not depend on the load, but bf16 kernels differ between CPUs (the MiniLM screen's plain LoRA at seed 42: "
-             "90.57% on an Intel Xeon with AMX, 90.51% on an AMD EPYC with AVX-512 BF16), so each run's record "
+             "Accuracy does not depend on the load, but bf16 kernels differ between CPUs (the MiniLM screen's "
+             "plain LoRA at seed 42: 90.57% on an Intel Xeon with AMX, 90.51% on an AMD EPYC with AVX-512 BF16), so each run's record "
              "names its machine.",
              f"- Commit: {args.commit} (each run's own is in its record, experiments/records/lora_variants). "
              f"Command: `python experiments/lora_variants.py {shlex.join(argv)}`.",
