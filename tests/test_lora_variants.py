@@ -342,3 +342,48 @@ def test_paper_scale_pairs_each_arm_with_plain_lora_on_the_same_paper_row(ag_fil
     assert status == {"lora-1-lora-only": "done", "rslora-1-lora-only": "done", "lora-5-targeted": "done",
                       "rslora-5-targeted": "done", "lora-7-linear-attention": "new",
                       "rslora-7-linear-attention": "new"}
+
+
+def test_paper_scale_pools_each_arm_over_the_paper_rows(ag_files, tmp_path, monkeypatch):
+    """The paper-scale table's pooled section: each arm's difference from plain LoRA averaged over
+    every (paper row, seed) pair that both have, paired by test row; a record that scored other test
+    rows stops the pooling rather than pairing different rows."""
+    from conftest import make_tiny_roberta
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    model = make_tiny_roberta(tmp_path / "tiny12", num_layers=12)
+    script = _load_script()
+    common = ["--scale", "paper", "--model-dir", str(model), "--out", str(tmp_path / "out"),
+              "--table", str(tmp_path / "t.md"), "--arms", "lora,gaussian", "--paper-rows", "1,5", "--seeds", "1",
+              "--steps", "4", "--set", f"data.train={ag_files['train']}", "--set", f"data.test={ag_files['test']}",
+              "--set", "budget.max_trainable=30000", "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    folder = tmp_path / "out" / "records" / "paper_steps4_loraplus8"
+    folder.mkdir(parents=True)
+    labels = "0123" * 5
+
+    def record(arm: str, row: str, preds: str, labels: str = labels) -> None:
+        right = sum(a == b for a, b in zip(preds, labels)) / len(labels)
+        (folder / f"{arm}-{row}.seed42.json").write_text(json.dumps({
+            "arm": arm, "row": row, "seed": 42, "commit": "abc1234", "machine": "m", "finished": None,
+            "wall_seconds": None, "test_accuracy": right, "best_val_accuracy": right, "train_seconds": 5.0,
+            "trainable": 20000, "labels": labels, "preds": preds}))
+
+    # row 1: gaussian misses class 0's five rows (-0.25); row 5: gaussian misses one row plain LoRA gets (-0.05)
+    record("lora", "1-lora-only", labels)
+    record("gaussian", "1-lora-only", "1123" * 5)
+    record("lora", "5-targeted", labels)
+    record("gaussian", "5-targeted", "1" + labels[1:])
+    assert script.main([*common, "--table-only"]) == 0
+    pooled = json.loads((tmp_path / "t.json").read_text())["pooled_over_rows"]
+    assert list(pooled) == ["gaussian"]
+    g = pooled["gaussian"]
+    assert g["difference"] == pytest.approx((-0.25 - 0.05) / 2)
+    assert g["paired_seeds"] == ["1-lora-only seed 42", "5-targeted seed 42"] and g["se"] > 0
+    table = (tmp_path / "t.md").read_text()
+    assert "## Pooled over the paper rows" in table
+    assert "| Gaussian init | 2 | -15.00 ± " in table
+    # a run scored on other test rows: nothing is pooled (the per-row table still pairs what it can)
+    record("gaussian", "5-targeted", "0" * 12, labels="0" * 12)
+    assert script.main([*common, "--table-only"]) == 0
+    assert json.loads((tmp_path / "t.json").read_text())["pooled_over_rows"] == {}
+    assert "## Pooled over the paper rows" not in (tmp_path / "t.md").read_text()
