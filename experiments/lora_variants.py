@@ -243,11 +243,12 @@ def compare(found: dict[str, dict[int, dict]]) -> dict[str, dict]:
     return out
 
 
-def chosen_by_validation(found: dict[str, dict[int, dict]]) -> dict[str, dict]:
-    """--lrs: per arm, the learning rate with the best mean validation accuracy over its seeds (test
-    rows play no part in the choice), and at that rate its test accuracy minus plain LoRA's at plain
-    LoRA's own validation-chosen rate, paired by seed and test row. Arms that ran at one rate only
-    are left out."""
+def chosen_by_validation(found: dict[str, dict[int, dict]], preset_lr: float) -> dict[str, dict]:
+    """--lrs: per arm, the learning rate with the best mean validation accuracy over the seeds the
+    arm has at every rate it ran (so each rate is judged on the same seeds; test rows play no part in
+    the choice), and at that rate, over those seeds, its test accuracy minus plain LoRA's at plain
+    LoRA's own validation-chosen rate, paired by seed and test row. Arms that ran at one rate only,
+    or at no seed common to their rates, are left out."""
     import numpy as np
 
     from agnews_lora.seeds import paired_over_seeds, spread
@@ -257,7 +258,12 @@ def chosen_by_validation(found: dict[str, dict[int, dict]]) -> dict[str, dict]:
         first = next(iter(runs.values()))
         by_arm.setdefault(first["arm"], {})[first.get("lr")] = runs
     best = {}
-    for arm, at in by_arm.items():
+    for arm, at in list(by_arm.items()):
+        common = set.intersection(*(set(runs) for runs in at.values()))
+        if not common:
+            del by_arm[arm]
+            continue
+        at = {lr: {seed: runs[seed] for seed in sorted(common)} for lr, runs in at.items()}
         # the best mean validation accuracy; a tie goes to the preset's rate (None), then the lower one
         lr = max(at, key=lambda r: (float(np.mean([x["best_val_accuracy"] for x in at[r].values()])), r is None,
                                     -(r or 0.0)))
@@ -274,7 +280,8 @@ def chosen_by_validation(found: dict[str, dict[int, dict]]) -> dict[str, dict]:
                 diff = paired_over_seeds(plain_runs[shared[0]]["labels"], {s: runs[s]["preds"] for s in shared},
                                          {s: plain_runs[s]["preds"] for s in shared})
                 diff["cross_machine_seeds"] = [s for s in shared if runs[s]["machine"] != plain_runs[s]["machine"]]
-        out[arm] = {"title": ARMS[arm][0], "lr": lr, "lrs_tried": sorted(by_arm[arm], key=lambda r: r or 0.0),
+        out[arm] = {"title": ARMS[arm][0], "lr": lr,
+                    "lrs_tried": sorted(by_arm[arm], key=lambda r: preset_lr if r is None else r),
                     "val": spread([r["best_val_accuracy"] for r in runs.values()]),
                     "test": spread([r["test_accuracy"] for r in runs.values()]), "seeds": sorted(runs),
                     "vs_plain": diff}
@@ -322,7 +329,8 @@ def write_table(args: argparse.Namespace, argv: list[str]) -> bool:
     from agnews_lora.checkpoint import atomic_write_json, atomic_write_text
     from agnews_lora.report import md_table
 
-    found = finished(args)
+    # the arms asked for (--arms): a study of a few arms is not cluttered by the others' records
+    found = {key: runs for key, runs in finished(args).items() if next(iter(runs.values()))["arm"] in args.arms}
     if not found:
         return False
     results = compare(found)
@@ -344,7 +352,7 @@ def write_table(args: argparse.Namespace, argv: list[str]) -> bool:
                      "-" if r["arm"] == PLAIN else _cell(r["vs_plain"]), minutes(secs["mean"])])
     wall = sum(r["wall_seconds"] or 0 for r in records)
     pooled = pooled_over_rows(found) if paper else {}
-    chosen = chosen_by_validation(found) if several_lrs else {}
+    chosen = chosen_by_validation(found, args.preset_lr) if several_lrs else {}
     if paper:
         every = (f"- Every run: a row of the paper table (`experiments/paper_table.py`, the row's preset and "
                  f"settings) on MPNet-base (roberta-base's sizes), {cfg.train.max_steps} optimizer steps of batch "
@@ -356,7 +364,8 @@ def write_table(args: argparse.Namespace, argv: list[str]) -> bool:
     else:
         every = (f"- Every run: `configs/cpu-minilm.yaml` ({cfg.model.name}, LoRA r={cfg.lora.r} "
                  f"alpha={cfg.lora.alpha:g} on {', '.join(cfg.lora.target_modules)}, {cfg.model.head} head, lr "
-                 f"{cfg.train.lr:g}, {cfg.train.scheduler} schedule) with {cfg.data.max_train_rows:,} training rows "
+                 + (f"as in the LR column (the preset's is {args.preset_lr:g})" if several_lrs else f"{cfg.train.lr:g}")
+                 + f", {cfg.train.scheduler} schedule) with {cfg.data.max_train_rows:,} training rows "
                  f"and {cfg.train.max_steps} optimizer steps of batch {cfg.train.batch_size}; validation at steps "
                  f"{cfg.train.eval_every} and {cfg.train.max_steps}, the better checkpoint scored on all test rows. "
                  f"LoRA+ ratio {args.loraplus_ratio:g}; data-driven inits read {cfg.lora.init_batches} training "
@@ -398,10 +407,11 @@ def write_table(args: argparse.Namespace, argv: list[str]) -> bool:
                              f"{d['lr'] if d['lr'] is not None else args.preset_lr:g}", cell(d["val"]), cell(d["test"]),
                              "-" if d["vs_plain"] is None else _cell(d["vs_plain"])] for d in chosen.values()],
                            align="llrrrr"), "",
-                  "Each arm's rate is the one with the best mean validation accuracy over its seeds (the 640 "
-                  "validation rows; a tie keeps the preset's rate); no test row takes part in the choice. The test "
-                  "figures are then read once, at that rate, and paired with plain LoRA at plain LoRA's own chosen "
-                  "rate (same seeds and test rows).", ""]
+                  "Each arm's rate is the one with the best mean validation accuracy (the 640 validation rows; a "
+                  "tie keeps the preset's rate) over the seeds the arm has at every rate it ran, so each rate is "
+                  "judged on the same seeds, and the figures in this section are over those seeds only; no test "
+                  "row takes part in the choice. The test figures are then read at that rate and paired with "
+                  "plain LoRA at plain LoRA's own chosen rate (same seeds and test rows).", ""]
     if pooled:
         lines += ["## Pooled over the paper rows", "",
                   md_table(["Arm", "Pairs (paper row, seed)", "vs LoRA (paired)"],

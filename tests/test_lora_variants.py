@@ -400,10 +400,10 @@ def test_lrs_train_each_arm_at_each_rate_and_choose_each_arms_rate_on_validation
     folder.mkdir(parents=True)
     labels = "0123" * 5
 
-    def record(key: str, arm: str, lr: float | None, val: float, preds: str) -> None:
+    def record(key: str, arm: str, lr: float | None, val: float, preds: str, seed: int = 42) -> None:
         test = sum(a == b for a, b in zip(preds, labels)) / len(labels)
-        (folder / f"{key}.seed42.json").write_text(json.dumps({
-            "arm": arm, **({"lr": lr} if lr is not None else {}), "seed": 42, "commit": "abc1234", "machine": "m",
+        (folder / f"{key}.seed{seed}.json").write_text(json.dumps({
+            "arm": arm, **({"lr": lr} if lr is not None else {}), "seed": seed, "commit": "abc1234", "machine": "m",
             "finished": "2026-12-02T10:00:00", "wall_seconds": 60.0, "test_accuracy": test,
             "best_val_accuracy": val, "train_seconds": 50.0, "trainable": 812932, "labels": labels, "preds": preds}))
 
@@ -411,8 +411,12 @@ def test_lrs_train_each_arm_at_each_rate_and_choose_each_arms_rate_on_validation
     # its test accuracy is higher at the preset's rate (the choice must not look at test rows)
     record("lora", "lora", None, 0.90, labels)
     record("lora-lr0p001", "lora", 0.001, 0.80, "1123" * 5)
-    record("loraplus", "loraplus", None, 0.85, labels)
+    record("lora-lr0p00025", "lora", 0.00025, 0.70, "1123" * 5)
+    record("loraplus", "loraplus", None, 0.93, labels)
     record("loraplus-lr0p001", "loraplus", 0.001, 0.95, "1" + labels[1:])
+    # a seed LoRA+ has at the preset's rate only: counted, its mean would choose the preset's rate
+    # (0.965); the rates are compared on their common seed 42 alone
+    record("loraplus", "loraplus", None, 1.00, labels, seed=43)
     common = ["--out", str(tmp_path / "out"), "--table", str(tmp_path / "t.md"), "--records", str(tmp_path / "records"),
               "--arms", "lora,loraplus", "--seeds", "1", "--lrs", "5e-4,1e-3,2.5e-4"]
     args = script.parse_args(common)
@@ -424,7 +428,7 @@ def test_lrs_train_each_arm_at_each_rate_and_choose_each_arms_rate_on_validation
     assert script.main(["--dry-run", *common]) == 0
     status = {ln.split()[0]: ln.split()[-1] for ln in capsys.readouterr().out.splitlines() if "trainable" in ln}
     assert status == {"lora": "done", "loraplus": "done", "lora-lr0p001": "done", "loraplus-lr0p001": "done",
-                      "lora-lr0p00025": "new", "loraplus-lr0p00025": "new"}
+                      "lora-lr0p00025": "done", "loraplus-lr0p00025": "new"}
     assert script.main(["--table-only", *common]) == 0
     data = json.loads((tmp_path / "t.json").read_text())
     # at the same rate: LoRA+ at 0.001 against plain LoRA at 0.001
@@ -432,10 +436,13 @@ def test_lrs_train_each_arm_at_each_rate_and_choose_each_arms_rate_on_validation
     chosen = data["chosen_on_validation"]
     assert chosen["lora"]["lr"] is None and chosen["loraplus"]["lr"] == 0.001
     assert chosen["loraplus"]["vs_plain"]["difference"] == pytest.approx(-0.05)
+    assert chosen["loraplus"]["seeds"] == [42] and chosen["lora"]["lrs_tried"] == [0.00025, None, 0.001]
     table = (tmp_path / "t.md").read_text()
     assert "| LoRA+ | 0.001 | 812,932 | 1 | 95.00% | 95.00% |" in table
     assert "## Each arm at its learning rate chosen on validation" in table
     assert "| LoRA+ | 0.0005, 0.001 | 0.001 | 95.00% | 95.00% | -5.00 ± " in table
+    assert "| LoRA (kaiming init) | 0.00025, 0.0005, 0.001 | 0.0005 | 90.00% |" in table
+    assert "lr as in the LR column (the preset's is 0.0005)" in table
     for bad in ("0", "-1e-3", "inf", "fast"):
         with pytest.raises(SystemExit):
             script.parse_args([*common[:-1], bad])
