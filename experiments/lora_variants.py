@@ -212,27 +212,35 @@ def finished(args: argparse.Namespace) -> dict[str, dict[int, dict]]:
     return {key: out[key] for key, *_ in units(args) if key in out}
 
 
+def vs_plain(runs: dict[int, dict], plain: dict[int, dict]) -> dict | None:
+    """`runs` minus `plain` (seed -> record), paired by seed and test row over the seeds both have,
+    with the seeds whose two runs ran on different CPUs; None without a shared seed or when the runs
+    scored other test rows."""
+    import numpy as np
+
+    from agnews_lora.seeds import paired_over_seeds
+
+    shared = sorted(set(runs) & set(plain))
+    labels = plain[shared[0]]["labels"] if shared else None
+    if not shared or not all(np.array_equal(runs[s]["labels"], labels) for s in shared):
+        return None
+    diff = paired_over_seeds(labels, {s: runs[s]["preds"] for s in shared}, {s: plain[s]["preds"] for s in shared})
+    # seeds whose two runs ran on different CPUs (bf16 kernels differ): paired all the same
+    diff["cross_machine_seeds"] = [s for s in shared if runs[s]["machine"] != plain[s]["machine"]]
+    return diff
+
+
 def compare(found: dict[str, dict[int, dict]]) -> dict[str, dict]:
     """Per arm: test and validation accuracy over its seeds, train time, and the difference from plain
     LoRA paired by seed and test row (None for plain LoRA or without a shared seed)."""
-    import numpy as np
-
-    from agnews_lora.seeds import paired_over_seeds, spread
+    from agnews_lora.seeds import spread
 
     out = {}
     for key, runs in found.items():
         first = next(iter(runs.values()))
         arm, paper_row, lr = first["arm"], first.get("row"), first.get("lr")
         plain = found.get(unit_key(PLAIN, paper_row, lr))
-        diff = None
-        if arm != PLAIN and plain:
-            shared = sorted(set(runs) & set(plain))
-            labels = plain[shared[0]]["labels"] if shared else None
-            if shared and all(np.array_equal(runs[s]["labels"], labels) for s in shared):
-                diff = paired_over_seeds(labels, {s: runs[s]["preds"] for s in shared},
-                                         {s: plain[s]["preds"] for s in shared})
-                # seeds whose two runs ran on different CPUs (bf16 kernels differ): paired all the same
-                diff["cross_machine_seeds"] = [s for s in shared if runs[s]["machine"] != plain[s]["machine"]]
+        diff = vs_plain(runs, plain) if arm != PLAIN and plain else None
         out[key] = {"title": ARMS[arm][0], "arm": arm, "row": paper_row, "lr": lr, "seeds": sorted(runs),
                     "test": spread([r["test_accuracy"] for r in runs.values()]),
                     "val": spread([r["best_val_accuracy"] for r in runs.values()]),
@@ -251,7 +259,7 @@ def chosen_by_validation(found: dict[str, dict[int, dict]], preset_lr: float) ->
     or at no seed common to their rates, are left out."""
     import numpy as np
 
-    from agnews_lora.seeds import paired_over_seeds, spread
+    from agnews_lora.seeds import spread
 
     by_arm: dict[str, dict[float | None, dict[int, dict]]] = {}
     for runs in found.values():
@@ -272,16 +280,9 @@ def chosen_by_validation(found: dict[str, dict[int, dict]], preset_lr: float) ->
     for arm, (lr, runs) in best.items():
         if len(by_arm[arm]) < 2:
             continue
-        diff = None
-        if arm != PLAIN and PLAIN in best:
-            plain_runs = best[PLAIN][1]
-            shared = sorted(set(runs) & set(plain_runs))
-            if shared and all(np.array_equal(runs[s]["labels"], plain_runs[s]["labels"]) for s in shared):
-                diff = paired_over_seeds(plain_runs[shared[0]]["labels"], {s: runs[s]["preds"] for s in shared},
-                                         {s: plain_runs[s]["preds"] for s in shared})
-                diff["cross_machine_seeds"] = [s for s in shared if runs[s]["machine"] != plain_runs[s]["machine"]]
+        diff = vs_plain(runs, best[PLAIN][1]) if arm != PLAIN and PLAIN in best else None
         out[arm] = {"title": ARMS[arm][0], "lr": lr,
-                    "lrs_tried": sorted(by_arm[arm], key=lambda r: preset_lr if r is None else r),
+                    "lrs_tried": sorted(by_arm[arm], key=lambda r: rate(r, preset_lr)),
                     "val": spread([r["best_val_accuracy"] for r in runs.values()]),
                     "test": spread([r["test_accuracy"] for r in runs.values()]), "seeds": sorted(runs),
                     "vs_plain": diff}
@@ -315,6 +316,11 @@ def pooled_over_rows(found: dict[str, dict[int, dict]]) -> dict[str, dict]:
     return {arm: out[arm] for arm in ARMS if arm in out}
 
 
+def rate(lr: float | None, preset_lr: float) -> float:
+    """The learning rate a run trained at: its --lrs rate, or the preset's (None)."""
+    return preset_lr if lr is None else lr
+
+
 def _cell(d: dict | None) -> str:
     if d is None:
         return "-"
@@ -346,7 +352,7 @@ def write_table(args: argparse.Namespace, argv: list[str]) -> bool:
         t, v, secs = r["test"], r["val"], r["train_seconds"]
         sd = lambda s: "" if s["sd"] is None else f" ± {100 * s['sd']:.2f}"  # noqa: E731
         rows.append([*([r["row"]] if paper else []), r["title"],
-                     *([f"{r['lr'] if r['lr'] is not None else args.preset_lr:g}"] if several_lrs else []),
+                     *([f"{rate(r['lr'], args.preset_lr):g}"] if several_lrs else []),
                      f"{r['trainable'][0]:,}" if len(r["trainable"]) == 1 else str(r["trainable"]),
                      len(r["seeds"]), f"{percent(v['mean'])}{sd(v)}", f"{percent(t['mean'])}{sd(t)}",
                      "-" if r["arm"] == PLAIN else _cell(r["vs_plain"]), minutes(secs["mean"])])
@@ -403,8 +409,8 @@ def write_table(args: argparse.Namespace, argv: list[str]) -> bool:
         lines += ["## Each arm at its learning rate chosen on validation", "",
                   md_table(["Arm", "Rates tried", "Chosen on validation", "Val acc", "Test acc",
                             "vs LoRA at its chosen rate"],
-                           [[d["title"], ", ".join(f"{lr if lr is not None else args.preset_lr:g}" for lr in d["lrs_tried"]),
-                             f"{d['lr'] if d['lr'] is not None else args.preset_lr:g}", cell(d["val"]), cell(d["test"]),
+                           [[d["title"], ", ".join(f"{rate(lr, args.preset_lr):g}" for lr in d["lrs_tried"]),
+                             f"{rate(d['lr'], args.preset_lr):g}", cell(d["val"]), cell(d["test"]),
                              "-" if d["vs_plain"] is None else _cell(d["vs_plain"])] for d in chosen.values()],
                            align="llrrrr"), "",
                   "Each arm's rate is the one with the best mean validation accuracy (the 640 validation rows; a "
