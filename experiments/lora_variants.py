@@ -255,7 +255,8 @@ def chosen_by_validation(found: dict[str, dict[int, dict]], preset_lr: float) ->
     """--lrs: per arm, the learning rate with the best mean validation accuracy over the seeds the
     arm has at every rate it ran (so each rate is judged on the same seeds; test rows play no part in
     the choice), and at that rate, over those seeds, its test accuracy minus plain LoRA's at plain
-    LoRA's own validation-chosen rate, paired by seed and test row. Arms that ran at one rate only,
+    LoRA's own validation-chosen rate and minus its own at the preset's rate (None when the preset's
+    rate was chosen or not run), each paired by seed and test row. Arms that ran at one rate only,
     or at no seed common to their rates, are left out."""
     import numpy as np
 
@@ -275,17 +276,19 @@ def chosen_by_validation(found: dict[str, dict[int, dict]], preset_lr: float) ->
         # the best mean validation accuracy; a tie goes to the preset's rate (None), then the lower one
         lr = max(at, key=lambda r: (float(np.mean([x["best_val_accuracy"] for x in at[r].values()])), r is None,
                                     -(r or 0.0)))
-        best[arm] = (lr, at[lr])
+        best[arm] = (lr, at[lr], at.get(None))
     out = {}
-    for arm, (lr, runs) in best.items():
+    for arm, (lr, runs, at_preset) in best.items():
         if len(by_arm[arm]) < 2:
             continue
         diff = vs_plain(runs, best[PLAIN][1]) if arm != PLAIN and PLAIN in best else None
+        # what choosing the rate bought: the arm at its chosen rate minus itself at the preset's rate
+        gain = vs_plain(runs, at_preset) if lr is not None and at_preset else None
         out[arm] = {"title": ARMS[arm][0], "lr": lr,
                     "lrs_tried": sorted(by_arm[arm], key=lambda r: rate(r, preset_lr)),
                     "val": spread([r["best_val_accuracy"] for r in runs.values()]),
                     "test": spread([r["test_accuracy"] for r in runs.values()]), "seeds": sorted(runs),
-                    "vs_plain": diff}
+                    "vs_plain": diff, "vs_preset_rate": gain}
     return {arm: out[arm] for arm in ARMS if arm in out}
 
 
@@ -408,16 +411,20 @@ def write_table(args: argparse.Namespace, argv: list[str]) -> bool:
         cell = lambda s: f"{percent(s['mean'])}" + ("" if s["sd"] is None else f" ± {100 * s['sd']:.2f}")  # noqa: E731
         lines += ["## Each arm at its learning rate chosen on validation", "",
                   md_table(["Arm", "Rates tried", "Chosen on validation", "Val acc", "Test acc",
-                            "vs LoRA at its chosen rate"],
+                            "vs LoRA at its chosen rate", "vs itself at the preset's rate"],
                            [[d["title"], ", ".join(f"{rate(lr, args.preset_lr):g}" for lr in d["lrs_tried"]),
                              f"{rate(d['lr'], args.preset_lr):g}", cell(d["val"]), cell(d["test"]),
-                             "-" if d["vs_plain"] is None else _cell(d["vs_plain"])] for d in chosen.values()],
-                           align="llrrrr"), "",
+                             "-" if d["vs_plain"] is None else _cell(d["vs_plain"]),
+                             "-" if d["vs_preset_rate"] is None else _cell(d["vs_preset_rate"])]
+                            for d in chosen.values()],
+                           align="llrrrrr"), "",
                   "Each arm's rate is the one with the best mean validation accuracy (the 640 validation rows; a "
                   "tie keeps the preset's rate) over the seeds the arm has at every rate it ran, so each rate is "
                   "judged on the same seeds, and the figures in this section are over those seeds only; no test "
                   "row takes part in the choice. The test figures are then read at that rate and paired with "
-                  "plain LoRA at plain LoRA's own chosen rate (same seeds and test rows).", ""]
+                  "plain LoRA at plain LoRA's own chosen rate (same seeds and test rows), and with the arm itself "
+                  "at the preset's rate: what choosing the rate on validation bought on the test rows (\"-\" where "
+                  "validation kept the preset's rate).", ""]
     if pooled:
         lines += ["## Pooled over the paper rows", "",
                   md_table(["Arm", "Pairs (paper row, seed)", "vs LoRA (paired)"],

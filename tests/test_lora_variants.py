@@ -437,11 +437,17 @@ def test_lrs_train_each_arm_at_each_rate_and_choose_each_arms_rate_on_validation
     assert chosen["lora"]["lr"] is None and chosen["loraplus"]["lr"] == 0.001
     assert chosen["loraplus"]["vs_plain"]["difference"] == pytest.approx(-0.05)
     assert chosen["loraplus"]["seeds"] == [42] and chosen["lora"]["lrs_tried"] == [0.00025, None, 0.001]
+    # what the choice bought: LoRA+ at 0.001 against itself at the preset's rate (seed 42: 0.95 vs 1.00);
+    # plain LoRA kept the preset's rate, so there is nothing to compare
+    assert chosen["loraplus"]["vs_preset_rate"]["difference"] == pytest.approx(-0.05)
+    assert chosen["loraplus"]["vs_preset_rate"]["paired_seeds"] == [42]
+    assert chosen["lora"]["vs_preset_rate"] is None
     table = (tmp_path / "t.md").read_text()
     assert "| LoRA+ | 0.001 | 812,932 | 1 | 95.00% | 95.00% |" in table
     assert "## Each arm at its learning rate chosen on validation" in table
     assert "| LoRA+ | 0.0005, 0.001 | 0.001 | 95.00% | 95.00% | -5.00 ± " in table
-    assert "| LoRA (kaiming init) | 0.00025, 0.0005, 0.001 | 0.0005 | 90.00% |" in table
+    assert "| LoRA (kaiming init) | 0.00025, 0.0005, 0.001 | 0.0005 | 90.00% | 100.00% | - | - |" in table
+    assert "| vs itself at the preset's rate |" in table
     assert "lr as in the LR column (the preset's is 0.0005)" in table
     for bad in ("0", "-1e-3", "inf", "fast"):
         with pytest.raises(SystemExit):
