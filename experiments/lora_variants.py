@@ -212,21 +212,21 @@ def finished(args: argparse.Namespace) -> dict[str, dict[int, dict]]:
     return {key: out[key] for key, *_ in units(args) if key in out}
 
 
-def vs_plain(runs: dict[int, dict], plain: dict[int, dict]) -> dict | None:
-    """`runs` minus `plain` (seed -> record), paired by seed and test row over the seeds both have,
-    with the seeds whose two runs ran on different CPUs; None without a shared seed or when the runs
-    scored other test rows."""
+def paired_difference(runs: dict[int, dict], base: dict[int, dict]) -> dict | None:
+    """`runs` minus `base` (seed -> record; plain LoRA, or the arm itself at the preset's rate), paired
+    by seed and test row over the seeds both have, with the seeds whose two runs ran on different
+    CPUs; None without a shared seed or when the runs scored other test rows."""
     import numpy as np
 
     from agnews_lora.seeds import paired_over_seeds
 
-    shared = sorted(set(runs) & set(plain))
-    labels = plain[shared[0]]["labels"] if shared else None
+    shared = sorted(set(runs) & set(base))
+    labels = base[shared[0]]["labels"] if shared else None
     if not shared or not all(np.array_equal(runs[s]["labels"], labels) for s in shared):
         return None
-    diff = paired_over_seeds(labels, {s: runs[s]["preds"] for s in shared}, {s: plain[s]["preds"] for s in shared})
+    diff = paired_over_seeds(labels, {s: runs[s]["preds"] for s in shared}, {s: base[s]["preds"] for s in shared})
     # seeds whose two runs ran on different CPUs (bf16 kernels differ): paired all the same
-    diff["cross_machine_seeds"] = [s for s in shared if runs[s]["machine"] != plain[s]["machine"]]
+    diff["cross_machine_seeds"] = [s for s in shared if runs[s]["machine"] != base[s]["machine"]]
     return diff
 
 
@@ -240,7 +240,7 @@ def compare(found: dict[str, dict[int, dict]]) -> dict[str, dict]:
         first = next(iter(runs.values()))
         arm, paper_row, lr = first["arm"], first.get("row"), first.get("lr")
         plain = found.get(unit_key(PLAIN, paper_row, lr))
-        diff = vs_plain(runs, plain) if arm != PLAIN and plain else None
+        diff = paired_difference(runs, plain) if arm != PLAIN and plain else None
         out[key] = {"title": ARMS[arm][0], "arm": arm, "row": paper_row, "lr": lr, "seeds": sorted(runs),
                     "test": spread([r["test_accuracy"] for r in runs.values()]),
                     "val": spread([r["best_val_accuracy"] for r in runs.values()]),
@@ -281,9 +281,9 @@ def chosen_by_validation(found: dict[str, dict[int, dict]], preset_lr: float) ->
     for arm, (lr, runs, at_preset) in best.items():
         if len(by_arm[arm]) < 2:
             continue
-        diff = vs_plain(runs, best[PLAIN][1]) if arm != PLAIN and PLAIN in best else None
+        diff = paired_difference(runs, best[PLAIN][1]) if arm != PLAIN and PLAIN in best else None
         # what choosing the rate bought: the arm at its chosen rate minus itself at the preset's rate
-        gain = vs_plain(runs, at_preset) if lr is not None and at_preset else None
+        gain = paired_difference(runs, at_preset) if lr is not None and at_preset else None
         out[arm] = {"title": ARMS[arm][0], "lr": lr,
                     "lrs_tried": sorted(by_arm[arm], key=lambda r: rate(r, preset_lr)),
                     "val": spread([r["best_val_accuracy"] for r in runs.values()]),
@@ -358,7 +358,7 @@ def write_table(args: argparse.Namespace, argv: list[str]) -> bool:
                      *([f"{rate(r['lr'], args.preset_lr):g}"] if several_lrs else []),
                      f"{r['trainable'][0]:,}" if len(r["trainable"]) == 1 else str(r["trainable"]),
                      len(r["seeds"]), f"{percent(v['mean'])}{sd(v)}", f"{percent(t['mean'])}{sd(t)}",
-                     "-" if r["arm"] == PLAIN else _cell(r["vs_plain"]), minutes(secs["mean"])])
+                     _cell(r["vs_plain"]), minutes(secs["mean"])])
     wall = sum(r["wall_seconds"] or 0 for r in records)
     pooled = pooled_over_rows(found) if paper else {}
     chosen = chosen_by_validation(found, args.preset_lr) if several_lrs else {}
@@ -414,8 +414,7 @@ def write_table(args: argparse.Namespace, argv: list[str]) -> bool:
                             "vs LoRA at its chosen rate", "vs itself at the preset's rate"],
                            [[d["title"], ", ".join(f"{rate(lr, args.preset_lr):g}" for lr in d["lrs_tried"]),
                              f"{rate(d['lr'], args.preset_lr):g}", cell(d["val"]), cell(d["test"]),
-                             "-" if d["vs_plain"] is None else _cell(d["vs_plain"]),
-                             "-" if d["vs_preset_rate"] is None else _cell(d["vs_preset_rate"])]
+                             _cell(d["vs_plain"]), _cell(d["vs_preset_rate"])]
                             for d in chosen.values()],
                            align="llrrrrr"), "",
                   "Each arm's rate is the one with the best mean validation accuracy (the 640 validation rows; a "
