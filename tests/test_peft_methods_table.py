@@ -24,6 +24,9 @@ def _load_script():
 
 pm = _load_script()
 
+# the rows train in this process (conftest.run_child_in_process), one thread each
+pytestmark = pytest.mark.usefixtures("rows_in_process")
+
 
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir, ag_files, tmp_path_factory) -> dict:
@@ -38,9 +41,7 @@ def setup(tiny_model_dir, ag_files, tmp_path_factory) -> dict:
             "--set", f"data.train={ag_files['train']}", "--set", f"data.test={ag_files['test']}",
             "--set", f"data.cache_dir={base / 'cache'}", "--set", "train.precision=fp32",
             "--set", "budget.max_trainable=30000"]
-    with pytest.MonkeyPatch.context() as m:
-        m.setenv("OMP_NUM_THREADS", "1")  # the rows train in child processes
-        yield {"args": args, "out": base / "runs", "table": base / "docs" / "table.md"}
+    return {"args": args, "out": base / "runs", "table": base / "docs" / "table.md"}
 
 
 def test_dry_run_plans_every_row_with_exact_counts(setup, capsys):
