@@ -192,14 +192,15 @@ def train_interrupted(cfg, monkeypatch, at_call: int) -> None:
 def run_child_in_process(argv: list[str], what: str) -> float:
     """`study.run_child` for the study scripts' end-to-end tests: the row's `agnews-lora` command
     runs in this process, so the libraries' imports (most of a tiny row's time) are paid once per
-    test worker instead of once per row. The exit statuses map as run_child's do; the child path
-    itself (`python -m agnews_lora.cli`, exit 2 as a user error) is tested in test_study.py and
-    test_cli.py. Returns this process's peak resident set size in MB."""
+    test worker instead of once per row. The exit status is read as run_child reads it
+    (`study.check_exit_status`); the child path itself (`python -m agnews_lora.cli`, exit 2 as a
+    user error) is tested in test_study.py and test_cli.py. Returns this process's peak resident
+    set size in MB."""
     import resource
     import sys
 
     from agnews_lora import cli
-    from agnews_lora.errors import UserError
+    from agnews_lora.study import check_exit_status
     from agnews_lora.train import reset_accelerator_state
 
     assert argv[:3] == [sys.executable, "-m", "agnews_lora.cli"], argv
@@ -211,10 +212,7 @@ def run_child_in_process(argv: list[str], what: str) -> float:
         status = stop.code if isinstance(stop.code, int) else 1
     finally:
         reset_accelerator_state()
-    if status == 2:
-        raise UserError(f"{what} stopped with a user error (see above)")
-    if status != 0:
-        raise RuntimeError(f"{what} exited with {status} (see above)")
+    check_exit_status(status, what)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

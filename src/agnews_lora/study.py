@@ -345,11 +345,17 @@ def run_child(argv: list[str], what: str) -> float:
     child = subprocess.Popen(argv)
     _, status, usage = os.wait4(child.pid, 0)
     child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode == 2:
-        raise UserError(f"{what} stopped with a user error (see above)")
-    if child.returncode != 0:
-        raise RuntimeError(f"{what} exited with {child.returncode} (see above)")
+    check_exit_status(child.returncode, what)
     return usage.ru_maxrss / 1024  # Linux: KiB
+
+
+def check_exit_status(status: int, what: str) -> None:
+    """How a study reads an `agnews-lora` command's exit status: 0 is success, 2 a user error the
+    command printed as one line (UserError), anything else a failure (RuntimeError)."""
+    if status == 2:
+        raise UserError(f"{what} stopped with a user error (see above)")
+    if status != 0:
+        raise RuntimeError(f"{what} exited with {status} (see above)")
 
 
 def read_record(folder: str | Path, record: str) -> dict | None:
